@@ -1,0 +1,5 @@
+"""``python -m boincvm``."""
+
+from boincvm.cli import main
+
+main()

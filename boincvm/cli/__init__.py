@@ -1,0 +1,103 @@
+"""The boincvm command line: thin click commands over the domain core.
+
+This is the only package that imports click, and the one place that maps errors to
+exit codes (see :mod:`boincvm.errors`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from boincvm import __version__
+from boincvm.cli import console
+from boincvm.errors import BoincvmError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported only when used, so ``--help`` is instant."""
+
+    COMMANDS: dict[str, tuple[str, str]] = {
+        "make-workunit": ("boincvm.cli.make_workunit", "Make BOINC workunits from a program package and inputs."),
+        "validate": ("boincvm.cli.validate", "Check a vm job, workunit, app version, package or image."),
+        "package-image": ("boincvm.cli.package_image", "Turn a base VM image into a BOINC app version."),
+        "build-image": ("boincvm.cli.build_image", "Build the bundled example guest image from Debian packages."),
+        "package-rpm": ("boincvm.cli.package_rpm", "Build a guest RPM (or tarball) from a program directory."),
+        "run-local": ("boincvm.cli.run_local", "Run a workunit end to end here, emulating the BOINC client."),
+        "wrapper": ("boincvm.cli.wrapper", "The wrapper the BOINC client runs in a slot (not for humans)."),
+        "keys": ("boincvm.cli.keys", "Create and use a project code-signing key pair."),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        import importlib.util
+
+        return [n for n, (mod, _) in self.COMMANDS.items() if importlib.util.find_spec(mod) is not None]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        import importlib
+
+        entry = self.COMMANDS.get(cmd_name)
+        if entry is None:
+            return None
+        try:
+            module = importlib.import_module(entry[0])
+        except ModuleNotFoundError as exc:
+            if exc.name == entry[0]:
+                return None
+            raise
+        command: click.Command = module.command
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(n, self.COMMANDS[n][1]) for n in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, prog_name="boincvm")
+@click.option("-v", "--verbose", count=True, help="More output (repeatable).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
+    """boincvm: run ordinary programs in virtual machines on BOINC volunteers' computers."""
+    ctx.obj = {"debug": debug}
+    console.set_verbosity(-1 if quiet else verbose)
+    level = logging.DEBUG if debug or verbose >= 2 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``boincvm`` console script; maps errors to documented exit codes."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="boincvm", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        console.error("interrupted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.error("interrupted")
+        sys.exit(130)
+    except BoincvmError as exc:
+        if debug:
+            console.err.print_exception(show_locals=False)
+        console.error(exc.message, exc.hint)
+        sys.exit(exc.exit_code)
+    except Exception:
+        if debug:
+            raise
+        console.err.print_exception(show_locals=False, max_frames=4)
+        console.error("internal error; this is a bug in boincvm", "run again with --debug and report the output")
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,162 @@
+"""The one error tree of boincvm.
+
+Every error a user can cause or meet derives from :class:`BoincvmError`. Each class
+carries the process exit code the CLI maps it to (in one place, ``boincvm.cli``) and an
+optional hint that tells the user what to do. Domain code raises these; it never prints
+and never exits.
+
+Exit codes (documented in the README):
+
+====  ======================================================================
+code  meaning
+====  ======================================================================
+0     success (``validate``: everything is valid)
+1     internal error (a bug: please report it with ``--debug`` output)
+2     command-line usage error (click)
+3     bad input: malformed or unsafe XML, missing file, checksum mismatch,
+      a path that escapes its directory, unreadable package
+4     ``validate`` found problems (the findings are printed / in ``--json``)
+5     an external tool is missing or failed (qemu-img, rpmbuild, vmrun, ...)
+6     hypervisor error: backend unavailable, VM failed to start or stopped
+7     guest error: guest tools missing or silent, install failed, program
+      failed, output missing or too big
+8     the workunit failed under run-local (BOINC outcome in the summary)
+130   interrupted (Ctrl-C)
+====  ======================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class BoincvmError(Exception):
+    """Base of every error boincvm raises on purpose.
+
+    Attributes:
+        message: one sentence saying what went wrong.
+        hint: what the user can do about it, or ``None``.
+        exit_code: the process exit code the CLI uses for this error.
+    """
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InputError(BoincvmError):
+    """Input given by the user is wrong: a file, an option value, a batch row."""
+
+    exit_code = 3
+
+
+class XmlError(InputError):
+    """An XML document is malformed, unsafe (DTD, entities) or of the wrong kind."""
+
+
+class PathEscapeError(InputError):
+    """A path named by a job, a package or a guest would leave its directory."""
+
+
+class ChecksumError(InputError):
+    """A file's md5 or size does not match what its description says."""
+
+
+class PackageError(InputError):
+    """A guest package is unreadable, hostile or unfit for the image."""
+
+
+class ValidationFailed(BoincvmError):
+    """``validate`` found at least one problem; ``findings`` lists them."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, findings: Sequence[object], *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.findings = list(findings)
+
+
+class ToolError(BoincvmError):
+    """An external program is missing, failed or timed out."""
+
+    exit_code = 5
+
+
+class CommandNotFound(ToolError):
+    """An external program is not installed."""
+
+
+class CommandFailed(ToolError):
+    """An external program exited non-zero or timed out.
+
+    Attributes:
+        argv: the command that ran.
+        returncode: its exit code (``None`` when it timed out).
+        stderr_tail: the last lines of what it wrote to stderr.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        returncode: int | None,
+        stderr_tail: str,
+        *,
+        message: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        if message is None:
+            what = "timed out" if returncode is None else f"exited with code {returncode}"
+            last = stderr_tail.strip().splitlines()[-1:] if stderr_tail.strip() else []
+            message = f"{argv[0]} {what}" + (f": {last[0]}" if last else "")
+        super().__init__(message, hint=hint)
+
+
+class HypervisorError(BoincvmError):
+    """The hypervisor cannot run, or a VM operation failed."""
+
+    exit_code = 6
+
+
+class HypervisorUnavailable(HypervisorError):
+    """The backend cannot run on this host (binary missing, no access, ...)."""
+
+
+class UnsupportedOperation(HypervisorError):
+    """The backend cannot do this operation at all."""
+
+
+class VmTimeout(HypervisorError):
+    """A bounded wait on the VM ran out."""
+
+
+class GuestError(BoincvmError):
+    """Something inside the guest went wrong."""
+
+    exit_code = 7
+
+
+class GuestToolsMissing(GuestError):
+    """The guest tools the backend needs are absent or never answered."""
+
+
+class GuestProgramFailed(GuestError):
+    """A program run in the guest exited non-zero."""
+
+
+class OutputError(GuestError):
+    """A result file is missing, too big or names a path outside the slot."""
+
+
+class WorkunitFailed(BoincvmError):
+    """A workunit run by ``run-local`` ended in a BOINC error outcome."""
+
+    exit_code = 8

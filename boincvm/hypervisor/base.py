@@ -1,0 +1,285 @@
+"""The hypervisor backend interface every backend implements, and the registry of backends.
+
+The interface follows the steps of the wrapper: power on from a read-only base image
+through a per-slot copy-on-write overlay, wait for the guest tools, run and poll guest
+programs, copy files in and out, pause and continue, take / list / revert to / delete
+snapshots, report host CPU time, power off softly then firmly.
+
+A backend registers itself by kind::
+
+    class QemuBackend(Backend, kind=BackendKind.QEMU): ...
+
+and is found with :func:`backend_class`. Operations a backend cannot do raise
+:class:`~boincvm.errors.UnsupportedOperation` naming the backend and why.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar, Self
+
+from boincvm.errors import HypervisorUnavailable, UnsupportedOperation
+
+
+class BackendKind(enum.StrEnum):
+    """The hypervisors boincvm can drive."""
+
+    QEMU = "qemu"
+    VMWARE = "vmware"
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend (or an accelerator) can run here, and if not, exactly why."""
+
+    ok: bool
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything a backend needs to build one VM for one slot.
+
+    Attributes:
+        name: a name unique on this host (used in process titles and VM names).
+        workdir: a private directory for the overlay, sockets, logs and state; it
+            survives a wrapper restart so a checkpoint can be resumed from it.
+        image: the read-only base disk image (qcow2, raw, vmdk or a VMware .vmx), or None.
+        kernel: a kernel to boot directly (QEMU), or None.
+        initrd: an initramfs for ``kernel``, or None.
+        kernel_cmdline: extra kernel command line for ``kernel``.
+        memory_mb: guest memory.
+        ncpus: guest virtual CPUs.
+        enable_network: give the guest a network (off unless the job asks).
+        boot_timeout: seconds to wait for the guest tools after power-on.
+        options: backend-specific settings (e.g. QEMU machine type, VMware credentials file).
+    """
+
+    name: str
+    workdir: Path
+    image: Path | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    kernel_cmdline: str = ""
+    memory_mb: int = 512
+    ncpus: int = 1
+    enable_network: bool = False
+    boot_timeout: float = 120.0
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GuestProcess:
+    """A program started in the guest."""
+
+    pid: int
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ProcessStatus:
+    """What a poll of a guest program says.
+
+    ``exit_code`` is None while the program runs; ``signal`` is set when it was killed
+    by one. The output tails are what the guest tools captured (possibly truncated).
+    """
+
+    running: bool
+    exit_code: int | None = None
+    signal: int | None = None
+    stdout_tail: bytes = b""
+    stderr_tail: bytes = b""
+
+    @property
+    def succeeded(self) -> bool:
+        """True when the program has ended with exit code 0."""
+        return not self.running and self.exit_code == 0 and self.signal is None
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """One snapshot of a VM."""
+
+    name: str
+    size_bytes: int | None = None
+
+
+class Backend(ABC):
+    """One VM, driven through one hypervisor.
+
+    A backend object is a context manager: leaving the ``with`` block powers the VM
+    off (softly, then firmly) whatever happened inside it. Every wait is bounded.
+
+    Raises (any method):
+        HypervisorError: the hypervisor failed or the VM died.
+        VmTimeout: a bounded wait ran out.
+        GuestError: the guest tools reported a failure.
+        UnsupportedOperation: this backend cannot do that at all.
+    """
+
+    kind: ClassVar[BackendKind]
+    _registry: ClassVar[dict[BackendKind, type[Backend]]] = {}
+
+    def __init_subclass__(cls, kind: BackendKind | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            cls.kind = kind
+            Backend._registry[kind] = cls
+
+    def __init__(self, spec: VmSpec) -> None:
+        self.spec = spec
+
+    # -- availability ---------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def probe(cls) -> Availability:
+        """Say whether this backend can run on this host, and if not, exactly why."""
+
+    # -- power ----------------------------------------------------------------
+    @abstractmethod
+    def power_on(self, *, snapshot: str | None = None) -> None:
+        """Start the VM, fresh or from ``snapshot`` (which may have been taken by an earlier process).
+
+        The base image is never written; all writes go to the slot's overlay.
+        """
+
+    @abstractmethod
+    def wait_for_tools(self, timeout: float | None = None) -> None:
+        """Block until the guest tools answer, at most ``timeout`` (default: the spec's boot timeout).
+
+        Raises:
+            GuestToolsMissing: they did not answer in time.
+        """
+
+    @abstractmethod
+    def power_off(self, *, soft_timeout: float = 10.0) -> None:
+        """Stop the VM: softly, then firmly; afterwards no hypervisor process is left. Idempotent."""
+
+    @abstractmethod
+    def is_running(self) -> bool:
+        """True while the VM process exists."""
+
+    def pause(self) -> None:
+        """Stop the guest's CPUs (the VM keeps its memory). Guest time and host CPU use stop."""
+        raise UnsupportedOperation(f"{self.kind}: pause is not supported")
+
+    def resume(self) -> None:
+        """Continue a paused guest."""
+        raise UnsupportedOperation(f"{self.kind}: resume is not supported")
+
+    # -- guest programs -------------------------------------------------------
+    @abstractmethod
+    def start_program(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> GuestProcess:
+        """Start a program in the guest without waiting for it."""
+
+    @abstractmethod
+    def poll_program(self, proc: GuestProcess) -> ProcessStatus:
+        """Say whether ``proc`` still runs, and its exit code and output once it has ended."""
+
+    def run_program(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> ProcessStatus:
+        """Run a program in the guest and wait for it (bounded by ``timeout``)."""
+        import time
+
+        from boincvm.errors import VmTimeout
+
+        proc = self.start_program(argv, env=env, cwd=cwd)
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            status = self.poll_program(proc)
+            if not status.running:
+                return status
+            if time.monotonic() > deadline:
+                raise VmTimeout(f"{self.kind}: {argv[0]} did not finish in the guest within {timeout:g} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    # -- files ----------------------------------------------------------------
+    @abstractmethod
+    def copy_to_guest(self, host_path: Path, guest_path: str) -> None:
+        """Copy a host file into the guest (parent directories must exist)."""
+
+    @abstractmethod
+    def copy_from_guest(self, guest_path: str, host_path: Path, *, max_bytes: int | None = None) -> int:
+        """Copy a guest file to the host and return its size.
+
+        Raises:
+            OutputError: the file is missing, or larger than ``max_bytes`` (nothing is left at ``host_path``).
+        """
+
+    @abstractmethod
+    def read_guest_file(self, guest_path: str, *, max_bytes: int = 65536) -> bytes | None:
+        """Return a small guest file's contents (at most ``max_bytes``), or None if it does not exist."""
+
+    # -- snapshots ------------------------------------------------------------
+    def snapshot_create(self, name: str) -> None:
+        """Take a snapshot of the running VM (memory and disk) named ``name``; returns once it is complete."""
+        raise UnsupportedOperation(f"{self.kind}: snapshots are not supported")
+
+    def snapshot_list(self) -> list[SnapshotInfo]:
+        """List the VM's snapshots."""
+        raise UnsupportedOperation(f"{self.kind}: snapshots are not supported")
+
+    def snapshot_revert(self, name: str) -> None:
+        """Return the running VM to snapshot ``name``."""
+        raise UnsupportedOperation(f"{self.kind}: snapshots are not supported")
+
+    def snapshot_delete(self, name: str) -> None:
+        """Delete snapshot ``name``."""
+        raise UnsupportedOperation(f"{self.kind}: snapshots are not supported")
+
+    # -- accounting -----------------------------------------------------------
+    @abstractmethod
+    def host_cpu_time(self) -> float:
+        """CPU seconds the hypervisor process tree has used on the host for this VM."""
+
+    def guest_cpu_time(self) -> float | None:
+        """CPU seconds the guest says it has used, or None if the backend cannot tell."""
+        return None
+
+    # -- context manager ------------------------------------------------------
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.power_off()
+
+
+def backend_class(kind: BackendKind | str) -> type[Backend]:
+    """Return the backend class registered for ``kind``.
+
+    Raises:
+        HypervisorUnavailable: no such backend.
+    """
+    # Importing the package registers the built-in backends.
+    import boincvm.hypervisor  # noqa: F401
+
+    try:
+        return Backend._registry[BackendKind(kind)]
+    except (ValueError, KeyError):
+        known = ", ".join(sorted(k.value for k in Backend._registry))
+        raise HypervisorUnavailable(f"unknown backend {kind!r}", hint=f"choose one of: {known}") from None

@@ -1,0 +1,177 @@
+"""The single subprocess seam: every external program boincvm runs goes through here.
+
+Commands are argument lists (never a shell), every call has a timeout, the command is
+logged at debug level, and failures raise :class:`~boincvm.errors.CommandFailed` with the
+command, exit code and the tail of stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from boincvm.errors import CommandFailed, CommandNotFound
+
+log = logging.getLogger(__name__)
+
+Arg = str | os.PathLike[str]
+
+#: Hints for programs users commonly lack, shown when they are not found.
+INSTALL_HINTS: dict[str, str] = {
+    "qemu-img": "install qemu-utils (Debian/Ubuntu: apt-get install qemu-utils)",
+    "qemu-system-x86_64": "install QEMU (Debian/Ubuntu: apt-get install qemu-system-x86)",
+    "rpmbuild": "install rpm (Debian/Ubuntu: apt-get install rpm)",
+    "rpm": "install rpm (Debian/Ubuntu: apt-get install rpm)",
+    "vmrun": "install VMware Workstation or Fusion, or put vmrun on PATH",
+}
+
+STDERR_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class Completed:
+    """What a finished command left behind."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def text(self) -> str:
+        """Standard output decoded as UTF-8 (invalid bytes replaced)."""
+        return self.stdout.decode("utf-8", "replace")
+
+
+def tail(data: bytes | str, lines: int = STDERR_TAIL_LINES) -> str:
+    """Return the last ``lines`` lines of ``data`` as text."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _argv(cmd: Sequence[Arg]) -> list[str]:
+    return [os.fspath(c) for c in cmd]
+
+
+def which(name: str) -> Path | None:
+    """Locate an executable on PATH."""
+    found = shutil.which(name)
+    return Path(found) if found else None
+
+
+def run(
+    cmd: Sequence[Arg],
+    *,
+    timeout: float,
+    check: bool = True,
+    input: bytes | None = None,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    secrets: Sequence[str] = (),
+) -> Completed:
+    """Run a command to completion and capture its output.
+
+    Args:
+        cmd: the program and its arguments.
+        timeout: seconds after which the command is killed.
+        check: raise when the exit code is not 0.
+        input: bytes for standard input (otherwise stdin is /dev/null).
+        cwd: working directory.
+        env: extra environment variables, added to the current environment.
+        secrets: strings (passwords) replaced by ``***`` wherever the command is logged or reported.
+
+    Raises:
+        CommandNotFound: the program is not installed.
+        CommandFailed: it exited non-zero (with ``check``) or ran past ``timeout``.
+    """
+    argv = _argv(cmd)
+    shown = _redact(argv, secrets)
+    log.debug("+ %s", shlex.join(shown))
+    full_env = None if env is None else {**os.environ, **env}
+    try:
+        proc = subprocess.run(
+            argv,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            cwd=cwd,
+            env=full_env,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        name = Path(argv[0]).name
+        raise CommandNotFound(
+            f"{name} was not found", hint=INSTALL_HINTS.get(name, f"install {name} or put it on PATH")
+        ) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandFailed(shown, None, tail(exc.stderr or b""),
+                            message=f"{Path(argv[0]).name} did not finish within {timeout:g} s") from exc
+    done = Completed(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
+    if check and proc.returncode != 0:
+        raise CommandFailed(shown, proc.returncode, _redact_text(tail(proc.stderr or proc.stdout), secrets))
+    return done
+
+
+def spawn(
+    cmd: Sequence[Arg],
+    *,
+    stdout: int | None = subprocess.DEVNULL,
+    stderr: int | None = subprocess.DEVNULL,
+    log_file: Path | None = None,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    new_session: bool = False,
+    pass_fds: Sequence[int] = (),
+) -> subprocess.Popen[bytes]:
+    """Start a long-lived process (a VM, the wrapper) and return its handle.
+
+    The caller owns the process and must wait for or kill it. With ``log_file`` both
+    output streams are appended to that file.
+
+    Raises:
+        CommandNotFound: the program is not installed.
+    """
+    argv = _argv(cmd)
+    log.debug("& %s", shlex.join(argv))
+    full_env = None if env is None else {**os.environ, **env}
+    sink = None
+    try:
+        if log_file is not None:
+            sink = log_file.open("ab")
+            stdout = stderr = sink.fileno()
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=cwd,
+            env=full_env,
+            start_new_session=new_session,
+            pass_fds=tuple(pass_fds),
+        )
+    except FileNotFoundError as exc:
+        name = Path(argv[0]).name
+        raise CommandNotFound(
+            f"{name} was not found", hint=INSTALL_HINTS.get(name, f"install {name} or put it on PATH")
+        ) from exc
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+def _redact(argv: list[str], secrets: Sequence[str]) -> list[str]:
+    return [_redact_text(a, secrets) for a in argv]
+
+
+def _redact_text(text: str, secrets: Sequence[str]) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(s, "***")
+    return text
