@@ -1,0 +1,135 @@
+"""``boincvm make-workunit``: program package + inputs -> BOINC workunit files (one or a batch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from boincvm.cli import console
+
+
+def _parse_input(value: str) -> tuple[str, str, str | None]:
+    open_name, eq, rest = value.partition("=")
+    if not eq or not open_name or not rest:
+        raise click.BadParameter(f"{value!r}: expected OPEN_NAME=PATH (or OPEN_NAME=PATH::GUEST_NAME)")
+    path, sep, guest = rest.partition("::")
+    return open_name, path, (guest if sep else None)
+
+
+def _parse_output(value: str) -> tuple[str, str | None, int]:
+    head, colon, size = value.rpartition(":")
+    if not colon or not head:
+        raise click.BadParameter(f"{value!r}: expected OPEN_NAME[=GUEST_NAME]:MAX_NBYTES")
+    try:
+        max_nbytes = int(float(size))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: {size!r} is not a size in bytes") from None
+    open_name, eq, guest = head.partition("=")
+    return open_name, (guest if eq else None), max_nbytes
+
+
+@click.command("make-workunit", context_settings={"show_default": True})
+@click.option("--app", "app_name", required=True, help="BOINC application name.")
+@click.option("--package", type=click.Path(path_type=Path, dir_okay=False), help="Guest package (.rpm or .tar.gz).")
+@click.option("--application", help="Program the guest runs (absolute guest path or command).")
+@click.option("--command-line", help="Program arguments; a jinja2 template with --batch.")
+@click.option("--input", "inputs", multiple=True, metavar="OPEN=PATH[::GUEST]",
+              help="An input file: logical name, host path (template with --batch), optional guest name.")
+@click.option("--output", "outputs", multiple=True, metavar="OPEN[=GUEST]:MAX_NBYTES",
+              help="A result file: logical name, optional guest name, size limit in bytes.")
+@click.option("--job", "job_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="A vm job file to start from; the options above override it.")
+@click.option("--exec-dir", help="Working directory of the program in the guest.")
+@click.option("--setenv", multiple=True, metavar="NAME=VALUE", help="Environment of the guest program.")
+@click.option("--memory-mb", type=int, help="Guest memory (MiB).")
+@click.option("--ncpus", type=int, help="Guest virtual CPUs.")
+@click.option("--network/--no-network", default=None, help="Give the guest a network (off unless asked).")
+@click.option("--checkpoint-interval", type=float, help="Minimum seconds between checkpoints.")
+@click.option("--fraction-done-file", help="Guest file where the program writes its fraction done.")
+@click.option("--credit-file", help="Guest file where the program writes operations done so far.")
+@click.option("--cpu-time", type=click.Choice(["host", "guest"]), help="Which CPU time to claim.")
+@click.option("--fpops-est", type=float, default=3600e9, help="rsc_fpops_est.")
+@click.option("--fpops-bound", type=float, default=86400e9, help="rsc_fpops_bound.")
+@click.option("--memory-bound", type=float, default=None, help="rsc_memory_bound (default: VM memory + 25%).")
+@click.option("--disk-bound", type=float, default=1e9, help="rsc_disk_bound.")
+@click.option("--delay-bound", type=float, default=7 * 86400, help="delay_bound (seconds).")
+@click.option("--target-nresults", type=int, default=1, help="Replicas per workunit.")
+@click.option("--min-quorum", type=int, default=1, help="Replicas that must agree.")
+@click.option("--name", "name_template", default="{{ app }}_{{ index }}",
+              help="Workunit name; a jinja2 template with --batch (row columns, index, app).")
+@click.option("--batch", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="CSV or JSON Lines file: one row of parameters per workunit.")
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Directory to create.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def command(
+    app_name: str, package: Path | None, application: str | None, command_line: str | None,
+    inputs: tuple[str, ...], outputs: tuple[str, ...], job_file: Path | None, exec_dir: str | None,
+    setenv: tuple[str, ...], memory_mb: int | None, ncpus: int | None, network: bool | None,
+    checkpoint_interval: float | None, fraction_done_file: str | None, credit_file: str | None,
+    cpu_time: str | None, fpops_est: float, fpops_bound: float, memory_bound: float | None,
+    disk_bound: float, delay_bound: float, target_nresults: int, min_quorum: int, name_template: str,
+    batch: Path | None, output_dir: Path, force: bool, as_json: bool,
+) -> None:
+    """Make BOINC workunits: a vm job, input/output templates, staged files and create_work commands.
+
+    One workunit, or with --batch one per row (thousands in one run; identical files are stored once).
+    """
+    from dataclasses import replace
+
+    from boincvm.job import CpuTimeSource, OutputFile, Task, VmJob, load_job
+    from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
+
+    job = load_job(job_file) if job_file else VmJob()
+    task = job.task or Task()
+    task = replace(
+        task,
+        application=application if application is not None else task.application,
+        command_line=command_line if command_line is not None else task.command_line,
+        exec_dir=exec_dir if exec_dir is not None else task.exec_dir,
+        setenv=setenv or task.setenv,
+        fraction_done_filename=fraction_done_file or task.fraction_done_filename,
+        credit_report_filename=credit_file or task.credit_report_filename,
+    )
+    outs = tuple(OutputFile(o, n, g) for o, g, n in map(_parse_output, outputs)) or job.output_files
+    job = replace(
+        job, task=task, output_files=outs,
+        memory_size_mb=memory_mb if memory_mb is not None else job.memory_size_mb,
+        ncpus=ncpus if ncpus is not None else job.ncpus,
+        enable_network=network if network is not None else job.enable_network,
+        minimum_checkpoint_interval=checkpoint_interval if checkpoint_interval is not None
+        else job.minimum_checkpoint_interval,
+        cpu_time_source=CpuTimeSource(cpu_time) if cpu_time else job.cpu_time_source,
+    )
+    specs = tuple(InputSpec(o, p, g) for o, p, g in map(_parse_input, inputs))
+    vm_bytes = (job.memory_size_mb or 512) * 1024 * 1024
+    resources = Resources(
+        rsc_fpops_est=fpops_est, rsc_fpops_bound=fpops_bound,
+        rsc_memory_bound=memory_bound if memory_bound is not None else vm_bytes * 1.25,
+        rsc_disk_bound=disk_bound, delay_bound=delay_bound, target_nresults=target_nresults,
+        min_quorum=min_quorum, max_success_results=max(1, target_nresults),
+        max_total_results=max(5, 2 * target_nresults), max_error_results=max(3, target_nresults),
+    )
+    request = WorkunitRequest(
+        app_name=app_name, job=job, output_dir=output_dir, package=package, inputs=specs,
+        name=name_template, resources=resources, batch=batch, force=force,
+    )
+    with console.progress_bar("making workunits", None) as bar:
+        task_id = bar.add_task("making workunits", total=None)
+
+        def progress(done: int, total: int | None) -> None:
+            if done % 256 == 0 or done == total:
+                bar.update(task_id, completed=done, total=total)
+
+        result = make_workunits(request, progress)
+    console.success(
+        f"made {result.count} workunit{'s' if result.count != 1 else ''} in {result.directory} "
+        f"({result.unique_files} files staged, {result.staged_bytes} bytes)"
+    )
+    if as_json:
+        console.out(json.dumps(result.as_dict(), indent=2))
+    else:
+        console.out(str(result.directory))

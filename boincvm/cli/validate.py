@@ -1,0 +1,51 @@
+"""``boincvm validate``: clear verdicts on jobs, templates, workunits, app versions, packages, images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from boincvm.cli import console
+
+
+@click.command("validate")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--boot", is_flag=True, help="For images: also boot and wait (bounded) for the guest tools.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON on stdout.")
+@click.option("--strict", is_flag=True, help="Treat warnings as errors.")
+def command(paths: tuple[Path, ...], boot: bool, as_json: bool, strict: bool) -> None:
+    """Check that each PATH is well-formed and consistent.
+
+    PATH may be a vm job file, an input or output template, a workunit directory, an app version
+    directory, a guest package (.rpm, .tar.gz), an image or a VMware .vmx/.vmdk. Exit 0 when all
+    are valid, 4 when any has an error (see the README's exit codes).
+    """
+    from boincvm.errors import ValidationFailed
+    from boincvm.findings import Severity
+    from boincvm.validate import validate_path
+
+    reports = [validate_path(p, boot=boot) for p in paths]
+    bad = 0
+    for report in reports:
+        failing = [f for f in report.findings if f.severity is Severity.ERROR or
+                   (strict and f.severity is Severity.WARNING)]
+        bad += bool(failing)
+        if not as_json:
+            verdict = "valid" if not failing else "INVALID"
+            style = "green" if not failing else "bold red"
+            console.err.print(f"{report.path}: {report.kind.value}: {verdict}", style=style)
+            for f in report.findings:
+                colour = {"error": "red", "warning": "yellow", "info": "dim"}[f.severity.value]
+                console.err.print(f"  {f.severity.value}: {f.place}: {f.message}", style=colour)
+                if f.hint:
+                    console.err.print(f"    hint: {f.hint}", style="cyan")
+    if as_json:
+        console.out(json.dumps([r.as_dict() for r in reports], indent=2))
+    if bad:
+        raise ValidationFailed(
+            f"{bad} of {len(reports)} path{'s' if len(reports) != 1 else ''} failed validation",
+            [f for r in reports for f in r.findings],
+            hint="fix the errors listed above",
+        )

@@ -1,0 +1,98 @@
+"""Every file boincvm generates comes from a jinja2 template in ``templates/``.
+
+The environment uses ``StrictUndefined`` (a missing value is an error, not an empty
+string) and autoescapes XML templates; the ``xml`` filter escapes text exactly as
+BOINC's parser undoes it. Expressions a user supplies (batch rows) are rendered in a
+sandbox.
+"""
+
+from __future__ import annotations
+
+import functools
+import shlex
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+from markupsafe import Markup
+
+from boincvm.errors import InputError
+from boincvm.xmlio import escape_text
+
+
+def templates_dir() -> Path:
+    """Where the templates are: inside the installed wheel, or the source tree's ``templates/``."""
+    packaged = Path(str(resources.files("boincvm"))) / "templates"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+def _xml(value: object) -> Markup:
+    return Markup(escape_text(value))  # noqa: S704 - escape_text has escaped it
+
+
+def _shquote(value: object) -> str:
+    return shlex.quote(str(value))
+
+
+def _num(value: float | int) -> str:
+    """A number the way BOINC writes it: integers without a fraction, others in %g style."""
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+@functools.cache
+def environment() -> jinja2.Environment:
+    """The shared environment for boincvm's own templates."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(templates_dir()),
+        undefined=jinja2.StrictUndefined,
+        autoescape=jinja2.select_autoescape(["xml", "xml.j2"]),
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["xml"] = _xml
+    env.filters["shquote"] = _shquote
+    env.filters["num"] = _num
+    return env
+
+
+def render(name: str, **context: Any) -> str:
+    """Render one of boincvm's templates."""
+    return environment().get_template(name).render(**context)
+
+
+@functools.cache
+def _sandbox() -> jinja2.sandbox.SandboxedEnvironment:
+    return jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+
+
+def compile_user_template(source: str, *, place: str) -> jinja2.Template:
+    """Compile a user-supplied expression (a batch command line or file name) in a sandbox.
+
+    Raises:
+        InputError: the expression is not valid jinja2.
+    """
+    try:
+        return _sandbox().from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise InputError(f"{place}: {source!r} is not a valid template: {exc.message}") from None
+
+
+def render_user_template(template: jinja2.Template, row: dict[str, Any], *, place: str) -> str:
+    """Render a user template with one batch row.
+
+    Raises:
+        InputError: it names a column the row lacks, or is unsafe.
+    """
+    try:
+        return template.render(row)
+    except jinja2.UndefinedError as exc:
+        raise InputError(f"{place}: {exc.message}", hint="check the column names in the batch file") from None
+    except jinja2.exceptions.SecurityError as exc:
+        raise InputError(f"{place}: refused by the sandbox: {exc}") from None

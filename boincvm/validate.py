@@ -1,0 +1,373 @@
+"""``validate``: tell what a path is and whether it is well-formed and consistent.
+
+One entry point, :func:`validate_path`, recognises a vm job file, a BOINC template, a
+workunit directory, an app version directory, a guest package, a disk image or a
+VMware VM, and returns a :class:`Report` whose findings each name their place.
+"""
+
+from __future__ import annotations
+
+import enum
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from boincvm.errors import BoincvmError, InputError
+from boincvm.findings import Finding, error, has_errors, info, warning
+from boincvm.job import JOB_OPEN_NAME, parse_job, validate_job
+from boincvm.xmlio import parse_xml, read_bytes, text_of
+
+#: Findings of one kind repeated over many workunits are cut after this many.
+MAX_REPEATS = 20
+
+
+class PathKind(enum.StrEnum):
+    """What ``validate`` recognised."""
+
+    VM_JOB = "vm job"
+    INPUT_TEMPLATE = "input template"
+    OUTPUT_TEMPLATE = "output template"
+    WORKUNIT_DIR = "workunit directory"
+    APP_VERSION = "app version"
+    PACKAGE = "package"
+    IMAGE = "image"
+    VMWARE = "vmware vm"
+
+
+@dataclass(frozen=True)
+class Report:
+    """The verdict on one path."""
+
+    path: Path
+    kind: PathKind
+    findings: tuple[Finding, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when there is no error finding."""
+        return not has_errors(list(self.findings))
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return {
+            "path": str(self.path),
+            "kind": self.kind.value,
+            "valid": self.ok,
+            "findings": [f.as_dict() for f in self.findings],
+        }
+
+
+def validate_path(path: Path, *, boot: bool = False) -> Report:
+    """Validate whatever ``path`` is.
+
+    Args:
+        path: a file or directory.
+        boot: for images, also boot them and wait (bounded) for the guest tools.
+
+    Raises:
+        InputError: the path does not exist or is of no kind boincvm knows.
+    """
+    if not path.exists():
+        raise InputError(f"{path} does not exist")
+    kind = detect_kind(path)
+    findings: list[Finding]
+    if kind is PathKind.WORKUNIT_DIR:
+        findings = check_workunit_dir(path)
+    elif kind is PathKind.APP_VERSION:
+        from boincvm.appversion import check_app_version
+
+        findings = check_app_version(path)
+    elif kind is PathKind.VM_JOB:
+        findings = check_job_file(path)
+    elif kind is PathKind.INPUT_TEMPLATE:
+        findings, _ = check_input_template(read_bytes(path, what="input template"), path.name)
+    elif kind is PathKind.OUTPUT_TEMPLATE:
+        findings, _ = check_output_template(read_bytes(path, what="output template"), path.name)
+    elif kind is PathKind.PACKAGE:
+        from boincvm.package import check_package
+
+        findings = list(check_package(path))
+    elif kind is PathKind.VMWARE:
+        from boincvm.hypervisor.vmware_inspect import check_vmware
+
+        findings = list(check_vmware(path))
+    else:
+        from boincvm.image.inspect import check_image
+
+        findings = list(check_image(path, boot=boot))
+    return Report(path, kind, tuple(findings))
+
+
+_PACKAGE_SUFFIXES = (".rpm", ".tar.gz", ".tgz", ".tar")
+_IMAGE_SUFFIXES = (".qcow2", ".img", ".raw", ".cpio", ".cpio.gz", ".cpio.lz4", ".cpio.zst", ".iso")
+
+
+def detect_kind(path: Path) -> PathKind:
+    """Recognise a path by its layout, suffix or XML root.
+
+    Raises:
+        InputError: nothing boincvm knows.
+    """
+    from boincvm.workunit import SUMMARY_NAME
+
+    name = path.name.lower()
+    if path.is_dir():
+        if (path / SUMMARY_NAME).is_file():
+            return PathKind.WORKUNIT_DIR
+        if (path / "version.xml").is_file():
+            return PathKind.APP_VERSION
+        if (path / "boincvm-image.json").is_file():
+            return PathKind.IMAGE
+        if any(p.suffix == ".vmx" for p in path.iterdir()):
+            return PathKind.VMWARE
+        raise InputError(
+            f"{path} is a directory boincvm does not recognise",
+            hint="expected a workunit directory (make-workunit), an app version (package-image) or an image",
+        )
+    if name.endswith(_PACKAGE_SUFFIXES):
+        return PathKind.PACKAGE
+    if name.endswith((".vmx", ".vmdk")):
+        return PathKind.VMWARE
+    if name.endswith(_IMAGE_SUFFIXES):
+        return PathKind.IMAGE
+    if name == "version.xml":
+        return PathKind.APP_VERSION
+    if name.endswith(".xml") or name.endswith("_in") or name.endswith("_out"):
+        head = read_bytes(path, what="file")[:4096].decode("utf-8", "replace")
+        for tag, kind in (
+            ("<vm_job", PathKind.VM_JOB),
+            ("<input_template", PathKind.INPUT_TEMPLATE),
+            ("<output_template", PathKind.OUTPUT_TEMPLATE),
+            ("<version", PathKind.APP_VERSION),
+        ):
+            if tag in head:
+                return kind
+        return PathKind.VM_JOB  # an XML file we cannot place is judged as a job, with clear errors
+    if path.suffix == "" and _looks_like_kernel(path):
+        return PathKind.IMAGE
+    raise InputError(
+        f"{path.name}: boincvm does not know what this file is",
+        hint="validate takes a vm job (.xml), template, workunit or app version directory, "
+        "package (.rpm, .tar.gz), image (.qcow2, .img, .vmdk) or .vmx",
+    )
+
+
+def _looks_like_kernel(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(0x210)
+    return head[:4] == b"\x7fELF" or head[0x202:0x206] == b"HdrS"
+
+
+# -- vm jobs --------------------------------------------------------------------------------
+
+
+def check_job_file(path: Path) -> list[Finding]:
+    """Findings for a vm job file (parse errors become one finding)."""
+    try:
+        job, findings = parse_job(read_bytes(path, what="vm job file"), what=f"vm job file {path.name}")
+    except BoincvmError as exc:
+        return [error(path.name, exc.message, exc.hint)]
+    return findings + validate_job(job)
+
+
+# -- templates ------------------------------------------------------------------------------
+
+_RESOURCE_PAIRS = (("rsc_fpops_est", "rsc_fpops_bound"),)
+
+
+def check_input_template(data: bytes, what: str) -> tuple[list[Finding], list[str]]:
+    """Findings for an input template, and its open names in order."""
+    try:
+        root = parse_xml(data, what=f"input template {what}")
+    except BoincvmError as exc:
+        return [error(what, exc.message, exc.hint)], []
+    p = "input_template"
+    if root.tag != p:
+        return [error(what, f"root element is <{root.tag}>, expected <{p}>")], []
+    out: list[Finding] = []
+    infos = root.findall("file_info")
+    wu = root.find("workunit")
+    if wu is None:
+        return [error(f"{p}.workunit", "is missing")], []
+    refs = wu.findall("file_ref")
+    if len(refs) != len(infos):
+        out.append(error(f"{p}.workunit.file_ref", f"{len(refs)} file_ref for {len(infos)} file_info; they must match"))
+    names: list[str] = []
+    for i, ref in enumerate(refs):
+        elem = ref.find("open_name")
+        if elem is None and ref.find("copy_file") is None:
+            out.append(error(f"{p}.workunit.file_ref[{i}].open_name", "is missing"))
+        elif elem is not None:
+            names.append(text_of(elem))
+    for name, n in Counter(names).items():
+        if n > 1:
+            out.append(error(f"{p}.workunit.file_ref.open_name", f"{name!r} appears {n} times; open names must be unique"))
+    values: dict[str, float] = {}
+    for child in wu:
+        if child.tag.startswith("rsc_") or child.tag in ("delay_bound",):
+            try:
+                values[child.tag] = float(text_of(child))
+            except ValueError:
+                out.append(error(f"{p}.workunit.{child.tag}", f"{text_of(child)!r} is not a number"))
+                continue
+            if values[child.tag] <= 0:
+                out.append(error(f"{p}.workunit.{child.tag}", "must be more than 0"))
+    for est, bound in _RESOURCE_PAIRS:
+        if est in values and bound in values and values[bound] < values[est]:
+            out.append(error(f"{p}.workunit.{bound}", f"{values[bound]:g} is below {est} {values[est]:g}",
+                             hint="the bound must be at least the estimate"))
+    for name in ("rsc_fpops_est", "rsc_fpops_bound", "rsc_memory_bound", "rsc_disk_bound"):
+        if name not in values:
+            out.append(info(f"{p}.workunit.{name}", "not set; create_work's default applies"))
+    return out, names
+
+
+def check_output_template(data: bytes, what: str) -> tuple[list[Finding], dict[str, float | None]]:
+    """Findings for an output template, and its open names with their max_nbytes."""
+    try:
+        root = parse_xml(data, what=f"output template {what}")
+    except BoincvmError as exc:
+        return [error(what, exc.message, exc.hint)], {}
+    p = "output_template"
+    if root.tag != p:
+        return [error(what, f"root element is <{root.tag}>, expected <{p}>")], {}
+    out: list[Finding] = []
+    sizes: dict[str, float | None] = {}
+    by_name: dict[str, ET.Element] = {}
+    for i, fi in enumerate(root.findall("file_info")):
+        name = fi.find("name")
+        key = ET.tostring(name[0]).decode() if name is not None and len(name) else text_of(name) if name is not None else ""
+        if not key:
+            out.append(error(f"{p}.file_info[{i}].name", "is missing"))
+        by_name[key] = fi
+        max_nbytes = fi.find("max_nbytes")
+        if max_nbytes is None:
+            out.append(error(f"{p}.file_info[{i}].max_nbytes", "is missing",
+                             hint="every output needs <max_nbytes>; the client and upload handler enforce it"))
+        url = fi.find("url")
+        if url is None and fi.find("upload_url") is None:
+            out.append(error(f"{p}.file_info[{i}].url", "is missing", hint="add <url><UPLOAD_URL/></url>"))
+    result = root.find("result")
+    if result is None:
+        return out + [error(f"{p}.result", "is missing")], {}
+    names: list[str] = []
+    for i, ref in enumerate(result.findall("file_ref")):
+        fname = ref.find("file_name")
+        key = ET.tostring(fname[0]).decode() if fname is not None and len(fname) else text_of(fname) if fname is not None else ""
+        open_name = ref.find("open_name")
+        if open_name is None:
+            out.append(error(f"{p}.result.file_ref[{i}].open_name", "is missing"))
+            continue
+        names.append(text_of(open_name))
+        fi = by_name.get(key)
+        if fi is None:
+            out.append(error(f"{p}.result.file_ref[{i}].file_name", "names no file_info"))
+            continue
+        mx = fi.find("max_nbytes")
+        try:
+            sizes[text_of(open_name)] = float(text_of(mx)) if mx is not None else None
+        except ValueError:
+            out.append(error(f"{p}.file_info.max_nbytes", f"{text_of(mx)!r} is not a number"))  # type: ignore[arg-type]
+    for name, n in Counter(names).items():
+        if n > 1:
+            out.append(error(f"{p}.result.file_ref.open_name", f"{name!r} appears {n} times; open names must be unique"))
+    return out, sizes
+
+
+# -- workunit directories ---------------------------------------------------------------------
+
+
+def check_workunit_dir(path: Path) -> list[Finding]:
+    """Findings for a directory made by ``make-workunit``: templates, records, staged files, jobs."""
+    from boincvm.workunit import md5_file, open_workunit_dir
+
+    try:
+        wud = open_workunit_dir(path)
+    except BoincvmError as exc:
+        return [error(path.name, exc.message, exc.hint)]
+    out: list[Finding] = []
+    in_findings, in_names = check_input_template(
+        read_bytes(wud.input_template, what="input template"), wud.input_template.name
+    ) if wud.input_template.is_file() else ([error("input_template", f"{wud.input_template} is missing")], [])
+    out_findings, out_sizes = check_output_template(
+        read_bytes(wud.output_template, what="output template"), wud.output_template.name
+    ) if wud.output_template.is_file() else ([error("output_template", f"{wud.output_template} is missing")], {})
+    out += in_findings + out_findings
+    if in_names and in_names != list(wud.open_names):
+        out.append(error("input_template", f"open names {in_names} differ from the workunits' {list(wud.open_names)}"))
+
+    checked: dict[str, Finding | None] = {}
+    jobs_checked: dict[str, list[Finding]] = {}
+    repeats: Counter[str] = Counter()
+
+    def add(key: str, finding: Finding) -> None:
+        repeats[key] += 1
+        if repeats[key] <= MAX_REPEATS:
+            out.append(finding)
+
+    count = 0
+    try:
+        for rec in wud.records():
+            count += 1
+            where = f"workunit {rec.name}"
+            names = [f.open_name for f in rec.files]
+            if names != list(wud.open_names):
+                add("names", error(where, f"files {names} do not match the template's {list(wud.open_names)}"))
+            for f in rec.files:
+                if f.physical_name not in checked:
+                    staged = wud.download / f.physical_name
+                    problem: Finding | None = None
+                    if not staged.is_file():
+                        problem = error(f"{where}.{f.open_name}", f"staged file download/{f.physical_name} is missing")
+                    else:
+                        md5, size = md5_file(staged)
+                        if size != f.nbytes:
+                            problem = error(f"{where}.{f.open_name}",
+                                            f"download/{f.physical_name} has {size} bytes, the record says {f.nbytes}")
+                        elif md5 != f.md5:
+                            problem = error(f"{where}.{f.open_name}",
+                                            f"download/{f.physical_name} md5 {md5} differs from the record's {f.md5}",
+                                            hint="a staged file was changed; make the workunits again")
+                    checked[f.physical_name] = problem
+                if (problem := checked[f.physical_name]) is not None:
+                    add("file", problem)
+                if f.open_name == JOB_OPEN_NAME and f.physical_name not in jobs_checked:
+                    jobs_checked[f.physical_name] = (
+                        _check_wu_job(wud.download / f.physical_name, set(names), out_sizes)
+                        if checked[f.physical_name] is None else []
+                    )
+                for jf in jobs_checked.get(f.physical_name, []) if f.open_name == JOB_OPEN_NAME else []:
+                    add("job:" + jf.place + jf.message, Finding(f"{where}.{jf.place}", jf.message, jf.severity, jf.hint))
+    except BoincvmError as exc:
+        out.append(error("workunits.jsonl", exc.message, exc.hint))
+    if count != wud.count:
+        out.append(error("workunits.jsonl", f"has {count} workunits, the summary says {wud.count}"))
+    for key, n in repeats.items():
+        if n > MAX_REPEATS:
+            out.append(warning("workunits", f"{n - MAX_REPEATS} more findings like {key.split(':')[0]!r} not shown"))
+    if not has_errors(out):
+        out.append(info(path.name, f"{count} workunits, {len(checked)} distinct files checked"))
+    return out
+
+
+def _check_wu_job(path: Path, open_names: set[str], out_sizes: dict[str, float | None]) -> list[Finding]:
+    findings = check_job_file(path)
+    if has_errors(findings):
+        return findings
+    job, _ = parse_job(path.read_bytes())
+    for f in job.input_files:
+        if f.open_name not in open_names:
+            findings.append(error(f"vm_job.input_file.{f.open_name}", "is not among the workunit's files"))
+    if job.package is not None and job.package.file_name not in open_names:
+        findings.append(error("vm_job.package", f"{job.package.file_name!r} is not among the workunit's files"))
+    job_outs = {o.open_name: o for o in job.output_files}
+    if out_sizes and set(job_outs) != set(out_sizes):
+        findings.append(error("vm_job.output_file",
+                              f"outputs {sorted(job_outs)} differ from the output template's {sorted(out_sizes)}"))
+    for name, o in job_outs.items():
+        limit = out_sizes.get(name)
+        if limit is not None and o.max_nbytes is not None and o.max_nbytes > limit:
+            findings.append(error(f"vm_job.output_file.{name}.max_nbytes",
+                                  f"{o.max_nbytes} is above the output template's {limit:g}"))
+    return findings

@@ -1,0 +1,507 @@
+"""Workunits: from a program package, inputs and a job to files a BOINC project submits.
+
+``make_workunits`` writes one directory for one workunit or a whole batch::
+
+    OUT/
+      boincvm-workunits.json   summary: app, counts, template names (read by validate/run-local)
+      workunits.jsonl          one line per workunit: name, files (open name, physical name, md5, size)
+      jobs.txt                 the lines ``create_work --stdin`` reads
+      create_work.sh           stages the files and runs create_work, from the project's root
+      templates/               the BOINC input and output templates
+      download/                every file, named by content, stored once
+
+Files are content-addressed (``APP_<md5><suffix>``): identical inputs are staged once and
+shared by every workunit that uses them. Everything is written to a temporary sibling
+directory and moved into place at the end, so a failure never leaves half a batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from boincvm.errors import InputError
+from boincvm.job import JOB_OPEN_NAME, InputFile, OutputFile, Package, PackageKind, VmJob, render_job, validate_job
+from boincvm.names import logical_name_problem, sanitize_wu_name
+from boincvm.render import compile_user_template, render, render_user_template
+
+SUMMARY_NAME = "boincvm-workunits.json"
+RECORDS_NAME = "workunits.jsonl"
+JOBS_NAME = "jobs.txt"
+FORMAT_VERSION = 1
+
+Progress = Callable[[int, int | None], None]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One workunit input: its logical name and the host file (a template in batches)."""
+
+    open_name: str
+    path: str
+    guest_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Resources:
+    """The BOINC workunit parameters of the input template (``create_work`` defaults otherwise)."""
+
+    rsc_fpops_est: float = 3600e9
+    rsc_fpops_bound: float = 86400e9
+    rsc_memory_bound: float = 5e8
+    rsc_disk_bound: float = 1e9
+    delay_bound: float = 7 * 86400
+    min_quorum: int = 1
+    target_nresults: int = 1
+    max_error_results: int = 3
+    max_total_results: int = 5
+    max_success_results: int = 1
+
+
+@dataclass(frozen=True)
+class WorkunitRequest:
+    """What ``make-workunit`` was asked to make.
+
+    Attributes:
+        app_name: the BOINC application name.
+        job: the vm job every workunit carries (its command line may be a template).
+        package: the guest package file on the host, or None (program already in the image).
+        inputs: the input files (paths may be templates in a batch).
+        name: the workunit name (a template in a batch).
+        resources: the input template's workunit parameters.
+        output_dir: where the directory is made.
+        batch: a CSV or JSON Lines file of parameter rows, or None for a single workunit.
+        force: replace an existing output directory.
+    """
+
+    app_name: str
+    job: VmJob
+    output_dir: Path
+    package: Path | None = None
+    inputs: tuple[InputSpec, ...] = ()
+    name: str = "{{ app }}_{{ index }}"
+    resources: Resources = field(default_factory=Resources)
+    batch: Path | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A file of a workunit: logical name, physical (staged) name, md5 and size."""
+
+    open_name: str
+    physical_name: str
+    md5: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class WorkunitRecord:
+    """One workunit as recorded in ``workunits.jsonl``."""
+
+    name: str
+    files: tuple[StagedFile, ...]
+
+    def to_json(self) -> str:
+        """One JSON line."""
+        return json.dumps(
+            {"name": self.name, "files": [[f.open_name, f.physical_name, f.md5, f.nbytes] for f in self.files]},
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, line: str) -> WorkunitRecord:
+        """Parse one JSON line.
+
+        Raises:
+            ValueError, KeyError, TypeError: not a record.
+        """
+        d = json.loads(line)
+        return cls(name=str(d["name"]), files=tuple(StagedFile(str(a), str(b), str(c), int(n)) for a, b, c, n in d["files"]))
+
+
+@dataclass(frozen=True)
+class WorkunitSet:
+    """The result of ``make_workunits``."""
+
+    directory: Path
+    app_name: str
+    count: int
+    unique_files: int
+    staged_bytes: int
+    input_template: str
+    output_template: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return {
+            "directory": str(self.directory),
+            "app_name": self.app_name,
+            "count": self.count,
+            "unique_files": self.unique_files,
+            "staged_bytes": self.staged_bytes,
+            "input_template": self.input_template,
+            "output_template": self.output_template,
+        }
+
+
+# -- hashing and staging ---------------------------------------------------------------------
+
+
+def md5_file(path: Path) -> tuple[str, int]:
+    """md5 (hex) and size of a file, read in 1 MiB blocks."""
+    h = hashlib.md5(usedforsecurity=False)
+    size = 0
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+_SUFFIX_OK = re.compile(r"^(\.[A-Za-z0-9]{1,8}){1,2}$")
+
+
+def _suffix(name: str) -> str:
+    lower = name.lower()
+    for double in (".tar.gz", ".tar.xz", ".tar.bz2"):
+        if lower.endswith(double):
+            return double
+    suffix = Path(name).suffix
+    return suffix if _SUFFIX_OK.match(suffix) else ""
+
+
+class _Stager:
+    """Stores files by content in ``download/``, each once, remembering what it hashed."""
+
+    def __init__(self, app: str, download: Path) -> None:
+        self.app = app
+        self.download = download
+        self._by_source: dict[tuple[int, int, int, int], tuple[str, int]] = {}
+        self._staged: set[str] = set()
+        self.staged_bytes = 0
+
+    def _physical(self, md5: str, name: str) -> str:
+        return f"{self.app}_{md5}{_suffix(name)}"
+
+    def add_file(self, path: Path, *, place: str) -> tuple[str, str, int]:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise InputError(f"{place}: input file {path} does not exist") from None
+        except OSError as exc:
+            raise InputError(f"{place}: cannot read {path}: {exc.strerror}") from None
+        if not path.is_file():
+            raise InputError(f"{place}: {path} is not a regular file")
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        known = self._by_source.get(key)
+        if known is None:
+            known = md5_file(path)
+            self._by_source[key] = known
+        md5, size = known
+        physical = self._physical(md5, path.name)
+        if physical not in self._staged:
+            shutil.copyfile(path, self.download / physical)
+            self._staged.add(physical)
+            self.staged_bytes += size
+        return physical, md5, size
+
+    def add_bytes(self, data: bytes, name: str) -> tuple[str, str, int]:
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        physical = self._physical(md5, name)
+        if physical not in self._staged:
+            (self.download / physical).write_bytes(data)
+            self._staged.add(physical)
+            self.staged_bytes += len(data)
+        return physical, md5, len(data)
+
+    @property
+    def unique(self) -> int:
+        return len(self._staged)
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+
+def read_batch(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield the rows of a CSV (header line first) or JSON Lines batch file, streaming.
+
+    Raises:
+        InputError: unreadable file or a malformed row (its line is named).
+    """
+    try:
+        f = path.open(encoding="utf-8", newline="")
+    except OSError as exc:
+        raise InputError(f"cannot read batch file {path}: {exc.strerror}") from None
+    with f:
+        if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"batch file {path.name}, line {lineno}: not JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"batch file {path.name}, line {lineno}: a row must be a JSON object")
+                yield row
+        elif path.suffix.lower() in (".csv", ".tsv"):
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            for row in reader:
+                if None in row:
+                    raise InputError(f"batch file {path.name}, line {reader.line_num}: more fields than the header")
+                yield dict(row)
+        else:
+            raise InputError(
+                f"batch file {path.name}: unknown format", hint="use a .csv (header line first) or .jsonl file"
+            )
+
+
+# -- making workunits ------------------------------------------------------------------------
+
+
+def _check_request(req: WorkunitRequest) -> None:
+    if problem := logical_name_problem(req.app_name):
+        raise InputError(f"app name: {problem}")
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", req.app_name):
+        raise InputError(f"app name {req.app_name!r}: use letters, digits, '_', '.' and '-' only")
+    findings = [f for f in validate_job(req.job) if f.severity == "error"]
+    if findings:
+        raise InputError(f"{findings[0]}", hint=findings[0].hint)
+    if req.job.task is None or not req.job.task.application:
+        raise InputError("vm_job.task.application: must not be empty", hint="give --application")
+    seen = {JOB_OPEN_NAME}
+    for spec in req.inputs:
+        if problem := logical_name_problem(spec.open_name):
+            raise InputError(f"input {spec.open_name!r}: {problem}")
+        if spec.open_name in seen:
+            raise InputError(f"input {spec.open_name!r}: the logical name is used twice")
+        seen.add(spec.open_name)
+    for out in req.job.output_files:
+        if out.open_name in seen:
+            raise InputError(f"output {out.open_name!r}: the logical name is also an input")
+    r = req.resources
+    for est, bound in (("rsc_fpops_est", "rsc_fpops_bound"),):
+        if getattr(r, bound) < getattr(r, est):
+            raise InputError(f"{bound} ({getattr(r, bound):g}) is below {est} ({getattr(r, est):g})",
+                             hint="the bound must be at least the estimate")
+    for name in ("rsc_fpops_est", "rsc_fpops_bound", "rsc_memory_bound", "rsc_disk_bound", "delay_bound"):
+        if getattr(r, name) <= 0:
+            raise InputError(f"{name} must be more than 0")
+    if not (r.target_nresults <= r.max_success_results <= r.max_total_results
+            and r.max_error_results <= r.max_total_results and r.min_quorum <= r.target_nresults):
+        raise InputError("replication: need min_quorum <= target_nresults <= max_success_results <= "
+                         "max_total_results and max_error_results <= max_total_results")
+    if req.job.memory_size_mb is not None and req.job.memory_size_mb * 1024 * 1024 > r.rsc_memory_bound:
+        raise InputError(
+            f"rsc_memory_bound ({r.rsc_memory_bound:g} bytes) is below the VM's memory "
+            f"({req.job.memory_size_mb} MiB)",
+            hint="raise --memory-bound; the client must not run the VM on hosts without that memory",
+        )
+
+
+def make_workunits(req: WorkunitRequest, progress: Progress | None = None) -> WorkunitSet:
+    """Make the workunit directory described by ``req``.
+
+    Raises:
+        InputError: bad request, missing input, bad batch row, or the output exists (without force).
+    """
+    _check_request(req)
+    out = req.output_dir
+    if out.exists() and not req.force:
+        raise InputError(f"{out} already exists", hint="choose another --output-dir or add --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        result = _write(req, tmp, progress)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return replace(result, directory=out)
+
+
+def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> WorkunitSet:
+    app = req.app_name
+    (tmp / "download").mkdir()
+    (tmp / "templates").mkdir()
+    stager = _Stager(app, tmp / "download")
+
+    base_job = req.job
+    package_file: StagedFile | None = None
+    if req.package is not None:
+        kind = (base_job.package.kind if base_job.package else None) or PackageKind.from_filename(req.package.name)
+        if kind is None:
+            raise InputError(
+                f"package {req.package.name}: cannot tell whether it is an RPM or a tarball",
+                hint="name it .rpm or .tar.gz",
+            )
+        open_name = "package.rpm" if kind is PackageKind.RPM else "package.tar.gz"
+        physical, md5, size = stager.add_file(req.package, place="package")
+        package_file = StagedFile(open_name, physical, md5, size)
+        base_job = replace(base_job, package=Package(open_name, kind))
+    base_job = replace(base_job, input_files=tuple(InputFile(s.open_name, s.guest_name) for s in req.inputs))
+    task = base_job.task
+    assert task is not None
+
+    cmd_t = compile_user_template(task.command_line or "", place="command line")
+    name_t = compile_user_template(req.name, place="workunit name")
+    path_ts = [compile_user_template(s.path, place=f"input {s.open_name}") for s in req.inputs]
+    # A single workunit is a batch of one row without columns.
+    rows: Iterator[dict[str, Any]] = read_batch(req.batch) if req.batch else iter([{}])
+    total = None if req.batch else 1
+
+    names: set[str] = set()
+    count = 0
+    job_cache: dict[str, tuple[str, str, int]] = {}
+    with (tmp / RECORDS_NAME).open("w", encoding="utf-8") as records, (tmp / JOBS_NAME).open(
+        "w", encoding="utf-8"
+    ) as jobs:
+        for index, row in enumerate(rows):
+            where = f"batch row {index + 1}" if req.batch else "workunit"
+            ctx = {"app": app, "index": index, **row}
+            name = sanitize_wu_name(render_user_template(name_t, ctx, place=f"{where}: name"))
+            if name in names:
+                raise InputError(f"{where}: workunit name {name!r} is used twice",
+                                 hint="make --name unique per row, e.g. include {{ index }}")
+            names.add(name)
+            command_line = render_user_template(cmd_t, ctx, place=f"{where}: command line")
+            if "\0" in command_line:
+                raise InputError(f"{where}: the command line contains a NUL character")
+            job_xml = job_cache.get(command_line)
+            if job_xml is None:
+                job = replace(base_job, task=replace(task, command_line=command_line))
+                job_xml = stager.add_bytes(render_job(job).encode("utf-8"), "job.xml")
+                if len(job_cache) < 4096:
+                    job_cache[command_line] = job_xml
+            files = [StagedFile(JOB_OPEN_NAME, *job_xml)]
+            if package_file is not None:
+                files.append(package_file)
+            for spec, path_t in zip(req.inputs, path_ts, strict=True):
+                host = Path(render_user_template(path_t, ctx, place=f"{where}: input {spec.open_name}"))
+                if req.batch and not host.is_absolute():
+                    host = req.batch.parent / host
+                files.append(StagedFile(spec.open_name, *stager.add_file(host, place=f"{where}: {spec.open_name}")))
+            record = WorkunitRecord(name, tuple(files))
+            records.write(record.to_json() + "\n")
+            jobs.write(f"--wu_name {name} " + " ".join(f.physical_name for f in files) + "\n")
+            count += 1
+            if progress is not None:
+                progress(count, total)
+    if count == 0:
+        raise InputError(f"batch file {req.batch}: has no rows")
+
+    open_names = [JOB_OPEN_NAME] + (["package.rpm" if base_job.package and base_job.package.kind is PackageKind.RPM
+                                     else "package.tar.gz"] if package_file else []) + [s.open_name for s in req.inputs]
+    in_name = f"{app}_in.xml"
+    out_name = f"{app}_out.xml"
+    (tmp / "templates" / in_name).write_text(
+        render("input_template.xml.j2", open_names=open_names, r=req.resources), encoding="utf-8"
+    )
+    (tmp / "templates" / out_name).write_text(
+        render("output_template.xml.j2", outputs=base_job.output_files), encoding="utf-8"
+    )
+    script = tmp / "create_work.sh"
+    script.write_text(render("create_work.sh.j2", app=app, in_name=in_name, out_name=out_name), encoding="utf-8")
+    script.chmod(0o755)
+    summary = {
+        "format": FORMAT_VERSION,
+        "app_name": app,
+        "count": count,
+        "unique_files": stager.unique,
+        "staged_bytes": stager.staged_bytes,
+        "input_template": f"templates/{in_name}",
+        "output_template": f"templates/{out_name}",
+        "open_names": open_names,
+    }
+    (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return WorkunitSet(tmp, app, count, stager.unique, stager.staged_bytes, summary["input_template"],
+                       summary["output_template"])  # type: ignore[arg-type]
+
+
+# -- reading a workunit directory back -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkunitDir:
+    """A workunit directory made by ``make_workunits``, opened for reading."""
+
+    path: Path
+    app_name: str
+    count: int
+    input_template: Path
+    output_template: Path
+    open_names: tuple[str, ...]
+
+    @property
+    def download(self) -> Path:
+        """Where the staged files are."""
+        return self.path / "download"
+
+    def records(self) -> Iterator[WorkunitRecord]:
+        """Stream the workunit records.
+
+        Raises:
+            InputError: a line is not a record.
+        """
+        with (self.path / RECORDS_NAME).open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    yield WorkunitRecord.from_json(line)
+                except (ValueError, KeyError, TypeError):
+                    raise InputError(f"{RECORDS_NAME}, line {lineno}: not a workunit record") from None
+
+    def record(self, name: str | None = None) -> WorkunitRecord:
+        """The workunit called ``name`` (or the only/first one).
+
+        Raises:
+            InputError: no such workunit.
+        """
+        for rec in self.records():
+            if name is None or rec.name == name:
+                return rec
+        raise InputError(f"{self.path}: no workunit named {name!r}")
+
+
+def open_workunit_dir(path: Path) -> WorkunitDir:
+    """Open a workunit directory.
+
+    Raises:
+        InputError: not a workunit directory (no summary) or an unreadable summary.
+    """
+    summary_path = path / SUMMARY_NAME
+    if not summary_path.is_file():
+        raise InputError(f"{path} is not a workunit directory (no {SUMMARY_NAME})",
+                         hint="make one with 'boincvm make-workunit'")
+    try:
+        d = json.loads(summary_path.read_text(encoding="utf-8"))
+        return WorkunitDir(
+            path=path,
+            app_name=str(d["app_name"]),
+            count=int(d["count"]),
+            input_template=path / str(d["input_template"]),
+            output_template=path / str(d["output_template"]),
+            open_names=tuple(str(n) for n in d["open_names"]),
+        )
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{summary_path} is not a boincvm workunit summary") from None
+
+
+def outputs_of(job: VmJob) -> tuple[OutputFile, ...]:
+    """The job's outputs (a helper for templates and run-local)."""
+    return job.output_files
