@@ -9,6 +9,7 @@ sandbox.
 from __future__ import annotations
 
 import functools
+import re
 import shlex
 from importlib import resources
 from pathlib import Path
@@ -72,19 +73,53 @@ def _sandbox() -> jinja2.sandbox.SandboxedEnvironment:
     return jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
 
 
-def compile_user_template(source: str, *, place: str) -> jinja2.Template:
+class _Substitution:
+    """A template made only of text and plain ``{{ name }}`` placeholders, rendered without jinja.
+
+    Batches render three templates per workunit; for the common case of plain column
+    substitution this is some ten times faster and gives the same text.
+    """
+
+    _FIELD = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+    def __init__(self, source: str) -> None:
+        self.parts = self._FIELD.split(source)
+
+    @classmethod
+    def fits(cls, source: str) -> bool:
+        rest = cls._FIELD.sub("", source)
+        return not any(tok in rest for tok in ("{{", "}}", "{%", "%}", "{#", "#}"))
+
+    def render(self, row: dict[str, Any]) -> str:
+        out = []
+        for i, part in enumerate(self.parts):
+            if i % 2 == 0:
+                out.append(part)
+            elif part in row:
+                out.append(str(row[part]))
+            else:
+                raise jinja2.UndefinedError(f"'{part}' is undefined")
+        return "".join(out)
+
+
+UserTemplate = jinja2.Template | _Substitution
+
+
+def compile_user_template(source: str, *, place: str) -> UserTemplate:
     """Compile a user-supplied expression (a batch command line or file name) in a sandbox.
 
     Raises:
         InputError: the expression is not valid jinja2.
     """
+    if _Substitution.fits(source):
+        return _Substitution(source)
     try:
         return _sandbox().from_string(source)
     except jinja2.TemplateSyntaxError as exc:
         raise InputError(f"{place}: {source!r} is not a valid template: {exc.message}") from None
 
 
-def render_user_template(template: jinja2.Template, row: dict[str, Any], *, place: str) -> str:
+def render_user_template(template: UserTemplate, row: dict[str, Any], *, place: str) -> str:
     """Render a user template with one batch row.
 
     Raises:

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -73,7 +74,9 @@ class WorkunitRequest:
 
     Attributes:
         app_name: the BOINC application name.
-        job: the vm job every workunit carries (its command line may be a template).
+        job: the vm job every workunit shares.
+        command_line: the workunit's command line (a template in a batch); create_work gives it
+            to the wrapper, which appends it to the job's command line in the guest.
         package: the guest package file on the host, or None (program already in the image).
         inputs: the input files (paths may be templates in a batch).
         name: the workunit name (a template in a batch).
@@ -88,6 +91,7 @@ class WorkunitRequest:
     output_dir: Path
     package: Path | None = None
     inputs: tuple[InputSpec, ...] = ()
+    command_line: str = ""
     name: str = "{{ app }}_{{ index }}"
     resources: Resources = field(default_factory=Resources)
     batch: Path | None = None
@@ -110,12 +114,18 @@ class WorkunitRecord:
 
     name: str
     files: tuple[StagedFile, ...]
+    command_line: str = ""
 
     def to_json(self) -> str:
         """One JSON line."""
         return json.dumps(
-            {"name": self.name, "files": [[f.open_name, f.physical_name, f.md5, f.nbytes] for f in self.files]},
+            {
+                "name": self.name,
+                "command_line": self.command_line,
+                "files": [[f.open_name, f.physical_name, f.md5, f.nbytes] for f in self.files],
+            },
             separators=(",", ":"),
+            ensure_ascii=False,
         )
 
     @classmethod
@@ -126,7 +136,11 @@ class WorkunitRecord:
             ValueError, KeyError, TypeError: not a record.
         """
         d = json.loads(line)
-        return cls(name=str(d["name"]), files=tuple(StagedFile(str(a), str(b), str(c), int(n)) for a, b, c, n in d["files"]))
+        return cls(
+            name=str(d["name"]),
+            files=tuple(StagedFile(str(a), str(b), str(c), int(n)) for a, b, c, n in d["files"]),
+            command_line=str(d.get("command_line", "")),
+        )
 
 
 @dataclass(frozen=True)
@@ -176,7 +190,7 @@ def _suffix(name: str) -> str:
     for double in (".tar.gz", ".tar.xz", ".tar.bz2"):
         if lower.endswith(double):
             return double
-    suffix = Path(name).suffix
+    suffix = os.path.splitext(name)[1]
     return suffix if _SUFFIX_OK.match(suffix) else ""
 
 
@@ -193,24 +207,25 @@ class _Stager:
     def _physical(self, md5: str, name: str) -> str:
         return f"{self.app}_{md5}{_suffix(name)}"
 
-    def add_file(self, path: Path, *, place: str) -> tuple[str, str, int]:
+    def add_file(self, path: str | Path, *, place: str) -> tuple[str, str, int]:
         try:
-            st = path.stat()
+            st = os.stat(path)
         except FileNotFoundError:
-            raise InputError(f"{place}: input file {path} does not exist") from None
+            raise InputError(f"{place}: input file {path} does not exist",
+                             hint="check the path (in a batch, relative paths start at the batch file)") from None
         except OSError as exc:
             raise InputError(f"{place}: cannot read {path}: {exc.strerror}") from None
-        if not path.is_file():
+        if not stat.S_ISREG(st.st_mode):
             raise InputError(f"{place}: {path} is not a regular file")
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         known = self._by_source.get(key)
         if known is None:
-            known = md5_file(path)
+            known = md5_file(Path(path))
             self._by_source[key] = known
         md5, size = known
-        physical = self._physical(md5, path.name)
+        physical = self._physical(md5, os.path.basename(path))
         if physical not in self._staged:
-            shutil.copyfile(path, self.download / physical)
+            shutil.copyfile(path, os.path.join(self.download, physical))
             self._staged.add(physical)
             self.staged_bytes += size
         return physical, md5, size
@@ -227,6 +242,41 @@ class _Stager:
     @property
     def unique(self) -> int:
         return len(self._staged)
+
+
+def create_work_line(record: WorkunitRecord, *, where: str) -> str:
+    """The ``create_work --stdin`` line for one workunit.
+
+    create_work splits the line like a shell without escapes: a value is wrapped in single
+    quotes, or double quotes when it contains a single quote; it cannot hold both, nor a
+    newline, and a line is read into 4,096 bytes.
+
+    Raises:
+        InputError: the command line cannot be passed to create_work.
+    """
+    parts = ["--wu_name", record.name]
+    cmd = record.command_line
+    if cmd:
+        if "\n" in cmd or "\r" in cmd or "\0" in cmd:
+            raise InputError(f"{where}: the command line contains a line break or NUL, which create_work cannot pass")
+        if "'" not in cmd:
+            quoted = f"'{cmd}'"
+        elif '"' not in cmd:
+            quoted = f'"{cmd}"'
+        else:
+            raise InputError(f"{where}: the command line has both ' and \" quotes, which create_work cannot pass",
+                             hint="use one kind of quote in the command line")
+        parts += ["--command_line", quoted]
+    parts += [f.physical_name for f in record.files]
+    line = " ".join(parts)
+    if len(line.encode()) >= CREATE_WORK_LINE_MAX:
+        raise InputError(f"{where}: the create_work line is {len(line.encode())} bytes; create_work reads at most "
+                         f"{CREATE_WORK_LINE_MAX - 1}", hint="shorten the command line or use fewer input files")
+    return line
+
+
+#: create_work reads each --stdin line into a 4,096-byte buffer.
+CREATE_WORK_LINE_MAX = 4096
 
 
 # -- batches ---------------------------------------------------------------------------------
@@ -356,19 +406,20 @@ def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> Workun
         package_file = StagedFile(open_name, physical, md5, size)
         base_job = replace(base_job, package=Package(open_name, kind))
     base_job = replace(base_job, input_files=tuple(InputFile(s.open_name, s.guest_name) for s in req.inputs))
-    task = base_job.task
-    assert task is not None
-
-    cmd_t = compile_user_template(task.command_line or "", place="command line")
+    cmd_t = compile_user_template(req.command_line, place="command line")
     name_t = compile_user_template(req.name, place="workunit name")
     path_ts = [compile_user_template(s.path, place=f"input {s.open_name}") for s in req.inputs]
+    # Every workunit of a batch shares one job file; what differs per row is the command
+    # line (passed by create_work, appended by the wrapper) and the input files.
+    job_file = StagedFile(JOB_OPEN_NAME, *stager.add_bytes(render_job(base_job).encode("utf-8"), "job.xml"))
+    fixed = [job_file] + ([package_file] if package_file is not None else [])
     # A single workunit is a batch of one row without columns.
     rows: Iterator[dict[str, Any]] = read_batch(req.batch) if req.batch else iter([{}])
     total = None if req.batch else 1
+    batch_dir = req.batch.parent if req.batch else None
 
     names: set[str] = set()
     count = 0
-    job_cache: dict[str, tuple[str, str, int]] = {}
     with (tmp / RECORDS_NAME).open("w", encoding="utf-8") as records, (tmp / JOBS_NAME).open(
         "w", encoding="utf-8"
     ) as jobs:
@@ -381,33 +432,22 @@ def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> Workun
                                  hint="make --name unique per row, e.g. include {{ index }}")
             names.add(name)
             command_line = render_user_template(cmd_t, ctx, place=f"{where}: command line")
-            if "\0" in command_line:
-                raise InputError(f"{where}: the command line contains a NUL character")
-            job_xml = job_cache.get(command_line)
-            if job_xml is None:
-                job = replace(base_job, task=replace(task, command_line=command_line))
-                job_xml = stager.add_bytes(render_job(job).encode("utf-8"), "job.xml")
-                if len(job_cache) < 4096:
-                    job_cache[command_line] = job_xml
-            files = [StagedFile(JOB_OPEN_NAME, *job_xml)]
-            if package_file is not None:
-                files.append(package_file)
+            files = list(fixed)
             for spec, path_t in zip(req.inputs, path_ts, strict=True):
-                host = Path(render_user_template(path_t, ctx, place=f"{where}: input {spec.open_name}"))
-                if req.batch and not host.is_absolute():
-                    host = req.batch.parent / host
+                host = render_user_template(path_t, ctx, place=f"{where}: input {spec.open_name}")
+                if batch_dir is not None and not os.path.isabs(host):
+                    host = os.path.join(batch_dir, host)
                 files.append(StagedFile(spec.open_name, *stager.add_file(host, place=f"{where}: {spec.open_name}")))
-            record = WorkunitRecord(name, tuple(files))
+            record = WorkunitRecord(name, tuple(files), command_line)
             records.write(record.to_json() + "\n")
-            jobs.write(f"--wu_name {name} " + " ".join(f.physical_name for f in files) + "\n")
+            jobs.write(create_work_line(record, where=where) + "\n")
             count += 1
             if progress is not None:
                 progress(count, total)
     if count == 0:
         raise InputError(f"batch file {req.batch}: has no rows")
 
-    open_names = [JOB_OPEN_NAME] + (["package.rpm" if base_job.package and base_job.package.kind is PackageKind.RPM
-                                     else "package.tar.gz"] if package_file else []) + [s.open_name for s in req.inputs]
+    open_names = [f.open_name for f in fixed] + [s.open_name for s in req.inputs]
     in_name = f"{app}_in.xml"
     out_name = f"{app}_out.xml"
     (tmp / "templates" / in_name).write_text(

@@ -34,7 +34,8 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
 @click.option("--app", "app_name", required=True, help="BOINC application name.")
 @click.option("--package", type=click.Path(path_type=Path, dir_okay=False), help="Guest package (.rpm or .tar.gz).")
 @click.option("--application", help="Program the guest runs (absolute guest path or command).")
-@click.option("--command-line", help="Program arguments; a jinja2 template with --batch.")
+@click.option("--command-line", help="Workunit arguments, appended to the job's command line in the guest; "
+              "a jinja2 template with --batch.")
 @click.option("--input", "inputs", multiple=True, metavar="OPEN=PATH[::GUEST]",
               help="An input file: logical name, host path (template with --batch), optional guest name.")
 @click.option("--output", "outputs", multiple=True, metavar="OPEN[=GUEST]:MAX_NBYTES",
@@ -88,7 +89,6 @@ def command(
     task = replace(
         task,
         application=application if application is not None else task.application,
-        command_line=command_line if command_line is not None else task.command_line,
         exec_dir=exec_dir if exec_dir is not None else task.exec_dir,
         setenv=setenv or task.setenv,
         fraction_done_filename=fraction_done_file or task.fraction_done_filename,
@@ -115,6 +115,7 @@ def command(
     )
     request = WorkunitRequest(
         app_name=app_name, job=job, output_dir=output_dir, package=package, inputs=specs,
+        command_line=command_line or "",
         name=name_template, resources=resources, batch=batch, force=force,
     )
     with console.progress_bar("making workunits", None) as bar:
