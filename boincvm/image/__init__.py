@@ -1,0 +1,1 @@
+"""Base images: the bundled example guest, image descriptors and guest-tools inspection."""

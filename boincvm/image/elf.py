@@ -1,0 +1,95 @@
+"""Just enough ELF reading to build a guest: shared-library needs and the PVH entry note.
+
+Reading the files ourselves (instead of running ``ldd`` on the host) keeps the guest build
+independent of what the host has installed: the closure is computed inside the
+extracted Debian packages.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from boincvm.errors import InputError
+
+_ELF_MAGIC = b"\x7fELF"
+_SHT_NOTE = 7
+_SHT_DYNAMIC = 6
+_DT_NEEDED = 1
+_PT_NOTE = 4
+#: XEN_ELFNOTE_PHYS32_ENTRY: the note QEMU looks for to boot a vmlinux through PVH.
+_XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+
+def _header(data: bytes, place: str) -> tuple[int, int, int, int, int, int, int]:
+    if len(data) < 64 or data[:4] != _ELF_MAGIC or data[4] != 2 or data[5] != 1:
+        raise InputError(f"{place}: not a 64-bit little-endian ELF file")
+    (phoff, shoff) = struct.unpack_from("<QQ", data, 0x20)
+    (phentsize, phnum, shentsize, shnum, shstrndx) = struct.unpack_from("<HHHHH", data, 0x36)
+    return phoff, phentsize, phnum, shoff, shentsize, shnum, shstrndx
+
+
+def needed_libraries(path: Path) -> list[str]:
+    """Return the ``DT_NEEDED`` entries (sonames) of an ELF executable or library.
+
+    Raises:
+        InputError: the file is not a 64-bit little-endian ELF file.
+    """
+    data = path.read_bytes()
+    _, _, _, shoff, shentsize, shnum, _ = _header(data, str(path))
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    out: list[str] = []
+    for _name, sh_type, _flags, _addr, offset, size, link, _info, _align, entsize in sections:
+        if sh_type != _SHT_DYNAMIC:
+            continue
+        strtab_off = sections[link][4]
+        for pos in range(offset, offset + size, entsize or 16):
+            tag, val = struct.unpack_from("<qQ", data, pos)
+            if tag == 0:
+                break
+            if tag == _DT_NEEDED:
+                start = strtab_off + val
+                out.append(data[start : data.index(b"\0", start)].decode())
+    return out
+
+
+def has_pvh_entry(data: bytes) -> bool:
+    """True when an ELF kernel image carries the PVH entry note QEMU's ``-kernel`` boots directly."""
+    try:
+        phoff, phentsize, phnum, _, _, _, _ = _header(data, "kernel")
+    except InputError:
+        return False
+    for i in range(phnum):
+        p_type, _flags, p_offset, _va, _pa, p_filesz, _memsz, _align = struct.unpack_from(
+            "<IIQQQQQQ", data, phoff + i * phentsize
+        )
+        if p_type != _PT_NOTE:
+            continue
+        pos, end = p_offset, p_offset + p_filesz
+        while pos + 12 <= end:
+            namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
+            name = data[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and ntype == _XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            pos += 12 + ((namesz + 3) & ~3) + ((descsz + 3) & ~3)
+    return False
+
+
+def elf_size(data: bytes) -> int:
+    """The length of an ELF file judged from its headers (trailing bytes excluded).
+
+    Raises:
+        InputError: the data is not a 64-bit little-endian ELF file.
+    """
+    phoff, phentsize, phnum, shoff, shentsize, shnum, _ = _header(data, "kernel")
+    end = max(shoff + shentsize * shnum, phoff + phentsize * phnum)
+    for i in range(shnum):
+        _n, sh_type, _f, _a, offset, size, *_ = struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
+        if sh_type != 8:  # SHT_NOBITS occupies no file space
+            end = max(end, offset + size)
+    for i in range(phnum):
+        _t, _f, p_offset, _va, _pa, p_filesz, *_ = struct.unpack_from(
+            "<IIQQQQQQ", data, phoff + i * phentsize
+        )
+        end = max(end, p_offset + p_filesz)
+    return end
