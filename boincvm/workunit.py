@@ -371,6 +371,7 @@ def make_workunits(req: WorkunitRequest, progress: Progress | None = None) -> Wo
         raise InputError(f"{out} already exists", hint="choose another --output-dir or add --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; staged files are served by the project
     try:
         result = _write(req, tmp, progress)
         if out.exists():

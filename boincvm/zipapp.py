@@ -1,0 +1,74 @@
+"""The wrapper as one file: a Python zip application the BOINC client runs as the main program.
+
+It bundles boincvm and the pure-Python libraries the wrapper imports (defusedxml,
+qemu.qmp, rpmfile), taken from this installation, with fixed timestamps so the same
+sources give the same bytes (and the same md5, so unchanged wrappers are not re-downloaded).
+The volunteer's host needs a Python 3.11+ interpreter on PATH; see the README.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+#: Top-level packages the wrapper needs at run time.
+BUNDLED = ("boincvm", "defusedxml", "qemu", "rpmfile")
+#: Parts of boincvm the wrapper never imports (the CLI and its rich/click dependencies).
+EXCLUDED_PARTS = ("boincvm/cli/",)
+ENTRY = "boincvm.wrapper_main:main"
+_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+_MAIN = f"""\
+# boincvm wrapper: started by the BOINC client in a slot directory.
+import sys
+if sys.version_info < (3, 11):
+    sys.stderr.write("boincvm wrapper: Python 3.11 or newer is needed\\n")
+    sys.exit(1)
+from {ENTRY.split(':')[0]} import {ENTRY.split(':')[1]}
+sys.exit({ENTRY.split(':')[1]}())
+"""
+
+
+def _package_root(name: str) -> Path:
+    module = importlib.import_module(name)
+    paths = list(getattr(module, "__path__", []))
+    if paths:
+        return Path(paths[0])
+    file = getattr(module, "__file__", None)
+    assert file is not None
+    return Path(file)
+
+
+def build_wrapper_zipapp(target: Path) -> Path:
+    """Write the wrapper zip application to ``target`` (atomically) and return it."""
+    entries: list[tuple[str, Path]] = []
+    for name in BUNDLED:
+        root = _package_root(name)
+        base = root.parent
+        for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
+            rel = path.relative_to(base).as_posix()
+            if path.is_dir() or "__pycache__" in rel or path.suffix in (".pyc", ".so", ".pyd"):
+                continue
+            if any(rel.startswith(part) for part in EXCLUDED_PARTS):
+                continue
+            entries.append((rel, path))
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            raw.write(b"#!/usr/bin/env python3\n")
+            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                for arcname, data in [("__main__.py", _MAIN.encode())] + [(a, p.read_bytes()) for a, p in entries]:
+                    info = zipfile.ZipInfo(arcname, _EPOCH)
+                    info.external_attr = 0o644 << 16
+                    info.compress_type = zipfile.ZIP_DEFLATED
+                    zf.writestr(info, data)
+        tmp.chmod(0o755)
+        tmp.rename(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
