@@ -1,0 +1,342 @@
+"""The VMware backend against the stand-in vmrun (tests/fakes/vmrun.py), which enforces vmrun's grammar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from boincvm.errors import GuestToolsMissing, InputError, OutputError, UnsupportedOperation
+from boincvm.hypervisor import BackendKind, VmSpec, backend_class
+from boincvm.hypervisor.vmrun import GuestCredentialsRejected, SnapshotNotFound
+from boincvm.hypervisor.vmware import VmwareBackend
+from boincvm.hypervisor.vmware_vmx import VmxFile
+
+FAKE = Path(__file__).resolve().parents[1] / "fakes" / "vmrun.py"
+PASSWORD = "pw-Zq8#x y"  # a space and a shell metacharacter, to catch quoting mistakes
+
+BASE_VMX = """\
+.encoding = "UTF-8"
+config.version = "8"
+virtualHW.version = "19"
+displayName = "base"
+guestOS = "debian11-64"
+memsize = "1024"
+numvcpus = "1"
+cpuid.coresPerSocket = "4"
+scsi0.present = "TRUE"
+scsi0:0.present = "TRUE"
+scsi0:0.fileName = "base.vmdk"
+ethernet0.present = "TRUE"
+ethernet0.connectionType = "bridged"
+ethernet1.present = "TRUE"
+custom.boinc.marker = "kept"
+"""
+
+
+@pytest.fixture
+def fake_vmrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Put the stand-in vmrun on PATH with a fresh state directory; return the state directory."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "vmrun").symlink_to(FAKE)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("BOINCVM_VMRUN", raising=False)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "config.json").write_text(
+        json.dumps({"guest_user": "boinc", "guest_password": PASSWORD, "tools_delay": 0.2})
+    )
+    monkeypatch.setenv("FAKE_VMRUN_STATE", str(state))
+    return state
+
+
+@pytest.fixture
+def base_vmx(tmp_path: Path) -> Path:
+    d = tmp_path / "base"
+    d.mkdir()
+    (d / "base.vmx").write_text(BASE_VMX)
+    return d / "base.vmx"
+
+
+def make_spec(tmp_path: Path, base_vmx: Path, **options: str) -> VmSpec:
+    pw = tmp_path / "guest-password"
+    pw.write_text(PASSWORD + "\n")
+    workdir = tmp_path / "slot"
+    workdir.mkdir(exist_ok=True)
+    opts = {"guest_user": "boinc", "guest_password_file": str(pw), "pyvix": "off", **options}
+    return VmSpec(name="task 1", workdir=workdir, image=base_vmx, memory_mb=254, ncpus=2,
+                  boot_timeout=10, options={k: v for k, v in opts.items() if v})
+
+
+@pytest.fixture
+def vm(tmp_path: Path, fake_vmrun: Path, base_vmx: Path) -> Iterator[VmwareBackend]:
+    backend = VmwareBackend(make_spec(tmp_path, base_vmx))
+    with backend:
+        backend.power_on()
+        backend.wait_for_tools()
+        yield backend
+
+
+def calls(state: Path) -> list[list[str]]:
+    return [json.loads(line)["argv"] for line in (state / "calls.jsonl").read_text().splitlines()]
+
+
+def test_registered_and_probe_finds_vmrun_on_path(fake_vmrun: Path) -> None:
+    assert backend_class(BackendKind.VMWARE) is VmwareBackend
+    avail = VmwareBackend.probe()
+    assert avail.ok, avail
+    assert "1.17.0" in avail.reason
+
+
+def test_probe_says_why_when_vmrun_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("BOINCVM_VMRUN", raising=False)
+    avail = VmwareBackend.probe()
+    assert not avail.ok and avail.reason == "vmrun not found"
+
+
+def test_power_cycle_clone_and_vmx_settings(tmp_path: Path, fake_vmrun: Path, base_vmx: Path) -> None:
+    backend = VmwareBackend(make_spec(tmp_path, base_vmx))
+    backend.power_off()  # idempotent before anything exists
+    backend.power_on()
+    assert backend.is_running()
+    assert backend.vmx.parent == tmp_path / "slot" / "vm"
+    vmx = VmxFile.load(backend.vmx)
+    assert vmx.get("memsize") == "256"  # rounded up to a multiple of 4
+    assert vmx.get("numvcpus") == "2"
+    assert vmx.get("cpuid.coresPerSocket") is None  # 4 does not divide 2
+    assert vmx.flag("ethernet0.present") is False and vmx.flag("ethernet1.startConnected") is False
+    assert vmx.flag("msg.autoAnswer") is True
+    assert vmx.get("custom.boinc.marker") == "kept"
+    assert base_vmx.read_text() == BASE_VMX  # the base .vmx is never edited
+    backend.wait_for_tools()
+    backend.power_off()
+    assert not backend.is_running()
+    backend.power_off()
+    argvs = calls(fake_vmrun)
+    clone = next(a for a in argvs if "clone" in a)
+    assert clone[clone.index("clone") + 3 :] == ["linked", "-snapshot=boincvm-base", "-cloneName=task 1"]
+    assert any(a[-2:] == ["soft"] or a[-1] == "soft" for a in argvs)
+
+
+def test_network_on_when_enabled(tmp_path: Path, fake_vmrun: Path, base_vmx: Path) -> None:
+    spec = make_spec(tmp_path, base_vmx)
+    spec = VmSpec(**{**spec.__dict__, "enable_network": True})
+    with VmwareBackend(spec) as backend:
+        backend.power_on()
+        vmx = VmxFile.load(backend.vmx)
+    assert vmx.flag("ethernet0.present") is True and vmx.flag("ethernet0.startConnected") is True
+    assert vmx.get("ethernet0.connectionType") == "bridged"  # the image's choice is kept
+    assert vmx.flag("ethernet1.present") is False
+
+
+def test_run_program_exit_code_and_output(vm: VmwareBackend) -> None:
+    status = vm.run_program(["/bin/sh", "-c", "echo out; echo err >&2; exit 3"], timeout=20)
+    assert not status.running and status.exit_code == 3 and not status.succeeded
+    assert status.stdout_tail == b"out\n" and status.stderr_tail == b"err\n"
+    ok = vm.run_program(["/bin/true"], timeout=20)
+    assert ok.succeeded
+
+
+def test_arguments_env_and_cwd_survive_the_guest_shell(vm: VmwareBackend) -> None:
+    status = vm.run_program(
+        ["/bin/sh", "-c", 'printf "%s|%s|%s" "$X" "$(pwd)" "$1"', "sh", "it's $HOME; `x`"],
+        env={"X": "a b'c\"d"}, cwd="/var/tmp", timeout=20,
+    )
+    assert status.exit_code == 0, status
+    assert status.stdout_tail == b"a b'c\"d|/var/tmp|it's $HOME; `x`"
+
+
+def test_poll_while_running_then_done(vm: VmwareBackend) -> None:
+    proc = vm.start_program(["/bin/sh", "-c", "sleep 0.6; echo done"])
+    assert vm.poll_program(proc).running
+    status = vm.run_program(["/bin/true"], timeout=10)
+    assert status.succeeded
+    final = vm.poll_program(proc)
+    while final.running:
+        final = vm.poll_program(proc)
+    assert final.exit_code == 0 and final.stdout_tail == b"done\n"
+
+
+def test_copy_in_and_out_with_max_bytes(vm: VmwareBackend, tmp_path: Path) -> None:
+    src = tmp_path / "in.bin"
+    src.write_bytes(b"x" * 1000)
+    vm.copy_to_guest(src, "/tmp/in.bin")
+    status = vm.run_program(["/bin/sh", "-c", "cp /tmp/in.bin /tmp/out.bin && echo -n ab >> /tmp/out.bin"], timeout=20)
+    assert status.succeeded
+    out = tmp_path / "out.bin"
+    assert vm.copy_from_guest("/tmp/out.bin", out, max_bytes=1002) == 1002
+    assert out.read_bytes() == b"x" * 1000 + b"ab"
+    big = tmp_path / "big.bin"
+    with pytest.raises(OutputError, match="more than 100"):
+        vm.copy_from_guest("/tmp/out.bin", big, max_bytes=100)
+    assert not big.exists() and not list(tmp_path.glob(".big.bin*"))
+    with pytest.raises(OutputError):
+        vm.copy_from_guest("/tmp/missing", tmp_path / "m")
+    assert vm.read_guest_file("/tmp/missing") is None
+    assert vm.read_guest_file("/tmp/out.bin", max_bytes=3) == b"xxx"
+    with pytest.raises(InputError):
+        vm.copy_to_guest(tmp_path / "nope", "/tmp/nope")
+
+
+def test_snapshots_create_list_revert_delete(vm: VmwareBackend, tmp_path: Path) -> None:
+    assert vm.run_program(["/bin/sh", "-c", "echo 1 > /tmp/state"], timeout=20).succeeded
+    vm.snapshot_create("ck1")
+    with pytest.raises(Exception, match="exists already"):
+        vm.snapshot_create("ck1")
+    assert vm.run_program(["/bin/sh", "-c", "echo 2 > /tmp/state"], timeout=20).succeeded
+    vm.snapshot_create("ck2")
+    assert [s.name for s in vm.snapshot_list()] == ["ck1", "ck2"]
+    vm.snapshot_revert("ck1")
+    assert vm.is_running()
+    assert vm.read_guest_file("/tmp/state") == b"1\n"
+    vm.snapshot_delete("ck1")
+    assert [s.name for s in vm.snapshot_list()] == ["ck2"]
+    with pytest.raises(SnapshotNotFound):
+        vm.snapshot_revert("ck1")
+    with pytest.raises(SnapshotNotFound):
+        vm.snapshot_delete("nope")
+
+
+def test_restart_resumes_from_a_snapshot(tmp_path: Path, fake_vmrun: Path, base_vmx: Path) -> None:
+    spec = make_spec(tmp_path, base_vmx)
+    with VmwareBackend(spec) as first:
+        first.power_on()
+        first.wait_for_tools()
+        assert first.run_program(["/bin/sh", "-c", "echo kept > /tmp/ck"], timeout=20).succeeded
+        first.snapshot_create("ck")
+        assert first.run_program(["/bin/sh", "-c", "echo lost > /tmp/ck"], timeout=20).succeeded
+    with VmwareBackend(spec) as second:  # a new wrapper process
+        second.power_on(snapshot="ck")
+        second.wait_for_tools()
+        assert second.read_guest_file("/tmp/ck") == b"kept\n"
+        second.power_on()  # fresh: a new clone, no snapshots
+        second.wait_for_tools()
+        assert second.snapshot_list() == []
+        assert second.read_guest_file("/tmp/ck") is None
+
+
+def test_pause_and_resume(vm: VmwareBackend) -> None:
+    proc = vm.start_program(["/bin/sh", "-c", "sleep 0.3"])
+    vm.pause()
+    assert vm.is_running()
+    vm.resume()
+    status = vm.poll_program(proc)
+    while status.running:
+        status = vm.poll_program(proc)
+    assert status.succeeded
+
+
+def test_tools_that_never_start(tmp_path: Path, fake_vmrun: Path, base_vmx: Path) -> None:
+    (fake_vmrun / "config.json").write_text(
+        json.dumps({"guest_user": "boinc", "guest_password": PASSWORD, "tools_delay": 1000})
+    )
+    with VmwareBackend(make_spec(tmp_path, base_vmx)) as backend:
+        backend.power_on()
+        with pytest.raises(GuestToolsMissing, match="did not start within 0.3 s"):
+            backend.wait_for_tools(timeout=0.3)
+
+
+def test_guest_operations_without_credentials_are_unsupported(
+    tmp_path: Path, fake_vmrun: Path, base_vmx: Path
+) -> None:
+    spec = make_spec(tmp_path, base_vmx, guest_user="", guest_password_file="")
+    with VmwareBackend(spec) as backend:
+        backend.power_on()
+        backend.wait_for_tools()
+        with pytest.raises(UnsupportedOperation, match="need guest credentials"):
+            backend.start_program(["/bin/true"])
+        backend.guestinfo_write("boinc.cmd", "go now")  # the credential-free channel still works
+        assert backend.guestinfo_read("boinc.cmd") == "go now"
+        assert backend.guestinfo_read("boinc.rc") is None
+
+
+def test_inline_passwords_and_unknown_options_are_refused(tmp_path: Path, base_vmx: Path) -> None:
+    with pytest.raises(InputError, match="options.guest_password: passwords are not accepted inline"):
+        VmwareBackend(make_spec(tmp_path, base_vmx, guest_password="x"))
+    with pytest.raises(InputError, match="options.host_type"):
+        VmwareBackend(make_spec(tmp_path, base_vmx, host_type="esx"))
+    with pytest.raises(InputError, match="options.colour: unknown"):
+        VmwareBackend(make_spec(tmp_path, base_vmx, colour="blue"))
+
+
+def test_password_from_environment_and_never_logged(
+    tmp_path: Path, fake_vmrun: Path, base_vmx: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("GUEST_PW", PASSWORD)
+    spec = make_spec(tmp_path, base_vmx, guest_password_file="", guest_password_env="GUEST_PW")
+    with VmwareBackend(spec) as backend:
+        backend.power_on()
+        backend.wait_for_tools()
+        assert backend.run_program(["/bin/true"], timeout=20).succeeded
+        assert repr(backend.login).count(PASSWORD) == 0
+    assert "-gp ***" in caplog.text or "-gp '***'" in caplog.text
+    assert PASSWORD not in caplog.text
+    # every guest operation put the credentials before the command, as vmrun requires
+    for argv in calls(fake_vmrun):
+        if "-gp" in argv:
+            assert argv.index("-gp") < 6 and argv[argv.index("-gp") + 2].endswith("InGuest") or "Copy" in str(argv)
+
+
+def test_wrong_password_is_classified_and_not_echoed(
+    tmp_path: Path, fake_vmrun: Path, base_vmx: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-password")
+    with VmwareBackend(make_spec(tmp_path, base_vmx, guest_password_file=str(wrong))) as backend:
+        backend.power_on()
+        with pytest.raises(GuestCredentialsRejected) as err:
+            backend.wait_for_tools()
+    assert "not-the-password" not in str(err.value) and "not-the-password" not in caplog.text
+
+
+def test_host_cpu_time_from_the_vmx_process(vm: VmwareBackend) -> None:
+    if not sys.platform.startswith("linux"):
+        with pytest.raises(UnsupportedOperation):
+            vm.host_cpu_time()
+        return
+    seconds = vm.host_cpu_time()
+    assert seconds > 0
+    vm.power_off()
+    assert vm.host_cpu_time() == seconds or vm.host_cpu_time() >= seconds
+
+
+def test_image_must_be_a_vmx(tmp_path: Path, fake_vmrun: Path) -> None:
+    disk = tmp_path / "disk.vmdk"
+    disk.write_text("x")
+    backend = VmwareBackend(make_spec(tmp_path, disk))
+    with pytest.raises(InputError, match="must be a VMware .vmx"):
+        backend.power_on()
+
+
+def test_pyvix_is_used_where_importable_and_vmrun_takes_over_on_failure(
+    tmp_path: Path, fake_vmrun: Path, base_vmx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+
+    class FakeVm:
+        def poweron(self, op: int) -> None:
+            seen.append(f"poweron {op}")
+            raise RuntimeError("VIX library not loaded")
+
+        def waitfortools(self, seconds: int) -> None:
+            seen.append(f"waitfortools {seconds}")
+            raise RuntimeError("VixError 3000")
+
+    host = types.SimpleNamespace(open=lambda path: FakeVm())
+    monkeypatch.setitem(sys.modules, "pyvix", types.SimpleNamespace(connect=lambda: host))
+    with VmwareBackend(make_spec(tmp_path, base_vmx, pyvix="auto")) as backend:
+        backend.power_on()
+        backend.wait_for_tools()
+        assert backend.is_running()
+    assert seen == ["poweron 0", "waitfortools 10"]
