@@ -36,11 +36,30 @@ def _prepare(root: Path, n: int) -> Path:
 def _run(root: Path, rows: Path, n: int) -> tuple[float, float]:
     out = root / f"out{n}"
     cmd = [
-        sys.executable, "-m", "boincvm", "-q", "make-workunit", "--app", "sim",
-        "--application", "/opt/sim/bin/sim", "--command-line", "--seed {{ seed }}",
-        "--input", f"shared={root / 'shared.bin'}", "--input", "param={{ param }}",
-        "--output", "out:1000000", "--name", "sim_{{ seed }}", "--batch", str(rows),
-        "-o", str(out), "--force",
+        sys.executable,
+        "-m",
+        "boincvm",
+        "-q",
+        "make-workunit",
+        "--app",
+        "sim",
+        "--application",
+        "/opt/sim/bin/sim",
+        "--command-line",
+        "--seed {{ seed }}",
+        "--input",
+        f"shared={root / 'shared.bin'}",
+        "--input",
+        "param={{ param }}",
+        "--output",
+        "out:1000000",
+        "--name",
+        "sim_{{ seed }}",
+        "--batch",
+        str(rows),
+        "-o",
+        str(out),
+        "--force",
     ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
@@ -60,13 +79,17 @@ def main() -> None:
             rows = _prepare(root, n)
             elapsed, rss = _run(root, rows, n)
             results[n] = (elapsed, rss)
-            print(f"  {n:>6} workunits: {elapsed:6.2f} s (incl. interpreter start)  "
-                  f"{n / elapsed:8.0f} wu/s   peak RSS {rss:6.1f} MiB")
+            print(
+                f"  {n:>6} workunits: {elapsed:6.2f} s (incl. interpreter start)  "
+                f"{n / elapsed:8.0f} wu/s   peak RSS {rss:6.1f} MiB"
+            )
         e1, r1 = results[1000]
         e2, r2 = results[10000]
         marginal = 9000 / max(e2 - e1, 1e-9)
-        print(f"  marginal rate (10k - 1k): {marginal:8.0f} wu/s   goal >= {GOAL_WU_PER_S} wu/s "
-              f"-> {'met' if marginal >= GOAL_WU_PER_S else 'NOT met'}")
+        print(
+            f"  marginal rate (10k - 1k): {marginal:8.0f} wu/s   goal >= {GOAL_WU_PER_S} wu/s "
+            f"-> {'met' if marginal >= GOAL_WU_PER_S else 'NOT met'}"
+        )
         print(f"  peak RSS ratio 10k/1k: {r2 / r1:.2f} (1.00 = does not grow with the batch)")
 
 

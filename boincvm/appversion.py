@@ -162,6 +162,14 @@ def _convert_disk(src: Path, dst: Path, *, compress: bool) -> None:
             hint="flatten it first: qemu-img convert -O qcow2 IMAGE flat.qcow2",
         )
     fmt = str(info_.get("format", "raw"))
+    expected = {".qcow2": "qcow2", ".vmdk": "vmdk", ".vdi": "vdi", ".vhdx": "vhdx"}.get(src.suffix.lower())
+    if expected and fmt != expected:
+        raise InputError(
+            f"{src.name} is not a {expected} image (qemu-img reads it as {fmt})",
+            hint="check the file; it may be truncated or not an image at all",
+        )
+    if fmt == "raw" and src.stat().st_size < 1024 * 1024:
+        raise InputError(f"{src.name} is {src.stat().st_size} bytes: too small to be a disk image")
     cmd: list[str | os.PathLike[str]] = ["qemu-img", "convert", "-f", fmt, "-O", "qcow2"]
     if compress:
         cmd.append("-c")
@@ -184,7 +192,9 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
         raise InputError(f"image {req.image} does not exist")
     out = req.output_dir
     if out.exists() and not req.force:
-        raise InputError(f"{out} already exists", hint="choose another --output-dir or add --force to replace it")
+        raise InputError(
+            f"{out} already exists", hint="choose another --output-dir or add --force to replace it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     tmp.chmod(0o755)  # a project's web server serves these files
@@ -257,11 +267,13 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
 
         from boincvm.render import render
 
-        (tmp / "version.xml").write_text(render("version.xml.j2", files=files, api_version=API_VERSION),
-                                         encoding="utf-8")
+        (tmp / "version.xml").write_text(
+            render("version.xml.j2", files=files, api_version=API_VERSION), encoding="utf-8"
+        )
         result = AppVersion(out, req.app_name, req.version, vnum, req.platform, tuple(files))
-        (tmp / SUMMARY_NAME).write_text(json.dumps(result.as_dict() | {"directory": "."}, indent=2) + "\n",
-                                        encoding="utf-8")
+        (tmp / SUMMARY_NAME).write_text(
+            json.dumps(result.as_dict() | {"directory": "."}, indent=2) + "\n", encoding="utf-8"
+        )
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -304,16 +316,20 @@ def parse_version_xml(data: bytes, what: str = "version.xml") -> tuple[VersionXm
             out.append(error(f"version.file[{i}].physical_name", "is missing"))
             continue
         logical = f.find("logical_name")
-        files.append(AppVersionFile(
-            physical_name=text_of(phys),
-            logical_name=text_of(logical) if logical is not None else None,
-            md5="", nbytes=0,
-            main_program=f.find("main_program") is not None,
-            gzip=f.find("gzip") is not None,
-        ))
+        files.append(
+            AppVersionFile(
+                physical_name=text_of(phys),
+                logical_name=text_of(logical) if logical is not None else None,
+                md5="",
+                nbytes=0,
+                main_program=f.find("main_program") is not None,
+                gzip=f.find("gzip") is not None,
+            )
+        )
     api = root.find("api_version")
-    return VersionXml(tuple(files), text_of(api) if api is not None else None,
-                      root.find("is_wrapper") is not None), out
+    return VersionXml(
+        tuple(files), text_of(api) if api is not None else None, root.find("is_wrapper") is not None
+    ), out
 
 
 def check_app_version(path: Path) -> list[Finding]:
@@ -330,43 +346,78 @@ def check_app_version(path: Path) -> list[Finding]:
         raise
     mains = [f for f in vx.files if f.main_program]
     if len(vx.files) > 1 and len(mains) != 1:
-        out.append(error("version.file.main_program", f"{len(mains)} files are marked <main_program/>; exactly one must be"))
+        out.append(
+            error(
+                "version.file.main_program",
+                f"{len(mains)} files are marked <main_program/>; exactly one must be",
+            )
+        )
     if vx.api_version is None:
-        out.append(error("version.api_version", "is missing",
-                         hint=f"add <api_version>{API_VERSION}</api_version> so the client uses the mmap channel"))
+        out.append(
+            error(
+                "version.api_version",
+                "is missing",
+                hint=f"add <api_version>{API_VERSION}</api_version> so the client uses the mmap channel",
+            )
+        )
     else:
         try:
             major = int(vx.api_version.split(".")[0])
         except ValueError:
             major = 0
         if major < 7:
-            out.append(error("version.api_version", f"{vx.api_version} is below 7",
-                             hint="the client speaks the memory-mapped channel only to apps declaring api_version >= 7"))
+            out.append(
+                error(
+                    "version.api_version",
+                    f"{vx.api_version} is below 7",
+                    hint="the client uses the memory-mapped channel only with api_version >= 7",
+                )
+            )
     logical: dict[str, str] = {}
     for f in vx.files:
         if not (directory / f.physical_name).is_file():
             out.append(error(f"version.file.{f.physical_name}", "the file is not in the directory"))
         if f.logical_name:
             if f.logical_name in logical:
-                out.append(error(f"version.file.{f.physical_name}.logical_name", f"{f.logical_name!r} is used twice"))
+                out.append(
+                    error(f"version.file.{f.physical_name}.logical_name", f"{f.logical_name!r} is used twice")
+                )
             logical[f.logical_name] = f.physical_name
         sig = directory / f"{f.physical_name}.sig"
         if not sig.exists():
             out.append(info(f"version.file.{f.physical_name}", "no .sig file; update_versions will sign it"))
     if not vx.is_wrapper:
-        out.append(warning("version.is_wrapper", "is missing", hint="add <is_wrapper/> so the client runs the wrapper at normal priority"))
+        out.append(
+            warning(
+                "version.is_wrapper",
+                "is missing",
+                hint="add <is_wrapper/> so the client runs the wrapper at normal priority",
+            )
+        )
     if DEFAULTS_OPEN_NAME not in logical:
-        out.append(error(f"version.file[{DEFAULTS_OPEN_NAME}]", "no file has this logical name",
-                         hint="the wrapper reads the image and VM settings from it"))
+        out.append(
+            error(
+                f"version.file[{DEFAULTS_OPEN_NAME}]",
+                "no file has this logical name",
+                hint="the wrapper reads the image and VM settings from it",
+            )
+        )
     elif (directory / logical[DEFAULTS_OPEN_NAME]).is_file():
         defaults_path = directory / logical[DEFAULTS_OPEN_NAME]
         job, findings = parse_job(defaults_path.read_bytes(), what=defaults_path.name)
-        out += [Finding(f"{DEFAULTS_OPEN_NAME}:{f.place}", f.message, f.severity, f.hint)
-                for f in findings + validate_job(job)]
+        out += [
+            Finding(f"{DEFAULTS_OPEN_NAME}:{f.place}", f.message, f.severity, f.hint)
+            for f in findings + validate_job(job)
+        ]
         for name in ("vm_image", "vm_kernel", "vm_initrd"):
             value = getattr(job, name)
             if value is not None and value not in logical:
-                out.append(error(f"{DEFAULTS_OPEN_NAME}:vm_job.{name}", f"{value!r} is not a logical name of this app version"))
+                out.append(
+                    error(
+                        f"{DEFAULTS_OPEN_NAME}:vm_job.{name}",
+                        f"{value!r} is not a logical name of this app version",
+                    )
+                )
         if not job.vm_image and not job.vm_kernel:
             out.append(error(f"{DEFAULTS_OPEN_NAME}:vm_job.vm_image", "the defaults name no image"))
     summary = directory / SUMMARY_NAME
@@ -381,6 +432,11 @@ def check_app_version(path: Path) -> list[Finding]:
             if p.is_file():
                 md5, size = _md5(p)
                 if (md5, size) != (rec.get("md5"), rec.get("nbytes")):
-                    out.append(error(f"version.file.{phys}", "md5 or size differs from what package-image recorded",
-                                     hint="app version files are immutable: make a new version instead"))
+                    out.append(
+                        error(
+                            f"version.file.{phys}",
+                            "md5 or size differs from what package-image recorded",
+                            hint="app version files are immutable: make a new version instead",
+                        )
+                    )
     return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -315,7 +315,9 @@ def _convert(place: str, elem: ET.Element, conv: Callable[[str], Any], findings:
 def _flag(place: str, elem: ET.Element, findings: list[Finding]) -> bool | None:
     value = is_flag_true(elem)
     if value is None:
-        findings.append(error(place, f"{text_of(elem)!r} is not a flag", hint="write <x/> for true, <x>0</x> for false"))
+        findings.append(
+            error(place, f"{text_of(elem)!r} is not a flag", hint="write <x/> for true, <x>0</x> for false")
+        )
     return value
 
 
@@ -361,7 +363,9 @@ def parse_job(data: bytes | str, *, what: str = "vm job file") -> tuple[VmJob, l
             if isinstance(item, OutputFile):
                 outputs.append(item)
         else:
-            findings.append(warning(place, "unknown element, ignored", hint="check the spelling against the README"))
+            findings.append(
+                warning(place, "unknown element, ignored", hint="check the spelling against the README")
+            )
     job = VmJob(**values, input_files=tuple(inputs), output_files=tuple(outputs))
     return job, findings
 
@@ -397,11 +401,15 @@ def _parse_task(elem: ET.Element, findings: list[Finding]) -> Task:
         elif child.tag == "setenv":
             setenv.append(text_of(child))
         else:
-            findings.append(warning(place, "unknown element, ignored", hint="check the spelling against the README"))
+            findings.append(
+                warning(place, "unknown element, ignored", hint="check the spelling against the README")
+            )
     return Task(**values, setenv=tuple(setenv))
 
 
-def _parse_file(elem: ET.Element, place: str, findings: list[Finding], *, output: bool) -> InputFile | OutputFile | None:
+def _parse_file(
+    elem: ET.Element, place: str, findings: list[Finding], *, output: bool
+) -> InputFile | OutputFile | None:
     values: dict[str, Any] = {}
     for child in elem:
         cplace = f"{place}.{child.tag}"
@@ -467,17 +475,27 @@ def validate_job(job: VmJob, *, complete: bool = False) -> list[Finding]:
             out.append(error(f"{p}.package.file_name", problem))
         elif job.package.resolved_kind is None:
             out.append(
-                error(f"{p}.package.kind", "cannot tell rpm from tar", hint="add <kind>rpm</kind> or <kind>tar</kind>")
+                error(
+                    f"{p}.package.kind",
+                    "cannot tell rpm from tar",
+                    hint="add <kind>rpm</kind> or <kind>tar</kind>",
+                )
             )
     if job.task is not None:
         out.extend(_validate_task(job.task))
     out.extend(_validate_files(job))
     if complete:
         if job.task is None or not job.task.application:
-            out.append(error(f"{p}.task.application", "must not be empty", hint="say which program the guest runs"))
+            out.append(
+                error(f"{p}.task.application", "must not be empty", hint="say which program the guest runs")
+            )
         if not job.vm_image and not job.vm_kernel:
             out.append(
-                error(f"{p}.vm_image", "is missing", hint="the app version's vm_job_defaults.xml names the image")
+                error(
+                    f"{p}.vm_image",
+                    "is missing",
+                    hint="the app version's vm_job_defaults.xml names the image",
+                )
             )
     return out
 
@@ -514,7 +532,7 @@ def _validate_files(job: VmJob) -> list[Finding]:
     names: dict[str, str] = {JOB_OPEN_NAME: f"{ROOT} itself"}
     if job.package is not None:
         names.setdefault(job.package.file_name, f"{ROOT}.package")
-    groups: Iterable[tuple[str, tuple[InputFile, ...] | tuple[OutputFile, ...]]] = (
+    groups: tuple[tuple[str, Sequence[InputFile | OutputFile]], ...] = (
         ("input_file", job.input_files),
         ("output_file", job.output_files),
     )
@@ -524,7 +542,9 @@ def _validate_files(job: VmJob) -> list[Finding]:
             if problem := logical_name_problem(item.open_name):
                 out.append(error(f"{place}.open_name", problem))
             elif item.open_name in names:
-                out.append(error(f"{place}.open_name", f"{item.open_name!r} is also used by {names[item.open_name]}"))
+                out.append(
+                    error(f"{place}.open_name", f"{item.open_name!r} is also used by {names[item.open_name]}")
+                )
             else:
                 names[item.open_name] = place
             if item.guest_name is not None and (problem := relative_path_problem(item.guest_name)):
@@ -532,7 +552,11 @@ def _validate_files(job: VmJob) -> list[Finding]:
             if isinstance(item, OutputFile):
                 if item.max_nbytes is None:
                     out.append(
-                        error(f"{place}.max_nbytes", "is missing", hint="every output needs a size limit in bytes")
+                        error(
+                            f"{place}.max_nbytes",
+                            "is missing",
+                            hint="every output needs a size limit in bytes",
+                        )
                     )
                 elif item.max_nbytes <= 0:
                     out.append(error(f"{place}.max_nbytes", "must be more than 0"))

@@ -111,8 +111,12 @@ def run(
             f"{name} was not found", hint=INSTALL_HINTS.get(name, f"install {name} or put it on PATH")
         ) from exc
     except subprocess.TimeoutExpired as exc:
-        raise CommandFailed(shown, None, tail(exc.stderr or b""),
-                            message=f"{Path(argv[0]).name} did not finish within {timeout:g} s") from exc
+        raise CommandFailed(
+            shown,
+            None,
+            tail(exc.stderr or b""),
+            message=f"{Path(argv[0]).name} did not finish within {timeout:g} s",
+        ) from exc
     done = Completed(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
     if check and proc.returncode != 0:
         raise CommandFailed(shown, proc.returncode, _redact_text(tail(proc.stderr or proc.stdout), secrets))

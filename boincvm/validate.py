@@ -192,7 +192,11 @@ def check_input_template(data: bytes, what: str) -> tuple[list[Finding], list[st
         return [error(f"{p}.workunit", "is missing")], []
     refs = wu.findall("file_ref")
     if len(refs) != len(infos):
-        out.append(error(f"{p}.workunit.file_ref", f"{len(refs)} file_ref for {len(infos)} file_info; they must match"))
+        out.append(
+            error(
+                f"{p}.workunit.file_ref", f"{len(refs)} file_ref for {len(infos)} file_info; they must match"
+            )
+        )
     names: list[str] = []
     for i, ref in enumerate(refs):
         elem = ref.find("open_name")
@@ -202,7 +206,12 @@ def check_input_template(data: bytes, what: str) -> tuple[list[Finding], list[st
             names.append(text_of(elem))
     for name, n in Counter(names).items():
         if n > 1:
-            out.append(error(f"{p}.workunit.file_ref.open_name", f"{name!r} appears {n} times; open names must be unique"))
+            out.append(
+                error(
+                    f"{p}.workunit.file_ref.open_name",
+                    f"{name!r} appears {n} times; open names must be unique",
+                )
+            )
     values: dict[str, float] = {}
     for child in wu:
         if child.tag.startswith("rsc_") or child.tag in ("delay_bound",):
@@ -215,8 +224,13 @@ def check_input_template(data: bytes, what: str) -> tuple[list[Finding], list[st
                 out.append(error(f"{p}.workunit.{child.tag}", "must be more than 0"))
     for est, bound in _RESOURCE_PAIRS:
         if est in values and bound in values and values[bound] < values[est]:
-            out.append(error(f"{p}.workunit.{bound}", f"{values[bound]:g} is below {est} {values[est]:g}",
-                             hint="the bound must be at least the estimate"))
+            out.append(
+                error(
+                    f"{p}.workunit.{bound}",
+                    f"{values[bound]:g} is below {est} {values[est]:g}",
+                    hint="the bound must be at least the estimate",
+                )
+            )
     for name in ("rsc_fpops_est", "rsc_fpops_bound", "rsc_memory_bound", "rsc_disk_bound"):
         if name not in values:
             out.append(info(f"{p}.workunit.{name}", "not set; create_work's default applies"))
@@ -236,15 +250,19 @@ def check_output_template(data: bytes, what: str) -> tuple[list[Finding], dict[s
     sizes: dict[str, float | None] = {}
     by_name: dict[str, ET.Element] = {}
     for i, fi in enumerate(root.findall("file_info")):
-        name = fi.find("name")
-        key = ET.tostring(name[0]).decode() if name is not None and len(name) else text_of(name) if name is not None else ""
+        key = _name_key(fi.find("name"))
         if not key:
             out.append(error(f"{p}.file_info[{i}].name", "is missing"))
         by_name[key] = fi
         max_nbytes = fi.find("max_nbytes")
         if max_nbytes is None:
-            out.append(error(f"{p}.file_info[{i}].max_nbytes", "is missing",
-                             hint="every output needs <max_nbytes>; the client and upload handler enforce it"))
+            out.append(
+                error(
+                    f"{p}.file_info[{i}].max_nbytes",
+                    "is missing",
+                    hint="every output needs <max_nbytes>; the client and upload handler enforce it",
+                )
+            )
         url = fi.find("url")
         if url is None and fi.find("upload_url") is None:
             out.append(error(f"{p}.file_info[{i}].url", "is missing", hint="add <url><UPLOAD_URL/></url>"))
@@ -253,26 +271,41 @@ def check_output_template(data: bytes, what: str) -> tuple[list[Finding], dict[s
         return out + [error(f"{p}.result", "is missing")], {}
     names: list[str] = []
     for i, ref in enumerate(result.findall("file_ref")):
-        fname = ref.find("file_name")
-        key = ET.tostring(fname[0]).decode() if fname is not None and len(fname) else text_of(fname) if fname is not None else ""
+        key = _name_key(ref.find("file_name"))
         open_name = ref.find("open_name")
         if open_name is None:
             out.append(error(f"{p}.result.file_ref[{i}].open_name", "is missing"))
             continue
         names.append(text_of(open_name))
-        fi = by_name.get(key)
-        if fi is None:
+        info_elem = by_name.get(key)
+        if info_elem is None:
             out.append(error(f"{p}.result.file_ref[{i}].file_name", "names no file_info"))
             continue
-        mx = fi.find("max_nbytes")
+        mx = info_elem.find("max_nbytes")
+        if mx is None:
+            sizes[text_of(open_name)] = None
+            continue
         try:
-            sizes[text_of(open_name)] = float(text_of(mx)) if mx is not None else None
+            sizes[text_of(open_name)] = float(text_of(mx))
         except ValueError:
-            out.append(error(f"{p}.file_info.max_nbytes", f"{text_of(mx)!r} is not a number"))  # type: ignore[arg-type]
+            out.append(error(f"{p}.file_info.max_nbytes", f"{text_of(mx)!r} is not a number"))
     for name, n in Counter(names).items():
         if n > 1:
-            out.append(error(f"{p}.result.file_ref.open_name", f"{name!r} appears {n} times; open names must be unique"))
+            out.append(
+                error(
+                    f"{p}.result.file_ref.open_name", f"{name!r} appears {n} times; open names must be unique"
+                )
+            )
     return out, sizes
+
+
+def _name_key(elem: ET.Element | None) -> str:
+    """A file name in a template: its text, or the placeholder element (``<OUTFILE_0/>``) it holds."""
+    if elem is None:
+        return ""
+    if len(elem):
+        return ET.tostring(elem[0]).decode().strip()
+    return text_of(elem)
 
 
 # -- workunit directories ---------------------------------------------------------------------
@@ -287,15 +320,25 @@ def check_workunit_dir(path: Path) -> list[Finding]:
     except BoincvmError as exc:
         return [error(path.name, exc.message, exc.hint)]
     out: list[Finding] = []
-    in_findings, in_names = check_input_template(
-        read_bytes(wud.input_template, what="input template"), wud.input_template.name
-    ) if wud.input_template.is_file() else ([error("input_template", f"{wud.input_template} is missing")], [])
-    out_findings, out_sizes = check_output_template(
-        read_bytes(wud.output_template, what="output template"), wud.output_template.name
-    ) if wud.output_template.is_file() else ([error("output_template", f"{wud.output_template} is missing")], {})
+    in_findings, in_names = (
+        check_input_template(read_bytes(wud.input_template, what="input template"), wud.input_template.name)
+        if wud.input_template.is_file()
+        else ([error("input_template", f"{wud.input_template} is missing")], [])
+    )
+    out_findings, out_sizes = (
+        check_output_template(
+            read_bytes(wud.output_template, what="output template"), wud.output_template.name
+        )
+        if wud.output_template.is_file()
+        else ([error("output_template", f"{wud.output_template} is missing")], {})
+    )
     out += in_findings + out_findings
     if in_names and in_names != list(wud.open_names):
-        out.append(error("input_template", f"open names {in_names} differ from the workunits' {list(wud.open_names)}"))
+        out.append(
+            error(
+                "input_template", f"open names {in_names} differ from the workunits' {list(wud.open_names)}"
+            )
+        )
 
     checked: dict[str, Finding | None] = {}
     jobs_checked: dict[str, list[Finding]] = {}
@@ -313,39 +356,53 @@ def check_workunit_dir(path: Path) -> list[Finding]:
             where = f"workunit {rec.name}"
             names = [f.open_name for f in rec.files]
             if names != list(wud.open_names):
-                add("names", error(where, f"files {names} do not match the template's {list(wud.open_names)}"))
+                add(
+                    "names", error(where, f"files {names} do not match the template's {list(wud.open_names)}")
+                )
             for f in rec.files:
                 if f.physical_name not in checked:
                     staged = wud.download / f.physical_name
                     problem: Finding | None = None
                     if not staged.is_file():
-                        problem = error(f"{where}.{f.open_name}", f"staged file download/{f.physical_name} is missing")
+                        problem = error(
+                            f"{where}.{f.open_name}", f"staged file download/{f.physical_name} is missing"
+                        )
                     else:
                         md5, size = md5_file(staged)
                         if size != f.nbytes:
-                            problem = error(f"{where}.{f.open_name}",
-                                            f"download/{f.physical_name} has {size} bytes, the record says {f.nbytes}")
+                            problem = error(
+                                f"{where}.{f.open_name}",
+                                f"download/{f.physical_name} has {size} bytes, the record says {f.nbytes}",
+                            )
                         elif md5 != f.md5:
-                            problem = error(f"{where}.{f.open_name}",
-                                            f"download/{f.physical_name} md5 {md5} differs from the record's {f.md5}",
-                                            hint="a staged file was changed; make the workunits again")
+                            problem = error(
+                                f"{where}.{f.open_name}",
+                                f"download/{f.physical_name} md5 {md5} differs from the record's {f.md5}",
+                                hint="a staged file was changed; make the workunits again",
+                            )
                     checked[f.physical_name] = problem
                 if (problem := checked[f.physical_name]) is not None:
                     add("file", problem)
                 if f.open_name == JOB_OPEN_NAME and f.physical_name not in jobs_checked:
                     jobs_checked[f.physical_name] = (
                         _check_wu_job(wud.download / f.physical_name, set(names), out_sizes)
-                        if checked[f.physical_name] is None else []
+                        if checked[f.physical_name] is None
+                        else []
                     )
                 for jf in jobs_checked.get(f.physical_name, []) if f.open_name == JOB_OPEN_NAME else []:
-                    add("job:" + jf.place + jf.message, Finding(f"{where}.{jf.place}", jf.message, jf.severity, jf.hint))
+                    add(
+                        "job:" + jf.place + jf.message,
+                        Finding(f"{where}.{jf.place}", jf.message, jf.severity, jf.hint),
+                    )
     except BoincvmError as exc:
         out.append(error("workunits.jsonl", exc.message, exc.hint))
     if count != wud.count:
         out.append(error("workunits.jsonl", f"has {count} workunits, the summary says {wud.count}"))
     for key, n in repeats.items():
         if n > MAX_REPEATS:
-            out.append(warning("workunits", f"{n - MAX_REPEATS} more findings like {key.split(':')[0]!r} not shown"))
+            out.append(
+                warning("workunits", f"{n - MAX_REPEATS} more findings like {key.split(':')[0]!r} not shown")
+            )
     if not has_errors(out):
         out.append(info(path.name, f"{count} workunits, {len(checked)} distinct files checked"))
     return out
@@ -360,14 +417,24 @@ def _check_wu_job(path: Path, open_names: set[str], out_sizes: dict[str, float |
         if f.open_name not in open_names:
             findings.append(error(f"vm_job.input_file.{f.open_name}", "is not among the workunit's files"))
     if job.package is not None and job.package.file_name not in open_names:
-        findings.append(error("vm_job.package", f"{job.package.file_name!r} is not among the workunit's files"))
+        findings.append(
+            error("vm_job.package", f"{job.package.file_name!r} is not among the workunit's files")
+        )
     job_outs = {o.open_name: o for o in job.output_files}
     if out_sizes and set(job_outs) != set(out_sizes):
-        findings.append(error("vm_job.output_file",
-                              f"outputs {sorted(job_outs)} differ from the output template's {sorted(out_sizes)}"))
+        findings.append(
+            error(
+                "vm_job.output_file",
+                f"outputs {sorted(job_outs)} differ from the output template's {sorted(out_sizes)}",
+            )
+        )
     for name, o in job_outs.items():
         limit = out_sizes.get(name)
         if limit is not None and o.max_nbytes is not None and o.max_nbytes > limit:
-            findings.append(error(f"vm_job.output_file.{name}.max_nbytes",
-                                  f"{o.max_nbytes} is above the output template's {limit:g}"))
+            findings.append(
+                error(
+                    f"vm_job.output_file.{name}.max_nbytes",
+                    f"{o.max_nbytes} is above the output template's {limit:g}",
+                )
+            )
     return findings

@@ -31,7 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from boincvm.errors import InputError
-from boincvm.job import JOB_OPEN_NAME, InputFile, OutputFile, Package, PackageKind, VmJob, render_job, validate_job
+from boincvm.job import (
+    JOB_OPEN_NAME,
+    InputFile,
+    OutputFile,
+    Package,
+    PackageKind,
+    VmJob,
+    render_job,
+    validate_job,
+)
 from boincvm.names import logical_name_problem, sanitize_wu_name
 from boincvm.render import compile_user_template, render, render_user_template
 
@@ -190,7 +199,7 @@ def _suffix(name: str) -> str:
     for double in (".tar.gz", ".tar.xz", ".tar.bz2"):
         if lower.endswith(double):
             return double
-    suffix = os.path.splitext(name)[1]
+    suffix = os.path.splitext(name)[1]  # noqa: PTH122 - hot loop; str paths are faster
     return suffix if _SUFFIX_OK.match(suffix) else ""
 
 
@@ -209,10 +218,12 @@ class _Stager:
 
     def add_file(self, path: str | Path, *, place: str) -> tuple[str, str, int]:
         try:
-            st = os.stat(path)
+            st = os.stat(path)  # noqa: PTH116 - hot loop over thousands of rows
         except FileNotFoundError:
-            raise InputError(f"{place}: input file {path} does not exist",
-                             hint="check the path (in a batch, relative paths start at the batch file)") from None
+            raise InputError(
+                f"{place}: input file {path} does not exist",
+                hint="check the path (in a batch, relative paths start at the batch file)",
+            ) from None
         except OSError as exc:
             raise InputError(f"{place}: cannot read {path}: {exc.strerror}") from None
         if not stat.S_ISREG(st.st_mode):
@@ -223,9 +234,9 @@ class _Stager:
             known = md5_file(Path(path))
             self._by_source[key] = known
         md5, size = known
-        physical = self._physical(md5, os.path.basename(path))
+        physical = self._physical(md5, os.path.basename(path))  # noqa: PTH119
         if physical not in self._staged:
-            shutil.copyfile(path, os.path.join(self.download, physical))
+            shutil.copyfile(path, os.path.join(self.download, physical))  # noqa: PTH118
             self._staged.add(physical)
             self.staged_bytes += size
         return physical, md5, size
@@ -258,20 +269,27 @@ def create_work_line(record: WorkunitRecord, *, where: str) -> str:
     cmd = record.command_line
     if cmd:
         if "\n" in cmd or "\r" in cmd or "\0" in cmd:
-            raise InputError(f"{where}: the command line contains a line break or NUL, which create_work cannot pass")
+            raise InputError(
+                f"{where}: the command line contains a line break or NUL, which create_work cannot pass"
+            )
         if "'" not in cmd:
             quoted = f"'{cmd}'"
         elif '"' not in cmd:
             quoted = f'"{cmd}"'
         else:
-            raise InputError(f"{where}: the command line has both ' and \" quotes, which create_work cannot pass",
-                             hint="use one kind of quote in the command line")
+            raise InputError(
+                f"{where}: the command line has both ' and \" quotes, which create_work cannot pass",
+                hint="use one kind of quote in the command line",
+            )
         parts += ["--command_line", quoted]
     parts += [f.physical_name for f in record.files]
     line = " ".join(parts)
     if len(line.encode()) >= CREATE_WORK_LINE_MAX:
-        raise InputError(f"{where}: the create_work line is {len(line.encode())} bytes; create_work reads at most "
-                         f"{CREATE_WORK_LINE_MAX - 1}", hint="shorten the command line or use fewer input files")
+        raise InputError(
+            f"{where}: the create_work line is {len(line.encode())} bytes; create_work reads at most "
+            f"{CREATE_WORK_LINE_MAX - 1}",
+            hint="shorten the command line or use fewer input files",
+        )
     return line
 
 
@@ -308,11 +326,14 @@ def read_batch(path: Path) -> Iterator[dict[str, Any]]:
             reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
             for row in reader:
                 if None in row:
-                    raise InputError(f"batch file {path.name}, line {reader.line_num}: more fields than the header")
+                    raise InputError(
+                        f"batch file {path.name}, line {reader.line_num}: more fields than the header"
+                    )
                 yield dict(row)
         else:
             raise InputError(
-                f"batch file {path.name}: unknown format", hint="use a .csv (header line first) or .jsonl file"
+                f"batch file {path.name}: unknown format",
+                hint="use a .csv (header line first) or .jsonl file",
             )
 
 
@@ -342,15 +363,22 @@ def _check_request(req: WorkunitRequest) -> None:
     r = req.resources
     for est, bound in (("rsc_fpops_est", "rsc_fpops_bound"),):
         if getattr(r, bound) < getattr(r, est):
-            raise InputError(f"{bound} ({getattr(r, bound):g}) is below {est} ({getattr(r, est):g})",
-                             hint="the bound must be at least the estimate")
+            raise InputError(
+                f"{bound} ({getattr(r, bound):g}) is below {est} ({getattr(r, est):g})",
+                hint="the bound must be at least the estimate",
+            )
     for name in ("rsc_fpops_est", "rsc_fpops_bound", "rsc_memory_bound", "rsc_disk_bound", "delay_bound"):
         if getattr(r, name) <= 0:
             raise InputError(f"{name} must be more than 0")
-    if not (r.target_nresults <= r.max_success_results <= r.max_total_results
-            and r.max_error_results <= r.max_total_results and r.min_quorum <= r.target_nresults):
-        raise InputError("replication: need min_quorum <= target_nresults <= max_success_results <= "
-                         "max_total_results and max_error_results <= max_total_results")
+    if not (
+        r.target_nresults <= r.max_success_results <= r.max_total_results
+        and r.max_error_results <= r.max_total_results
+        and r.min_quorum <= r.target_nresults
+    ):
+        raise InputError(
+            "replication: need min_quorum <= target_nresults <= max_success_results <= "
+            "max_total_results and max_error_results <= max_total_results"
+        )
     if req.job.memory_size_mb is not None and req.job.memory_size_mb * 1024 * 1024 > r.rsc_memory_bound:
         raise InputError(
             f"rsc_memory_bound ({r.rsc_memory_bound:g} bytes) is below the VM's memory "
@@ -368,7 +396,9 @@ def make_workunits(req: WorkunitRequest, progress: Progress | None = None) -> Wo
     _check_request(req)
     out = req.output_dir
     if out.exists() and not req.force:
-        raise InputError(f"{out} already exists", hint="choose another --output-dir or add --force to replace it")
+        raise InputError(
+            f"{out} already exists", hint="choose another --output-dir or add --force to replace it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; staged files are served by the project
@@ -396,7 +426,9 @@ def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> Workun
     base_job = req.job
     package_file: StagedFile | None = None
     if req.package is not None:
-        kind = (base_job.package.kind if base_job.package else None) or PackageKind.from_filename(req.package.name)
+        kind = (base_job.package.kind if base_job.package else None) or PackageKind.from_filename(
+            req.package.name
+        )
         if kind is None:
             raise InputError(
                 f"package {req.package.name}: cannot tell whether it is an RPM or a tarball",
@@ -421,24 +453,29 @@ def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> Workun
 
     names: set[str] = set()
     count = 0
-    with (tmp / RECORDS_NAME).open("w", encoding="utf-8") as records, (tmp / JOBS_NAME).open(
-        "w", encoding="utf-8"
-    ) as jobs:
+    with (
+        (tmp / RECORDS_NAME).open("w", encoding="utf-8") as records,
+        (tmp / JOBS_NAME).open("w", encoding="utf-8") as jobs,
+    ):
         for index, row in enumerate(rows):
             where = f"batch row {index + 1}" if req.batch else "workunit"
             ctx = {"app": app, "index": index, **row}
             name = sanitize_wu_name(render_user_template(name_t, ctx, place=f"{where}: name"))
             if name in names:
-                raise InputError(f"{where}: workunit name {name!r} is used twice",
-                                 hint="make --name unique per row, e.g. include {{ index }}")
+                raise InputError(
+                    f"{where}: workunit name {name!r} is used twice",
+                    hint="make --name unique per row, e.g. include {{ index }}",
+                )
             names.add(name)
             command_line = render_user_template(cmd_t, ctx, place=f"{where}: command line")
             files = list(fixed)
             for spec, path_t in zip(req.inputs, path_ts, strict=True):
                 host = render_user_template(path_t, ctx, place=f"{where}: input {spec.open_name}")
-                if batch_dir is not None and not os.path.isabs(host):
-                    host = os.path.join(batch_dir, host)
-                files.append(StagedFile(spec.open_name, *stager.add_file(host, place=f"{where}: {spec.open_name}")))
+                if batch_dir is not None and not os.path.isabs(host):  # noqa: PTH117
+                    host = os.path.join(batch_dir, host)  # noqa: PTH118
+                files.append(
+                    StagedFile(spec.open_name, *stager.add_file(host, place=f"{where}: {spec.open_name}"))
+                )
             record = WorkunitRecord(name, tuple(files), command_line)
             records.write(record.to_json() + "\n")
             jobs.write(create_work_line(record, where=where) + "\n")
@@ -458,7 +495,9 @@ def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> Workun
         render("output_template.xml.j2", outputs=base_job.output_files), encoding="utf-8"
     )
     script = tmp / "create_work.sh"
-    script.write_text(render("create_work.sh.j2", app=app, in_name=in_name, out_name=out_name), encoding="utf-8")
+    script.write_text(
+        render("create_work.sh.j2", app=app, in_name=in_name, out_name=out_name), encoding="utf-8"
+    )
     script.chmod(0o755)
     summary = {
         "format": FORMAT_VERSION,
@@ -471,8 +510,9 @@ def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> Workun
         "open_names": open_names,
     }
     (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return WorkunitSet(tmp, app, count, stager.unique, stager.staged_bytes, summary["input_template"],
-                       summary["output_template"])  # type: ignore[arg-type]
+    return WorkunitSet(
+        tmp, app, count, stager.unique, stager.staged_bytes, f"templates/{in_name}", f"templates/{out_name}"
+    )
 
 
 # -- reading a workunit directory back -------------------------------------------------------
@@ -527,8 +567,10 @@ def open_workunit_dir(path: Path) -> WorkunitDir:
     """
     summary_path = path / SUMMARY_NAME
     if not summary_path.is_file():
-        raise InputError(f"{path} is not a workunit directory (no {SUMMARY_NAME})",
-                         hint="make one with 'boincvm make-workunit'")
+        raise InputError(
+            f"{path} is not a workunit directory (no {SUMMARY_NAME})",
+            hint="make one with 'boincvm make-workunit'",
+        )
     try:
         d = json.loads(summary_path.read_text(encoding="utf-8"))
         return WorkunitDir(

@@ -31,13 +31,16 @@ def parse_xml(data: bytes | str, *, what: str) -> ET.Element:
     """
     raw = data.encode("utf-8") if isinstance(data, str) else data
     if len(raw) > MAX_XML_BYTES:
-        raise XmlError(f"{what} is {len(raw)} bytes, more than the {MAX_XML_BYTES} bytes an XML file may have")
+        raise XmlError(
+            f"{what} is {len(raw)} bytes, more than the {MAX_XML_BYTES} bytes an XML file may have"
+        )
     try:
-        return DET.fromstring(raw, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+        root: ET.Element = DET.fromstring(raw, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+        return root
     except defusedxml.DTDForbidden:
         raise XmlError(
             f"{what} declares a DTD, which boincvm refuses",
-            hint="remove the <!DOCTYPE ...> line; BOINC files never need one (it enables XXE and entity bombs)",
+            hint="remove the <!DOCTYPE ...> line; BOINC files never need one (it opens XXE, entity bombs)",
         ) from None
     except (defusedxml.EntitiesForbidden, defusedxml.ExternalReferenceForbidden):
         raise XmlError(

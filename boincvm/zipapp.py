@@ -27,8 +27,8 @@ import sys
 if sys.version_info < (3, 11):
     sys.stderr.write("boincvm wrapper: Python 3.11 or newer is needed\\n")
     sys.exit(1)
-from {ENTRY.split(':')[0]} import {ENTRY.split(':')[1]}
-sys.exit({ENTRY.split(':')[1]}())
+from {ENTRY.split(":")[0]} import {ENTRY.split(":")[1]}
+sys.exit({ENTRY.split(":")[1]}())
 """
 
 
@@ -61,7 +61,9 @@ def build_wrapper_zipapp(target: Path) -> Path:
         with os.fdopen(fd, "wb") as raw:
             raw.write(b"#!/usr/bin/env python3\n")
             with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                for arcname, data in [("__main__.py", _MAIN.encode())] + [(a, p.read_bytes()) for a, p in entries]:
+                for arcname, data in [("__main__.py", _MAIN.encode())] + [
+                    (a, p.read_bytes()) for a, p in entries
+                ]:
                     info = zipfile.ZipInfo(arcname, _EPOCH)
                     info.external_attr = 0o644 << 16
                     info.compress_type = zipfile.ZIP_DEFLATED

@@ -22,22 +22,31 @@ class LazyGroup(click.Group):
     """A group whose subcommands are imported only when used, so ``--help`` is instant."""
 
     COMMANDS: dict[str, tuple[str, str]] = {
-        "make-workunit": ("boincvm.cli.make_workunit", "Make BOINC workunits from a program package and inputs."),
+        "make-workunit": (
+            "boincvm.cli.make_workunit",
+            "Make BOINC workunits from a program package and inputs.",
+        ),
         "validate": ("boincvm.cli.validate", "Check a vm job, workunit, app version, package or image."),
         "package-image": ("boincvm.cli.package_image", "Turn a base VM image into a BOINC app version."),
-        "build-image": ("boincvm.cli.build_image", "Build the bundled example guest image from Debian packages."),
-        "package-rpm": ("boincvm.cli.package_rpm", "Build a guest RPM (or tarball) from a program directory."),
+        "build-image": (
+            "boincvm.cli.build_image",
+            "Build the bundled example guest image from Debian packages.",
+        ),
+        "package-rpm": (
+            "boincvm.cli.package_rpm",
+            "Build a guest RPM (or tarball) from a program directory.",
+        ),
         "run-local": ("boincvm.cli.run_local", "Run a workunit end to end here, emulating the BOINC client."),
         "wrapper": ("boincvm.cli.wrapper", "The wrapper the BOINC client runs in a slot (not for humans)."),
         "keys": ("boincvm.cli.keys", "Create and use a project code-signing key pair."),
     }
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx: click.Context) -> list[str]:  # noqa: ARG002 - click API
         import importlib.util
 
         return [n for n, (mod, _) in self.COMMANDS.items() if importlib.util.find_spec(mod) is not None]
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:  # noqa: ARG002
         import importlib
 
         entry = self.COMMANDS.get(cmd_name)
@@ -98,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         console.err.print_exception(show_locals=False, max_frames=4)
-        console.error("internal error; this is a bug in boincvm", "run again with --debug and report the output")
+        console.error(
+            "internal error; this is a bug in boincvm", "run again with --debug and report the output"
+        )
         sys.exit(1)
     sys.exit(0)

@@ -75,7 +75,7 @@ def out(text: str) -> None:
 
 
 @contextmanager
-def progress_bar(description: str, total: int | None) -> Iterator[Progress]:
+def progress_bar(description: str) -> Iterator[Progress]:
     """A progress bar on a terminal; off a terminal a start and an end line only."""
     bar = Progress(
         TextColumn("{task.description}"),

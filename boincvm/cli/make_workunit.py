@@ -32,16 +32,35 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
 
 @click.command("make-workunit", context_settings={"show_default": True})
 @click.option("--app", "app_name", required=True, help="BOINC application name.")
-@click.option("--package", type=click.Path(path_type=Path, dir_okay=False), help="Guest package (.rpm or .tar.gz).")
+@click.option(
+    "--package", type=click.Path(path_type=Path, dir_okay=False), help="Guest package (.rpm or .tar.gz)."
+)
 @click.option("--application", help="Program the guest runs (absolute guest path or command).")
-@click.option("--command-line", help="Workunit arguments, appended to the job's command line in the guest; "
-              "a jinja2 template with --batch.")
-@click.option("--input", "inputs", multiple=True, metavar="OPEN=PATH[::GUEST]",
-              help="An input file: logical name, host path (template with --batch), optional guest name.")
-@click.option("--output", "outputs", multiple=True, metavar="OPEN[=GUEST]:MAX_NBYTES",
-              help="A result file: logical name, optional guest name, size limit in bytes.")
-@click.option("--job", "job_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="A vm job file to start from; the options above override it.")
+@click.option(
+    "--command-line",
+    help="Workunit arguments, appended to the job's command line in the guest; "
+    "a jinja2 template with --batch.",
+)
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="OPEN=PATH[::GUEST]",
+    help="An input file: logical name, host path (template with --batch), optional guest name.",
+)
+@click.option(
+    "--output",
+    "outputs",
+    multiple=True,
+    metavar="OPEN[=GUEST]:MAX_NBYTES",
+    help="A result file: logical name, optional guest name, size limit in bytes.",
+)
+@click.option(
+    "--job",
+    "job_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A vm job file to start from; the options above override it.",
+)
 @click.option("--exec-dir", help="Working directory of the program in the guest.")
 @click.option("--setenv", multiple=True, metavar="NAME=VALUE", help="Environment of the guest program.")
 @click.option("--memory-mb", type=int, help="Guest memory (MiB).")
@@ -58,22 +77,55 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
 @click.option("--delay-bound", type=float, default=7 * 86400, help="delay_bound (seconds).")
 @click.option("--target-nresults", type=int, default=1, help="Replicas per workunit.")
 @click.option("--min-quorum", type=int, default=1, help="Replicas that must agree.")
-@click.option("--name", "name_template", default="{{ app }}_{{ index }}",
-              help="Workunit name; a jinja2 template with --batch (row columns, index, app).")
-@click.option("--batch", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              help="CSV or JSON Lines file: one row of parameters per workunit.")
-@click.option("-o", "--output-dir", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Directory to create.")
+@click.option(
+    "--name",
+    "name_template",
+    default="{{ app }}_{{ index }}",
+    help="Workunit name; a jinja2 template with --batch (row columns, index, app).",
+)
+@click.option(
+    "--batch",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="CSV or JSON Lines file: one row of parameters per workunit.",
+)
+@click.option(
+    "-o",
+    "--output-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Directory to create.",
+)
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def command(
-    app_name: str, package: Path | None, application: str | None, command_line: str | None,
-    inputs: tuple[str, ...], outputs: tuple[str, ...], job_file: Path | None, exec_dir: str | None,
-    setenv: tuple[str, ...], memory_mb: int | None, ncpus: int | None, network: bool | None,
-    checkpoint_interval: float | None, fraction_done_file: str | None, credit_file: str | None,
-    cpu_time: str | None, fpops_est: float, fpops_bound: float, memory_bound: float | None,
-    disk_bound: float, delay_bound: float, target_nresults: int, min_quorum: int, name_template: str,
-    batch: Path | None, output_dir: Path, force: bool, as_json: bool,
+    app_name: str,
+    package: Path | None,
+    application: str | None,
+    command_line: str | None,
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+    job_file: Path | None,
+    exec_dir: str | None,
+    setenv: tuple[str, ...],
+    memory_mb: int | None,
+    ncpus: int | None,
+    network: bool | None,
+    checkpoint_interval: float | None,
+    fraction_done_file: str | None,
+    credit_file: str | None,
+    cpu_time: str | None,
+    fpops_est: float,
+    fpops_bound: float,
+    memory_bound: float | None,
+    disk_bound: float,
+    delay_bound: float,
+    target_nresults: int,
+    min_quorum: int,
+    name_template: str,
+    batch: Path | None,
+    output_dir: Path,
+    force: bool,
+    as_json: bool,
 ) -> None:
     """Make BOINC workunits: a vm job, input/output templates, staged files and create_work commands.
 
@@ -96,29 +148,44 @@ def command(
     )
     outs = tuple(OutputFile(o, n, g) for o, g, n in map(_parse_output, outputs)) or job.output_files
     job = replace(
-        job, task=task, output_files=outs,
+        job,
+        task=task,
+        output_files=outs,
         memory_size_mb=memory_mb if memory_mb is not None else job.memory_size_mb,
         ncpus=ncpus if ncpus is not None else job.ncpus,
         enable_network=network if network is not None else job.enable_network,
-        minimum_checkpoint_interval=checkpoint_interval if checkpoint_interval is not None
+        minimum_checkpoint_interval=checkpoint_interval
+        if checkpoint_interval is not None
         else job.minimum_checkpoint_interval,
         cpu_time_source=CpuTimeSource(cpu_time) if cpu_time else job.cpu_time_source,
     )
     specs = tuple(InputSpec(o, p, g) for o, p, g in map(_parse_input, inputs))
     vm_bytes = (job.memory_size_mb or 512) * 1024 * 1024
     resources = Resources(
-        rsc_fpops_est=fpops_est, rsc_fpops_bound=fpops_bound,
+        rsc_fpops_est=fpops_est,
+        rsc_fpops_bound=fpops_bound,
         rsc_memory_bound=memory_bound if memory_bound is not None else vm_bytes * 1.25,
-        rsc_disk_bound=disk_bound, delay_bound=delay_bound, target_nresults=target_nresults,
-        min_quorum=min_quorum, max_success_results=max(1, target_nresults),
-        max_total_results=max(5, 2 * target_nresults), max_error_results=max(3, target_nresults),
+        rsc_disk_bound=disk_bound,
+        delay_bound=delay_bound,
+        target_nresults=target_nresults,
+        min_quorum=min_quorum,
+        max_success_results=max(1, target_nresults),
+        max_total_results=max(5, 2 * target_nresults),
+        max_error_results=max(3, target_nresults),
     )
     request = WorkunitRequest(
-        app_name=app_name, job=job, output_dir=output_dir, package=package, inputs=specs,
+        app_name=app_name,
+        job=job,
+        output_dir=output_dir,
+        package=package,
+        inputs=specs,
         command_line=command_line or "",
-        name=name_template, resources=resources, batch=batch, force=force,
+        name=name_template,
+        resources=resources,
+        batch=batch,
+        force=force,
     )
-    with console.progress_bar("making workunits", None) as bar:
+    with console.progress_bar("making workunits") as bar:
         task_id = bar.add_task("making workunits", total=None)
 
         def progress(done: int, total: int | None) -> None:

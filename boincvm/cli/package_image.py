@@ -19,15 +19,34 @@ from boincvm.cli import console
 @click.option("--memory-mb", type=int, help="Guest memory (default: what the image suggests, else 512).")
 @click.option("--exec-dir", help="Working directory of jobs in the guest.")
 @click.option("--compress/--no-compress", default=True, help="Compress qcow2 clusters.")
-@click.option("--gzip/--no-gzip", "gzip_downloads", default=True,
-              help="Mark files that compress well for BOINC's <gzip/> download compression.")
-@click.option("-o", "--output-dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Directory to create [default: APP_VERSION_PLATFORM].")
+@click.option(
+    "--gzip/--no-gzip",
+    "gzip_downloads",
+    default=True,
+    help="Mark files that compress well for BOINC's <gzip/> download compression.",
+)
+@click.option(
+    "-o",
+    "--output-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Directory to create [default: APP_VERSION_PLATFORM].",
+)
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def command(image: Path, app_name: str, version: str, platform: str, plan_class: str | None,
-            memory_mb: int | None, exec_dir: str | None, compress: bool, gzip_downloads: bool,
-            output_dir: Path | None, force: bool, as_json: bool) -> None:
+def command(
+    image: Path,
+    app_name: str,
+    version: str,
+    platform: str,
+    plan_class: str | None,
+    memory_mb: int | None,
+    exec_dir: str | None,
+    compress: bool,
+    gzip_downloads: bool,
+    output_dir: Path | None,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Turn IMAGE (qcow2, raw, vmdk, or a build-image directory) into an app version directory.
 
     Copy the result to apps/APP/VERSION/PLATFORM in the project and run update_versions.
@@ -36,12 +55,24 @@ def command(image: Path, app_name: str, version: str, platform: str, plan_class:
 
     dirname = f"{platform}__{plan_class}" if plan_class else platform
     out = output_dir or Path(f"{app_name}_{version}_{dirname}")
-    req = AppVersionRequest(image=image, app_name=app_name, version=version, output_dir=out,
-                            platform=platform, plan_class=plan_class, memory_mb=memory_mb, exec_dir=exec_dir,
-                            compress=compress, gzip_downloads=gzip_downloads, force=force)
-    result = package_image(req, lambda step, done, total: console.info(step))
+    req = AppVersionRequest(
+        image=image,
+        app_name=app_name,
+        version=version,
+        output_dir=out,
+        platform=platform,
+        plan_class=plan_class,
+        memory_mb=memory_mb,
+        exec_dir=exec_dir,
+        compress=compress,
+        gzip_downloads=gzip_downloads,
+        force=force,
+    )
+    result = package_image(req, lambda step, *_: console.info(step))
     console.success(f"app version {app_name} {version} ({result.version_num}) in {result.directory}")
-    console.info(f"next: copy it to apps/{app_name}/{version}/{dirname}/ in the project and run bin/update_versions")
+    console.info(
+        f"next: copy it to apps/{app_name}/{version}/{dirname}/ in the project and run bin/update_versions"
+    )
     if as_json:
         console.out(json.dumps(result.as_dict(), indent=2))
     else:

@@ -29,8 +29,11 @@ def command(paths: tuple[Path, ...], boot: bool, as_json: bool, strict: bool) ->
     reports = [validate_path(p, boot=boot) for p in paths]
     bad = 0
     for report in reports:
-        failing = [f for f in report.findings if f.severity is Severity.ERROR or
-                   (strict and f.severity is Severity.WARNING)]
+        failing = [
+            f
+            for f in report.findings
+            if f.severity is Severity.ERROR or (strict and f.severity is Severity.WARNING)
+        ]
         bad += bool(failing)
         if not as_json:
             verdict = "valid" if not failing else "INVALID"

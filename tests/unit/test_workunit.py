@@ -25,7 +25,12 @@ RES = Resources(rsc_fpops_est=1e12, rsc_fpops_bound=1e14, delay_bound=86400)
 
 
 def _req(tmp_path: Path, **kw: object) -> WorkunitRequest:
-    base: dict[str, object] = {"app_name": "hello", "job": JOB, "output_dir": tmp_path / "wu", "resources": RES}
+    base: dict[str, object] = {
+        "app_name": "hello",
+        "job": JOB,
+        "output_dir": tmp_path / "wu",
+        "resources": RES,
+    }
     base.update(kw)
     return WorkunitRequest(**base)  # type: ignore[arg-type]
 
@@ -48,7 +53,8 @@ def test_single_workunit_templates_match_boinc_golden_files(tmp_path: Path) -> N
     assert job.task is not None and job.task.application == "/opt/hello/bin/hello"
     assert rec.command_line == "--n 1"
     line = (wu / "jobs.txt").read_text().strip()
-    assert line == f"--wu_name hello_0 --command_line '--n 1' {rec.files[0].physical_name} {rec.files[1].physical_name}"
+    files = f"{rec.files[0].physical_name} {rec.files[1].physical_name}"
+    assert line == f"--wu_name hello_0 --command_line '--n 1' {files}"
     assert validate_path(wu).ok
 
 
@@ -62,9 +68,16 @@ def test_batch_shares_identical_files_and_renders_templates(tmp_path: Path) -> N
         lines.append(json.dumps({"seed": i, "param": f"p{i}.txt"}))
     rows.write_text("\n".join(lines) + "\n")
     job = VmJob(task=Task(application="/opt/sim"), output_files=(OutputFile("out", 1000),))
-    result = make_workunits(_req(tmp_path, job=job, batch=rows, name="sim_{{ seed }}",
-                                 command_line="--seed {{ seed }} --x '{{ param }}'",
-                                 inputs=(InputSpec("shared", str(shared)), InputSpec("param", "{{ param }}"))))
+    result = make_workunits(
+        _req(
+            tmp_path,
+            job=job,
+            batch=rows,
+            name="sim_{{ seed }}",
+            command_line="--seed {{ seed }} --x '{{ param }}'",
+            inputs=(InputSpec("shared", str(shared)), InputSpec("param", "{{ param }}")),
+        )
+    )
     assert result.count == 50
     # one shared job file + 50 params + 1 shared input
     assert result.unique_files == 52
@@ -114,8 +127,14 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
         ({"app_name": "bad name"}, "app name"),
         ({"resources": Resources(rsc_fpops_est=10, rsc_fpops_bound=1)}, "below"),
         ({"job": VmJob(task=Task(application="/x"), output_files=(OutputFile("out"),))}, "max_nbytes"),
-        ({"job": VmJob(task=Task(application="/x"), memory_size_mb=4096, output_files=(OutputFile("o", 1),))},
-         "rsc_memory_bound"),
+        (
+            {
+                "job": VmJob(
+                    task=Task(application="/x"), memory_size_mb=4096, output_files=(OutputFile("o", 1),)
+                )
+            },
+            "rsc_memory_bound",
+        ),
         ({"job": VmJob(task=Task()), "inputs": ()}, "application"),
     ],
 )

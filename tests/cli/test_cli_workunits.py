@@ -1,0 +1,185 @@
+"""The make-workunit, validate and package-image commands through click, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from boincvm.cli import cli, main
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "120")
+
+
+RunFn = Callable[[list[str]], tuple[int, str, str]]
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]) -> RunFn:
+    """Run boincvm.cli.main as the console script does, returning (exit code, stdout, stderr)."""
+
+    def _run(args: list[str]) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exited:
+            main(list(args))
+        captured = capsys.readouterr()
+        code = exited.value.code
+        return (code if isinstance(code, int) else 1), captured.out, captured.err
+
+    return _run
+
+
+def test_help_lists_commands() -> None:
+    r = CliRunner().invoke(cli, ["--help"], catch_exceptions=False)
+    assert r.exit_code == 0
+    for name in ("make-workunit", "validate", "package-image"):
+        assert name in r.output
+
+
+def test_make_workunit_then_validate(tmp_path: Path, run: RunFn) -> None:
+    data = tmp_path / "in.txt"
+    data.write_text("world")
+    code, out, err = run(
+        [
+            "make-workunit",
+            "--app",
+            "hello",
+            "--application",
+            "/opt/hello/bin/hello",
+            "--input",
+            f"in={data}",
+            "--output",
+            "out:1000",
+            "-o",
+            str(tmp_path / "wu"),
+            "--json",
+        ]
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["count"] == 1
+    assert "made 1 workunit" in err
+    code, out, err = run(["validate", "--json", str(tmp_path / "wu")])
+    assert code == 0, err
+    assert json.loads(out)[0]["valid"] is True
+
+
+def test_missing_input_is_one_sentence_and_exit_3(tmp_path: Path, run: RunFn) -> None:
+    code, out, err = run(
+        [
+            "make-workunit",
+            "--app",
+            "hello",
+            "--application",
+            "/x",
+            "--input",
+            f"in={tmp_path / 'nope'}",
+            "--output",
+            "out:10",
+            "-o",
+            str(tmp_path / "wu"),
+        ]
+    )
+    assert code == 3
+    assert "error: workunit: in: input file" in err
+    assert "hint:" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "wu").exists()
+
+
+def test_bad_output_spec_is_a_usage_error(tmp_path: Path, run: RunFn) -> None:
+    code, _, err = run(
+        ["make-workunit", "--app", "a", "--application", "/x", "--output", "out", "-o", str(tmp_path / "w")]
+    )
+    assert code == 2
+    assert "MAX_NBYTES" in err
+
+
+def test_validate_invalid_job_exits_4_with_places(tmp_path: Path, run: RunFn) -> None:
+    job = tmp_path / "job.xml"
+    job.write_text(
+        "<vm_job><task><application></application></task><output_file><open_name>o</open_name>"
+        "</output_file></vm_job>"
+    )
+    code, out, err = run(["validate", "--json", str(job)])
+    assert code == 4
+    report = json.loads(out)[0]
+    places = [f["place"] for f in report["findings"]]
+    assert "vm_job.task.application" in places
+    assert "vm_job.output_file[0].max_nbytes" in places
+
+
+def test_validate_refuses_entity_bomb(tmp_path: Path, run: RunFn) -> None:
+    job = tmp_path / "job.xml"
+    job.write_text(
+        '<!DOCTYPE v [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]><vm_job><backend>&b;</backend></vm_job>'
+    )
+    code, _, err = run(["validate", str(job)])
+    assert code == 4
+    assert "DTD" in err
+
+
+def test_validate_missing_path_exits_3(tmp_path: Path, run: RunFn) -> None:
+    code, _, err = run(["validate", str(tmp_path / "nothing")])
+    assert code == 3
+    assert "does not exist" in err
+
+
+def test_batch_from_csv(tmp_path: Path, run: RunFn) -> None:
+    rows = tmp_path / "rows.csv"
+    rows.write_text("seed\n1\n2\n3\n")
+    code, out, err = run(
+        [
+            "make-workunit",
+            "--app",
+            "sim",
+            "--application",
+            "/opt/sim",
+            "--command-line",
+            "--seed {{ seed }}",
+            "--name",
+            "sim_{{ seed }}",
+            "--batch",
+            str(rows),
+            "--output",
+            "out:10",
+            "-o",
+            str(tmp_path / "wu"),
+        ]
+    )
+    assert code == 0, err
+    assert out.strip() == str(tmp_path / "wu")
+    lines = (tmp_path / "wu/jobs.txt").read_text().splitlines()
+    assert [ln.split()[1] for ln in lines] == ["sim_1", "sim_2", "sim_3"]
+
+
+def test_package_image_of_a_sparse_raw_disk(tmp_path: Path, run: RunFn) -> None:
+    import subprocess
+
+    img = tmp_path / "base.img"
+    subprocess.run(["qemu-img", "create", "-f", "raw", str(img), "1G"], check=True, capture_output=True)
+    code, out, err = run(["package-image", str(img), "--app", "hello", "-o", str(tmp_path / "av"), "--json"])
+    assert code == 0, err
+    summary = json.loads(out)
+    disk = next(f for f in summary["files"] if f["logical_name"] == "vm_disk.qcow2")
+    assert disk["nbytes"] < 10 * 1024 * 1024  # the 1 GiB of holes was not inflated
+    code, out, err = run(["validate", "--json", str(tmp_path / "av")])
+    assert code == 0, err
+    vx = (tmp_path / "av/version.xml").read_text()
+    assert "<api_version>7.20.0</api_version>" in vx
+    assert "<is_wrapper/>" in vx
+
+
+def test_package_image_refuses_a_non_image(tmp_path: Path, run: RunFn) -> None:
+    bogus = tmp_path / "x.qcow2"
+    bogus.write_bytes(b"QFI\xfb" + b"\0" * 100)
+    code, _, err = run(["package-image", str(bogus), "--app", "hello", "-o", str(tmp_path / "av")])
+    assert code in (3, 5)
+    assert "Traceback" not in err
+    assert not (tmp_path / "av").exists()
