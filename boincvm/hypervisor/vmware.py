@@ -70,8 +70,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from boincvm import proc
 from boincvm.errors import (
     GuestError,
     GuestToolsMissing,
@@ -80,7 +80,6 @@ from boincvm.errors import (
     InputError,
     OutputError,
     UnsupportedOperation,
-    VmTimeout,
 )
 from boincvm.hypervisor import vmrun as vr
 from boincvm.hypervisor.base import (
@@ -92,6 +91,14 @@ from boincvm.hypervisor.base import (
     SnapshotInfo,
     VmSpec,
 )
+from boincvm.hypervisor.vmware_config import (
+    VmwareOptions,
+    check_var,
+    job_settings,
+    read_secret,
+    wrapper_script,
+)
+from boincvm.hypervisor.vmware_host import LockFile, Pyvix, bounded, norm, vmx_process_cpu_seconds
 from boincvm.hypervisor.vmware_vmx import VmxFile
 
 log = logging.getLogger(__name__)
@@ -100,147 +107,6 @@ OUTPUT_TAIL = 64 * 1024
 SNAPSHOT_TIMEOUT = 900.0
 #: Seconds between process-list checks of a guest program whose exit code has not appeared.
 LIVENESS_INTERVAL = 5.0
-_KNOWN_OPTIONS = frozenset(
-    {
-        "vmrun",
-        "host_type",
-        "guest_user",
-        "guest_password_file",
-        "guest_password_env",
-        "vm_password_file",
-        "base_snapshot",
-        "guest_tmp",
-        "pyvix",
-        "call_timeout",
-        "gui",
-    }
-)
-
-
-@dataclass(frozen=True)
-class VmwareOptions:
-    """The VMware-specific part of a :class:`VmSpec`, parsed once.
-
-    Raises (from :meth:`from_options`):
-        InputError: an option is unknown or malformed; a password was given inline.
-    """
-
-    vmrun: str | None = None
-    host_type: vr.HostType | None = None
-    guest_user: str | None = None
-    guest_password_file: Path | None = None
-    guest_password_env: str | None = None
-    vm_password_file: Path | None = None
-    base_snapshot: str = "boincvm-base"
-    guest_tmp: str = "/tmp/boincvm"
-    pyvix: bool = True
-    call_timeout: float = vr.DEFAULT_CALL_TIMEOUT
-    gui: bool = False
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, str]) -> VmwareOptions:
-        """Parse ``spec.options``.
-
-        Raises:
-            InputError: naming the option (``options.host_type: ...``).
-        """
-        for key in options:
-            if key in ("guest_password", "vm_password"):
-                raise InputError(
-                    f"options.{key}: passwords are not accepted inline",
-                    hint=f"use {key}_file (a file holding it) or guest_password_env",
-                )
-            if key not in _KNOWN_OPTIONS:
-                raise InputError(
-                    f"options.{key}: unknown VMware option",
-                    hint="known: " + ", ".join(sorted(_KNOWN_OPTIONS)),
-                )
-        host_type = options.get("host_type")
-        if host_type is not None and host_type not in vr.HOST_TYPES:
-            raise InputError(
-                f"options.host_type: must be one of {', '.join(vr.HOST_TYPES)}, not {host_type!r}"
-            )
-        guest_tmp = options.get("guest_tmp", "/tmp/boincvm")
-        if not guest_tmp.startswith("/"):
-            raise InputError("options.guest_tmp: must be an absolute guest path")
-        try:
-            call_timeout = float(options.get("call_timeout", vr.DEFAULT_CALL_TIMEOUT))
-        except ValueError:
-            raise InputError("options.call_timeout: must be a number of seconds") from None
-        pyvix = options.get("pyvix", "auto")
-        if pyvix not in ("auto", "off"):
-            raise InputError("options.pyvix: must be auto or off")
-        gui = options.get("gui", "false").lower()
-        if gui not in ("true", "false"):
-            raise InputError("options.gui: must be true or false")
-        pw_file, vm_pw = options.get("guest_password_file"), options.get("vm_password_file")
-        return cls(
-            vmrun=options.get("vmrun"),
-            host_type=vr.HostType(host_type) if host_type else None,
-            guest_user=options.get("guest_user"),
-            guest_password_file=Path(pw_file) if pw_file else None,
-            guest_password_env=options.get("guest_password_env"),
-            vm_password_file=Path(vm_pw) if vm_pw else None,
-            base_snapshot=options.get("base_snapshot", "boincvm-base"),
-            guest_tmp=guest_tmp.rstrip("/") or "/",
-            pyvix=pyvix == "auto",
-            call_timeout=call_timeout,
-            gui=gui == "true",
-        )
-
-
-def _read_secret(path: Path, what: str) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"options.{what}: cannot read {path.name}: {exc.strerror or exc}") from exc
-    secret = text.splitlines()[0] if text else ""
-    if not secret:
-        raise InputError(
-            f"options.{what}: {path.name} is empty", hint="VMware refuses guest logins with an empty password"
-        )
-    return secret
-
-
-def job_settings(vmx: VmxFile, spec: VmSpec) -> dict[str, str | None]:
-    """The .vmx settings a job controls, for a VM built from ``spec``.
-
-    Memory is rounded up to a multiple of 4 MB (VMware refuses others). Without
-    ``enable_network`` every NIC is removed and disconnected; with it, ``ethernet0`` is present,
-    connected at power-on and NATed unless the image chose a connection type.
-    """
-    mem = (max(spec.memory_mb, 4) + 3) // 4 * 4
-    updates: dict[str, str | None] = {
-        "displayName": spec.name,
-        "memsize": str(mem),
-        "numvcpus": str(spec.ncpus),
-        "msg.autoAnswer": "TRUE",
-        "uuid.action": "create",
-        "tools.upgrade.policy": "manual",
-        "tools.syncTime": "TRUE",
-        "sound.present": "FALSE",
-        "usb.present": "FALSE",
-        "floppy0.present": "FALSE",
-        "isolation.tools.copy.disable": "TRUE",
-        "isolation.tools.paste.disable": "TRUE",
-        "isolation.tools.dnd.disable": "TRUE",
-        "mainMem.useNamedFile": "FALSE",
-    }
-    cores = vmx.get("cpuid.coresPerSocket")
-    if cores is not None and (not cores.isdigit() or int(cores) == 0 or spec.ncpus % int(cores)):
-        updates["cpuid.coresPerSocket"] = None
-    nics = {m.group(1) for k, _ in vmx.items() if (m := re.match(r"(ethernet\d+)\.", k, re.IGNORECASE))}
-    nics.add("ethernet0")
-    for nic in sorted(nics):
-        if spec.enable_network and nic.lower() == "ethernet0":
-            updates[f"{nic}.present"] = "TRUE"
-            updates[f"{nic}.startConnected"] = "TRUE"
-            if vmx.get(f"{nic}.connectionType") is None:
-                updates[f"{nic}.connectionType"] = "nat"
-        else:
-            updates[f"{nic}.present"] = "FALSE"
-            updates[f"{nic}.startConnected"] = "FALSE"
-    return updates
 
 
 @dataclass
@@ -248,49 +114,6 @@ class _Job:
     directory: str
     guest_pid: int | None = None
     checked: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class _Pyvix:
-    """The optional pyvix accelerator: power-on and wait-for-tools inside VIX."""
-
-    vm: Any
-    module: Any
-
-    @classmethod
-    def open(cls, vmx: Path) -> _Pyvix | None:
-        try:
-            import pyvix
-        except ImportError:
-            return None
-        try:
-            host = pyvix.connect()
-            vm = host.open(str(vmx))
-        except Exception as exc:  # noqa: BLE001 - any VIX failure means: use vmrun instead
-            log.debug("pyvix unusable, using vmrun: %s", exc)
-            return None
-        return None if vm is None else cls(vm, pyvix)
-
-
-def _bounded(fn: Any, timeout: float, what: str) -> None:
-    """Run a blocking pyvix call in a thread and give up waiting after ``timeout``."""
-    import threading
-
-    box: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            box.append(exc)
-
-    t = threading.Thread(target=target, name=f"pyvix-{what}", daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise VmTimeout(f"vmware: pyvix {what} did not return within {timeout:g} s")
-    if box:
-        raise box[0]
 
 
 class VmwareBackend(Backend, kind=BackendKind.VMWARE):
@@ -312,7 +135,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         self._vmrun: vr.Vmrun | None = None
         self._login: vr.GuestLogin | None = None
         self._jobs: dict[int, _Job] = {}
-        self._accel: _Pyvix | None = None
+        self._accel: Pyvix | None = None
         self._accel_tried = False
         self._tools_seen = False
         self._cpu_seconds = 0.0
@@ -339,9 +162,9 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         if self._vmrun is None:
             path = vr.find_vmrun(self.opts.vmrun)
             if path is None:
-                raise HypervisorUnavailable("vmware: vmrun not found", hint=vr.proc.INSTALL_HINTS["vmrun"])
+                raise HypervisorUnavailable("vmware: vmrun not found", hint=proc.INSTALL_HINTS["vmrun"])
             vp = (
-                _read_secret(self.opts.vm_password_file, "vm_password_file")
+                read_secret(self.opts.vm_password_file, "vm_password_file")
                 if self.opts.vm_password_file
                 else None
             )
@@ -359,7 +182,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         login: vr.GuestLogin | None = None,
         timeout: float | None = None,
         check: bool = True,
-    ) -> vr.proc.Completed:
+    ) -> proc.Completed:
         try:
             return self.vmrun.call(command, vmx, params, login=login, timeout=timeout, check=check)
         except HypervisorUnavailable:
@@ -384,11 +207,11 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
             o = self.opts
             if not o.guest_user or not (o.guest_password_file or o.guest_password_env):
                 raise UnsupportedOperation(
-                    "vmware: guest operations need guest credentials; vmrun has no anonymous guest operations",
+                    "vmware: guest operations need credentials (vmrun has no anonymous guest operations)",
                     hint="set guest_user and guest_password_file (or guest_password_env)",
                 )
             if o.guest_password_file is not None:
-                password = _read_secret(o.guest_password_file, "guest_password_file")
+                password = read_secret(o.guest_password_file, "guest_password_file")
             else:
                 password = os.environ.get(o.guest_password_env or "", "")
                 if not password:
@@ -396,10 +219,10 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
             self._login = vr.GuestLogin(o.guest_user, password)
         return self._login
 
-    def _accelerator(self) -> _Pyvix | None:
+    def _accelerator(self) -> Pyvix | None:
         if self.opts.pyvix and not self._accel_tried:
             self._accel_tried = True
-            self._accel = _Pyvix.open(self.vmx)
+            self._accel = Pyvix.open(self.vmx)
         return self._accel
 
     # -- power ---------------------------------------------------------------------------
@@ -427,7 +250,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         accel = self._accelerator()
         if accel is not None and not self.opts.gui:
             try:
-                _bounded(lambda: accel.vm.poweron(0), self.opts.call_timeout, "poweron")
+                bounded(lambda: accel.vm.poweron(0), self.opts.call_timeout, "poweron")
                 return
             except Exception as exc:  # noqa: BLE001 - fall back to vmrun
                 log.debug("pyvix poweron failed (%s); using vmrun", exc)
@@ -448,7 +271,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         base = self._base()
         name = self.opts.base_snapshot
         if name not in vr.parse_snapshots(self._call("listSnapshots", base).text):
-            with _lock(base.with_name(base.name + ".boincvm-lock"), self.opts.call_timeout):
+            with LockFile(base.with_name(base.name + ".boincvm-lock"), self.opts.call_timeout):
                 if name not in vr.parse_snapshots(self._call("listSnapshots", base).text):
                     log.info("vmware: creating snapshot %r of the base VM %s (once)", name, base.name)
                     self._call("snapshot", base, [name], timeout=SNAPSHOT_TIMEOUT)
@@ -485,7 +308,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         done = False
         if accel is not None:
             try:
-                _bounded(lambda: accel.vm.waitfortools(max(1, int(limit))), limit + 5, "waitfortools")
+                bounded(lambda: accel.vm.waitfortools(max(1, int(limit))), limit + 5, "waitfortools")
                 done = True
             except Exception as exc:  # noqa: BLE001 - fall back to polling with vmrun
                 log.debug("pyvix waitfortools failed (%s); polling vmrun", exc)
@@ -541,8 +364,8 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
 
     def is_running(self) -> bool:
         """True while ``vmrun list`` shows this slot's clone."""
-        me = _norm(self.vmx)
-        return any(_norm(Path(p)) == me for p in vr.parse_list(self._call("list").text))
+        me = norm(self.vmx)
+        return any(norm(Path(p)) == me for p in vr.parse_list(self._call("list").text))
 
     def pause(self) -> None:
         """``vmrun pause``: the guest's CPUs stop, its memory stays."""
@@ -730,8 +553,8 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
 
     # -- guestinfo and shared folders (the credential-free channel) ------------------------------
     def guestinfo_read(self, name: str) -> str | None:
-        """``readVariable guestVar NAME`` (the guest's ``guestinfo.NAME``); None when unset. No login needed."""
-        _check_var(name)
+        """``readVariable guestVar NAME``: the guest's ``guestinfo.NAME``, or None when unset (no login)."""
+        check_var(name)
         value = self._call("readVariable", self.vmx, ["guestVar", name]).text.rstrip("\r\n")
         return value or None
 
@@ -741,7 +564,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         Raises:
             InputError: the name contains ``/`` or whitespace.
         """
-        _check_var(name)
+        check_var(name)
         self._call("writeVariable", self.vmx, ["guestVar", name, value])
 
     def share_folder(self, host_dir: Path, share: str = "boinc", *, writable: bool = True) -> None:
@@ -773,111 +596,3 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
             seconds = vmx_process_cpu_seconds(self.vmx)
             if seconds is not None:
                 self._cpu_seconds = max(self._cpu_seconds, seconds)
-
-
-def wrapper_script(directory: str, argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> str:
-    """The POSIX sh line that runs ``argv`` and leaves ``pid``, ``stdout``, ``stderr`` and ``rc`` in ``directory``.
-
-    Raises:
-        InputError: an environment variable name is not a shell identifier.
-    """
-    q = shlex.quote
-    inner = []
-    if cwd is not None:
-        inner.append(f"cd {q(cwd)}")
-    for key, value in env.items():
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise InputError(f"vmware: {key!r} is not a valid environment variable name")
-        inner.append(f"export {key}={q(value)}")
-    inner.append("exec " + " ".join(q(a) for a in argv))
-    d = q(directory)
-    return (
-        f"mkdir -p {d} || exit 1; echo $$ >{d}/pid; "
-        f"( {' && '.join(inner)} ) >{d}/stdout 2>{d}/stderr </dev/null; "
-        f"echo $? >{d}/rc.tmp && mv {d}/rc.tmp {d}/rc"
-    )
-
-
-def _check_var(name: str) -> None:
-    if not name or re.search(r"[/\s]", name):
-        raise InputError(f"vmware: guest variable name {name!r} must not be empty or contain / or spaces")
-
-
-def _norm(p: Path) -> str:
-    return os.path.normcase(os.path.realpath(p))
-
-
-@dataclass
-class _lock:  # noqa: N801 - used as a context manager
-    """An exclusive lock file shared by tasks cloning the same base VM (stale after 10 minutes)."""
-
-    path: Path
-    timeout: float
-    fd: int = field(default=-1)
-
-    def __enter__(self) -> None:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                self.fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                return
-            except FileExistsError:
-                try:
-                    if time.time() - self.path.stat().st_mtime > 600:
-                        self.path.unlink(missing_ok=True)
-                        continue
-                except OSError:
-                    continue
-                if time.monotonic() > deadline:
-                    raise VmTimeout(
-                        f"vmware: {self.path.name} stayed locked for {self.timeout:g} s"
-                    ) from None
-                time.sleep(0.2)
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
-        self.path.unlink(missing_ok=True)
-
-
-def vmx_process_cpu_seconds(vmx: Path, proc_root: Path = Path("/proc")) -> float | None:
-    """CPU seconds (user + system) of the ``vmware-vmx`` process running ``vmx`` and its descendants.
-
-    The process is recognised by its command line: an ``argv[0]`` named ``vmware-vmx*`` and an
-    argument that is this .vmx path. Returns None when no such process exists.
-    """
-    target = _norm(vmx)
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    stats: dict[int, tuple[int, float]] = {}
-    root: int | None = None
-    for entry in proc_root.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            ppid = int(fields[1])
-            ticks = int(fields[11]) + int(fields[12])  # utime, stime
-            cticks = int(fields[13]) + int(fields[14])  # cutime, cstime (reaped children)
-            stats[int(entry.name)] = (ppid, float(ticks))
-            if root is None:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-                if (
-                    args
-                    and Path(args[0].decode(errors="replace")).name.startswith("vmware-vmx")
-                    and any(a and _norm(Path(a.decode(errors="replace"))) == target for a in args[1:])
-                ):
-                    root = int(entry.name)
-                    stats[root] = (ppid, float(ticks + cticks))
-        except (OSError, ValueError, IndexError):
-            continue
-    if root is None:
-        return None
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += stats[pid][1]
-        todo += children.get(pid, [])
-    return total / tick

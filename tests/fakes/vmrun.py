@@ -123,8 +123,17 @@ class Vm:
         if self.file.exists():
             self.s: dict[str, Any] = json.loads(self.file.read_text())
         else:
-            self.s = {"vmx": self.vmx, "power": "off", "tools_at": None, "snapshots": [], "sessions": [],
-                      "vmx_pid": None, "vars": {}, "shares": {}, "next_snap": 0}
+            self.s = {
+                "vmx": self.vmx,
+                "power": "off",
+                "tools_at": None,
+                "snapshots": [],
+                "sessions": [],
+                "vmx_pid": None,
+                "vars": {},
+                "shares": {},
+                "next_snap": 0,
+            }
             self.reset_root()
 
     @property
@@ -149,7 +158,9 @@ class Vm:
             raise Fail(f"The virtual machine is not powered on: {self.vmx}")
 
     def tools_running(self) -> bool:
-        return self.s["power"] == "on" and self.s["tools_at"] is not None and time.time() >= self.s["tools_at"]
+        return (
+            self.s["power"] == "on" and self.s["tools_at"] is not None and time.time() >= self.s["tools_at"]
+        )
 
     def host_path(self, guest: str) -> Path:
         """Where a guest path lives: under root/ for the private prefixes, else the host's own file."""
@@ -187,8 +198,11 @@ class Vm:
         code = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.05: pass\ntime.sleep(1e6)"
         p = subprocess.Popen(  # a process named like vmware-vmx whose command line holds the .vmx path
             ["vmware-vmx", "-c", code, "-s", "vmx.stdio.keep=TRUE", "-@", "duplex=3;msgs=ui", self.vmx],
-            executable=sys.executable, start_new_session=True,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            executable=sys.executable,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.s.update(power="on", tools_at=time.time() + float(config()["tools_delay"]), vmx_pid=p.pid)
 
@@ -217,8 +231,12 @@ def namespaces_work() -> bool:
     global _NS_OK
     if _NS_OK is None:
         try:
-            r = subprocess.run(["unshare", "-Urm", "--propagation", "private", "true"],
-                               capture_output=True, timeout=10, check=False)
+            r = subprocess.run(
+                ["unshare", "-Urm", "--propagation", "private", "true"],
+                capture_output=True,
+                timeout=10,
+                check=False,
+            )
             _NS_OK = r.returncode == 0
         except (OSError, subprocess.TimeoutExpired):
             _NS_OK = False
@@ -229,9 +247,7 @@ def guest_command(vm: Vm, cmdline: str) -> list[str]:
     """The host argv that runs ``cmdline`` the way open-vm-tools does (through a shell) 'in the guest'."""
     if namespaces_work():
         # /tmp last: the VM's root may itself live under the host's /tmp.
-        binds = "; ".join(
-            f'mount --bind "$R{pre}" {pre}' for pre in reversed(WRITABLE) if Path(pre).is_dir()
-        )
+        binds = "; ".join(f'mount --bind "$R{pre}" {pre}' for pre in reversed(WRITABLE) if Path(pre).is_dir())
         script = f'set -e; {binds}; cd /; exec /bin/bash -c "$1"'
         return ["unshare", "-Urm", "--propagation", "private", "/bin/sh", "-c", script, "guest", cmdline]
     for pre in WRITABLE:
@@ -294,8 +310,9 @@ def run(cmd: str, vm: Vm | None, params: list[str], login: tuple[str, str] | Non
             vm.s["next_snap"] = n + 1
             dest = vm.dir / "snapshots" / str(n)
             shutil.copytree(vm.root, dest, symlinks=True)
-            vm.s["snapshots"].append({"name": params[0], "dir": str(dest), "power": vm.s["power"],
-                                      "vars": vm.s["vars"]})
+            vm.s["snapshots"].append(
+                {"name": params[0], "dir": str(dest), "power": vm.s["power"], "vars": vm.s["vars"]}
+            )
         case "deleteSnapshot":
             if len(params) == 2 and params[1] != "andDeleteChildren":
                 usage("deleteSnapshot takes andDeleteChildren")
@@ -322,7 +339,10 @@ def run(cmd: str, vm: Vm | None, params: list[str], login: tuple[str, str] | Non
             procs = [(1, "root", "/sbin/init")]
             for sid in vm.s["sessions"]:
                 procs += [(pid, login[0] if login else "root", c) for pid, c in session_members(sid)]
-            out(f"Process list: {len(procs)}\n" + "".join(f"pid={p}, owner={o}, cmd={c}\n" for p, o, c in procs))
+            out(
+                f"Process list: {len(procs)}\n"
+                + "".join(f"pid={p}, owner={o}, cmd={c}\n" for p, o, c in procs)
+            )
         case "killProcessInGuest":
             pid = int(params[0]) if params[0].isdigit() else -1
             if not any(pid == p for sid in vm.s["sessions"] for p, _ in session_members(sid)):
@@ -337,23 +357,23 @@ def run(cmd: str, vm: Vm | None, params: list[str], login: tuple[str, str] | Non
             out("The directory exists.\n" if p.is_dir() else "The directory does not exist.\n")
             return 0 if p.is_dir() else 255
         case "CopyFileFromHostToGuest":
-            src, dst = Path(params[0]), params[1]
-            if not src.is_file():
+            host_src, guest_dst = Path(params[0]), params[1]
+            if not host_src.is_file():
                 raise Fail("A file was not found")
-            target = vm.host_path(dst)
-            if not vm.writable(dst):
+            target = vm.host_path(guest_dst)
+            if not vm.writable(guest_dst):
                 raise Fail("Insufficient permissions in the guest operating system")
             if not target.parent.is_dir():
                 raise Fail("A file was not found")
-            shutil.copyfile(src, target)
+            shutil.copyfile(host_src, target)
         case "CopyFileFromGuestToHost":
-            src = vm.host_path(params[0])
-            if not src.is_file():
+            guest_src = vm.host_path(params[0])
+            if not guest_src.is_file():
                 raise Fail("A file was not found")
-            dst = Path(params[1])
-            if not dst.parent.is_dir():
+            host_dst = Path(params[1])
+            if not host_dst.parent.is_dir():
                 raise Fail("A file was not found")
-            shutil.copyfile(src, dst)
+            shutil.copyfile(guest_src, host_dst)
         case "deleteFileInGuest":
             p = vm.host_path(params[0])
             if not p.is_file():
@@ -435,9 +455,9 @@ def guest_checks(vm: Vm, login: tuple[str, str] | None) -> None:
 
 
 def find_snapshot(vm: Vm, name: str) -> dict[str, Any]:
-    for s in vm.s["snapshots"]:
-        if s["name"] == name:
-            return s
+    for snap in vm.s["snapshots"]:
+        if snap["name"] == name:
+            return dict(snap)
     raise Fail(f"Invalid snapshot name '{name}'")
 
 
@@ -458,8 +478,15 @@ def run_program(vm: Vm, cmd: str, params: list[str]) -> int:
         cmdline = f'"{params[0]}" -c ' + _sh_quote(params[1])
     argv = guest_command(vm, cmdline)
     env = {**os.environ, "R": str(vm.root), "HOME": f"/home/{config()['guest_user']}"}
-    p = subprocess.Popen(argv, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+    p = subprocess.Popen(
+        argv,
+        env=env,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd="/",
+    )
     vm.s["sessions"].append(p.pid)
     vm.s["sessions"] = [sid for sid in vm.s["sessions"] if session_members(sid) or sid == p.pid]
     vm.save()
