@@ -29,9 +29,12 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from boincvm.errors import InputError
+
+if TYPE_CHECKING:
+    from boincvm.hypervisor.base import VmSpec
 
 DESCRIPTOR_NAME = "boincvm-image.json"
 SCHEMA = 1
@@ -183,3 +186,27 @@ class ImageDescriptor:
         Path(tmp).chmod(0o644)
         Path(tmp).replace(target)
         return target
+
+
+def spec_for_image(image_dir: Path, *, name: str, workdir: Path, **overrides: Any) -> VmSpec:
+    """A :class:`~boincvm.hypervisor.base.VmSpec` booting the image in ``image_dir``.
+
+    ``overrides`` replace any VmSpec field (``memory_mb``, ``boot_timeout``, ``options`` ...).
+
+    Raises:
+        InputError: the directory has no valid descriptor.
+    """
+    from boincvm.hypervisor.base import VmSpec
+
+    desc = ImageDescriptor.load(image_dir)
+    fields: dict[str, Any] = {
+        "name": name,
+        "workdir": workdir,
+        "image": image_dir / desc.disk if desc.disk else None,
+        "kernel": image_dir / desc.kernel if desc.kernel else None,
+        "initrd": image_dir / desc.initrd if desc.initrd else None,
+        "kernel_cmdline": desc.kernel_cmdline,
+        "memory_mb": desc.memory_mb,
+    }
+    fields.update(overrides)
+    return VmSpec(**fields)

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import lzma
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from boincvm import proc
+from boincvm.cache import cache_root
 from boincvm.errors import InputError, ToolError
 from boincvm.image import elf
 from boincvm.image.cpio import Entry, write_newc
@@ -107,12 +107,6 @@ RECIPES: dict[str, Recipe] = {
         kernel_cmdline=FAST_CMDLINE,
     ),
 }
-
-
-def cache_root() -> Path:
-    """``${XDG_CACHE_HOME:-~/.cache}/boincvm``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "boincvm"
 
 
 def recipe(name: str) -> Recipe:

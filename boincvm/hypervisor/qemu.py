@@ -1,0 +1,625 @@
+"""The QEMU backend: QMP for the machine, qemu-guest-agent for the guest.
+
+One :class:`QemuBackend` drives one VM in one slot work directory::
+
+    workdir/            mode 0700
+      disk.qcow2        the copy-on-write overlay on the read-only base (holds snapshots)
+      qmp.sock qga.sock the control and agent channels
+      qemu.pid          written by QEMU; a leftover process is reaped on the next start
+      console.log       the guest's serial console
+      qemu.log          QEMU's own stderr
+      qemu-vm.json      the accelerator and machine the overlay's snapshots need
+
+Checkpoints are qcow2 internal snapshots taken by QMP ``snapshot-save`` jobs (memory
+and disk in one file, the VM paused for about 0.1-0.3 s). qcow2 writes a snapshot's
+data before it links it into the snapshot table, so a QEMU killed half way through
+leaves the earlier snapshots loadable (tested in ``tests/integration``).
+
+QEMU cannot outlive its owner: it is started through ``setpriv --pdeathsig KILL`` from a
+thread that lives as long as the process, an ``atexit`` hook kills what is left, and
+the pidfile is reaped when the slot starts again.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from qemu.qmp import ExecuteError, QMPClient, QMPError
+
+from boincvm import proc
+from boincvm.errors import (
+    GuestError,
+    HypervisorError,
+    HypervisorUnavailable,
+    OutputError,
+    VmTimeout,
+)
+from boincvm.hypervisor import qemu_cmdline as cl
+from boincvm.hypervisor.aio import shared_loop
+from boincvm.hypervisor.base import (
+    Availability,
+    Backend,
+    BackendKind,
+    GuestProcess,
+    ProcessStatus,
+    SnapshotInfo,
+    VmSpec,
+)
+from boincvm.hypervisor.qemu_accel import AccelChoice, choose_accel, kvm_device
+from boincvm.hypervisor.qga import CHUNK, GuestAgent, connect_unix, is_missing_file
+
+log = logging.getLogger(__name__)
+
+OVERLAY = "disk.qcow2"
+STATE = "qemu-vm.json"
+QEMU_LOG = "qemu.log"
+TAIL_BYTES = 64 * 1024
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+QMP_CLIENT_NAME = "boincvm-qmp"
+# qemu.qmp logs a QEMU that quits (end-of-file) at INFO: for us that is the normal end.
+logging.getLogger(f"qemu.qmp.protocol.{QMP_CLIENT_NAME}").setLevel(logging.WARNING)
+
+_live: set[subprocess.Popen[bytes]] = set()
+_live_lock = threading.Lock()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    # A safety net for owners that exit without power_off; SIGKILL of the owner is
+    # covered by the parent-death signal instead.
+    with _live_lock:
+        for p in list(_live):
+            with contextlib.suppress(OSError):
+                p.kill()
+
+
+def _proc_cpu_seconds(pid: int) -> float | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    # fields[11..14] are utime, stime, cutime, cstime (stat fields 14-17)
+    return sum(int(f) for f in fields[11:15]) / CLK_TCK
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_bytes()[-8192:].decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+class QemuBackend(Backend, kind=BackendKind.QEMU):
+    """A VM run by ``qemu-system-x86_64`` (KVM when it works, TCG otherwise).
+
+    ``spec.options`` may set ``machine`` (``pc``, ``q35`` or ``microvm``; default
+    ``pc``), ``accel`` (``kvm``, ``tcg`` or ``auto``) and ``snapshot_timeout`` (seconds).
+    After :meth:`power_on`, :attr:`accel` says which accelerator runs the VM and why,
+    for the CLI to show.
+
+    Raises (any method): see :class:`~boincvm.hypervisor.base.Backend`.
+    """
+
+    call_timeout: ClassVar[float] = 60.0
+
+    def __init__(self, spec: VmSpec) -> None:
+        super().__init__(spec)
+        self.workdir = spec.workdir
+        self.machine = spec.options.get("machine", "pc")
+        self.snapshot_timeout = float(spec.options.get("snapshot_timeout", "300"))
+        self.accel: AccelChoice | None = None
+        self._loop = shared_loop()
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._qmp_client: QMPClient | None = None
+        self._agent: GuestAgent | None = None
+        self._finished: dict[int, ProcessStatus] = {}
+        self._cpu_before = 0.0  # host CPU of this object's earlier QEMU processes
+
+    # -- availability ---------------------------------------------------------
+    @classmethod
+    def probe(cls) -> Availability:
+        """QEMU and qemu-img are installed; the detail says whether KVM looks usable."""
+        for tool in (cl.QEMU, "qemu-img"):
+            if proc.which(tool) is None:
+                hint = proc.INSTALL_HINTS.get(tool, "")
+                return Availability(False, f"{tool} was not found", hint)
+        kvm = kvm_device()
+        return Availability(True, "QEMU is installed", kvm or "/dev/kvm is usable (a trial boot decides)")
+
+    # -- helpers --------------------------------------------------------------
+    @property
+    def accel_note(self) -> str | None:
+        """A sentence for the user when the VM runs without KVM, else None."""
+        if self.accel is None or self.accel.is_kvm:
+            return None
+        return self.accel.reason
+
+    def _path(self, name: str) -> Path:
+        return self.workdir / name
+
+    def _check_alive(self) -> None:
+        if self._popen is None:
+            raise HypervisorError(f"qemu: VM {self.spec.name} is not running")
+        code = self._popen.poll()
+        if code is not None:
+            detail = _tail(self._path(QEMU_LOG)) or _tail(self._path(cl.CONSOLE_LOG))
+            raise HypervisorError(
+                f"qemu: VM {self.spec.name} exited with code {code}" + (f": {detail}" if detail else ""),
+                hint=f"see {self._path(QEMU_LOG)} and {self._path(cl.CONSOLE_LOG)}",
+            )
+
+    async def _qmp_connect(self) -> QMPClient:
+        client = QMPClient(QMP_CLIENT_NAME)
+        await client.connect(connect_unix(self._path(cl.QMP_SOCKET)))
+        return client
+
+    def qmp(self, cmd: str, args: Mapping[str, object] | None = None, *, timeout: float | None = None) -> Any:
+        """Run a QMP command and return its ``return`` value.
+
+        Raises:
+            HypervisorError: QEMU refused it or the connection broke.
+            VmTimeout: no answer in time.
+        """
+        self._check_alive()
+        client = self._qmp_client
+        if client is None:
+            raise HypervisorError(f"qemu: no QMP connection to {self.spec.name}")
+        try:
+            return self._loop.run(client.execute(cmd, dict(args) if args else None),
+                                  timeout or self.call_timeout, f"QMP {cmd}")  # fmt: skip
+        except ExecuteError as exc:
+            raise HypervisorError(f"qemu: {cmd}: {exc}") from exc
+        except QMPError as exc:
+            self._check_alive()
+            raise HypervisorError(f"qemu: {cmd}: the QMP connection broke: {exc}") from exc
+
+    def _agent_or_fail(self) -> GuestAgent:
+        self._check_alive()
+        if self._agent is None:
+            raise HypervisorError(f"qemu: VM {self.spec.name} is not running")
+        return self._agent
+
+    def _reap_stale(self) -> None:
+        """Kill a QEMU a dead earlier owner left running in this work directory."""
+        pidfile = self._path(cl.PIDFILE)
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return
+        try:
+            same_dir = Path(f"/proc/{pid}/cwd").resolve() == self.workdir.resolve()
+            is_qemu = (
+                "qemu" in Path(f"/proc/{pid}/comm").read_text()
+                or b"qemu" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            )
+        except OSError:
+            same_dir = is_qemu = False
+        if same_dir and is_qemu:
+            log.info("killing leftover QEMU %d of %s", pid, self.spec.name)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        pidfile.unlink(missing_ok=True)
+
+    def _base_format(self, image: Path) -> str:
+        info = json.loads(proc.run(["qemu-img", "info", "-U", "--output=json", image], timeout=60).text)
+        return str(info["format"])
+
+    def _create_overlay(self) -> bool:
+        """Make a fresh overlay; True when it is a disk the guest sees."""
+        overlay = self._path(OVERLAY)
+        overlay.unlink(missing_ok=True)
+        if self.spec.image is not None:
+            base = self.spec.image.resolve()
+            if not base.is_file():
+                raise HypervisorError(f"qemu: base image {base} does not exist")
+            fmt = self._base_format(base)
+            proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", fmt, overlay], timeout=60)
+            return True
+        # No disk: a detached qcow2 only to hold snapshot state.
+        proc.run(["qemu-img", "create", "-q", "-f", "qcow2", overlay, "64M"], timeout=60)
+        return False
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        tmp = self._path(STATE + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self._path(STATE))
+
+    def _load_state(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self._path(STATE).read_text())
+        except (OSError, ValueError) as exc:
+            raise HypervisorError(
+                f"qemu: {self._path(STATE)} is missing or unreadable, so its snapshots cannot be resumed"
+            ) from exc
+        if not isinstance(data, dict):
+            raise HypervisorError(f"qemu: {self._path(STATE)} is not a JSON object")
+        return data
+
+    def _spawn(self, args: cl.QemuArgs) -> None:
+        argv: list[str] = cl.build_argv(args)
+        setpriv = proc.which("setpriv")
+        if setpriv is not None:
+            argv = [str(setpriv), "--pdeathsig", "KILL", *argv]
+        for sock in (cl.QMP_SOCKET, cl.QGA_SOCKET):
+            self._path(sock).unlink(missing_ok=True)
+        # Forked from the long-lived I/O thread: the parent-death signal follows the
+        # thread that forked, and a caller's short-lived thread would take QEMU with it.
+        popen = self._loop.call(lambda: proc.spawn(argv, log_file=self._path(QEMU_LOG), cwd=self.workdir))
+        with _live_lock:
+            _live.add(popen)
+        self._popen = popen
+        deadline = time.monotonic() + 30
+        while True:
+            self._check_alive()
+            try:
+                self._qmp_client = self._loop.run(self._qmp_connect(), 5.0, "connecting to QMP")
+                break
+            except (QMPError, OSError) as exc:
+                if time.monotonic() > deadline:
+                    self.power_off(soft_timeout=0)
+                    raise HypervisorError(f"qemu: QMP did not come up within 30 s: {exc}") from exc
+                time.sleep(0.02)
+        self._agent = GuestAgent(self._path(cl.QGA_SOCKET), self._loop, call_timeout=self.call_timeout)
+
+    # -- power ----------------------------------------------------------------
+    def power_on(self, *, snapshot: str | None = None) -> None:
+        """Start the VM fresh (new overlay) or from ``snapshot`` in the existing overlay.
+
+        A fresh start returns once QEMU runs (call :meth:`wait_for_tools`); a restore
+        returns once the guest agent answers again and the guest clock is set.
+
+        Raises:
+            HypervisorError: QEMU failed to start, the base image or the snapshot is missing.
+            GuestToolsMissing: after a restore, the agent did not answer.
+        """
+        if self.is_running():
+            raise HypervisorError(f"qemu: VM {self.spec.name} is already running")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.chmod(0o700)
+        self._reap_stale()
+        self._finished.clear()
+        if snapshot is None:
+            self.accel = choose_accel(self.spec.kernel, self.workdir, self.spec.options.get("accel"))
+            attach = self._create_overlay()
+            self._save_state({"accel": self.accel.accel, "machine": self.machine, "attach_disk": attach})
+        else:
+            state = self._load_state()
+            self.accel = AccelChoice(str(state["accel"]), "the accelerator the snapshot was taken with")
+            self.machine = str(state["machine"])
+            attach = bool(state["attach_disk"])
+            names = [s.name for s in self._offline_snapshots()]
+            if snapshot not in names:
+                have = ", ".join(names) or "none"
+                raise HypervisorError(
+                    f"qemu: no snapshot {snapshot!r} in {self._path(OVERLAY)} (has: {have})"
+                )
+        tsc = None
+        if self.machine == "microvm":
+            with contextlib.suppress(OSError):
+                tsc = cl.host_tsc_khz(Path("/proc/cpuinfo").read_text())
+        self._spawn(
+            cl.QemuArgs(
+                name=self.spec.name,
+                accel=self.accel.accel,
+                machine=self.machine,
+                memory_mb=self.spec.memory_mb,
+                ncpus=self.spec.ncpus,
+                disk=Path(OVERLAY),
+                attach_disk=attach,
+                kernel=self.spec.kernel.resolve() if self.spec.kernel else None,
+                initrd=self.spec.initrd.resolve() if self.spec.initrd else None,
+                cmdline=self.spec.kernel_cmdline,
+                network=self.spec.enable_network,
+                paused=snapshot is not None,
+                tsc_khz=tsc,
+            )
+        )
+        if snapshot is not None:
+            self._run_job(
+                "snapshot-load", {"tag": snapshot, "vmstate": cl.DISK_NODE, "devices": [cl.DISK_NODE]}
+            )
+            self._ensure_running()
+            self._after_restore()
+
+    def _after_restore(self) -> None:
+        agent = self._agent_or_fail()
+        agent.resync(min(self.spec.boot_timeout, 60.0))
+        agent.set_time()
+
+    def _ensure_running(self) -> None:
+        if not self.qmp("query-status").get("running"):
+            self.qmp("cont")
+
+    def wait_for_tools(self, timeout: float | None = None) -> None:
+        """Block until qemu-ga answers ``guest-sync`` (bounded).
+
+        Raises:
+            GuestToolsMissing: no answer within the timeout.
+            HypervisorError: QEMU exited meanwhile.
+        """
+        self._agent_or_fail().wait(self.spec.boot_timeout if timeout is None else timeout, self._check_alive)
+
+    def power_off(self, *, soft_timeout: float = 10.0) -> None:
+        """Quit QEMU through QMP, then SIGKILL it if it has not gone within ``soft_timeout``. Idempotent.
+
+        The guest is not asked to shut down: its disk is the throw-away overlay, and QEMU
+        flushes the overlay itself when it quits.
+        """
+        popen = self._popen
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+        if popen is not None:
+            cpu = _proc_cpu_seconds(popen.pid)
+            if popen.poll() is None and soft_timeout > 0 and self._qmp_client is not None:
+                with contextlib.suppress(HypervisorError, VmTimeout):
+                    self.qmp("quit", timeout=min(soft_timeout, 5.0))
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    popen.wait(soft_timeout)
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait(30)
+            self._cpu_before += cpu or 0.0
+            with _live_lock:
+                _live.discard(popen)
+            self._popen = None
+        if self._qmp_client is not None:
+            client, self._qmp_client = self._qmp_client, None
+            with contextlib.suppress(VmTimeout, QMPError, OSError, EOFError):
+                self._loop.run(client.disconnect(), 5.0, "closing QMP")
+        for name in (cl.QMP_SOCKET, cl.QGA_SOCKET, cl.PIDFILE):
+            self._path(name).unlink(missing_ok=True)
+
+    def is_running(self) -> bool:
+        """True while this object's QEMU process exists."""
+        return self._popen is not None and self._popen.poll() is None
+
+    def pause(self) -> None:
+        """Stop the guest CPUs (QMP ``stop``)."""
+        self.qmp("stop")
+
+    def resume(self) -> None:
+        """Continue the guest (QMP ``cont``) and, best effort, set its clock to now."""
+        self.qmp("cont")
+        agent = self._agent_or_fail()
+        try:
+            agent.set_time()
+        except (GuestError, VmTimeout) as exc:  # e.g. paused before the agent started
+            log.debug("guest-set-time after resume: %s", exc)
+
+    # -- guest programs -------------------------------------------------------
+    def start_program(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> GuestProcess:
+        """Start ``argv`` through ``guest-exec`` (output captured); ``cwd`` goes through ``/bin/sh``.
+
+        Raises:
+            GuestError: the agent could not start it.
+        """
+        if not argv:
+            raise GuestError("qemu: an empty command line cannot be started")
+        real = list(argv)
+        if cwd is not None:
+            real = ["/bin/sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", cwd, *argv]
+        pid = self._agent_or_fail().exec(real, env)
+        return GuestProcess(pid=pid, argv=tuple(argv))
+
+    def poll_program(self, proc_: GuestProcess) -> ProcessStatus:
+        """Ask ``guest-exec-status``; the final status is remembered (the agent reports it once).
+
+        Raises:
+            GuestError: the agent does not know the program.
+        """
+        if proc_.pid in self._finished:
+            return self._finished[proc_.pid]
+        st = self._agent_or_fail().exec_status(proc_.pid)
+        if not st.exited:
+            return ProcessStatus(running=True)
+        done = ProcessStatus(
+            running=False,
+            exit_code=st.exit_code,
+            signal=st.signal,
+            stdout_tail=st.stdout[-TAIL_BYTES:],
+            stderr_tail=st.stderr[-TAIL_BYTES:],
+        )
+        self._finished[proc_.pid] = done
+        return done
+
+    # -- files ----------------------------------------------------------------
+    def copy_to_guest(self, host_path: Path, guest_path: str) -> None:
+        """Write a host file into the guest through ``guest-file-write`` in 4 MiB chunks.
+
+        Raises:
+            GuestError: the guest file cannot be created or written.
+            InputError: the host file cannot be read.
+        """
+        agent = self._agent_or_fail()
+        handle = agent.open(guest_path, "wb")
+        try:
+            with host_path.open("rb") as f:
+                while chunk := f.read(CHUNK):
+                    agent.write(handle, chunk)
+        finally:
+            agent.close_file(handle)
+
+    def copy_from_guest(self, guest_path: str, host_path: Path, *, max_bytes: int | None = None) -> int:
+        """Copy a guest file to the host through a temporary file renamed into place.
+
+        Raises:
+            OutputError: the file is missing or larger than ``max_bytes`` (then nothing is written).
+            GuestError: reading it failed.
+        """
+        agent = self._agent_or_fail()
+        try:
+            handle = agent.open(guest_path, "rb")
+        except GuestError as exc:
+            if is_missing_file(exc):
+                raise OutputError(f"guest file {guest_path} does not exist") from exc
+            raise
+        tmp = host_path.with_name(f".{host_path.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            size = agent.size(handle)
+            if max_bytes is not None and size > max_bytes:
+                raise OutputError(
+                    f"guest file {guest_path} is {size} bytes, more than the {max_bytes} allowed"
+                )
+            total = 0
+            with tmp.open("wb") as f:
+                while True:
+                    data, eof = agent.read(handle)
+                    total += len(data)
+                    if max_bytes is not None and total > max_bytes:  # it grew while we read
+                        raise OutputError(f"guest file {guest_path} grew past the {max_bytes} bytes allowed")
+                    f.write(data)
+                    if eof or not data:
+                        break
+            tmp.replace(host_path)
+            return total
+        finally:
+            tmp.unlink(missing_ok=True)
+            agent.close_file(handle)
+
+    def read_guest_file(self, guest_path: str, *, max_bytes: int = 65536) -> bytes | None:
+        """Return up to ``max_bytes`` of a guest file, or None when it does not exist.
+
+        Raises:
+            GuestError: it exists but cannot be read.
+        """
+        agent = self._agent_or_fail()
+        try:
+            handle = agent.open(guest_path, "rb")
+        except GuestError as exc:
+            if is_missing_file(exc):
+                return None
+            raise
+        try:
+            out = bytearray()
+            while len(out) < max_bytes:
+                data, eof = agent.read(handle, min(CHUNK, max_bytes - len(out)))
+                out += data
+                if eof or not data:
+                    break
+            return bytes(out[:max_bytes])
+        finally:
+            agent.close_file(handle)
+
+    # -- snapshots ------------------------------------------------------------
+    def _run_job(self, cmd: str, args: Mapping[str, object]) -> None:
+        job_id = f"boincvm-{uuid.uuid4().hex[:12]}"
+        self.qmp(cmd, {"job-id": job_id, **args})
+        deadline = time.monotonic() + self.snapshot_timeout
+        while True:
+            jobs = self.qmp("query-jobs")
+            job = next((j for j in jobs if j.get("id") == job_id), None)
+            if job is None:
+                raise HypervisorError(f"qemu: {cmd} job {job_id} vanished")
+            if job["status"] == "concluded":
+                self.qmp("job-dismiss", {"id": job_id})
+                if job.get("error"):
+                    raise HypervisorError(f"qemu: {cmd}: {job['error']}")
+                return
+            if time.monotonic() > deadline:
+                raise VmTimeout(f"qemu: {cmd} did not finish within {self.snapshot_timeout:g} s")
+            time.sleep(0.01)
+
+    def snapshot_create(self, name: str) -> None:
+        """Save memory, device state and disk as internal snapshot ``name`` of the overlay.
+
+        Raises:
+            HypervisorError: a snapshot of that name exists, or saving failed.
+        """
+        if any(s.name == name for s in self.snapshot_list()):
+            raise HypervisorError(f"qemu: snapshot {name!r} already exists; checkpoints need new names")
+        self._run_job("snapshot-save", {"tag": name, "vmstate": cl.DISK_NODE, "devices": [cl.DISK_NODE]})
+
+    def _offline_snapshots(self) -> list[SnapshotInfo]:
+        overlay = self._path(OVERLAY)
+        if not overlay.exists():
+            return []
+        info = json.loads(proc.run(["qemu-img", "info", "-U", "--output=json", overlay], timeout=60).text)
+        return [SnapshotInfo(s["name"], s.get("vm-state-size")) for s in info.get("snapshots", [])]
+
+    def snapshot_list(self) -> list[SnapshotInfo]:
+        """The overlay's internal snapshots (read through QMP while running, qemu-img otherwise)."""
+        if not self.is_running():
+            return self._offline_snapshots()
+        for node in self.qmp("query-named-block-nodes", {"flat": True}):
+            if node.get("node-name") == cl.DISK_NODE:
+                snaps = node.get("image", {}).get("snapshots", [])
+                return [SnapshotInfo(s["name"], s.get("vm-state-size")) for s in snaps]
+        return []
+
+    def snapshot_revert(self, name: str) -> None:
+        """Load snapshot ``name`` into the running VM, continue it and set the guest clock.
+
+        Raises:
+            HypervisorError: no such snapshot, or loading failed.
+        """
+        self._run_job("snapshot-load", {"tag": name, "vmstate": cl.DISK_NODE, "devices": [cl.DISK_NODE]})
+        self._ensure_running()
+        self._finished.clear()
+        self._after_restore()
+
+    def snapshot_delete(self, name: str) -> None:
+        """Delete snapshot ``name`` (through QMP while running, qemu-img otherwise).
+
+        Raises:
+            HypervisorError: no such snapshot, or deleting failed.
+        """
+        if self.is_running():
+            self._run_job("snapshot-delete", {"tag": name, "devices": [cl.DISK_NODE]})
+        else:
+            proc.run(["qemu-img", "snapshot", "-d", name, self._path(OVERLAY)], timeout=120)
+
+    # -- accounting -----------------------------------------------------------
+    def host_cpu_time(self) -> float:
+        """CPU seconds of this object's QEMU processes (user + system, with reaped children)."""
+        now = _proc_cpu_seconds(self._popen.pid) if self._popen is not None else None
+        return self._cpu_before + (now or 0.0)
+
+    def guest_cpu_time(self) -> float | None:
+        """Busy CPU seconds of the whole guest from its ``/proc/stat``, or None if unreadable."""
+        try:
+            data = self.read_guest_file("/proc/stat", max_bytes=65536)
+        except (GuestError, VmTimeout, HypervisorError):
+            return None
+        if not data:
+            return None
+        for line in data.decode(errors="replace").splitlines():
+            if line.startswith("cpu "):
+                v = [int(x) for x in line.split()[1:]]
+                busy = v[0] + v[1] + v[2] + (v[5] if len(v) > 5 else 0) + (v[6] if len(v) > 6 else 0)
+                return busy / 100.0  # USER_HZ is 100 on Linux guests
+        return None
+
+
+def require_qemu() -> None:
+    """Raise when QEMU is not installed.
+
+    Raises:
+        HypervisorUnavailable: with the reason.
+    """
+    avail = QemuBackend.probe()
+    if not avail.ok:
+        raise HypervisorUnavailable(f"qemu: {avail.reason}", hint=avail.detail or None)
