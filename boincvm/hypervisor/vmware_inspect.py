@@ -178,9 +178,12 @@ def _check_vmdk(path: Path, where: str) -> tuple[list[Finding], list[str]]:
             )
         )
     if not desc.embedded:
-        for ext in desc.extents:
-            if ext.filename and not (path.parent / ext.filename).is_file():
-                out.append(error(f"{where}.extent", f"the extent file {ext.filename} does not exist"))
+        missing = [
+            e.filename for e in desc.extents if e.filename and not (path.parent / e.filename).is_file()
+        ]
+        if missing:
+            files = ", ".join(missing)
+            out.append(error(f"{where}.extent", f"the extent file(s) {files} do not exist"))
     if desc.is_delta:
         hint = desc.parent_hint
         if not hint or not (path.parent / hint).is_file():
