@@ -107,6 +107,8 @@ OUTPUT_TAIL = 64 * 1024
 SNAPSHOT_TIMEOUT = 900.0
 #: Seconds between process-list checks of a guest program whose exit code has not appeared.
 LIVENESS_INTERVAL = 5.0
+#: A shell reports "killed by signal N" as exit status 128 + N.
+SIGNAL_BASE = 128
 
 
 @dataclass
@@ -446,6 +448,9 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
             return None  # half-written cannot happen (rename), but be safe: look again later
         out = self._tail(f"{job.directory}/stdout")
         err = self._tail(f"{job.directory}/stderr")
+        if SIGNAL_BASE < code <= SIGNAL_BASE + 64:
+            # sh reports a death by signal N as status 128+N and cannot tell it from exit(128+N).
+            return ProcessStatus(running=False, signal=code - SIGNAL_BASE, stdout_tail=out, stderr_tail=err)
         return ProcessStatus(running=False, exit_code=code, stdout_tail=out, stderr_tail=err)
 
     def _tail(self, guest_path: str) -> bytes:
@@ -487,10 +492,15 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         """
         part = host_path.with_name(f".{host_path.name}.part")
         try:
-            self._call("CopyFileFromGuestToHost", self.vmx, [guest_path, str(part)], login=self.login)
+            try:
+                self._call("CopyFileFromGuestToHost", self.vmx, [guest_path, str(part)], login=self.login)
+            except vr.GuestFileMissing as exc:
+                raise OutputError(f"vmware: guest file {guest_path} does not exist") from exc
             size = part.stat().st_size
             if max_bytes is not None and size > max_bytes:
-                raise OutputError(f"vmware: guest file {guest_path} is {size} bytes, more than {max_bytes}")
+                raise OutputError(
+                    f"vmware: guest file {guest_path} is {size} bytes, more than the {max_bytes} allowed"
+                )
             part.replace(host_path)
             return size
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -160,6 +161,8 @@ def test_run_program_exit_code_and_output(vm: VmwareBackend) -> None:
     assert status.stdout_tail == b"out\n" and status.stderr_tail == b"err\n"
     ok = vm.run_program(["/bin/true"], timeout=20)
     assert ok.succeeded
+    killed = vm.run_program(["/bin/sh", "-c", "kill -9 $$"], timeout=20)
+    assert killed.signal == 9 and killed.exit_code is None and not killed.succeeded
 
 
 def test_arguments_env_and_cwd_survive_the_guest_shell(vm: VmwareBackend) -> None:
@@ -184,6 +187,19 @@ def test_poll_while_running_then_done(vm: VmwareBackend) -> None:
     assert final.exit_code == 0 and final.stdout_tail == b"done\n"
 
 
+def test_file_round_trip_with_an_awkward_name(vm: VmwareBackend, tmp_path: Path) -> None:
+    data = os.urandom(1024 * 1024 + 13)
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+    guest = "/tmp/odd name 'ä' $x.bin"
+    vm.copy_to_guest(src, guest)
+    st = vm.run_program(["sha256sum", guest], timeout=30)  # PATH lookup, as the QEMU contract does
+    assert st.stdout_tail.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    back = tmp_path / "out ä.bin"
+    assert vm.copy_from_guest(guest, back) == len(data)
+    assert back.read_bytes() == data
+
+
 def test_copy_in_and_out_with_max_bytes(vm: VmwareBackend, tmp_path: Path) -> None:
     src = tmp_path / "in.bin"
     src.write_bytes(b"x" * 1000)
@@ -196,10 +212,10 @@ def test_copy_in_and_out_with_max_bytes(vm: VmwareBackend, tmp_path: Path) -> No
     assert vm.copy_from_guest("/tmp/out.bin", out, max_bytes=1002) == 1002
     assert out.read_bytes() == b"x" * 1000 + b"ab"
     big = tmp_path / "big.bin"
-    with pytest.raises(OutputError, match="more than 100"):
+    with pytest.raises(OutputError, match="more than the 100 allowed"):
         vm.copy_from_guest("/tmp/out.bin", big, max_bytes=100)
     assert not big.exists() and not list(tmp_path.glob(".big.bin*"))
-    with pytest.raises(OutputError):
+    with pytest.raises(OutputError, match="does not exist"):
         vm.copy_from_guest("/tmp/missing", tmp_path / "m")
     assert vm.read_guest_file("/tmp/missing") is None
     assert vm.read_guest_file("/tmp/out.bin", max_bytes=3) == b"xxx"
