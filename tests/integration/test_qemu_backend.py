@@ -223,3 +223,19 @@ def test_a_silent_guest_gives_a_clear_bounded_error(tmp_path: Path) -> None:
         ):
             vm.wait_for_tools()
         assert time.monotonic() - t0 < 10
+
+
+def test_guest_tools_inspection(guest_image: Path, tmp_path: Path) -> None:
+    from boincvm.findings import Severity
+    from boincvm.image.inspect import check_guest_tools
+
+    static = check_guest_tools(guest_image)
+    assert [f.severity for f in static] == [Severity.INFO] and "qemu-ga found" in static[0].message
+    booted = check_guest_tools(guest_image, boot=True, timeout=60)
+    assert booted[-1].severity is Severity.INFO and "answered" in booted[-1].message
+    blank = tmp_path / "blank.raw"
+    with blank.open("wb") as f:
+        f.truncate(8 * 1024 * 1024)
+    proc.run(["mkfs.ext4", "-q", "-F", blank], timeout=60)
+    found = check_guest_tools(blank)
+    assert found[0].severity is Severity.ERROR and "no qemu-ga" in found[0].message
