@@ -63,6 +63,10 @@ class VmrunError(HypervisorError):
         self.returncode = returncode
 
 
+class WrongHostType(HypervisorUnavailable):
+    """vmrun cannot reach the product named by ``-T`` (e.g. ``ws`` where only Player is installed)."""
+
+
 class VmNotRunning(HypervisorError):
     """The operation needs a powered-on VM and this one is off."""
 
@@ -177,9 +181,7 @@ def error_for(command: str, output: str, returncode: int | None) -> BoincvmError
         case Failure.NOT_SUPPORTED:
             return UnsupportedOperation(msg)
         case Failure.PROVIDER:
-            return HypervisorUnavailable(
-                msg, hint="choose host_type ws, fusion or player to match the product"
-            )
+            return WrongHostType(msg, hint="choose host_type ws, fusion or player to match the product")
         case Failure.DIALOG:
             return VmrunError(
                 msg,

@@ -68,7 +68,7 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from boincvm import proc
@@ -111,8 +111,10 @@ LIVENESS_INTERVAL = 5.0
 SIGNAL_BASE = 128
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Job:
+    """A started guest program: its job directory, its shell's PID once known, the last liveness check."""
+
     directory: str
     guest_pid: int | None = None
     checked: float = field(default_factory=time.monotonic)
@@ -187,7 +189,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
     ) -> proc.Completed:
         try:
             return self.vmrun.call(command, vmx, params, login=login, timeout=timeout, check=check)
-        except HypervisorUnavailable:
+        except vr.WrongHostType:
             # Only Player (with the VIX SDK) installed: -T ws names the Workstation provider.
             if self.opts.host_type is not None or self.vmrun.host_type is not vr.HostType.WS:
                 raise
@@ -420,12 +422,12 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         now = time.monotonic()
         if now - job.checked < LIVENESS_INTERVAL:
             return ProcessStatus(running=True)
-        job.checked = now
+        job = self._jobs[proc.pid] = replace(job, checked=now)
         if job.guest_pid is None:
             pid = self.read_guest_file(f"{job.directory}/pid", max_bytes=64)
             if pid is None or not pid.strip().isdigit():
                 return ProcessStatus(running=True)
-            job.guest_pid = int(pid.strip())
+            job = self._jobs[proc.pid] = replace(job, guest_pid=int(pid.strip()))
         listing = self._call("listProcessesInGuest", self.vmx, login=self.login).text
         if any(p.pid == job.guest_pid for p in vr.parse_processes(listing)):
             return ProcessStatus(running=True)

@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from boincvm.errors import VmTimeout
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Pyvix:
     """The optional pyvix accelerator: power-on and wait-for-tools inside VIX."""
 
@@ -24,6 +24,7 @@ class Pyvix:
 
     @classmethod
     def open(cls, vmx: Path) -> Pyvix | None:
+        """Connect to the local product and open ``vmx``; None when pyvix is absent or VIX fails."""
         try:
             import pyvix
         except ImportError:
@@ -57,16 +58,21 @@ def bounded(fn: Any, timeout: float, what: str) -> None:
 
 
 def norm(p: Path) -> str:
+    """A path in the form used to compare two names of the same file."""
     return os.path.normcase(os.path.realpath(p))
 
 
-@dataclass
 class LockFile:
-    """An exclusive lock file shared by tasks cloning the same base VM (stale after 10 minutes)."""
+    """An exclusive lock file shared by tasks cloning the same base VM (stale after 10 minutes).
 
-    path: Path
-    timeout: float
-    fd: int = field(default=-1)
+    Raises (on entry):
+        VmTimeout: the lock stayed taken for ``timeout`` seconds.
+    """
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.fd = -1
 
     def __enter__(self) -> None:
         deadline = time.monotonic() + self.timeout

@@ -579,6 +579,11 @@ def main(argv: list[str]) -> int:
         return 255
     canonical, takes_vmx, lo, hi, _guest = spec
     vm = None
+    products = config().get("host_types", ["ws", "fusion", "player"])
+    if (host_type or "ws") not in products:
+        provider = {"ws": "WORKSTATION", "fusion": "WORKSTATION", "player": "PLAYER"}[host_type or "ws"]
+        sys.stdout.write(f"Error: Unable to connect to host (VIX_SERVICEPROVIDER_VMWARE_{provider})\n")
+        return 255
     take_lock()
     with (state_dir() / "calls.jsonl").open("a") as f:
         f.write(json.dumps({"argv": argv, "host_type": host_type}) + "\n")

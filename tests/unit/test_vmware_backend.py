@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from boincvm.errors import GuestToolsMissing, InputError, OutputError, UnsupportedOperation
-from boincvm.hypervisor import BackendKind, VmSpec, backend_class
-from boincvm.hypervisor.vmrun import GuestCredentialsRejected, SnapshotNotFound
+from boincvm.hypervisor import BackendKind, VmSpec, backend_class, vmware
+from boincvm.hypervisor.vmrun import GuestCredentialsRejected, HostType, SnapshotNotFound, WrongHostType
 from boincvm.hypervisor.vmware import VmwareBackend
 from boincvm.hypervisor.vmware_vmx import VmxFile
 
@@ -386,3 +386,29 @@ def test_pyvix_is_used_where_importable_and_vmrun_takes_over_on_failure(
         backend.wait_for_tools()
         assert backend.is_running()
     assert seen == ["poweron 0", "waitfortools 10"]
+
+
+def test_a_program_that_dies_without_an_exit_status(
+    vm: VmwareBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vmware, "LIVENESS_INTERVAL", 0.0)
+    # The program kills the wrapper shell that would have written its exit status.
+    proc = vm.start_program(["/bin/sh", "-c", "sleep 0.2; kill -9 $PPID"])
+    status = vm.poll_program(proc)
+    while status.running:
+        status = vm.poll_program(proc)
+    assert status.exit_code is None and status.signal is None and not status.succeeded
+    assert b"vanished" in status.stderr_tail
+
+
+def test_falls_back_to_player_when_only_player_is_installed(
+    tmp_path: Path, fake_vmrun: Path, base_vmx: Path
+) -> None:
+    config = json.loads((fake_vmrun / "config.json").read_text())
+    (fake_vmrun / "config.json").write_text(json.dumps({**config, "host_types": ["player"]}))
+    with VmwareBackend(make_spec(tmp_path, base_vmx)) as backend:
+        backend.power_on()
+        assert backend.vmrun.host_type is HostType.PLAYER
+    explicit = VmwareBackend(make_spec(tmp_path, base_vmx, host_type="ws"))  # no fallback when chosen
+    with pytest.raises(WrongHostType, match="VIX_SERVICEPROVIDER_VMWARE_WORKSTATION"):
+        explicit.is_running()

@@ -29,7 +29,7 @@ MESSAGES: list[tuple[str, type[BoincvmError]]] = [
     ("Error: A password is required for this operation\n", vr.VmrunError),
     ("Error: The operation is not supported for the specified parameters\n", UnsupportedOperation),
     ("Error: Invalid snapshot name 'ck-3'\n", vr.SnapshotNotFound),
-    ("Error: Unable to connect to host.\n", HypervisorUnavailable),
+    ("Error: Unable to connect to host.\n", vr.WrongHostType),
     ("Error: vmrun was unable to start. Please make sure that vmrun is installed correctly\n", vr.VmrunError),
     ("Guest program exited with non-zero exit code: 7\n", vr.GuestExit),
 ]
