@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from boincvm import proc
 from boincvm.errors import GuestToolsMissing, InputError, OutputError, UnsupportedOperation
 from boincvm.hypervisor import BackendKind, VmSpec, backend_class, vmware
 from boincvm.hypervisor.vmrun import GuestCredentialsRejected, HostType, SnapshotNotFound, WrongHostType
@@ -412,3 +413,23 @@ def test_falls_back_to_player_when_only_player_is_installed(
     explicit = VmwareBackend(make_spec(tmp_path, base_vmx, host_type="ws"))  # no fallback when chosen
     with pytest.raises(WrongHostType, match="VIX_SERVICEPROVIDER_VMWARE_WORKSTATION"):
         explicit.is_running()
+
+
+def test_the_stand_in_enforces_vmrun_grammar(fake_vmrun: Path, base_vmx: Path) -> None:
+    def vmrun(*args: str) -> tuple[int, str]:
+        done = proc.run(["vmrun", *args], timeout=30, check=False)
+        return done.returncode, done.text
+
+    vmx = str(base_vmx)
+    assert vmrun("-T", "ws", "listsnapshots", vmx) == (0, "Total snapshots: 0\n")  # any case
+    rc, out = vmrun("-T", "esx", "list")
+    assert rc == 255 and out.startswith("vmrun version 1.17.0")
+    rc, out = vmrun("start", vmx, "-T", "ws")
+    assert rc == 255 and "Usage: vmrun" in out
+    rc, out = vmrun("-gu", "boinc", "runProgramInGuest", "-gp", PASSWORD, vmx, "/bin/true")
+    assert (rc, out) == (255, "Error: Cannot open VM: -gp, unknown file suffix\n")
+    assert vmrun("snapshot", vmx)[0] == 255  # a name is required
+    assert vmrun("frobnicate", vmx) == (255, "Error: Unrecognized command: frobnicate\n")
+    assert vmrun("checkToolsState", vmx) == (254, "unknown\n")
+    rc, out = vmrun("-gu", "boinc", "-gp", PASSWORD, "fileExistsInGuest", vmx, "/etc")
+    assert (rc, out) == (255, f"Error: The virtual machine is not powered on: {base_vmx.resolve()}\n")
