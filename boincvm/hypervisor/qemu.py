@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import threading
@@ -47,6 +48,7 @@ from boincvm.errors import (
     VmTimeout,
 )
 from boincvm.hypervisor import qemu_cmdline as cl
+from boincvm.hypervisor import qemu_golden
 from boincvm.hypervisor.aio import shared_loop
 from boincvm.hypervisor.base import (
     Availability,
@@ -57,7 +59,7 @@ from boincvm.hypervisor.base import (
     SnapshotInfo,
     VmSpec,
 )
-from boincvm.hypervisor.qemu_accel import AccelChoice, choose_accel, kvm_device
+from boincvm.hypervisor.qemu_accel import AccelChoice, choose_accel, kvm_device, qemu_version
 from boincvm.hypervisor.qga import CHUNK, GuestAgent, connect_unix, is_missing_file
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,9 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
     """A VM run by ``qemu-system-x86_64`` (KVM when it works, TCG otherwise).
 
     ``spec.options`` may set ``machine`` (``pc``, ``q35`` or ``microvm``; default
-    ``pc``), ``accel`` (``kvm``, ``tcg`` or ``auto``) and ``snapshot_timeout`` (seconds).
+    ``pc``), ``accel`` (``kvm``, ``tcg`` or ``auto``), ``snapshot_timeout`` (seconds) and
+    ``golden`` (``auto``: start kernel boots from a golden checkpoint, see
+    :mod:`.qemu_golden`; ``yes`` for disk images too; ``no`` to always boot cold).
     After :meth:`power_on`, :attr:`accel` says which accelerator runs the VM and why,
     for the CLI to show.
 
@@ -221,10 +225,14 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         info = json.loads(proc.run(["qemu-img", "info", "-U", "--output=json", image], timeout=60).text)
         return str(info["format"])
 
-    def _create_overlay(self) -> bool:
+    def _create_overlay(self, golden: qemu_golden.Golden | None) -> bool:
         """Make a fresh overlay; True when it is a disk the guest sees."""
         overlay = self._path(OVERLAY)
         overlay.unlink(missing_ok=True)
+        if golden is not None:
+            proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", golden.disk, "-F", "qcow2", overlay],
+                     timeout=60)  # fmt: skip
+            return self.spec.image is not None
         if self.spec.image is not None:
             base = self.spec.image.resolve()
             if not base.is_file():
@@ -297,9 +305,11 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         self._finished.clear()
         if snapshot is None:
             self.accel = choose_accel(self.spec.kernel, self.workdir, self.spec.options.get("accel"))
-            attach = self._create_overlay()
+            golden = self._golden()
+            attach = self._create_overlay(golden)
             self._save_state({"accel": self.accel.accel, "machine": self.machine, "attach_disk": attach})
         else:
+            golden = None
             state = self._load_state()
             self.accel = AccelChoice(str(state["accel"]), "the accelerator the snapshot was taken with")
             self.machine = str(state["machine"])
@@ -328,15 +338,46 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
                 cmdline=self.spec.kernel_cmdline,
                 network=self.spec.enable_network,
                 paused=snapshot is not None,
+                incoming=f"exec:cat {shlex.quote(str(golden.state))}" if golden else None,
                 tsc_khz=tsc,
             )
         )
-        if snapshot is not None:
+        if golden is not None:
+            self._wait_incoming()
+            self._ensure_running()
+            self._after_restore()
+        elif snapshot is not None:
             self._run_job(
                 "snapshot-load", {"tag": snapshot, "vmstate": cl.DISK_NODE, "devices": [cl.DISK_NODE]}
             )
             self._ensure_running()
             self._after_restore()
+
+    def _golden(self) -> qemu_golden.Golden | None:
+        """The golden checkpoint to start from (built on first use), or None for a cold boot."""
+        wanted = self.spec.options.get("golden", "auto")
+        if wanted == "no" or (wanted == "auto" and self.spec.kernel is None) or self.accel is None:
+            return None
+        key = qemu_golden.golden_key(self.spec, self.accel.accel, self.machine, qemu_version())
+        found = qemu_golden.find(key)
+        if found is not None:
+            return found
+        try:
+            return qemu_golden.build(self.spec, key, self.accel.accel)
+        except (HypervisorError, GuestError) as exc:
+            # Only a speed-up: a cold boot still works, and wait_for_tools reports real trouble.
+            log.warning("no golden checkpoint for %s (%s); booting cold", self.spec.name, exc)
+            return None
+
+    def _wait_incoming(self) -> None:
+        deadline = time.monotonic() + 60
+        while self.qmp("query-status").get("status") == "inmigrate":
+            if time.monotonic() > deadline:
+                raise VmTimeout(f"qemu: loading the golden checkpoint of {self.spec.name} took over 60 s")
+            time.sleep(0.005)
+        status = self.qmp("query-migrate").get("status")
+        if status not in (None, "completed"):
+            raise HypervisorError(f"qemu: loading the golden checkpoint failed ({status})")
 
     def _after_restore(self) -> None:
         agent = self._agent_or_fail()

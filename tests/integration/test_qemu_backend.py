@@ -35,18 +35,23 @@ def qemu_pid(vm: QemuBackend) -> int:
 
 
 def counter(vm: QemuBackend) -> tuple[int, int]:
-    data = vm.read_guest_file("/scratch/boincvm/counter")
-    assert data, "the counter file is missing"
-    pid, n = data.split()
-    return int(pid), int(n)
+    # The guest loop rewrites the file with a truncating echo: retry a read that lands in between.
+    deadline = time.monotonic() + 10
+    while True:
+        data = vm.read_guest_file("/scratch/boincvm/counter")
+        if data and len(data.split()) == 2:
+            pid, n = data.split()
+            return int(pid), int(n)
+        assert time.monotonic() < deadline, "the counter file is missing"
+        time.sleep(0.02)
 
 
 def wait_counter(vm: QemuBackend, above: int, timeout: float = 20.0) -> tuple[int, int]:
     deadline = time.monotonic() + timeout
     while True:
-        data = vm.read_guest_file("/scratch/boincvm/counter")
-        if data and len(data.split()) == 2 and int(data.split()[1]) > above:
-            return counter(vm)
+        pid, n = counter(vm)
+        if n > above:
+            return pid, n
         assert time.monotonic() < deadline, "the guest counter does not advance"
         time.sleep(0.1)
 
