@@ -296,23 +296,25 @@ _PROXY_ORDER = (
 )  # fmt: skip
 
 
-def _value(value: object) -> str:
-    if isinstance(value, bool):
+def _value(value: object, typ: type | None = None) -> str:
+    if typ is bool or isinstance(value, bool):
         return "1" if value else "0"
-    if isinstance(value, float):
-        return f"{value:f}"
+    if typ is float or isinstance(value, float):
+        return f"{float(value):f}"  # type: ignore[arg-type]
+    if typ is int:
+        return str(int(value))  # type: ignore[call-overload]
     return escape_text(value)
 
 
-def _line(tag: str, value: object, indent: str = "") -> str:
-    return f"{indent}<{tag}>{_value(value)}</{tag}>\n"
+def _line(tag: str, value: object, indent: str = "", typ: type | None = None) -> str:
+    return f"{indent}<{tag}>{_value(value, typ)}</{tag}>\n"
 
 
 def render_host_info(host: HostInfo) -> str:
     """The ``<host_info>`` block as ``HOST_INFO::write(mf, true, true)`` writes it."""
-    out = ["<host_info>\n", _line("timezone", host.timezone, "    ")]
+    out = ["<host_info>\n", _line("timezone", host.timezone, "    ", int)]
     out += [_line("domain_name", host.domain_name, "    "), _line("ip_addr", host.ip_addr, "    ")]
-    out += [_line(name, getattr(host, name), "    ") for name in _HOST_ORDER]
+    out += [_line(name, getattr(host, name), "    ", _HOST_SCALARS[name]) for name in _HOST_ORDER]
     for name in ("product_name", "mac_address", "virtualbox_version"):
         if getattr(host, name):
             out.append(_line(name, getattr(host, name), "    "))
@@ -326,7 +328,7 @@ def render_proxy_info(proxy: ProxyInfo) -> str:
     for flag in ("use_http_proxy", "use_socks_proxy", "use_http_auth"):
         if getattr(proxy, flag):
             out.append(f"    <{flag}/>\n")
-    out += [_line(name, getattr(proxy, name), "    ") for name in _PROXY_ORDER]
+    out += [_line(name, getattr(proxy, name), "    ", _PROXY_SCALARS[name]) for name in _PROXY_ORDER]
     out.append("</proxy_info>\n")
     return "".join(out)
 
@@ -343,7 +345,7 @@ def default_global_preferences(*, disk_interval: float = 60.0, leave_apps_in_mem
         ("leave_apps_in_memory", leave_apps_in_memory),
         ("max_ncpus_pct", 100.0),
         ("cpu_scheduling_period_minutes", 60.0),
-        ("disk_interval", disk_interval),
+        ("disk_interval", float(disk_interval)),
         ("disk_max_used_gb", 100.0),
         ("disk_max_used_pct", 90.0),
         ("disk_min_free_gb", 0.1),
@@ -365,7 +367,7 @@ def render_init_data(data: InitData) -> str:
     """
     out = ["<app_init_data>\n"]
     for name in ("major_version", "minor_version", "release", "app_version", "userid", "teamid", "hostid"):
-        out.append(_line(name, getattr(data, name)))
+        out.append(_line(name, getattr(data, name), "", int))
     for name in ("app_name", "plan_class", "symstore", "acct_mgr_url"):
         if getattr(data, name):
             out.append(_line(name, getattr(data, name)))
@@ -382,8 +384,8 @@ def render_init_data(data: InitData) -> str:
     ):
         if getattr(data, name):
             out.append(_line(name, getattr(data, name)))
-    out.append(_line("shm_key", data.shm_key))
-    out += [_line(name, getattr(data, name)) for name in _MIDDLE]
+    out.append(_line("shm_key", data.shm_key, "", int))
+    out += [_line(name, getattr(data, name), "", _INIT_SCALARS[name]) for name in _MIDDLE]
     out.append(render_host_info(data.host_info))
     out.append(render_proxy_info(data.proxy_info))
     prefs = data.global_preferences or default_global_preferences(disk_interval=data.checkpoint_period)
