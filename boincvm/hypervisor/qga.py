@@ -111,7 +111,8 @@ class GuestAgent:
         """
         start = time.monotonic()
         deadline = start + timeout
-        attempt = 1.0
+        # Requests sent before qemu-ga opens its port go unanswered, so retry often.
+        attempt = 0.25
         while True:
             alive()
             remaining = deadline - time.monotonic()
@@ -123,7 +124,7 @@ class GuestAgent:
                 self._sync(min(attempt, max(remaining, 0.05)))
                 return time.monotonic() - start
             except VmTimeout:
-                attempt = min(attempt * 2, 5.0)
+                attempt = min(attempt * 1.5, 1.0)
             except (QMPError, OSError, EOFError) as exc:
                 log.debug("qga not ready: %s", exc)
                 self.close()

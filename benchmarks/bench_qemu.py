@@ -1,0 +1,158 @@
+"""QEMU backend figures: boot, golden start, checkpoint mechanisms, agent transfer speed.
+
+Run: ``python benchmarks/bench_qemu.py`` (or through ``benchmarks/run.py``). Everything is
+wall-clock on this host, under whatever accelerator the backend chose (printed first).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from boincvm.hypervisor.qemu import QemuBackend
+from boincvm.image.descriptor import spec_for_image
+from boincvm.image.guest import build_guest_image
+
+RUNS = 3
+XFER_BYTES = 10 * 1024 * 1024
+
+
+def _median(fn: Callable[[], float], runs: int = RUNS) -> tuple[float, float, float]:
+    xs = [fn() for _ in range(runs)]
+    return min(xs), statistics.median(xs), max(xs)
+
+
+def _row(label: str, figures: tuple[float, float, float], unit: str = "s") -> None:
+    lo, med, hi = figures
+    print(f"  {label:<44} median {med:7.3f} {unit}   (min {lo:.3f}, max {hi:.3f}, n={RUNS})")
+
+
+def _size(path: Path) -> float:
+    return path.stat().st_size / 1e6
+
+
+def main() -> None:
+    """Print the figures."""
+    image = build_guest_image("minimal")
+    with tempfile.TemporaryDirectory(prefix="bench-qemu-") as tmp:
+        root = Path(tmp)
+        counter = 0
+
+        def backend(golden: str) -> QemuBackend:
+            nonlocal counter
+            counter += 1
+            wd = root / f"vm{counter}"
+            return QemuBackend(
+                spec_for_image(image, name=f"bench{counter}", workdir=wd, options={"golden": golden})
+            )
+
+        def start(golden: str) -> float:
+            vm = backend(golden)
+            t0 = time.monotonic()
+            try:
+                vm.power_on()
+                vm.wait_for_tools()
+                return time.monotonic() - t0
+            finally:
+                vm.power_off()
+
+        start("yes")  # builds the golden checkpoint once, untimed
+        probe = backend("no")
+        probe.power_on()
+        print(f"qemu backend: accelerator {probe.accel.accel if probe.accel else '?'}")
+        if probe.accel_note:
+            print(f"  note: {probe.accel_note}")
+        probe.power_off()
+
+        print("start to guest agent answering")
+        _row("cold boot (PVH vmlinux + initramfs)", _median(lambda: start("no")))
+        _row("golden checkpoint (incoming migration)", _median(lambda: start("yes")))
+
+        vm = backend("yes")
+        vm.power_on()
+        vm.wait_for_tools()
+        vm.start_program(["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); sleep 0.05; done"])
+        overlay = vm.workdir / "disk.qcow2"
+        print("checkpoints (live guest with a running program)")
+        names = iter(range(100))
+
+        def save() -> float:
+            t0 = time.monotonic()
+            vm.snapshot_create(f"s{next(names)}")
+            return time.monotonic() - t0
+
+        before = _size(overlay)
+        _row("QMP snapshot-save job (chosen)", _median(save))
+        print(f"  {'qcow2 growth per snapshot':<44} {(_size(overlay) - before) / RUNS:7.1f} MB")
+
+        def revert() -> float:
+            t0 = time.monotonic()
+            vm.snapshot_revert("s0")
+            return time.monotonic() - t0
+
+        _row("snapshot-load in the same process (+ agent)", _median(revert))
+
+        def hmp(cmd: str) -> float:
+            t0 = time.monotonic()
+            out = vm.qmp("human-monitor-command", {"command-line": cmd}, timeout=300)
+            assert not str(out).strip(), out
+            return time.monotonic() - t0
+
+        _row("HMP savevm", _median(lambda: hmp(f"savevm h{next(names)}")))
+        _row("HMP loadvm", _median(lambda: hmp("loadvm s0")))
+        mig = vm.workdir / "state.mig"
+
+        def migrate() -> float:
+            t0 = time.monotonic()
+            vm.qmp("stop")
+            vm.qmp("migrate-set-parameters", {"max-bandwidth": 16 * 1024**3})
+            vm.qmp("migrate", {"uri": "exec:cat > state.mig"})
+            while vm.qmp("query-migrate").get("status") not in ("completed", "failed"):
+                time.sleep(0.005)
+            took = time.monotonic() - t0
+            vm.qmp("cont")
+            return took
+
+        _row("stop + migrate to a file (disk not included)", _median(migrate))
+        print(f"  {'migration file size':<44} {_size(mig):7.1f} MB")
+        vm.power_off()
+
+        def restore_new_process() -> float:
+            other = QemuBackend(vm.spec)
+            t0 = time.monotonic()
+            try:
+                other.power_on(snapshot="s0")
+                return time.monotonic() - t0
+            finally:
+                other.power_off()
+
+        _row("new process: power_on(snapshot=) to agent", _median(restore_new_process))
+
+        vm = backend("yes")
+        vm.power_on()
+        vm.wait_for_tools()
+        src = root / "xfer.bin"
+        src.write_bytes(os.urandom(XFER_BYTES))
+        print(f"guest-agent file transfer, {XFER_BYTES // 2**20} MiB in 4 MiB chunks")
+
+        def push() -> float:
+            t0 = time.monotonic()
+            vm.copy_to_guest(src, "/scratch/boincvm/xfer.bin")
+            return XFER_BYTES / 1e6 / (time.monotonic() - t0)
+
+        def pull() -> float:
+            t0 = time.monotonic()
+            vm.copy_from_guest("/scratch/boincvm/xfer.bin", root / "back.bin")
+            return XFER_BYTES / 1e6 / (time.monotonic() - t0)
+
+        _row("host -> guest", _median(push), "MB/s")
+        _row("guest -> host", _median(pull), "MB/s")
+        vm.power_off()
+
+
+if __name__ == "__main__":
+    main()
