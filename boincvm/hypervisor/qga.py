@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
@@ -249,7 +249,3 @@ def is_missing_file(exc: GuestError) -> bool:
     """True when an agent error says the file does not exist."""
     return "No such file" in str(exc) or "not found" in str(exc).lower()
 
-
-def ok_reply(value: object) -> dict[str, Any]:
-    """Narrow an agent reply to a dictionary."""
-    return cast(dict[str, Any], value)
