@@ -177,6 +177,8 @@ def install_project_files(task: LocalTask, layout: SlotLayout) -> None:
             _check_name(f.open_name, "open name")
         dest = layout.project_dir / f.name
         try:
+            if dest.is_file() and dest.stat().st_size == f.source.stat().st_size:
+                continue  # BOINC files are immutable: same name, same file (as a client that has it)
             shutil.copyfile(f.source, dest)
         except FileNotFoundError:
             raise ClientError(f"{f.source} does not exist") from None

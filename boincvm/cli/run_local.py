@@ -1,0 +1,198 @@
+"""``boincvm run-local``: run a workunit end to end here, playing the BOINC client."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from boincvm.cli import console
+
+if TYPE_CHECKING:
+    from boincvm.runlocal import LiveState
+
+
+@click.command("run-local")
+@click.argument("workunit_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option(
+    "--app-version",
+    "app_version",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    required=True,
+    help="App version directory (from package-image).",
+)
+@click.option("--workunit", "name", help="Which workunit of a batch (default: the first).")
+@click.option(
+    "--results",
+    "results_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("results"),
+    show_default=True,
+    help="Where the outputs and summary go.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The emulated client's data directory [default: ~/.cache/boincvm/client].",
+)
+@click.option(
+    "--checkpoint-period",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="The client's checkpoint period preference (seconds).",
+)
+@click.option(
+    "--timeout", type=float, default=3600.0, show_default=True, help="Abort after this many seconds."
+)
+@click.option(
+    "--suspend-at",
+    multiple=True,
+    metavar="WHEN[:SECONDS]",
+    help="Suspend at WHEN (seconds, PHASE or PHASE+SECONDS) for SECONDS (default 10).",
+)
+@click.option(
+    "--quit-at", multiple=True, metavar="WHEN", help="Ask the wrapper to quit (preemption), then restart it."
+)
+@click.option("--kill-at", multiple=True, metavar="WHEN", help="SIGKILL the wrapper, then restart it.")
+@click.option("--abort-at", multiple=True, metavar="WHEN", help="Abort the task.")
+@click.option("--heartbeat-loss-at", multiple=True, metavar="WHEN", help="Stop sending heartbeats.")
+@click.option("--keep-slot", is_flag=True, help="Leave the slot directory as it is at the end.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+def command(
+    workunit_dir: Path,
+    app_version: Path,
+    name: str | None,
+    results_dir: Path,
+    data_dir: Path | None,
+    checkpoint_period: float,
+    timeout: float,
+    suspend_at: tuple[str, ...],
+    quit_at: tuple[str, ...],
+    kill_at: tuple[str, ...],
+    abort_at: tuple[str, ...],
+    heartbeat_loss_at: tuple[str, ...],
+    keep_slot: bool,
+    as_json: bool,
+) -> None:
+    """Run a workunit of WORKUNIT_DIR with an app version, as the BOINC client would.
+
+    WHEN is seconds after the start (30), a wrapper phase (boot, restore, install, run,
+    checkpoint, copy-out) or a phase plus seconds (run+5).
+    """
+    from boincvm.errors import WorkunitFailed
+    from boincvm.runlocal import Fault, FaultKind, RunLocalRequest, default_data_dir, run_local
+
+    faults = tuple(
+        Fault.parse(kind, spec)
+        for kind, specs in (
+            (FaultKind.SUSPEND, suspend_at),
+            (FaultKind.QUIT, quit_at),
+            (FaultKind.KILL, kill_at),
+            (FaultKind.ABORT, abort_at),
+            (FaultKind.HEARTBEAT_LOSS, heartbeat_loss_at),
+        )
+        for spec in specs
+    )
+    req = RunLocalRequest(
+        workunit_dir=workunit_dir,
+        app_version_dir=app_version,
+        results_dir=results_dir,
+        data_dir=data_dir or default_data_dir(),
+        workunit=name,
+        faults=faults,
+        timeout=timeout,
+        checkpoint_period=checkpoint_period,
+        keep_slot=keep_slot,
+    )
+    view = _View()
+    with view:
+        summary = run_local(req, view.update)
+    _show_summary(summary)
+    if as_json:
+        console.out(json.dumps(summary.as_dict(), indent=2))
+    (results_dir / "summary.json").write_text(
+        json.dumps(summary.as_dict(), indent=2) + "\n", encoding="utf-8"
+    )
+    if not summary.ok:
+        raise WorkunitFailed(
+            f"workunit {summary.workunit}: {summary.outcome}: {summary.message}",
+            hint=f"see {results_dir / 'stderr.txt'} for the wrapper's log",
+        )
+
+
+class _View:
+    """A rich live panel on a terminal; plain lines for phase changes and events elsewhere."""
+
+    def __init__(self) -> None:
+        from rich.live import Live
+
+        self.live = (
+            Live(console=console.err, refresh_per_second=4, transient=False)
+            if console.interactive()
+            else None
+        )
+        self.last_phase = ""
+        self.events_shown = 0
+
+    def __enter__(self) -> _View:
+        if self.live is not None:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+
+    def update(self, state: LiveState) -> None:
+        if self.live is not None:
+            from rich.table import Table
+
+            table = Table.grid(padding=(0, 2))
+            table.add_row("phase", state.phase)
+            table.add_row("fraction done", f"{state.fraction_done:6.1%}")
+            table.add_row("CPU time", f"{state.cpu_time:8.1f} s")
+            table.add_row("elapsed", f"{state.elapsed:8.1f} s")
+            table.add_row("checkpoints", str(state.checkpoints))
+            table.add_row("starts", str(state.starts))
+            if state.accel:
+                table.add_row("accelerator", state.accel)
+            table.add_row("guest output", state.last_output[-80:])
+            for event in state.events[-4:]:
+                table.add_row("event", event)
+            self.live.update(table)
+            return
+        for event in state.events[self.events_shown :]:
+            console.info(event)
+        self.events_shown = len(state.events)
+        if state.phase != self.last_phase:
+            console.info(
+                f"{state.elapsed:6.1f}s  phase {state.phase}  ({state.fraction_done:.0%} done, "
+                f"cpu {state.cpu_time:.1f} s, {state.checkpoints} checkpoints)"
+            )
+            self.last_phase = state.phase
+
+
+def _show_summary(summary: object) -> None:
+    from rich.table import Table
+
+    from boincvm.runlocal import RunSummary
+
+    assert isinstance(summary, RunSummary)
+    table = Table(title=f"workunit {summary.workunit}", show_header=False)
+    table.add_row("outcome", f"{summary.outcome} ({'ok' if summary.ok else 'FAILED'})")
+    table.add_row("message", summary.message)
+    table.add_row("elapsed", f"{summary.elapsed:.1f} s")
+    table.add_row("CPU time claimed", f"{summary.cpu_time:.2f} s")
+    table.add_row("credit claimed", f"{summary.credit_claimed:.4f}")
+    table.add_row("checkpoints", str(summary.checkpoints))
+    table.add_row("starts", str(summary.starts))
+    for phase, secs in summary.timings.items():
+        table.add_row(f"time in {phase}", f"{secs:.2f} s")
+    for o in summary.outputs:
+        table.add_row(
+            f"output {o['name']}", f"{o['size']} bytes" + (f"  ERROR: {o['error']}" if o.get("error") else "")
+        )
+    console.err.print(table)

@@ -1,0 +1,14 @@
+"""``boincvm wrapper``: run the wrapper in the current directory (a BOINC slot)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("wrapper", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def command(args: tuple[str, ...]) -> None:
+    """Run the wrapper as the BOINC client would start it (for debugging; the app version ships its own)."""
+    from boincvm.wrapper_main import main
+
+    raise SystemExit(main(list(args)))

@@ -1,0 +1,597 @@
+"""The wrapper's state machine: one workunit in one VM, written against two interfaces.
+
+It speaks to the BOINC client only through :class:`~boincvm.boinc.api.BoincApp` and to
+the hypervisor only through :class:`~boincvm.hypervisor.base.Backend`:
+
+1. power the VM up from the app version's image through the slot's overlay;
+2. if the workunit has a committed checkpoint, revert to it and go to 4;
+3. copy the package and inputs in, install the package, start the program;
+4. loop: poll the program, forward fraction done and the credit report, honour
+   suspend / resume / quit / abort / a lost client, checkpoint when due (snapshot, then
+   commit the checkpoint record atomically, then drop the previous snapshot), honour the
+   completion and temporary-exit trigger files;
+5. when the program ends: copy the results out, uninstall the package, drop the
+   snapshots, report the final CPU time, write the finish file, power off.
+
+Checkpoints are crash-consistent: a checkpoint exists only once ``boincvm_checkpoint.json``
+names it (written with fsync and an atomic rename after the snapshot completed), so a
+wrapper killed at any instant, even mid-snapshot, resumes from the last committed one.
+The wrapper never prints; it logs, and the client keeps its stderr in ``stderr.txt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from boincvm.boinc.api import BoincApp
+from boincvm.boinc.files import ExitCode
+from boincvm.errors import (
+    BoincvmError,
+    GuestError,
+    GuestProgramFailed,
+    GuestToolsMissing,
+    HypervisorError,
+    HypervisorUnavailable,
+    InputError,
+    OutputError,
+    PathEscapeError,
+)
+from boincvm.hypervisor.base import Backend, GuestProcess, ProcessStatus, VmSpec
+from boincvm.job import CpuTimeSource, ResolvedJob
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "boincvm_checkpoint.json"
+STATUS_FILE = "boincvm_status.json"
+VM_DIR = "boincvm_vm"
+#: Seconds between polls of the guest program (and of its progress files).
+POLL_PERIOD = 1.0
+#: On quit, take a checkpoint first when the last one is older than this.
+QUIT_CHECKPOINT_AFTER = 10.0
+#: A VM that dies under us: ask the client to restart us after this many seconds.
+VM_DIED_RETRY = 120.0
+INSTALL_TIMEOUT = 600.0
+
+
+class Phase(enum.StrEnum):
+    """Where the wrapper is; written to the status file for run-local's live view."""
+
+    BOOT = "boot"
+    RESTORE = "restore"
+    INSTALL = "install"
+    RUN = "run"
+    CHECKPOINT = "checkpoint"
+    SUSPENDED = "suspended"
+    COPY_OUT = "copy-out"
+    CLEANUP = "cleanup"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What ``boincvm_checkpoint.json`` says: the last committed checkpoint of this slot."""
+
+    snapshot: str
+    guest_pid: int
+    sequence: int
+    cpu_time: float
+    elapsed: float
+    checkpoints: int = 1
+
+
+class CheckpointStore:
+    """Reads and atomically commits the checkpoint record of a slot."""
+
+    def __init__(self, slot_dir: Path) -> None:
+        self.path = slot_dir / CHECKPOINT_FILE
+
+    def load(self) -> CheckpointRecord | None:
+        """The committed record, or None (none yet, or an unreadable one: start afresh)."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            return CheckpointRecord(**data)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("ignoring unreadable %s (%s); starting the job afresh", self.path.name, exc)
+            return None
+
+    def commit(self, record: CheckpointRecord) -> None:
+        """Write the record durably: temp file, fsync, rename, fsync of the directory."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            json.dump(asdict(record), f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def clear(self) -> None:
+        """Forget the checkpoint (the job is over)."""
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class StatusReport:
+    """What the wrapper tells run-local through ``boincvm_status.json`` (not part of BOINC's protocol)."""
+
+    phase: str = Phase.BOOT.value
+    fraction_done: float = 0.0
+    cpu_time: float = 0.0
+    checkpoints: int = 0
+    restored_from: str | None = None
+    last_output: str = ""
+    accel: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class WrapperInputs:
+    """Everything the wrapper needs, resolved from the slot.
+
+    Attributes:
+        job: the complete job (app defaults merged with the workunit's job).
+        wu_args: the workunit's command line, as the client passed it, appended in the guest.
+        kernel, initrd, image: host paths of the app version's image files.
+        package: host path of the guest package, or None.
+        inputs: (host path, guest path) of each input file.
+    """
+
+    job: ResolvedJob
+    wu_args: tuple[str, ...]
+    kernel: Path | None
+    initrd: Path | None
+    image: Path | None
+    package: Path | None
+    inputs: tuple[tuple[Path, str], ...]
+
+
+BackendFactory = Callable[[VmSpec], Backend]
+
+
+class Wrapper:
+    """Runs one workunit to an exit code. See the module docstring for the steps."""
+
+    def __init__(
+        self,
+        app: BoincApp,
+        inputs: WrapperInputs,
+        backend_factory: BackendFactory,
+        *,
+        poll_period: float = POLL_PERIOD,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.app = app
+        self.inputs = inputs
+        self.job = inputs.job
+        self.slot = app.slot_dir
+        self.store = CheckpointStore(self.slot)
+        self.poll_period = poll_period
+        self.clock = clock
+        self.status = StatusReport()
+        self.spec = VmSpec(
+            name=f"boincvm-{secrets.token_hex(4)}",
+            workdir=self.slot / VM_DIR,
+            image=inputs.image,
+            kernel=inputs.kernel,
+            initrd=inputs.initrd,
+            kernel_cmdline=self.job.kernel_cmdline,
+            memory_mb=self.job.memory_size_mb,
+            ncpus=self.job.ncpus,
+            enable_network=self.job.enable_network,
+            boot_timeout=self.job.boot_timeout,
+        )
+        self.vm = backend_factory(self.spec)
+        self._guest_cpu_start: float | None = None
+        self._last_checkpoint_at = clock()
+        self._elapsed_before = 0.0
+        self._started_at = clock()
+
+    # -- small helpers --------------------------------------------------------
+    @contextlib.contextmanager
+    def _phase(self, phase: Phase) -> Iterator[None]:
+        previous = self.status.phase
+        self.status.phase = phase.value
+        self._write_status()
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            self.status.timings[phase.value] = self.status.timings.get(phase.value, 0.0) + self.clock() - t0
+            self.status.phase = previous
+            self._write_status()
+
+    def _write_status(self) -> None:
+        path = self.slot / STATUS_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(asdict(self.status)), encoding="utf-8")
+            tmp.replace(path)
+        except OSError as exc:  # only run-local reads it; never fail the job for it
+            log.debug("status file: %s", exc)
+
+    def _run_cpu(self) -> float:
+        """CPU seconds of this run, as the job says they are claimed."""
+        if self.job.cpu_time_source is CpuTimeSource.GUEST:
+            guest = self.vm.guest_cpu_time()
+            if guest is not None:
+                if self._guest_cpu_start is None:
+                    self._guest_cpu_start = guest
+                return max(0.0, guest - self._guest_cpu_start)
+        return self.vm.host_cpu_time()
+
+    def _guest(self, name: str) -> str:
+        return self.job.guest_path(name)
+
+    def _sh(self, script: str, *, timeout: float = 60.0, what: str) -> ProcessStatus:
+        status = self.vm.run_program(["/bin/sh", "-c", script], timeout=timeout)
+        if not status.succeeded:
+            err = (status.stderr_tail or status.stdout_tail).decode("utf-8", "replace").strip()
+            raise GuestProgramFailed(f"{what} failed in the guest (exit {status.exit_code}): {err[-300:]}")
+        return status
+
+    # -- the run --------------------------------------------------------------
+    def run(self) -> int:
+        """Run the workunit; return the process exit code (the finish/temporary-exit files are written)."""
+        record = self.store.load()
+        try:
+            try:
+                if record is not None:
+                    proc = self._restore(record)
+                else:
+                    proc = self._fresh_start()
+                return self._main_loop(proc, record)
+            except HypervisorUnavailable as exc:
+                return self._fail(
+                    ExitCode.INIT_FAILURE, f"{exc.message}" + (f" ({exc.hint})" if exc.hint else "")
+                )
+            except GuestToolsMissing as exc:
+                return self._fail(ExitCode.INIT_FAILURE, exc.message)
+            except (InputError, PathEscapeError) as exc:
+                return self._fail(ExitCode.INIT_FAILURE, exc.message)
+            except OutputError as exc:
+                return self._fail(ExitCode.CHILD_FAILED, exc.message)
+            except GuestProgramFailed as exc:
+                return self._fail(ExitCode.CHILD_FAILED, exc.message)
+            except (HypervisorError, GuestError) as exc:
+                # The VM died or misbehaved: come back later and resume from the last checkpoint.
+                log.error("%s", exc.message)
+                self.vm.power_off(soft_timeout=0)
+                self.status.message = exc.message
+                self._write_status()
+                return self.app.temporary_exit(VM_DIED_RETRY, f"VM problem: {exc.message}")
+        finally:
+            self.vm.power_off(soft_timeout=2.0)
+
+    def _fail(self, code: int, message: str) -> int:
+        log.error("%s", message)
+        self.status.message = message
+        self.status.phase = Phase.DONE.value
+        self._write_status()
+        self.vm.power_off(soft_timeout=0)
+        self.store.clear()
+        return self.app.finish(int(code), message)
+
+    def _restore(self, record: CheckpointRecord) -> GuestProcess:
+        log.info("resuming from checkpoint %s", record.snapshot)
+        self.status.restored_from = record.snapshot
+        self.status.checkpoints = record.checkpoints
+        self._elapsed_before = record.elapsed
+        with self._phase(Phase.RESTORE):
+            self.vm.power_on(snapshot=record.snapshot)
+            self.vm.wait_for_tools()
+        self._note_accel()
+        return GuestProcess(pid=record.guest_pid, argv=(self.job.application,))
+
+    def _note_accel(self) -> None:
+        note = getattr(self.vm, "accel_note", None)
+        accel = getattr(self.vm, "accel", None)
+        self.status.accel = str(getattr(accel, "accel", "")) if accel is not None else ""
+        if note:
+            log.warning("%s", note)
+
+    def _fresh_start(self) -> GuestProcess:
+        with self._phase(Phase.BOOT):
+            self.vm.power_on()
+            self.vm.wait_for_tools()
+        self._note_accel()
+        with self._phase(Phase.INSTALL):
+            self._install()
+        argv = self._program_argv()
+        log.info("starting %s", shlex.join(argv))
+        env = dict(self.job.setenv)
+        proc = self.vm.start_program(argv, env=env or None, cwd=self.job.exec_dir)
+        return proc
+
+    def _program_argv(self) -> list[str]:
+        fixed = shlex.split(self.job.command_line) if self.job.command_line else []
+        return [self.job.application, *fixed, *self.inputs.wu_args]
+
+    def _install(self) -> None:
+        exec_dir = self.job.exec_dir
+        dirs = {exec_dir} | {os.path.dirname(self._guest(g)) for _, g in self.inputs.inputs}  # noqa: PTH120
+        for name in (self.job.fraction_done_filename, self.job.credit_report_filename):
+            if name:
+                dirs.add(os.path.dirname(self._guest(name)))  # noqa: PTH120
+        self._sh(
+            "mkdir -p " + " ".join(shlex.quote(d) for d in sorted(dirs) if d), what="making the job directory"
+        )
+        for host, guest in self.inputs.inputs:
+            self.vm.copy_to_guest(host, self._guest(guest))
+        if self.inputs.package is not None and self.job.package is not None:
+            from boincvm.guest_install import install_script, package_guest_path
+
+            kind = self.job.package.resolved_kind
+            assert kind is not None
+            guest_pkg = package_guest_path(kind, exec_dir)
+            self.vm.copy_to_guest(self.inputs.package, guest_pkg)
+            self._sh(install_script(kind, guest_pkg), timeout=INSTALL_TIMEOUT, what="installing the package")
+
+    # -- the main loop --------------------------------------------------------
+    def _main_loop(self, proc: GuestProcess, record: CheckpointRecord | None) -> int:
+        app = self.app
+        paused = False
+        run_t0 = self.clock()
+        self.status.phase = Phase.RUN.value
+        self._write_status()
+        next_poll = 0.0
+        while True:
+            app.tick()
+            now = self.clock()
+            if app.abort_requested:
+                log.info("aborted by the client")
+                self.vm.power_off(soft_timeout=0)
+                self.store.clear()
+                return app.exit_abort()
+            if app.client_gone:
+                log.warning("the client is gone; stopping the VM")
+                self.vm.power_off(soft_timeout=0)
+                return app.exit_quit()
+            if app.quit_requested:
+                log.info("the client asked us to quit; we will resume later")
+                if paused:
+                    self.vm.resume()
+                    paused = False
+                if (
+                    now - self._last_checkpoint_at > QUIT_CHECKPOINT_AFTER
+                    and not self.job.disable_automatic_checkpoints
+                ):
+                    record = self._checkpoint(proc, record)
+                self.vm.power_off(soft_timeout=2.0)
+                return app.exit_quit()
+            if app.suspended and not paused:
+                self.vm.pause()
+                paused = True
+                self.status.phase = Phase.SUSPENDED.value
+                self._write_status()
+            elif not app.suspended and paused:
+                self.vm.resume()
+                paused = False
+                self.status.phase = Phase.RUN.value
+                self._write_status()
+            if paused:
+                time.sleep(0.2)
+                continue
+            if now >= next_poll:
+                next_poll = now + self.poll_period
+                status = self.vm.poll_program(proc)
+                self._report_progress(status)
+                if not status.running:
+                    self.status.timings[Phase.RUN.value] = self.clock() - run_t0
+                    return self._complete(status, record)
+                trigger = self._check_triggers()
+                if trigger is not None:
+                    kind, code, message, delay = trigger
+                    if kind == "completion":
+                        return self._complete(ProcessStatus(running=False, exit_code=code), record, message)
+                    record = self._checkpoint(proc, record)
+                    self.vm.power_off(soft_timeout=2.0)
+                    return app.temporary_exit(delay, message or "the guest asked for a temporary exit")
+                if (
+                    self.job.time_limit is not None
+                    and now - run_t0 + self._elapsed_before > self.job.time_limit
+                ):
+                    log.info("time limit of %g s reached; the job counts as done", self.job.time_limit)
+                    return self._complete(ProcessStatus(running=False, exit_code=0), record)
+                if not self.job.disable_automatic_checkpoints and self._checkpoint_due(now):
+                    record = self._checkpoint(proc, record)
+            time.sleep(min(0.2, self.poll_period))
+
+    def _checkpoint_due(self, now: float) -> bool:
+        if now - self._last_checkpoint_at < self.job.minimum_checkpoint_interval:
+            return False
+        return self.app.time_to_checkpoint()
+
+    def _report_progress(self, status: ProcessStatus) -> None:
+        fraction: float | None = None
+        ops: float | None = None
+        if self.job.fraction_done_filename:
+            fraction = _last_number(
+                self.vm.read_guest_file(self._guest(self.job.fraction_done_filename), max_bytes=4096)
+            )
+        if self.job.credit_report_filename:
+            ops = _last_number(
+                self.vm.read_guest_file(self._guest(self.job.credit_report_filename), max_bytes=4096)
+            )
+        cpu = self._run_cpu()
+        self.app.report(
+            min(max(fraction, 0.0), 1.0) if fraction is not None else None,
+            cpu_time=cpu,
+            fpops_cumulative=ops,
+        )
+        if fraction is not None:
+            self.status.fraction_done = min(max(fraction, 0.0), 1.0)
+        self.status.cpu_time = self.app.last_status.current_cpu_time
+        tail = (status.stdout_tail or status.stderr_tail)[-200:].decode("utf-8", "replace").strip()
+        if tail:
+            self.status.last_output = tail.splitlines()[-1]
+        self._write_status()
+
+    def _check_triggers(self) -> tuple[str, int, str, float] | None:
+        for kind, name in (
+            ("completion", self.job.completion_trigger_file),
+            ("temporary_exit", self.job.temporary_exit_trigger_file),
+        ):
+            if not name:
+                continue
+            data = self.vm.read_guest_file(self._guest(name), max_bytes=65536)
+            if data is None:
+                continue
+            lines = data.decode("utf-8", "replace").splitlines()
+            first = lines[0].strip() if lines else ""
+            message = "\n".join(lines[2:]).strip()
+            with contextlib.suppress(GuestError):
+                self.vm.run_program(["/bin/rm", "-f", self._guest(name)], timeout=30)
+            if kind == "completion":
+                return kind, _int_or(first, 0), message, 0.0
+            return kind, 0, message, float(_int_or(first, 300))
+        return None
+
+    def _checkpoint(self, proc: GuestProcess, record: CheckpointRecord | None) -> CheckpointRecord | None:
+        """Snapshot, commit, then drop the previous snapshot; the record the slot now has."""
+        sequence = (record.sequence if record else 0) + 1
+        name = f"boincvm-ck{sequence}-{secrets.token_hex(3)}"
+        with self._phase(Phase.CHECKPOINT):
+            cpu = self._run_cpu()
+            self.vm.snapshot_create(name)
+            elapsed = self._elapsed_before + (self.clock() - self._started_at)
+            new = CheckpointRecord(
+                snapshot=name,
+                guest_pid=proc.pid,
+                sequence=sequence,
+                cpu_time=cpu,
+                elapsed=elapsed,
+                checkpoints=(record.checkpoints if record else 0) + 1,
+            )
+            self.store.commit(new)
+            if record is not None:
+                try:
+                    self.vm.snapshot_delete(record.snapshot)
+                except BoincvmError as exc:  # a stale snapshot only costs disk space
+                    log.warning("could not delete snapshot %s: %s", record.snapshot, exc)
+        self.app.checkpoint_completed(cpu_time=cpu)
+        self._last_checkpoint_at = self.clock()
+        self.status.checkpoints = new.checkpoints
+        self._write_status()
+        log.info("checkpoint %s committed (%d so far)", name, new.checkpoints)
+        return new
+
+    # -- the end --------------------------------------------------------------
+    def _complete(self, status: ProcessStatus, record: CheckpointRecord | None, message: str = "") -> int:
+        out = (status.stdout_tail + status.stderr_tail).decode("utf-8", "replace").strip()
+        if out:
+            log.info("guest program output (tail):\n%s", out[-2000:])
+        if status.exit_code != 0 or status.signal is not None:
+            what = f"signal {status.signal}" if status.signal is not None else f"code {status.exit_code}"
+            return self._fail(ExitCode.CHILD_FAILED, message or f"the guest program exited with {what}")
+        with self._phase(Phase.COPY_OUT):
+            self._copy_out()
+        with self._phase(Phase.CLEANUP):
+            self._cleanup(record)
+        cpu = self._run_cpu()
+        self.app.report(1.0, cpu_time=cpu)
+        self.status.cpu_time = self.app.last_status.current_cpu_time
+        self.status.fraction_done = 1.0
+        self.status.phase = Phase.DONE.value
+        self._write_status()
+        self.vm.power_off(soft_timeout=2.0)
+        self.store.clear()
+        return self.app.finish(0, message or None)
+
+    def _copy_out(self) -> None:
+        for out in self.job.output_files:
+            target = self.app.resolve(out.open_name)
+            project = Path(self.app.init_data.project_dir) if self.app.init_data.project_dir else None
+            _check_inside(target, (self.slot, project))
+            guest = self._guest(out.guest_path)
+            part = self.slot / f".boincvm-{out.open_name}.part"
+            try:
+                self.vm.copy_from_guest(guest, part, max_bytes=out.max_nbytes)
+            except OutputError as exc:
+                part.unlink(missing_ok=True)
+                if (
+                    out.optional
+                    and "does not exist" in exc.message
+                    or out.optional
+                    and "missing" in exc.message
+                ):
+                    log.info("optional output %s is absent", out.open_name)
+                    continue
+                raise OutputError(f"output {out.open_name}: {exc.message}") from exc
+            part.replace(target)
+            log.info("output %s: %d bytes", out.open_name, target.stat().st_size)
+
+    def _cleanup(self, record: CheckpointRecord | None) -> None:
+        if self.inputs.package is not None and self.job.package is not None:
+            from boincvm.guest_install import uninstall_script
+
+            kind = self.job.package.resolved_kind
+            assert kind is not None
+            try:
+                self._sh(
+                    uninstall_script(kind, self.job.exec_dir), timeout=120, what="uninstalling the package"
+                )
+            except BoincvmError as exc:
+                log.warning("%s", exc.message)
+        if record is not None:
+            with contextlib.suppress(BoincvmError):
+                self.vm.snapshot_delete(record.snapshot)
+
+
+def _last_number(data: bytes | None) -> float | None:
+    if not data:
+        return None
+    found = re.findall(rb"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", data[-256:])
+    if not found:
+        return None
+    try:
+        return float(found[-1])
+    except ValueError:
+        return None
+
+
+def _int_or(text: str, default: int) -> int:
+    try:
+        return int(float(text))
+    except ValueError:
+        return default
+
+
+def _check_inside(path: Path, roots: Sequence[Path | None]) -> None:
+    real = path.resolve()
+    for root in roots:
+        if root is not None and real.is_relative_to(root.resolve()):
+            return
+    raise PathEscapeError(f"output path {path} resolves outside the slot and project directories")
+
+
+def quote_args(args: Sequence[str]) -> str:
+    """Join arguments for a guest shell."""
+    return shlex.join(list(args))
+
+
+__all__ = [
+    "CheckpointRecord",
+    "CheckpointStore",
+    "Phase",
+    "StatusReport",
+    "Wrapper",
+    "WrapperInputs",
+    "replace",
+]

@@ -1,0 +1,149 @@
+"""The wrapper's entry point: what the BOINC client starts in a slot directory.
+
+``main`` reads the slot (init_data.xml, the vm job files through their soft links), runs
+:class:`~boincvm.wrapper.Wrapper` and returns the exit code. It logs to stderr, which the
+client keeps as ``stderr.txt``; it never needs a terminal. It is the ``__main__`` of the
+wrapper zip application that ``package-image`` ships, and ``boincvm wrapper`` runs it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from boincvm.boinc.api import BoincApp, slot_locked_exit
+from boincvm.boinc.errors import SlotLocked
+from boincvm.boinc.files import ExitCode, write_finish_file
+from boincvm.errors import BoincvmError, InputError
+from boincvm.job import DEFAULTS_OPEN_NAME, JOB_OPEN_NAME, VmJob, load_job, resolve
+from boincvm.wrapper import Wrapper, WrapperInputs
+
+log = logging.getLogger("boincvm.wrapper")
+
+#: Options the client or a plan class may put before the workunit's arguments.
+_OWN_OPTIONS = ("--nthreads", "--device", "--memory_size_mb")
+
+
+def split_args(argv: Sequence[str]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Separate the wrapper's own options (``--nthreads N`` ...) from the workunit's arguments."""
+    own: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in _OWN_OPTIONS and i + 1 < len(argv):
+            own[argv[i].lstrip("-")] = argv[i + 1]
+            i += 2
+            continue
+        rest.append(argv[i])
+        i += 1
+    return own, tuple(rest)
+
+
+def load_inputs(app: BoincApp, wu_args: tuple[str, ...], own: dict[str, str]) -> WrapperInputs:
+    """Read and merge the vm job files and resolve every file the job names.
+
+    Raises:
+        InputError, XmlError: a job file is missing or invalid, or a file it names is missing.
+    """
+    job = VmJob()
+    defaults = app.resolve(DEFAULTS_OPEN_NAME)
+    if defaults.exists():
+        job = load_job(defaults)
+    wu_job_path = app.resolve(JOB_OPEN_NAME)
+    if not wu_job_path.exists():
+        raise InputError(
+            f"the workunit has no {JOB_OPEN_NAME}", hint="make workunits with boincvm make-workunit"
+        )
+    job = job.merged(load_job(wu_job_path))
+    if "nthreads" in own:
+        job = VmJob(**{**job.__dict__, "ncpus": max(1, int(float(own["nthreads"])))})
+    if "memory_size_mb" in own:
+        job = VmJob(**{**job.__dict__, "memory_size_mb": int(float(own["memory_size_mb"]))})
+    resolved = resolve(job)
+
+    def existing(logical: str | None, what: str) -> Path | None:
+        if logical is None:
+            return None
+        path = app.resolve(logical)
+        if not path.is_file():
+            raise InputError(f"{what} {logical!r} is not in the slot ({path} is missing)")
+        return path
+
+    inputs = tuple(
+        (existing(f.open_name, "input file") or Path(), f.guest_path) for f in resolved.input_files
+    )
+    return WrapperInputs(
+        job=resolved,
+        wu_args=wu_args,
+        kernel=existing(resolved.vm_kernel, "kernel"),
+        initrd=existing(resolved.vm_initrd, "initrd"),
+        image=existing(resolved.vm_image, "image"),
+        package=existing(resolved.package.file_name if resolved.package else None, "package"),
+        inputs=inputs,
+    )
+
+
+def _check_package(path: Path) -> None:
+    """Refuse a hostile package before anything reaches the guest (when the checker is available)."""
+    try:
+        from boincvm.package import check_package
+    except ImportError:
+        return
+    from boincvm.findings import has_errors
+
+    findings = list(check_package(path))
+    if has_errors(findings):
+        bad = next(f for f in findings if f.severity == "error")
+        raise InputError(f"the package was refused: {bad}", hint=bad.hint)
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001 - signal handler API
+    raise KeyboardInterrupt  # unwinds through the wrapper's finally blocks, which stop the VM
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the wrapper in the current directory (a BOINC slot); return the exit code."""
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s boincvm: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+    )
+    signal.signal(signal.SIGTERM, _sigterm)
+    own, wu_args = split_args(list(sys.argv[1:] if argv is None else argv))
+    slot = Path.cwd()
+    try:
+        app = BoincApp.start(slot)
+    except SlotLocked as err:
+        return slot_locked_exit(slot, err)
+    except BoincvmError as exc:
+        log.error("%s", exc.message)
+        write_finish_file(slot, int(ExitCode.INIT_FAILURE), exc.message)
+        return int(ExitCode.INIT_FAILURE)
+    with app.ticking():
+        try:
+            inputs = load_inputs(app, wu_args, own)
+            if inputs.package is not None:
+                _check_package(inputs.package)
+        except BoincvmError as exc:
+            log.error("%s%s", exc.message, f" (hint: {exc.hint})" if exc.hint else "")
+            return app.finish(int(ExitCode.INIT_FAILURE), exc.message)
+        from boincvm.hypervisor.base import backend_class
+
+        try:
+            factory = backend_class(inputs.job.backend)
+        except BoincvmError as exc:
+            return app.finish(int(ExitCode.INIT_FAILURE), exc.message)
+        try:
+            return Wrapper(app, inputs, factory).run()
+        except KeyboardInterrupt:
+            log.warning("terminated; the VM was stopped")
+            return app.exit_quit()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
