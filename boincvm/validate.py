@@ -93,9 +93,9 @@ def validate_path(path: Path, *, boot: bool = False) -> Report:
 
         findings = list(check_vmware(path))
     else:
-        from boincvm.image.inspect import check_image
+        from boincvm.image.inspect import check_guest_tools
 
-        findings = list(check_image(path, boot=boot))
+        findings = list(check_guest_tools(path, boot=boot))
     return Report(path, kind, tuple(findings))
 
 

@@ -62,6 +62,8 @@ QUIT_CHECKPOINT_AFTER = 10.0
 #: A VM that dies under us: ask the client to restart us after this many seconds.
 VM_DIED_RETRY = 120.0
 INSTALL_TIMEOUT = 600.0
+#: Seconds between reads of the guest's fraction-done and credit files.
+PROGRESS_PERIOD = 5.0
 
 
 class Phase(enum.StrEnum):
@@ -351,6 +353,7 @@ class Wrapper:
         self.status.phase = Phase.RUN.value
         self._write_status()
         next_poll = 0.0
+        next_progress = 0.0
         while True:
             app.tick()
             now = self.clock()
@@ -389,9 +392,12 @@ class Wrapper:
                 time.sleep(0.2)
                 continue
             if now >= next_poll:
-                next_poll = now + self.poll_period
+                # Poll fast at first (short programs end sooner), then once per poll period.
+                next_poll = now + (0.1 if now - run_t0 < 2.0 else self.poll_period)
                 status = self.vm.poll_program(proc)
-                self._report_progress(status)
+                if now >= next_progress or not status.running:
+                    next_progress = now + PROGRESS_PERIOD
+                    self._report_progress(status)
                 if not status.running:
                     self.status.timings[Phase.RUN.value] = self.clock() - run_t0
                     return self._complete(status, record)
@@ -411,7 +417,7 @@ class Wrapper:
                     return self._complete(ProcessStatus(running=False, exit_code=0), record)
                 if not self.job.disable_automatic_checkpoints and self._checkpoint_due(now):
                     record = self._checkpoint(proc, record)
-            time.sleep(min(0.2, self.poll_period))
+            time.sleep(0.05 if now - run_t0 < 2.0 else min(0.2, self.poll_period))
 
     def _checkpoint_due(self, now: float) -> bool:
         if now - self._last_checkpoint_at < self.job.minimum_checkpoint_interval:

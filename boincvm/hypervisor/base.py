@@ -231,7 +231,7 @@ class Backend(ABC):
         """Return a small guest file's contents (at most ``max_bytes``), or None if it does not exist."""
 
     # -- snapshots ------------------------------------------------------------
-    def snapshot_create(self, name: str) -> None:
+    def snapshot_create(self, name: str) -> None:  # noqa: ARG002 - default for backends without snapshots
         """Take a snapshot of the running VM (memory and disk) named ``name``; returns once it is complete."""
         raise UnsupportedOperation(f"{self.kind}: snapshots are not supported")
 
@@ -239,11 +239,11 @@ class Backend(ABC):
         """List the VM's snapshots."""
         raise UnsupportedOperation(f"{self.kind}: snapshots are not supported")
 
-    def snapshot_revert(self, name: str) -> None:
+    def snapshot_revert(self, name: str) -> None:  # noqa: ARG002
         """Return the running VM to snapshot ``name``."""
         raise UnsupportedOperation(f"{self.kind}: snapshots are not supported")
 
-    def snapshot_delete(self, name: str) -> None:
+    def snapshot_delete(self, name: str) -> None:  # noqa: ARG002
         """Delete snapshot ``name``."""
         raise UnsupportedOperation(f"{self.kind}: snapshots are not supported")
 
