@@ -96,8 +96,10 @@ from boincvm.hypervisor.vmware_config import (
     check_var,
     job_settings,
     read_secret,
+    share_settings,
     wrapper_script,
 )
+from boincvm.hypervisor.vmware_guestinfo import GuestinfoChannel
 from boincvm.hypervisor.vmware_host import LockFile, Pyvix, bounded, norm, vmx_process_cpu_seconds
 from boincvm.hypervisor.vmware_vmx import VmxFile
 
@@ -143,6 +145,15 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         self._accel_tried = False
         self._tools_seen = False
         self._cpu_seconds = 0.0
+        self.share = spec.workdir / "share"
+        self._gi: GuestinfoChannel | None = None
+        if self.opts.uses_guestinfo:
+            self._gi = GuestinfoChannel(
+                lambda command, params: self._call(command, self.vmx, params),
+                self.share,
+                self._next_job_number,
+                self.opts.call_timeout,
+            )
 
     # -- availability ----------------------------------------------------------------
     @classmethod
@@ -241,16 +252,26 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
             if not self.vmx.is_file():
                 raise vr.SnapshotNotFound(f"vmware: no VM in {self.spec.workdir} to revert to {snapshot!r}")
             self._call("revertToSnapshot", self.vmx, [snapshot], timeout=SNAPSHOT_TIMEOUT)
-            self._jobs.clear()
-            if not self.is_running():
-                self._start()
+            self._after_revert()
             return
         if self.vmx.is_file():
             self._discard_clone()
         self._make_clone()
         self._start()
 
+    def _after_revert(self) -> None:
+        self._jobs.clear()
+        if not self.is_running():
+            self._start()
+        elif self._gi is not None:
+            self._gi.after_start()  # the revert restored the snapshot's shared-folder state
+
     def _start(self) -> None:
+        self._power_on_vm()
+        if self._gi is not None:
+            self._gi.after_start()
+
+    def _power_on_vm(self) -> None:
         accel = self._accelerator()
         if accel is not None and not self.opts.gui:
             try:
@@ -287,7 +308,11 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
             timeout=SNAPSHOT_TIMEOUT,
         )
         vmx = VmxFile.load(self.vmx)
-        vmx.with_values(job_settings(vmx, self.spec)).save(self.vmx)
+        settings = job_settings(vmx, self.spec)
+        if self._gi is not None:
+            self.share.mkdir(parents=True, exist_ok=True)
+            settings.update(share_settings(self.share.resolve()))
+        vmx.with_values(settings).save(self.vmx)
 
     def _discard_clone(self) -> None:
         self._stop_hard()
@@ -334,7 +359,9 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
                 )
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
-        if self.opts.guest_user:
+        if self._gi is not None:
+            self._gi.wait_ready(deadline)
+        elif self.opts.guest_user:
             # "running" comes slightly before guest operations work: retry a harmless one.
             while True:
                 try:
@@ -391,6 +418,8 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         """
         if not argv:
             raise InputError("vmware: cannot start an empty command line")
+        if self._gi is not None:
+            return self._gi.start(argv, env or {}, cwd)
         login = self.login
         n = self._next_job_number()
         job = _Job(f"{self.opts.guest_tmp}/job-{n}")
@@ -414,6 +443,8 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
 
     def poll_program(self, proc: GuestProcess) -> ProcessStatus:
         """Read the job's ``rc`` file; while absent, check its shell's PID with ``listProcessesInGuest``."""
+        if self._gi is not None:
+            return self._gi.poll(proc)
         job = self._jobs.setdefault(proc.pid, _Job(f"{self.opts.guest_tmp}/job-{proc.pid}", checked=0.0))
         status = self._finished(job)
         if status is not None:
@@ -482,6 +513,9 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         """
         if not host_path.is_file():
             raise InputError(f"vmware: {host_path} is not a file")
+        if self._gi is not None:
+            self._gi.copy_to(host_path, guest_path)
+            return
         self._call("CopyFileFromHostToGuest", self.vmx, [str(host_path), guest_path], login=self.login)
 
     def copy_from_guest(self, guest_path: str, host_path: Path, *, max_bytes: int | None = None) -> int:
@@ -494,10 +528,16 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         """
         part = host_path.with_name(f".{host_path.name}.part")
         try:
-            try:
-                self._call("CopyFileFromGuestToHost", self.vmx, [guest_path, str(part)], login=self.login)
-            except vr.GuestFileMissing as exc:
-                raise OutputError(f"vmware: guest file {guest_path} does not exist") from exc
+            if self._gi is not None:
+                fetched = self._gi.fetch(guest_path)
+                if fetched is None:
+                    raise OutputError(f"vmware: guest file {guest_path} does not exist")
+                shutil.move(fetched, part)
+            else:
+                try:
+                    self._call("CopyFileFromGuestToHost", self.vmx, [guest_path, str(part)], login=self.login)
+                except vr.GuestFileMissing as exc:
+                    raise OutputError(f"vmware: guest file {guest_path} does not exist") from exc
             size = part.stat().st_size
             if max_bytes is not None and size > max_bytes:
                 raise OutputError(
@@ -510,6 +550,15 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
 
     def read_guest_file(self, guest_path: str, *, max_bytes: int = 65536) -> bytes | None:
         """Copy a small guest file out and return at most ``max_bytes`` of it, or None if it is missing."""
+        if self._gi is not None:
+            fetched = self._gi.fetch(guest_path)
+            if fetched is None:
+                return None
+            try:
+                with fetched.open("rb") as f:
+                    return f.read(max_bytes)
+            finally:
+                fetched.unlink(missing_ok=True)
         host = self._scratch()
         try:
             self._call("CopyFileFromGuestToHost", self.vmx, [guest_path, str(host)], login=self.login)
@@ -547,9 +596,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         if name not in self._snapshot_names():
             raise vr.SnapshotNotFound(f"vmware: no snapshot named {name!r}")
         self._call("revertToSnapshot", self.vmx, [name], timeout=SNAPSHOT_TIMEOUT)
-        self._jobs.clear()
-        if not self.is_running():
-            self._start()
+        self._after_revert()
         if self._tools_seen:
             self.wait_for_tools()
 

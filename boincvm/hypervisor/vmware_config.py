@@ -26,8 +26,41 @@ _KNOWN_OPTIONS = frozenset(
         "pyvix",
         "call_timeout",
         "gui",
+        "channel",
     }
 )
+CHANNELS = ("auto", "guestops", "guestinfo")
+#: The share's name (``.host:/boinc``) and where open-vm-tools mounts shares in the guest.
+SHARE_NAME = "boinc"
+SHARE_MOUNT = "/mnt/hgfs/boinc"
+
+#: The in-guest agent of the credential-free channel (POSIX sh + open-vm-tools' vmware-rpctool).
+#: Install it in the image as a boot service (e.g. a systemd unit ``ExecStart=/usr/local/sbin/
+#: boincvm-agent``). It announces itself in ``guestinfo.boinc.agent``; when the host sets
+#: ``guestinfo.boinc.job`` to ``"<number> <shell line>"`` with a new number, it runs the line (a
+#: :func:`wrapper_script` whose job directory is on the shared folder) in the background and
+#: acknowledges the number in ``guestinfo.boinc.ack``. A job directory is claimed with mkdir, so
+#: a job replayed after a snapshot revert does not run twice (the share is not reverted).
+AGENT_SCRIPT = r"""#!/bin/sh
+# boincvm guest agent for VMware: runs host jobs without guest credentials.
+share=${BOINCVM_SHARE:-/mnt/hgfs/boinc}
+rpc() { vmware-rpctool "$1" 2>/dev/null; }
+if [ ! -d "$share" ]; then
+    mkdir -p /mnt/hgfs && vmhgfs-fuse .host:/ /mnt/hgfs -o allow_other,subtype=vmhgfs-fuse
+fi
+rpc "info-set guestinfo.boinc.agent ready"
+ack=""
+while :; do
+    job=$(rpc "info-get guestinfo.boinc.job") || job=""
+    seq=${job%% *}
+    if [ -n "$seq" ] && [ "$seq" != "$ack" ]; then
+        (/bin/sh -c "${job#* }" </dev/null >/dev/null 2>&1 &)
+        ack=$seq
+        rpc "info-set guestinfo.boinc.ack $ack"
+    fi
+    sleep 0.1
+done
+"""
 
 
 @dataclass(frozen=True)
@@ -49,6 +82,12 @@ class VmwareOptions:
     pyvix: bool = True
     call_timeout: float = vr.DEFAULT_CALL_TIMEOUT
     gui: bool = False
+    channel: str = "auto"
+
+    @property
+    def uses_guestinfo(self) -> bool:
+        """True for the credential-free channel (explicitly, or by default when no guest user is set)."""
+        return self.channel == "guestinfo" or (self.channel == "auto" and not self.guest_user)
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> VmwareOptions:
@@ -83,6 +122,9 @@ class VmwareOptions:
         pyvix = options.get("pyvix", "auto")
         if pyvix not in ("auto", "off"):
             raise InputError("options.pyvix: must be auto or off")
+        channel = options.get("channel", "auto")
+        if channel not in CHANNELS:
+            raise InputError(f"options.channel: must be one of {', '.join(CHANNELS)}, not {channel!r}")
         gui = options.get("gui", "false").lower()
         if gui not in ("true", "false"):
             raise InputError("options.gui: must be true or false")
@@ -99,6 +141,7 @@ class VmwareOptions:
             pyvix=pyvix == "auto",
             call_timeout=call_timeout,
             gui=gui == "true",
+            channel=channel,
         )
 
 
@@ -172,13 +215,35 @@ def wrapper_script(directory: str, argv: Sequence[str], env: Mapping[str, str], 
         inner.append(f"export {key}={q(value)}")
     inner.append("exec " + " ".join(q(a) for a in argv))
     d = q(directory)
+    parent = q(directory.rsplit("/", 1)[0] or "/")
+    # mkdir (not -p) claims the directory: a job replayed after a revert finds it and stops.
     return (
-        f"mkdir -p {d} || exit 1; echo $$ >{d}/pid; "
+        f"mkdir -p {parent} && mkdir {d} || exit 1; echo $$ >{d}/pid; "
         f"( {' && '.join(inner)} ) >{d}/stdout 2>{d}/stderr </dev/null; "
         f"echo $? >{d}/rc.tmp && mv {d}/rc.tmp {d}/rc"
     )
 
 
+def share_settings(host_dir: Path) -> dict[str, str | None]:
+    """The .vmx keys that share ``host_dir`` read-write with the guest as ``.host:/boinc``."""
+    return {
+        "isolation.tools.hgfs.disable": "FALSE",
+        "sharedFolder.maxNum": "1",
+        "sharedFolder0.present": "TRUE",
+        "sharedFolder0.enabled": "TRUE",
+        "sharedFolder0.readAccess": "TRUE",
+        "sharedFolder0.writeAccess": "TRUE",
+        "sharedFolder0.hostPath": str(host_dir),
+        "sharedFolder0.guestName": SHARE_NAME,
+        "sharedFolder0.expiration": "never",
+    }
+
+
 def check_var(name: str) -> None:
+    """Refuse a guestinfo variable name vmrun would reject.
+
+    Raises:
+        InputError: the name is empty or contains ``/`` or whitespace.
+    """
     if not name or re.search(r"[/\s]", name):
         raise InputError(f"vmware: guest variable name {name!r} must not be empty or contain / or spaces")

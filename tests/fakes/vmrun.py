@@ -17,7 +17,9 @@ The guest is this host with a private ``/tmp``, ``/var/tmp`` and ``/home`` (the 
 are real host processes and guest paths keep their names. Where user namespaces are not
 available, guest paths under those prefixes are rewritten in the command line instead.
 Differences from VMware: a snapshot keeps the guest files and the power state but not the
-processes (no memory image); shared folders are recorded, not mounted.
+processes (no memory image). Enabled shared folders appear at /mnt/hgfs/<name>; the guest's
+``vmware-rpctool`` reads and writes this fake's guestinfo variables; if the state directory holds
+an ``agent.sh``, it is started at power-on like a boot service.
 """
 
 from __future__ import annotations
@@ -130,7 +132,6 @@ class Vm:
                 "snapshots": [],
                 "sessions": [],
                 "vmx_pid": None,
-                "vars": {},
                 "shares": {},
                 "next_snap": 0,
             }
@@ -176,6 +177,33 @@ class Vm:
         norm = os.path.normpath(guest)
         return any(norm == p or norm.startswith(p + "/") for p in WRITABLE)
 
+    # -- variables: one file each, so the guest's vmware-rpctool can be a few lines of sh --------
+    @property
+    def vars_dir(self) -> Path:
+        return self.dir / "vars"
+
+    def get_var(self, key: str) -> str | None:
+        try:
+            return (self.vars_dir / key).read_text()
+        except OSError:
+            return None
+
+    def set_var(self, key: str, value: str) -> None:
+        self.vars_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.vars_dir / f".{key}.{os.getpid()}"
+        tmp.write_text(value)
+        tmp.replace(self.vars_dir / key)
+
+    def all_vars(self) -> dict[str, str]:
+        if not self.vars_dir.is_dir():
+            return {}
+        return {f.name: f.read_text() for f in self.vars_dir.iterdir() if not f.name.startswith(".")}
+
+    def set_vars(self, values: dict[str, str]) -> None:
+        shutil.rmtree(self.vars_dir, ignore_errors=True)
+        for k, v in values.items():
+            self.set_var(k, v)
+
     # -- processes ---------------------------------------------------------------------------
     def live_sessions(self) -> list[int]:
         return [sid for sid in self.s["sessions"] if session_members(sid)]
@@ -192,7 +220,8 @@ class Vm:
     def power_down(self) -> None:
         self.signal_all(signal.SIGCONT)
         self.signal_all(signal.SIGKILL)
-        self.s.update(power="off", tools_at=None, sessions=[], vmx_pid=None, vars={})
+        self.s.update(power="off", tools_at=None, sessions=[], vmx_pid=None)
+        self.set_vars({})  # guestinfo is runtime state
 
     def power_up(self) -> None:
         code = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.05: pass\ntime.sleep(1e6)"
@@ -205,6 +234,8 @@ class Vm:
             stderr=subprocess.DEVNULL,
         )
         self.s.update(power="on", tools_at=time.time() + float(config()["tools_delay"]), vmx_pid=p.pid)
+        if (state_dir() / "agent.sh").exists():  # the image's boot service: the boincvm guest agent
+            spawn_in_guest(self, '"/bin/sh" /mnt/.fake/agent.sh')
 
 
 def session_members(sid: int) -> list[tuple[int, str]]:
@@ -243,16 +274,95 @@ def namespaces_work() -> bool:
     return _NS_OK
 
 
+def shares(vm: Vm) -> dict[str, str]:
+    """Enabled shared folders: guest name -> host path (from the .vmx, then runtime changes)."""
+    found: dict[str, str] = {}
+    try:
+        keys = {}
+        for line in Path(vm.vmx).read_text(errors="replace").splitlines():
+            m = re.match(r'^\s*([^=\s]+)\s*=\s*"(.*)"\s*$', line)
+            if m:
+                keys[m.group(1).lower()] = m.group(2)
+    except OSError:
+        keys = {}
+    for i in range(int(keys.get("sharedfolder.maxnum", "0") or 0)):
+        k = f"sharedfolder{i}."
+        if keys.get(k + "present", "").upper() == "TRUE" and keys.get(k + "enabled", "").upper() == "TRUE":
+            found[keys.get(k + "guestname", f"share{i}")] = keys.get(k + "hostpath", "")
+    if vm.s.get("shares_enabled", True):
+        found.update({name: info["path"] for name, info in vm.s["shares"].items()})
+    return {n: p for n, p in found.items() if p and Path(p).is_dir()}
+
+
 def guest_command(vm: Vm, cmdline: str) -> list[str]:
-    """The host argv that runs ``cmdline`` the way open-vm-tools does (through a shell) 'in the guest'."""
+    """The host argv that runs ``cmdline`` the way open-vm-tools does (through a shell) 'in the guest'.
+
+    In the namespace: a tmpfs on /mnt holding the shares at /mnt/hgfs/<name> (where open-vm-tools
+    mounts them) and this fake's state at /mnt/.fake (for the guest's vmware-rpctool), then the
+    VM's private /home, /var/tmp and /tmp (last: the VM's root may live under the host's /tmp).
+    """
     if namespaces_work():
-        # /tmp last: the VM's root may itself live under the host's /tmp.
-        binds = "; ".join(f'mount --bind "$R{pre}" {pre}' for pre in reversed(WRITABLE) if Path(pre).is_dir())
-        script = f'set -e; {binds}; cd /; exec /bin/bash -c "$1"'
+        steps = [
+            "mount -t tmpfs tmpfs /mnt",
+            "mkdir -p /mnt/.fake /mnt/hgfs",
+            'mount --bind "$FAKE_HOST_STATE" /mnt/.fake',
+        ]
+        for i, (name, host) in enumerate(sorted(shares(vm).items())):
+            steps.append(f"export S{i}={_sh_quote(host)}; mkdir -p {_sh_quote('/mnt/hgfs/' + name)}")
+            steps.append(f'mount --bind "$S{i}" {_sh_quote("/mnt/hgfs/" + name)}')
+        steps += [f'mount --bind "$R{pre}" {pre}' for pre in reversed(WRITABLE) if Path(pre).is_dir()]
+        script = "set -e; " + "; ".join(steps) + '; cd /; exec /bin/bash -c "$1"'
         return ["unshare", "-Urm", "--propagation", "private", "/bin/sh", "-c", script, "guest", cmdline]
     for pre in WRITABLE:
         cmdline = re.sub(rf"(?<![\w/.]){re.escape(pre)}(?=/|\b)", str(vm.root) + pre, cmdline)
     return ["/bin/bash", "-c", cmdline]
+
+
+#: The guest's ``vmware-rpctool "info-get guestinfo.X"`` / ``"info-set guestinfo.X VALUE"``.
+RPCTOOL = r"""#!/bin/sh
+d=/mnt/.fake/vms/$FAKE_VM_KEY/vars
+cmd="$*"; verb=${cmd%% *}; rest=${cmd#* }; name=${rest%% *}
+case "$rest" in *" "*) value=${rest#* } ;; *) value="" ;; esac
+case "$name" in
+  guestinfo.*) key="guestVar:${name#guestinfo.}" ;;
+  *) echo "Unknown command" >&2; exit 1 ;;
+esac
+case "$verb" in
+  info-get) [ -f "$d/$key" ] || { echo "No value found" >&2; exit 1; }; cat "$d/$key"; echo ;;
+  info-set) mkdir -p "$d" && printf '%s' "$value" > "$d/.$key.$$" && mv "$d/.$key.$$" "$d/$key" ;;
+  *) echo "Unknown command" >&2; exit 1 ;;
+esac
+"""
+
+
+def spawn_in_guest(vm: Vm, cmdline: str) -> subprocess.Popen[bytes]:
+    """Start ``cmdline`` as a guest process in its own session, recorded for ps/kill/pause."""
+    guestbin = state_dir() / "guestbin"
+    if not (guestbin / "vmware-rpctool").exists():
+        guestbin.mkdir(exist_ok=True)
+        shim = guestbin / "vmware-rpctool"
+        shim.write_text(RPCTOOL)
+        shim.chmod(0o755)
+    env = {
+        **os.environ,
+        "R": str(vm.root),
+        "HOME": f"/home/{config()['guest_user']}",
+        "FAKE_HOST_STATE": str(state_dir()),
+        "FAKE_VMRUN_STATE": "/mnt/.fake",
+        "FAKE_VM_KEY": vm.dir.name,
+        "PATH": "/mnt/.fake/guestbin" + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
+    }
+    p = subprocess.Popen(
+        guest_command(vm, cmdline),
+        env=env,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd="/",
+    )
+    vm.s["sessions"] = [sid for sid in vm.s["sessions"] if session_members(sid)] + [p.pid]
+    return p
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -311,7 +421,7 @@ def run(cmd: str, vm: Vm | None, params: list[str], login: tuple[str, str] | Non
             dest = vm.dir / "snapshots" / str(n)
             shutil.copytree(vm.root, dest, symlinks=True)
             vm.s["snapshots"].append(
-                {"name": params[0], "dir": str(dest), "power": vm.s["power"], "vars": vm.s["vars"]}
+                {"name": params[0], "dir": str(dest), "power": vm.s["power"], "vars": vm.all_vars()}
             )
         case "deleteSnapshot":
             if len(params) == 2 and params[1] != "andDeleteChildren":
@@ -328,7 +438,7 @@ def run(cmd: str, vm: Vm | None, params: list[str], login: tuple[str, str] | Non
             shutil.copytree(snap["dir"], vm.root, symlinks=True)
             if snap["power"] != "off":
                 vm.power_up()
-                vm.s["vars"] = dict(snap["vars"])
+                vm.set_vars(dict(snap["vars"]))
         case "checkToolsState":
             state = "running" if vm.tools_running() else ("installed" if vm.running else "unknown")
             out(state + "\n")
@@ -407,9 +517,9 @@ def run(cmd: str, vm: Vm | None, params: list[str], login: tuple[str, str] | Non
                 guest_checks(vm, login)
             vm.require_on()
             if cmd == "writeVariable":
-                vm.s["vars"][f"{kind}:{params[1]}"] = params[2]
+                vm.set_var(f"{kind}:{params[1]}", params[2])
             else:
-                out(vm.s["vars"].get(f"{kind}:{params[1]}", "") + "\n")
+                out((vm.get_var(f"{kind}:{params[1]}") or "") + "\n")
         case "enableSharedFolders" | "disableSharedFolders":
             vm.s["shares_enabled"] = cmd == "enableSharedFolders"
         case "addSharedFolder":
@@ -476,19 +586,7 @@ def run_program(vm: Vm, cmd: str, params: list[str]) -> int:
         if len(params) != 2:
             usage("runScriptInGuest takes an interpreter and a script")
         cmdline = f'"{params[0]}" -c ' + _sh_quote(params[1])
-    argv = guest_command(vm, cmdline)
-    env = {**os.environ, "R": str(vm.root), "HOME": f"/home/{config()['guest_user']}"}
-    p = subprocess.Popen(
-        argv,
-        env=env,
-        start_new_session=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd="/",
-    )
-    vm.s["sessions"].append(p.pid)
-    vm.s["sessions"] = [sid for sid in vm.s["sessions"] if session_members(sid) or sid == p.pid]
+    p = spawn_in_guest(vm, cmdline)
     vm.save()
     if "-noWait" in flags:
         return 0
