@@ -63,7 +63,7 @@ QUIT_CHECKPOINT_AFTER = 10.0
 VM_DIED_RETRY = 120.0
 INSTALL_TIMEOUT = 600.0
 #: Seconds between reads of the guest's fraction-done and credit files.
-PROGRESS_PERIOD = 5.0
+PROGRESS_PERIOD = 2.0
 
 
 class Phase(enum.StrEnum):

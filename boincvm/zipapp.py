@@ -45,9 +45,13 @@ def _package_root(name: str) -> Path:
 def build_wrapper_zipapp(target: Path) -> Path:
     """Write the wrapper zip application to ``target`` (atomically) and return it."""
     entries: list[tuple[str, Path]] = []
+    extra: list[tuple[str, bytes]] = []
     for name in BUNDLED:
         root = _package_root(name)
         base = root.parent
+        if root.is_dir() and not (root / "__init__.py").exists():
+            # zipimport does not find namespace packages (qemu.qmp lives in one): make it regular.
+            extra.append((f"{name}/__init__.py", b""))
         for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
             rel = path.relative_to(base).as_posix()
             if path.is_dir() or "__pycache__" in rel or path.suffix in (".pyc", ".so", ".pyd"):
@@ -61,9 +65,8 @@ def build_wrapper_zipapp(target: Path) -> Path:
         with os.fdopen(fd, "wb") as raw:
             raw.write(b"#!/usr/bin/env python3\n")
             with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                for arcname, data in [("__main__.py", _MAIN.encode())] + [
-                    (a, p.read_bytes()) for a, p in entries
-                ]:
+                files = [("__main__.py", _MAIN.encode()), *extra] + [(a, p.read_bytes()) for a, p in entries]
+                for arcname, data in files:
                     info = zipfile.ZipInfo(arcname, _EPOCH)
                     info.external_attr = 0o644 << 16
                     info.compress_type = zipfile.ZIP_DEFLATED

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from boincvm.hypervisor.base import (
     Availability,
     Backend,
@@ -15,10 +13,9 @@ from boincvm.hypervisor.base import (
     backend_class,
 )
 
-# Each backend module registers itself on import; a backend still being written may be absent.
-for _mod in ("qemu", "vmware"):
-    with contextlib.suppress(ModuleNotFoundError):
-        __import__(f"boincvm.hypervisor.{_mod}")
+# Each backend module registers itself on import.
+from boincvm.hypervisor import qemu as _qemu  # noqa: E402, F401
+from boincvm.hypervisor import vmware as _vmware  # noqa: E402, F401
 
 __all__ = [
     "Availability",

@@ -1,0 +1,283 @@
+"""The wrapper end to end under run-local: real QEMU guests, real processes, real faults.
+
+Every test makes a workunit with make_workunits, runs the app version's own wrapper (the
+zip application package-image built) through the client emulator, and checks the BOINC
+outcome, the results and that no QEMU process is left.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from boincvm.appversion import AppVersionRequest, package_image
+from boincvm.job import OutputFile, Task, VmJob
+from boincvm.runlocal import Fault, FaultKind, LiveState, RunLocalRequest, RunSummary, run_local
+from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
+
+pytestmark = pytest.mark.integration
+
+PROGRAMS = Path(__file__).parent / "programs"
+LONGJOB = PROGRAMS / "longjob.sh"
+#: Steps and busy-loop size of the long job: about 6 s of guest work under TCG.
+STEPS, WORK = 12, 4000
+EXPECTED_OUT = "".join(f"step {i}\n" for i in range(1, STEPS + 1)) + f"sum {sum(range(1, STEPS + 1))}\n"
+
+
+@pytest.fixture(scope="module")
+def app_version(guest_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("av") / "app-version"
+    package_image(AppVersionRequest(image=guest_image, app_name="itest", version="1.00", output_dir=out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # One emulated client for the module, as a volunteer's client keeps its project files.
+    return tmp_path_factory.mktemp("client")
+
+
+def qemu_pids_under(root: Path) -> list[int]:
+    """QEMU processes whose working directory is below ``root`` (the backend runs QEMU in the slot)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if b"qemu-system" in cmd.split(b"\0")[0] and cwd.startswith(str(root)):
+            pids.append(int(entry.name))
+    return pids
+
+
+def make_wu(
+    tmp_path: Path,
+    command_line: str,
+    *,
+    inputs: tuple[InputSpec, ...] = (),
+    outputs: tuple[OutputFile, ...] = (OutputFile("out", 100_000),),
+    **job: object,
+) -> Path:
+    task = Task(
+        application="/bin/sh",
+        fraction_done_filename="fraction_done",
+        credit_report_filename="credit_report",
+    )
+    vm_job = VmJob(task=task, output_files=outputs, minimum_checkpoint_interval=0, **job)  # type: ignore[arg-type]
+    wu = tmp_path / "wu"
+    make_workunits(
+        WorkunitRequest(
+            app_name="itest",
+            job=vm_job,
+            output_dir=wu,
+            inputs=inputs,
+            command_line=command_line,
+            resources=Resources(rsc_memory_bound=1e9),
+        )
+    )
+    return wu
+
+
+def run(
+    wu: Path,
+    app_version: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    *faults: Fault,
+    on_update: Callable[[LiveState], None] | None = None,
+    checkpoint_period: float = 2.0,
+) -> RunSummary:
+    summary = run_local(
+        RunLocalRequest(
+            workunit_dir=wu,
+            app_version_dir=app_version,
+            results_dir=tmp_path / "results",
+            data_dir=data_dir,
+            faults=faults,
+            timeout=240,
+            checkpoint_period=checkpoint_period,
+        ),
+        on_update,
+    )
+    assert qemu_pids_under(data_dir) == [], "a QEMU process outlived its wrapper"
+    return summary
+
+
+def longjob_wu(tmp_path: Path, bulk_kib: int = 0) -> Path:
+    outputs = (OutputFile("out", 100_000),)
+    if bulk_kib:
+        outputs += (OutputFile("bulk", 10_000_000),)
+    return make_wu(
+        tmp_path,
+        f"longjob.sh {STEPS} {WORK} {bulk_kib}",
+        inputs=(InputSpec("longjob.sh", str(LONGJOB)),),
+        outputs=outputs,
+    )
+
+
+def test_hello(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "world.txt").write_text("world\n")
+    wu = make_wu(tmp_path, '-c "tr a-z A-Z < in > out"', inputs=(InputSpec("in", str(tmp_path / "world.txt")),))
+    summary = run(wu, app_version, data_dir, tmp_path)
+    assert summary.ok, summary.message + summary.stderr_tail
+    assert summary.outcome == "success"
+    assert summary.exit_code == 0
+    assert (tmp_path / "results/out").read_text() == "WORLD\n"
+    assert summary.starts == 1
+    assert summary.cpu_time > 0
+
+
+def test_long_job_uninterrupted_checkpoints_and_reports(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+    seen: list[float] = []
+    summary = run(longjob_wu(tmp_path), app_version, data_dir, tmp_path, on_update=lambda s: seen.append(s.fraction_done))
+    assert summary.ok, summary.message + summary.stderr_tail
+    assert (tmp_path / "results/out").read_text() == EXPECTED_OUT
+    assert summary.checkpoints >= 1
+    assert summary.ops == pytest.approx(STEPS * 1e9)
+    assert any(0 < f < 1 for f in seen), "fraction done was never forwarded mid-run"
+
+
+@pytest.mark.parametrize(
+    ("kind", "when"),
+    [
+        (FaultKind.KILL, "boot"),
+        (FaultKind.KILL, "run+3"),
+        (FaultKind.KILL, "checkpoint"),
+        (FaultKind.KILL, "copy-out"),
+        (FaultKind.QUIT, "run+3"),
+    ],
+)
+def test_long_job_survives_faults(
+    app_version: Path, data_dir: Path, tmp_path: Path, kind: FaultKind, when: str
+) -> None:
+    wu = longjob_wu(tmp_path, bulk_kib=2048 if when == "copy-out" else 0)
+    summary = run(wu, app_version, data_dir, tmp_path, Fault.parse(kind, when))
+    assert summary.ok, summary.message + summary.stderr_tail
+    assert any(f"injected {kind.value}" in e for e in summary.events), summary.events
+    assert summary.starts == 2, summary.events
+    assert (tmp_path / "results/out").read_text() == EXPECTED_OUT
+
+
+def test_abort_exits_194_and_stops_the_vm(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+    summary = run(longjob_wu(tmp_path), app_version, data_dir, tmp_path, Fault.parse(FaultKind.ABORT, "run+1"))
+    assert summary.outcome == "aborted"
+    assert summary.exit_code == 194
+    assert not summary.ok
+
+
+def test_heartbeat_loss_stops_wrapper_and_vm_within_35s(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+    marks: dict[str, float] = {}
+
+    def watch(state: LiveState) -> None:
+        if any("heartbeat-loss" in e for e in state.events) and "lost" not in marks:
+            marks["lost"] = time.monotonic()
+        if "lost" in marks and "exited" not in marks and any("wrapper exited" in e for e in state.events):
+            marks["exited"] = time.monotonic()
+            marks["qemu_left"] = float(len(qemu_pids_under(data_dir)))
+
+    wu = make_wu(tmp_path, "-c 'sleep 60; echo done > out'")
+    summary = run(wu, app_version, data_dir, tmp_path, Fault.parse(FaultKind.HEARTBEAT_LOSS, "run+1"), on_update=watch)
+    assert "exited" in marks, summary.events
+    assert marks["exited"] - marks["lost"] <= 35.0
+    assert marks["qemu_left"] == 0
+    assert summary.ok, summary.message + summary.stderr_tail  # restarted and finished once heartbeats came back
+
+
+def _qemu_cpu(data_dir: Path) -> float:
+    total = 0.0
+    for pid in qemu_pids_under(data_dir):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def test_suspend_stops_guest_progress_and_cpu(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+    samples: list[tuple[float, str, float]] = []
+
+    def watch(state: LiveState) -> None:
+        samples.append((time.monotonic(), state.phase, _qemu_cpu(data_dir)))
+
+    summary = run(
+        longjob_wu(tmp_path), app_version, data_dir, tmp_path, Fault.parse(FaultKind.SUSPEND, "run+2:5"), on_update=watch
+    )
+    assert summary.ok, summary.message + summary.stderr_tail
+    suspended = [s for s in samples if s[1] == "suspended"]
+    assert len(suspended) >= 8, "the wrapper never reported the suspension"
+    # Leave the first and last sample out: pausing and resuming take a moment.
+    window = suspended[2:-1]
+    duration = window[-1][0] - window[0][0]
+    cpu = window[-1][2] - window[0][2]
+    assert duration > 2.5
+    assert cpu < 0.1 * duration, f"QEMU used {cpu:.2f} s of CPU in {duration:.1f} s while suspended"
+    assert (tmp_path / "results/out").read_text() == EXPECTED_OUT
+
+
+def test_program_failure_is_a_compute_error(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+    summary = run(make_wu(tmp_path, "-c 'echo oops >&2; exit 3'"), app_version, data_dir, tmp_path)
+    assert summary.outcome == "compute_error"
+    assert "exited with code 3" in summary.message
+    assert "exited with code 3" in summary.stderr_tail
+
+
+def test_output_over_max_nbytes_fails(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+    wu = make_wu(tmp_path, "-c 'seq 1 1000 > out'", outputs=(OutputFile("out", 100),))
+    summary = run(wu, app_version, data_dir, tmp_path)
+    assert summary.outcome == "compute_error"
+    assert "out" in summary.message and "100" in summary.message
+    assert not (tmp_path / "results/out").exists()
+
+
+def test_missing_output_fails(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+    summary = run(make_wu(tmp_path, "-c 'true'"), app_version, data_dir, tmp_path)
+    assert summary.outcome == "compute_error"
+    assert "out" in summary.message
+
+
+def test_result_path_escaping_the_job_directory_is_refused(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+    wu = make_wu(tmp_path, "-c 'echo x > /etc/x'")
+    # Tamper with the staged job file as a hostile or broken server-side tool might.
+    job_file = next(p for p in (wu / "download").iterdir() if p.suffix == ".xml")
+    job_file.write_text(
+        job_file.read_text().replace("<open_name>out</open_name>", "<open_name>out</open_name><guest_name>../../etc/x</guest_name>")
+    )
+    summary = run(wu, app_version, data_dir, tmp_path)
+    assert summary.outcome == "compute_error"
+    assert "leaves its directory" in summary.message
+
+
+def test_package_that_fails_to_install(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+    bogus = tmp_path / "broken.rpm"
+    bogus.write_bytes(b"\xed\xab\xee\xdb" + os.urandom(2000))
+    wu = tmp_path / "wu2"
+    make_workunits(
+        WorkunitRequest(
+            app_name="itest",
+            job=VmJob(task=Task(application="/bin/true"), output_files=(OutputFile("out", 10),)),
+            output_dir=wu,
+            package=bogus,
+            resources=Resources(rsc_memory_bound=1e9),
+        )
+    )
+    summary = run(wu, app_version, data_dir, tmp_path)
+    assert summary.outcome == "compute_error"
+    assert "package" in summary.message
+
+
+def test_image_without_guest_tools(guest_image: Path, data_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    blank = tmp_path / "blank.img"
+    subprocess.run(["qemu-img", "create", "-f", "raw", str(blank), "64M"], check=True, capture_output=True)
+    av = tmp_path / "av-blank"
+    package_image(AppVersionRequest(image=blank, app_name="itest", version="1.00", output_dir=av, memory_mb=128))
+    wu = make_wu(tmp_path, "-c 'true'", boot_timeout=10)
+    summary = run(wu, av, data_dir, tmp_path)
+    assert summary.outcome == "compute_error"
+    assert "guest tools did not answer" in summary.message
