@@ -14,48 +14,54 @@ Settings the job controls are written into the clone's .vmx before power-on (mem
 vCPUs, network off unless enabled, ``msg.autoAnswer``, no sound/USB/floppy, no
 copy/paste/drag-and-drop, manual Tools upgrades): see :func:`job_settings`.
 
-Guest operations and credentials
-    vmrun has no anonymous guest operations: ``runProgramInGuest``, the file copies and
-    ``listProcessesInGuest`` need ``-gu USER -gp PASSWORD``, and **vmrun accepts the password
-    only on its command line**, so for the few hundred milliseconds of each such call it is
-    visible to other local users through ``ps``. boincvm reads the password from a file
-    (``guest_password_file``) or an environment variable (``guest_password_env``), never
-    from the job options themselves, and redacts it from every log line and error. Use a
-    dedicated, unprivileged guest account whose password protects nothing else.
+Two guest channels (option ``channel``: ``auto``, ``guestinfo``, ``guestops``)
+    **guestinfo, the default when no guest user is configured: no credentials at all.**
+    ``vmrun readVariable/writeVariable VMX guestVar NAME`` reach the guest's ``guestinfo.*``
+    namespace without a guest login, and a shared folder carries files: the slot's
+    ``workdir/share`` is shared as ``.host:/boinc`` (``sharedFolder0.*`` keys written before
+    power-on, ``enableSharedFolders`` after every start and revert, since a revert restores the
+    snapshot's shared-folder state). A small agent in the image
+    (:data:`~boincvm.hypervisor.vmware_config.AGENT_SCRIPT`, POSIX sh over open-vm-tools'
+    ``vmware-rpctool``, run as a boot service) announces itself in ``guestinfo.boinc.agent``,
+    runs each job the host writes to ``guestinfo.boinc.job`` (``"<n> <shell line>"``) and
+    acknowledges it in ``guestinfo.boinc.ack``. Job results (pid, stdout, stderr, exit code)
+    are files on the share, so polling costs no vmrun call; file copies are ``cp`` jobs
+    through ``share/xfer``. See :mod:`boincvm.hypervisor.vmware_guestinfo`.
 
-    A program is started with ``runProgramInGuest -noWait /bin/sh -c SCRIPT``; the script
+    **guestops, the default when ``guest_user`` is set: VIX guest operations.**
+    ``runProgramInGuest``, the file copies and ``listProcessesInGuest`` need
+    ``-gu USER -gp PASSWORD``, and **vmrun accepts the password only on its command line**,
+    so for the duration of each such call it is visible to other local users through
+    ``ps``. boincvm reads the password from a file (``guest_password_file``) or an
+    environment variable (``guest_password_env``), never from the job options themselves,
+    and redacts it from every log line and error. Use a dedicated, unprivileged guest account
+    with a non-empty password that protects nothing else. A program is started with
+    ``runProgramInGuest -noWait /bin/sh -c SCRIPT``; the script claims a job directory,
     records its shell's PID, runs the program with its output redirected to files, then
-    writes the exit code to ``rc`` atomically (``rc.tmp`` renamed), because neither vmrun nor
-    VIX can report the exit code of a program started without waiting. Polls read ``rc``
-    and check the PID with ``listProcessesInGuest``. ``GuestProcess.pid`` is the backend's job
-    number (the job directory is ``<guest_tmp>/job-<n>``), not a guest PID. Guest scripts are
-    POSIX sh: Linux (and other Unix) guests only.
+    writes the exit status to ``rc`` atomically (``rc.tmp`` renamed), because neither vmrun
+    nor VIX can report the exit code of a program started without waiting. Polls copy ``rc``
+    out and, every few seconds while it is absent, look for the PID in
+    ``listProcessesInGuest``.
 
-Running without guest credentials (documented design; host side in :meth:`VmwareBackend.guestinfo_read`,
-:meth:`VmwareBackend.guestinfo_write` and :meth:`VmwareBackend.share_folder`)
-    ``vmrun readVariable/writeVariable VMX guestVar NAME`` reach the ``guestinfo.*``
-    namespace without any guest login, and shared folders (HGFS) move files. A small agent
-    in the image (a systemd unit) loops: ``vmware-rpctool "info-get guestinfo.boinc.job"``
-    gives it a job number and command (JSON: argv, env, cwd); it runs it with the working
-    directory on the share (``vmhgfs-fuse .host:/boinc /mnt/boinc``), and publishes
-    ``vmware-rpctool "info-set guestinfo.boinc.state running|done"``, ``guestinfo.boinc.rc N``
-    and a heartbeat; the host polls ``readVariable``. Inputs and outputs are files in the
-    shared host directory, so no copy command is needed. Shared-folder state is restored
-    by a revert, so the host re-runs ``enableSharedFolders`` after every revert.
+    In both channels ``GuestProcess.pid`` is the backend's job number, not a guest PID; guest
+    scripts are POSIX sh (Linux and other Unix guests); an exit status of 128+N is reported
+    as death by signal N (sh cannot tell the two apart).
 
 pyvix
     ``pip install boincvm[vmware]`` adds pyvix 0.4.3. Where it imports (it needs the VIX
-    library), the backend uses it to power on and to wait for the Tools (VixVM_WaitForToolsInGuest
-    waits inside VIX instead of polling a subprocess), bounded by a timeout. Everything else
-    uses vmrun because pyvix 0.4.3 has no snapshots, no file copy, no exit codes and no
-    guestinfo. Any pyvix failure falls back to vmrun. ``pyvix = "off"`` disables it (its README
-    reports a crash with Workstation 15).
+    library), the backend uses it to power on and to wait for the Tools
+    (``VixVM_WaitForToolsInGuest`` waits inside VIX instead of polling a subprocess); each
+    call runs in a thread bounded by a timeout. Everything else uses vmrun because pyvix 0.4.3
+    has no snapshots, no file copy, no exit codes and no guestinfo. Any pyvix failure falls
+    back to vmrun. ``pyvix = "off"`` disables it (its README reports a crash with Workstation 15).
 
-Options (``spec.options``): ``vmrun`` (path), ``host_type`` (ws, fusion, player),
-``guest_user``, ``guest_password_file``, ``guest_password_env``, ``vm_password_file``
-(encrypted VMs), ``base_snapshot`` (default ``boincvm-base``), ``guest_tmp`` (default
-``/tmp/boincvm``), ``pyvix`` (auto, off), ``call_timeout`` (seconds, default 120), ``gui``
-(true to open a window).
+Options (``spec.options``): ``vmrun`` (path), ``host_type`` (ws, fusion, player; default ws,
+fusion on macOS, falling back to player when ``-T ws`` names a missing provider),
+``channel``, ``guest_user``, ``guest_password_file``, ``guest_password_env``,
+``vm_password_file`` (encrypted VMs: ``-vp`` on every call), ``base_snapshot`` (default
+``boincvm-base``), ``guest_tmp`` (default ``/tmp/boincvm``), ``pyvix`` (auto, off),
+``call_timeout`` (seconds per vmrun call, default 120), ``gui`` (true to open a window).
+Passwords given inline (``guest_password``) are refused.
 """
 
 from __future__ import annotations
@@ -63,12 +69,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shlex
 import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from boincvm import proc
@@ -97,29 +101,15 @@ from boincvm.hypervisor.vmware_config import (
     job_settings,
     read_secret,
     share_settings,
-    wrapper_script,
 )
 from boincvm.hypervisor.vmware_guestinfo import GuestinfoChannel
+from boincvm.hypervisor.vmware_guestops import GuestopsChannel
 from boincvm.hypervisor.vmware_host import LockFile, Pyvix, bounded, norm, vmx_process_cpu_seconds
 from boincvm.hypervisor.vmware_vmx import VmxFile
 
 log = logging.getLogger(__name__)
 
-OUTPUT_TAIL = 64 * 1024
 SNAPSHOT_TIMEOUT = 900.0
-#: Seconds between process-list checks of a guest program whose exit code has not appeared.
-LIVENESS_INTERVAL = 5.0
-#: A shell reports "killed by signal N" as exit status 128 + N.
-SIGNAL_BASE = 128
-
-
-@dataclass(frozen=True)
-class _Job:
-    """A started guest program: its job directory, its shell's PID once known, the last liveness check."""
-
-    directory: str
-    guest_pid: int | None = None
-    checked: float = field(default_factory=time.monotonic)
 
 
 class VmwareBackend(Backend, kind=BackendKind.VMWARE):
@@ -140,19 +130,26 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         self.vmx = spec.workdir / "vm" / f"{safe}.vmx"
         self._vmrun: vr.Vmrun | None = None
         self._login: vr.GuestLogin | None = None
-        self._jobs: dict[int, _Job] = {}
         self._accel: Pyvix | None = None
         self._accel_tried = False
         self._tools_seen = False
         self._cpu_seconds = 0.0
         self.share = spec.workdir / "share"
         self._gi: GuestinfoChannel | None = None
+        self.channel: GuestinfoChannel | GuestopsChannel
         if self.opts.uses_guestinfo:
-            self._gi = GuestinfoChannel(
+            self.channel = self._gi = GuestinfoChannel(
                 lambda command, params: self._call(command, self.vmx, params),
                 self.share,
                 self._next_job_number,
                 self.opts.call_timeout,
+            )
+        else:
+            self.channel = GuestopsChannel(
+                lambda command, params: self._call(command, self.vmx, params, login=self.login),
+                self.opts.guest_tmp,
+                self._next_job_number,
+                self._scratch,
             )
 
     # -- availability ----------------------------------------------------------------
@@ -260,16 +257,15 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         self._start()
 
     def _after_revert(self) -> None:
-        self._jobs.clear()
+        self.channel.forget()
         if not self.is_running():
             self._start()
-        elif self._gi is not None:
-            self._gi.after_start()  # the revert restored the snapshot's shared-folder state
+        else:
+            self.channel.after_start()  # the revert restored the snapshot's shared-folder state
 
     def _start(self) -> None:
         self._power_on_vm()
-        if self._gi is not None:
-            self._gi.after_start()
+        self.channel.after_start()
 
     def _power_on_vm(self) -> None:
         accel = self._accelerator()
@@ -321,7 +317,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         except HypervisorError as exc:
             log.debug("vmrun deleteVM failed (%s); removing the files", exc)
         shutil.rmtree(self.vmx.parent, ignore_errors=True)
-        self._jobs.clear()
+        self.channel.forget()
 
     def wait_for_tools(self, timeout: float | None = None) -> None:
         """Wait until ``checkToolsState`` says ``running`` and (with credentials) a guest operation works.
@@ -359,20 +355,8 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
                 )
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
-        if self._gi is not None:
-            self._gi.wait_ready(deadline)
-        elif self.opts.guest_user:
-            # "running" comes slightly before guest operations work: retry a harmless one.
-            while True:
-                try:
-                    out = self._call("directoryExistsInGuest", self.vmx, ["/"], login=self.login)
-                    log.debug("vmware: guest operations work (%s)", out.text.strip())
-                    break
-                except GuestToolsMissing:
-                    if time.monotonic() + delay > deadline:
-                        raise
-                    time.sleep(delay)
-                    delay = min(delay * 2, 1.0)
+        if self._gi is not None or self.opts.guest_user:
+            self.channel.wait_ready(deadline)
         self._tools_seen = True
 
     def power_off(self, *, soft_timeout: float = 10.0) -> None:
@@ -418,18 +402,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         """
         if not argv:
             raise InputError("vmware: cannot start an empty command line")
-        if self._gi is not None:
-            return self._gi.start(argv, env or {}, cwd)
-        login = self.login
-        n = self._next_job_number()
-        job = _Job(f"{self.opts.guest_tmp}/job-{n}")
-        script = wrapper_script(job.directory, argv, env or {}, cwd)
-        # vmrun joins the arguments and the guest runs '"prog" args' through a shell: quote.
-        self._call(
-            "runProgramInGuest", self.vmx, ["-noWait", "/bin/sh", "-c", shlex.quote(script)], login=login
-        )
-        self._jobs[n] = job
-        return GuestProcess(n, tuple(argv))
+        return self.channel.start(argv, env or {}, cwd)
 
     def _next_job_number(self) -> int:
         counter = self.spec.workdir / "vmware-jobs"
@@ -437,66 +410,13 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
             last = int(counter.read_text())
         except (OSError, ValueError):
             last = 0
-        n = max(last, max(self._jobs, default=0)) + 1
+        n = last + 1
         counter.write_text(str(n))
         return n
 
     def poll_program(self, proc: GuestProcess) -> ProcessStatus:
-        """Read the job's ``rc`` file; while absent, check its shell's PID with ``listProcessesInGuest``."""
-        if self._gi is not None:
-            return self._gi.poll(proc)
-        job = self._jobs.setdefault(proc.pid, _Job(f"{self.opts.guest_tmp}/job-{proc.pid}", checked=0.0))
-        status = self._finished(job)
-        if status is not None:
-            return status
-        # Each vmrun call costs a VIX connection: look at the process list only now and then.
-        now = time.monotonic()
-        if now - job.checked < LIVENESS_INTERVAL:
-            return ProcessStatus(running=True)
-        job = self._jobs[proc.pid] = replace(job, checked=now)
-        if job.guest_pid is None:
-            pid = self.read_guest_file(f"{job.directory}/pid", max_bytes=64)
-            if pid is None or not pid.strip().isdigit():
-                return ProcessStatus(running=True)
-            job = self._jobs[proc.pid] = replace(job, guest_pid=int(pid.strip()))
-        listing = self._call("listProcessesInGuest", self.vmx, login=self.login).text
-        if any(p.pid == job.guest_pid for p in vr.parse_processes(listing)):
-            return ProcessStatus(running=True)
-        status = self._finished(job)  # it may have ended between the two looks
-        if status is not None:
-            return status
-        return ProcessStatus(
-            running=False,
-            exit_code=None,
-            stderr_tail=b"vmware: the guest program vanished without an exit status",
-        )
-
-    def _finished(self, job: _Job) -> ProcessStatus | None:
-        rc = self.read_guest_file(f"{job.directory}/rc", max_bytes=64)
-        if rc is None:
-            return None
-        try:
-            code = int(rc.strip())
-        except ValueError:
-            return None  # half-written cannot happen (rename), but be safe: look again later
-        out = self._tail(f"{job.directory}/stdout")
-        err = self._tail(f"{job.directory}/stderr")
-        if SIGNAL_BASE < code <= SIGNAL_BASE + 64:
-            # sh reports a death by signal N as status 128+N and cannot tell it from exit(128+N).
-            return ProcessStatus(running=False, signal=code - SIGNAL_BASE, stdout_tail=out, stderr_tail=err)
-        return ProcessStatus(running=False, exit_code=code, stdout_tail=out, stderr_tail=err)
-
-    def _tail(self, guest_path: str) -> bytes:
-        host = self._scratch()
-        try:
-            self._call("CopyFileFromGuestToHost", self.vmx, [guest_path, str(host)], login=self.login)
-            with host.open("rb") as f:
-                f.seek(max(0, host.stat().st_size - OUTPUT_TAIL))
-                return f.read()
-        except vr.GuestFileMissing:
-            return b""
-        finally:
-            host.unlink(missing_ok=True)
+        """Say whether the job still runs; once its exit status exists, return it with the output tails."""
+        return self.channel.poll(proc)
 
     # -- files -----------------------------------------------------------------------------
     def _scratch(self) -> Path:
@@ -513,10 +433,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         """
         if not host_path.is_file():
             raise InputError(f"vmware: {host_path} is not a file")
-        if self._gi is not None:
-            self._gi.copy_to(host_path, guest_path)
-            return
-        self._call("CopyFileFromHostToGuest", self.vmx, [str(host_path), guest_path], login=self.login)
+        self.channel.copy_to(host_path, guest_path)
 
     def copy_from_guest(self, guest_path: str, host_path: Path, *, max_bytes: int | None = None) -> int:
         """``CopyFileFromGuestToHost`` into a temporary name, size-checked, then renamed.
@@ -528,16 +445,10 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         """
         part = host_path.with_name(f".{host_path.name}.part")
         try:
-            if self._gi is not None:
-                fetched = self._gi.fetch(guest_path)
-                if fetched is None:
-                    raise OutputError(f"vmware: guest file {guest_path} does not exist")
-                shutil.move(fetched, part)
-            else:
-                try:
-                    self._call("CopyFileFromGuestToHost", self.vmx, [guest_path, str(part)], login=self.login)
-                except vr.GuestFileMissing as exc:
-                    raise OutputError(f"vmware: guest file {guest_path} does not exist") from exc
+            fetched = self.channel.fetch(guest_path)
+            if fetched is None:
+                raise OutputError(f"vmware: guest file {guest_path} does not exist")
+            shutil.move(fetched, part)
             size = part.stat().st_size
             if max_bytes is not None and size > max_bytes:
                 raise OutputError(
@@ -550,24 +461,14 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
 
     def read_guest_file(self, guest_path: str, *, max_bytes: int = 65536) -> bytes | None:
         """Copy a small guest file out and return at most ``max_bytes`` of it, or None if it is missing."""
-        if self._gi is not None:
-            fetched = self._gi.fetch(guest_path)
-            if fetched is None:
-                return None
-            try:
-                with fetched.open("rb") as f:
-                    return f.read(max_bytes)
-            finally:
-                fetched.unlink(missing_ok=True)
-        host = self._scratch()
-        try:
-            self._call("CopyFileFromGuestToHost", self.vmx, [guest_path, str(host)], login=self.login)
-            with host.open("rb") as f:
-                return f.read(max_bytes)
-        except vr.GuestFileMissing:
+        fetched = self.channel.fetch(guest_path)
+        if fetched is None:
             return None
+        try:
+            with fetched.open("rb") as f:
+                return f.read(max_bytes)
         finally:
-            host.unlink(missing_ok=True)
+            fetched.unlink(missing_ok=True)
 
     # -- snapshots -------------------------------------------------------------------------
     def snapshot_create(self, name: str) -> None:

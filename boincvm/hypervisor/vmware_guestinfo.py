@@ -21,10 +21,10 @@ from boincvm import proc
 from boincvm.errors import GuestToolsMissing, OutputError, VmTimeout
 from boincvm.hypervisor.base import GuestProcess, ProcessStatus
 from boincvm.hypervisor.vmware_config import SHARE_MOUNT, wrapper_script
+from boincvm.hypervisor.vmware_guestops import status_from
 
 Call = Callable[[str, Sequence[str]], proc.Completed]
 OUTPUT_TAIL = 64 * 1024
-SIGNAL_BASE = 128
 _MISSING = 3  # exit status of a transfer job whose source file does not exist
 
 
@@ -52,6 +52,9 @@ class GuestinfoChannel:
     def after_start(self) -> None:
         """Turn shared folders on for the running VM (a revert restores their old state)."""
         self.call("enableSharedFolders", [])
+
+    def forget(self) -> None:
+        """Nothing to forget after a revert: job state lives on the (unreverted) share."""
 
     def wait_ready(self, deadline: float) -> None:
         """Wait for the agent to announce itself in ``guestinfo.boinc.agent``.
@@ -97,10 +100,7 @@ class GuestinfoChannel:
             code = int((d / "rc").read_text().strip())
         except (OSError, ValueError):
             return ProcessStatus(running=True)
-        out, err = _tail(d / "stdout"), _tail(d / "stderr")
-        if SIGNAL_BASE < code <= SIGNAL_BASE + 64:
-            return ProcessStatus(running=False, signal=code - SIGNAL_BASE, stdout_tail=out, stderr_tail=err)
-        return ProcessStatus(running=False, exit_code=code, stdout_tail=out, stderr_tail=err)
+        return status_from(code, _tail(d / "stdout"), _tail(d / "stderr"))
 
     def _run(self, argv: Sequence[str]) -> ProcessStatus:
         proc = self.start(argv, {}, None)

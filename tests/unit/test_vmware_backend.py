@@ -16,7 +16,7 @@ import pytest
 
 from boincvm import proc
 from boincvm.errors import GuestToolsMissing, InputError, OutputError, UnsupportedOperation
-from boincvm.hypervisor import BackendKind, VmSpec, backend_class, vmware
+from boincvm.hypervisor import BackendKind, VmSpec, backend_class, vmware_guestops
 from boincvm.hypervisor.vmrun import GuestCredentialsRejected, HostType, SnapshotNotFound, WrongHostType
 from boincvm.hypervisor.vmware import VmwareBackend
 from boincvm.hypervisor.vmware_config import AGENT_SCRIPT
@@ -406,7 +406,7 @@ def test_pyvix_is_used_where_importable_and_vmrun_takes_over_on_failure(
 def test_a_program_that_dies_without_an_exit_status(
     vm: VmwareBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(vmware, "LIVENESS_INTERVAL", 0.0)
+    monkeypatch.setattr(vmware_guestops, "LIVENESS_INTERVAL", 0.0)
     # The program kills the wrapper shell that would have written its exit status.
     proc = vm.start_program(["/bin/sh", "-c", "sleep 0.2; kill -9 $PPID"])
     status = vm.poll_program(proc)
