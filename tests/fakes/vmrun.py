@@ -24,19 +24,22 @@ an ``agent.sh``, it is started at power-on like a boot service.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
-import shutil
 import signal
-import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    import subprocess
+
+# Heavier modules (subprocess, shutil) are imported where used: every vmrun call is a
+# fresh interpreter, and the tests make hundreds of them.
 
 WRITABLE = ("/tmp", "/var/tmp", "/home")
 USAGE = "vmrun version 1.17.0 build-fake\n\nUsage: vmrun [AUTHENTICATION-FLAGS] COMMAND [PARAMETERS]\n"
@@ -119,7 +122,7 @@ class Vm:
 
     def __init__(self, vmx: str) -> None:
         self.vmx = os.path.realpath(vmx)
-        key = hashlib.sha1(self.vmx.encode()).hexdigest()[:16]  # noqa: S324 - a name, not security
+        key = f"{zlib.crc32(self.vmx.encode()):08x}"
         self.dir = state_dir() / "vms" / key
         self.file = self.dir / "state.json"
         if self.file.exists():
@@ -200,6 +203,8 @@ class Vm:
         return {f.name: f.read_text() for f in self.vars_dir.iterdir() if not f.name.startswith(".")}
 
     def set_vars(self, values: dict[str, str]) -> None:
+        import shutil
+
         shutil.rmtree(self.vars_dir, ignore_errors=True)
         for k, v in values.items():
             self.set_var(k, v)
@@ -210,12 +215,16 @@ class Vm:
 
     def signal_all(self, sig: int) -> None:
         for sid in self.s["sessions"]:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
+            try:
                 os.killpg(sid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
         pid = self.s["vmx_pid"]
         if pid:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
+            try:
                 os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def power_down(self) -> None:
         self.signal_all(signal.SIGCONT)
@@ -224,6 +233,8 @@ class Vm:
         self.set_vars({})  # guestinfo is runtime state
 
     def power_up(self) -> None:
+        import subprocess
+
         code = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.05: pass\ntime.sleep(1e6)"
         p = subprocess.Popen(  # a process named like vmware-vmx whose command line holds the .vmx path
             ["vmware-vmx", "-c", code, "-s", "vmx.stdio.keep=TRUE", "-@", "duplex=3;msgs=ui", self.vmx],
@@ -259,6 +270,8 @@ _NS_OK: bool | None = None
 
 
 def namespaces_work() -> bool:
+    import subprocess
+
     global _NS_OK
     if _NS_OK is None:
         try:
@@ -337,6 +350,8 @@ esac
 
 def spawn_in_guest(vm: Vm, cmdline: str) -> subprocess.Popen[bytes]:
     """Start ``cmdline`` as a guest process in its own session, recorded for ps/kill/pause."""
+    import subprocess
+
     guestbin = state_dir() / "guestbin"
     if not (guestbin / "vmware-rpctool").exists():
         guestbin.mkdir(exist_ok=True)
@@ -367,6 +382,8 @@ def spawn_in_guest(vm: Vm, cmdline: str) -> subprocess.Popen[bytes]:
 
 # -- commands ---------------------------------------------------------------------------------
 def run(cmd: str, vm: Vm | None, params: list[str], login: tuple[str, str] | None) -> int:
+    import shutil
+
     out = sys.stdout.write
     if cmd == "list":
         vms = []
@@ -603,6 +620,8 @@ def _sh_quote(s: str) -> str:
 
 
 def clone(src: Vm, params: list[str]) -> int:
+    import shutil
+
     dst, mode, rest = params[0], params[1], params[2:]
     if mode not in ("full", "linked"):
         usage("clone takes full or linked")
