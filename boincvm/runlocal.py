@@ -343,7 +343,8 @@ def run_local(req: RunLocalRequest, on_update: Callable[[LiveState], None] | Non
                 deadline = now + 120
             if on_update is not None:
                 on_update(live)
-            time.sleep(0.25)
+            # Watch closely while a fault waits for a short phase (a checkpoint lasts ~0.3 s).
+            time.sleep(0.05 if any(f.phase for f in pending) else 0.25)
         slot_dir = client.slot_dir
         outputs = _collect(outcome, task, req.results_dir)
         if not req.keep_slot:

@@ -49,7 +49,7 @@ def qemu_pids_under(root: Path) -> list[int]:
             continue
         try:
             cmd = (entry / "cmdline").read_bytes()
-            cwd = os.readlink(entry / "cwd")
+            cwd = str((entry / "cwd").readlink())
         except OSError:
             continue
         if b"qemu-system" in cmd.split(b"\0")[0] and cwd.startswith(str(root)):
@@ -111,7 +111,7 @@ def run(
 
 
 def longjob_wu(tmp_path: Path, bulk_kib: int = 0) -> Path:
-    outputs = (OutputFile("out", 100_000),)
+    outputs: tuple[OutputFile, ...] = (OutputFile("out", 100_000),)
     if bulk_kib:
         outputs += (OutputFile("bulk", 10_000_000),)
     return make_wu(
@@ -124,7 +124,9 @@ def longjob_wu(tmp_path: Path, bulk_kib: int = 0) -> Path:
 
 def test_hello(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "world.txt").write_text("world\n")
-    wu = make_wu(tmp_path, '-c "tr a-z A-Z < in > out"', inputs=(InputSpec("in", str(tmp_path / "world.txt")),))
+    wu = make_wu(
+        tmp_path, '-c "tr a-z A-Z < in > out"', inputs=(InputSpec("in", str(tmp_path / "world.txt")),)
+    )
     summary = run(wu, app_version, data_dir, tmp_path)
     assert summary.ok, summary.message + summary.stderr_tail
     assert summary.outcome == "success"
@@ -134,9 +136,17 @@ def test_hello(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
     assert summary.cpu_time > 0
 
 
-def test_long_job_uninterrupted_checkpoints_and_reports(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_long_job_uninterrupted_checkpoints_and_reports(
+    app_version: Path, data_dir: Path, tmp_path: Path
+) -> None:
     seen: list[float] = []
-    summary = run(longjob_wu(tmp_path), app_version, data_dir, tmp_path, on_update=lambda s: seen.append(s.fraction_done))
+    summary = run(
+        longjob_wu(tmp_path),
+        app_version,
+        data_dir,
+        tmp_path,
+        on_update=lambda s: seen.append(s.fraction_done),
+    )
     assert summary.ok, summary.message + summary.stderr_tail
     assert (tmp_path / "results/out").read_text() == EXPECTED_OUT
     assert summary.checkpoints >= 1
@@ -166,13 +176,17 @@ def test_long_job_survives_faults(
 
 
 def test_abort_exits_194_and_stops_the_vm(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
-    summary = run(longjob_wu(tmp_path), app_version, data_dir, tmp_path, Fault.parse(FaultKind.ABORT, "run+1"))
+    summary = run(
+        longjob_wu(tmp_path), app_version, data_dir, tmp_path, Fault.parse(FaultKind.ABORT, "run+1")
+    )
     assert summary.outcome == "aborted"
     assert summary.exit_code == 194
     assert not summary.ok
 
 
-def test_heartbeat_loss_stops_wrapper_and_vm_within_35s(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_heartbeat_loss_stops_wrapper_and_vm_within_35s(
+    app_version: Path, data_dir: Path, tmp_path: Path
+) -> None:
     marks: dict[str, float] = {}
 
     def watch(state: LiveState) -> None:
@@ -182,12 +196,16 @@ def test_heartbeat_loss_stops_wrapper_and_vm_within_35s(app_version: Path, data_
             marks["exited"] = time.monotonic()
             marks["qemu_left"] = float(len(qemu_pids_under(data_dir)))
 
-    wu = make_wu(tmp_path, "-c 'sleep 60; echo done > out'")
-    summary = run(wu, app_version, data_dir, tmp_path, Fault.parse(FaultKind.HEARTBEAT_LOSS, "run+1"), on_update=watch)
+    wu = make_wu(tmp_path, "-c 'sleep 40; echo done > out'")
+    summary = run(
+        wu, app_version, data_dir, tmp_path, Fault.parse(FaultKind.HEARTBEAT_LOSS, "run+1"), on_update=watch
+    )
     assert "exited" in marks, summary.events
     assert marks["exited"] - marks["lost"] <= 35.0
     assert marks["qemu_left"] == 0
-    assert summary.ok, summary.message + summary.stderr_tail  # restarted and finished once heartbeats came back
+    assert summary.ok, (
+        summary.message + summary.stderr_tail
+    )  # restarted and finished once heartbeats came back
 
 
 def _qemu_cpu(data_dir: Path) -> float:
@@ -205,7 +223,12 @@ def test_suspend_stops_guest_progress_and_cpu(app_version: Path, data_dir: Path,
         samples.append((time.monotonic(), state.phase, _qemu_cpu(data_dir)))
 
     summary = run(
-        longjob_wu(tmp_path), app_version, data_dir, tmp_path, Fault.parse(FaultKind.SUSPEND, "run+2:5"), on_update=watch
+        longjob_wu(tmp_path),
+        app_version,
+        data_dir,
+        tmp_path,
+        Fault.parse(FaultKind.SUSPEND, "run+2:5"),
+        on_update=watch,
     )
     assert summary.ok, summary.message + summary.stderr_tail
     suspended = [s for s in samples if s[1] == "suspended"]
@@ -240,12 +263,16 @@ def test_missing_output_fails(app_version: Path, data_dir: Path, tmp_path: Path)
     assert "out" in summary.message
 
 
-def test_result_path_escaping_the_job_directory_is_refused(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_result_path_escaping_the_job_directory_is_refused(
+    app_version: Path, data_dir: Path, tmp_path: Path
+) -> None:
     wu = make_wu(tmp_path, "-c 'echo x > /etc/x'")
     # Tamper with the staged job file as a hostile or broken server-side tool might.
     job_file = next(p for p in (wu / "download").iterdir() if p.suffix == ".xml")
     job_file.write_text(
-        job_file.read_text().replace("<open_name>out</open_name>", "<open_name>out</open_name><guest_name>../../etc/x</guest_name>")
+        job_file.read_text().replace(
+            "<open_name>out</open_name>", "<open_name>out</open_name><guest_name>../../etc/x</guest_name>"
+        )
     )
     summary = run(wu, app_version, data_dir, tmp_path)
     assert summary.outcome == "compute_error"
@@ -276,7 +303,9 @@ def test_image_without_guest_tools(guest_image: Path, data_dir: Path, tmp_path: 
     blank = tmp_path / "blank.img"
     subprocess.run(["qemu-img", "create", "-f", "raw", str(blank), "64M"], check=True, capture_output=True)
     av = tmp_path / "av-blank"
-    package_image(AppVersionRequest(image=blank, app_name="itest", version="1.00", output_dir=av, memory_mb=128))
+    package_image(
+        AppVersionRequest(image=blank, app_name="itest", version="1.00", output_dir=av, memory_mb=128)
+    )
     wu = make_wu(tmp_path, "-c 'true'", boot_timeout=10)
     summary = run(wu, av, data_dir, tmp_path)
     assert summary.outcome == "compute_error"
