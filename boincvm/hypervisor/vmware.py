@@ -318,6 +318,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
             log.debug("vmrun deleteVM failed (%s); removing the files", exc)
         shutil.rmtree(self.vmx.parent, ignore_errors=True)
         self.channel.forget()
+        self._accel, self._accel_tried = None, False  # a pyvix handle names the deleted VM
 
     def wait_for_tools(self, timeout: float | None = None) -> None:
         """Wait until ``checkToolsState`` says ``running`` and (with credentials) a guest operation works.
