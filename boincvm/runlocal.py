@@ -107,6 +107,7 @@ class LiveState:
     elapsed: float = 0.0
     last_output: str = ""
     accel: str = ""
+    wrapper_pid: int | None = None
     events: list[str] = field(default_factory=list)
 
 
@@ -291,6 +292,7 @@ def run_local(req: RunLocalRequest, on_update: Callable[[LiveState], None] | Non
                     run_timings = {str(k): float(v) for k, v in got.items()}
             cs = client.status
             live.cpu_time = cs.current_cpu_time
+            live.wrapper_pid = cs.pid
             live.elapsed = now - t0
             if result is not None:
                 for k, v in run_timings.items():

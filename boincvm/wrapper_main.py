@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
-        format="%(asctime)s boincvm: %(message)s",
+        format="%(asctime)s.%(msecs)03d boincvm: %(message)s",
         datefmt="%Y-%m-%d %H:%M:%S",
     )
     signal.signal(signal.SIGTERM, _sigterm)

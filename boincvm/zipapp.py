@@ -9,6 +9,8 @@ The volunteer's host needs a Python 3.11+ interpreter on PATH; see the README.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import marshal
 import os
 import tempfile
 import zipfile
@@ -42,6 +44,19 @@ def _package_root(name: str) -> Path:
     return Path(file)
 
 
+def _pyc(source: bytes, name: str) -> bytes:
+    """Bytecode for this Python, as an unchecked-hash .pyc: zipimport loads it without
+    recompiling (half the wrapper's start-up) and any other Python version ignores it."""
+    code = compile(source, name, "exec", dont_inherit=True)
+    flags = 0b01  # hash-based, not checked against the source
+    return (
+        importlib.util.MAGIC_NUMBER
+        + flags.to_bytes(4, "little")
+        + importlib.util.source_hash(source)
+        + marshal.dumps(code)
+    )
+
+
 def build_wrapper_zipapp(target: Path) -> Path:
     """Write the wrapper zip application to ``target`` (atomically) and return it."""
     entries: list[tuple[str, Path]] = []
@@ -65,7 +80,12 @@ def build_wrapper_zipapp(target: Path) -> Path:
         with os.fdopen(fd, "wb") as raw:
             raw.write(b"#!/usr/bin/env python3\n")
             with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                files = [("__main__.py", _MAIN.encode()), *extra] + [(a, p.read_bytes()) for a, p in entries]
+                files = [("__main__.py", _MAIN.encode()), *extra]
+                for arcname, path in entries:
+                    source = path.read_bytes()
+                    files.append((arcname, source))
+                    if arcname.endswith(".py"):
+                        files.append((arcname + "c", _pyc(source, arcname)))
                 for arcname, data in files:
                     info = zipfile.ZipInfo(arcname, _EPOCH)
                     info.external_attr = 0o644 << 16

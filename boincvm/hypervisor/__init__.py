@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-# Each backend module registers itself on import.
-from boincvm.hypervisor import qemu as _qemu  # noqa: E402, F401
-from boincvm.hypervisor import vmware as _vmware  # noqa: E402, F401
 from boincvm.hypervisor.base import (
     Availability,
     Backend,

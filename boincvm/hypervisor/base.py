@@ -275,11 +275,13 @@ def backend_class(kind: BackendKind | str) -> type[Backend]:
     Raises:
         HypervisorUnavailable: no such backend.
     """
-    # Importing the package registers the built-in backends.
-    import boincvm.hypervisor  # noqa: F401
+    import importlib
 
     try:
-        return Backend._registry[BackendKind(kind)]
+        backend_kind = BackendKind(kind)
+        # A backend registers itself when its module is imported; import only the one asked for.
+        importlib.import_module(f"boincvm.hypervisor.{backend_kind.value}")
+        return Backend._registry[backend_kind]
     except (ValueError, KeyError):
         known = ", ".join(sorted(k.value for k in Backend._registry))
         raise HypervisorUnavailable(f"unknown backend {kind!r}", hint=f"choose one of: {known}") from None

@@ -1,0 +1,131 @@
+"""run-local figures: hello overhead (warm and first run), wrapper CPU use, checkpoint cost.
+
+Everything runs for real: the bundled guest under QEMU (TCG here), the app version's own
+wrapper as a separate process, the client emulator.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from boincvm.appversion import AppVersionRequest, package_image
+from boincvm.image.guest import build_guest_image
+from boincvm.job import OutputFile, Task, VmJob
+from boincvm.runlocal import LiveState, RunLocalRequest, RunSummary, run_local
+from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
+
+LONGJOB = Path(__file__).resolve().parent.parent / "tests/integration/programs/longjob.sh"
+
+
+def _wu(
+    root: Path, name: str, command_line: str, *, inputs: tuple[InputSpec, ...] = (), **job: object
+) -> Path:
+    task = Task(
+        application="/bin/sh", fraction_done_filename="fraction_done", credit_report_filename="credit_report"
+    )
+    out = root / name
+    make_workunits(
+        WorkunitRequest(
+            app_name="bench",
+            job=VmJob(task=task, output_files=(OutputFile("out", 1_000_000),), **job),  # type: ignore[arg-type]
+            output_dir=out,
+            inputs=inputs,
+            command_line=command_line,
+            resources=Resources(rsc_memory_bound=1e9),
+        )
+    )
+    return out
+
+
+def _run(root: Path, wu: Path, av: Path, tag: str, **kw: object) -> tuple[RunSummary, list[LiveState]]:
+    states: list[LiveState] = []
+
+    def watch(s: LiveState) -> None:
+        states.append(LiveState(**{**s.__dict__, "events": []}))
+
+    summary = run_local(
+        RunLocalRequest(
+            workunit_dir=wu,
+            app_version_dir=av,
+            results_dir=root / f"res-{tag}",
+            data_dir=root / "client",
+            **kw,  # type: ignore[arg-type]
+        ),
+        watch,
+    )
+    assert summary.ok, summary.message
+    return summary, states
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    """Print the figures."""
+    print("== run-local (TCG guest, the app version's own wrapper, client emulator)")
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        av = root / "av"
+        package_image(
+            AppVersionRequest(
+                image=build_guest_image("minimal"), app_name="bench", version="1.00", output_dir=av
+            )
+        )
+        (root / "world.txt").write_text("world\n")
+        hello = _wu(
+            root, "hello", '-c "tr a-z A-Z < in > out"', inputs=(InputSpec("in", str(root / "world.txt")),)
+        )
+        first, _ = _run(root, hello, av, "first")
+        warm = [_run(root, hello, av, f"warm{i}")[0] for i in range(3)]
+        best = min(warm, key=lambda s: s.elapsed)
+        print(f"  hello, first run on this app version (golden checkpoint built): {first.elapsed:5.2f} s")
+        print(
+            f"  hello, prepared checkpoint: {best.elapsed:5.2f} s in all (best of 3; goal: overhead <= 1.5 s)"
+        )
+        print("    " + ", ".join(f"{k} {v:.2f} s" for k, v in best.timings.items()))
+
+        sleeper = _wu(root, "sleep", "-c 'sleep 20; echo done > out'", disable_automatic_checkpoints=True)
+        samples: dict[str, tuple[float, float]] = {}
+
+        def watch(s: LiveState) -> None:
+            if s.phase == "run" and s.wrapper_pid and s.elapsed > 0:
+                try:
+                    now = (time.monotonic(), _cpu(s.wrapper_pid))
+                except OSError:
+                    return
+                samples.setdefault("first", now)
+                samples["last"] = now
+
+        run_local(
+            RunLocalRequest(
+                workunit_dir=sleeper,
+                app_version_dir=av,
+                results_dir=root / "res-sleep",
+                data_dir=root / "client",
+            ),
+            watch,
+        )
+        (t0, c0), (t1, c1) = samples["first"], samples["last"]
+        share = (c1 - c0) / (t1 - t0) * 100
+        print(f"  wrapper CPU while the guest runs: {share:.2f} % of a core, {t1 - t0:.0f} s (goal <= 1 %)")
+
+        script = (InputSpec("longjob.sh", str(LONGJOB)),)
+        with_ck = _wu(root, "ck", "longjob.sh 12 4000", inputs=script, minimum_checkpoint_interval=0)
+        without = _wu(root, "nock", "longjob.sh 12 4000", inputs=script, disable_automatic_checkpoints=True)
+        s_ck, _ = _run(root, with_ck, av, "ck", checkpoint_period=2.0)
+        s_no, _ = _run(root, without, av, "nock")
+        per = s_ck.timings.get("checkpoint", 0.0) / max(s_ck.checkpoints, 1)
+        print(
+            f"  long job: {s_ck.checkpoints} checkpoints, {per:.2f} s each as the job sees it; "
+            f"run time {s_ck.timings.get('run', 0):.1f} s with vs {s_no.timings.get('run', 0):.1f} s without "
+            f"(ratio {s_ck.elapsed / s_no.elapsed:.2f} total)"
+        )
+
+
+if __name__ == "__main__":
+    main()
