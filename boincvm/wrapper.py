@@ -254,9 +254,25 @@ class Wrapper:
         record = self.store.load()
         try:
             try:
+                proc = None
                 if record is not None:
-                    proc = self._restore(record)
-                else:
+                    try:
+                        proc = self._restore(record)
+                    except (HypervisorError, GuestError) as exc:
+                        if isinstance(exc, HypervisorUnavailable):
+                            raise
+                        # A checkpoint that cannot be restored must not wedge the task for good
+                        # (vboxwrapper's users lost whole tasks that way): start afresh instead.
+                        log.error(
+                            "checkpoint %s cannot be restored (%s); starting the job afresh",
+                            record.snapshot,
+                            exc.message,
+                        )
+                        self.vm.power_off(soft_timeout=0)
+                        self.store.clear()
+                        record = None
+                        self.status = StatusReport()
+                if proc is None:
                     proc = self._fresh_start()
                 return self._main_loop(proc, record)
             except HypervisorUnavailable as exc:

@@ -16,6 +16,7 @@ and is found with :func:`backend_class`. Operations a backend cannot do raise
 from __future__ import annotations
 
 import enum
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -266,7 +267,14 @@ class Backend(ABC):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.power_off()
+        if exc is None:
+            self.power_off()
+            return
+        # Leaving because of an error: stop the VM, but never hide that error behind another.
+        try:
+            self.power_off()
+        except Exception as second:  # noqa: BLE001
+            logging.getLogger(__name__).warning("powering off after an error failed too: %s", second)
 
 
 def backend_class(kind: BackendKind | str) -> type[Backend]:

@@ -310,3 +310,38 @@ def test_image_without_guest_tools(guest_image: Path, data_dir: Path, tmp_path: 
     summary = run(wu, av, data_dir, tmp_path)
     assert summary.outcome == "compute_error"
     assert "guest tools did not answer" in summary.message
+
+
+def test_unrestorable_checkpoint_starts_the_job_afresh(
+    app_version: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from boincvm.boinc.client import ClientOptions, LocalClient
+    from boincvm.runlocal import build_task
+    from boincvm.wrapper import CHECKPOINT_FILE
+
+    wu = longjob_wu(tmp_path)
+    req = RunLocalRequest(
+        workunit_dir=wu, app_version_dir=app_version, results_dir=tmp_path / "results", data_dir=data_dir
+    )
+    task = build_task(req)
+    with LocalClient(
+        data_dir, task, slot=7, options=ClientOptions(checkpoint_period=1.0, poll_period=0.2)
+    ) as client:
+        client.start()
+        record = client.slot_dir / CHECKPOINT_FILE
+        client.wait(120, until=lambda _: record.exists())
+        client.quit()
+        first = client.wait(60)
+        assert first is not None and first.will_restart
+        data = json.loads(record.read_text())
+        data["snapshot"] = "lost-in-a-crash"
+        record.write_text(json.dumps(data))
+        client.start()
+        final = client.wait(180)
+        assert final is not None and final.ok, final
+        assert "cannot be restored" in final.stderr_tail
+        (out,) = [o for o in final.outputs if o.name.endswith("_0")]
+        assert out.path.read_text() == EXPECTED_OUT
+    assert qemu_pids_under(data_dir) == []
