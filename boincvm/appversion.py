@@ -22,13 +22,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from boincvm import proc
+from boincvm.atomicdir import building
 from boincvm.errors import InputError
 from boincvm.findings import Finding, error, has_errors, info, warning
 from boincvm.job import DEFAULTS_OPEN_NAME, Task, VmJob, parse_job, render_job, validate_job
@@ -184,21 +184,19 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
         InputError: bad request, unreadable image, or the output exists (without force).
         ToolError: qemu-img is missing or failed.
     """
-    from boincvm.image.descriptor import DESCRIPTOR_NAME, ImageDescriptor, ImageFormat
-
     vnum = version_num(req.version)
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", req.app_name):
         raise InputError(f"app name {req.app_name!r}: use letters, digits, '_', '.' and '-' only")
     if not req.image.exists():
         raise InputError(f"image {req.image} does not exist")
     out = req.output_dir
-    if out.exists() and not req.force:
-        raise InputError(
-            f"{out} already exists", hint="choose another --output-dir or add --force to replace it"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    tmp.chmod(0o755)  # a project's web server serves these files
+    with building(out, force=req.force) as tmp:
+        return _package_into(req, tmp, vnum, progress)
+
+
+def _package_into(req: AppVersionRequest, tmp: Path, vnum: int, progress: Progress | None) -> AppVersion:
+    from boincvm.image.descriptor import DESCRIPTOR_NAME, ImageDescriptor, ImageFormat
+
     prefix = f"{req.app_name}_{req.version}"
     files: list[AppVersionFile] = []
 
@@ -220,71 +218,60 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
         gz = req.gzip_downloads and gzip_ok and _gzip_helps(tmp / physical)
         files.append(AppVersionFile(physical, logical, md5, size, gzip=gz))
 
-    try:
-        job = VmJob(backend="qemu", memory_size_mb=req.memory_mb)
-        exec_dir = req.exec_dir
-        if req.image.is_dir():
-            desc = ImageDescriptor.load(req.image / DESCRIPTOR_NAME)
-            if desc.format is ImageFormat.KERNEL_INITRD:
-                assert desc.kernel is not None
-                add(req.image / desc.kernel, KERNEL_OPEN_NAME, copy=True, gzip_ok=True)
-                if desc.initrd:
-                    add(req.image / desc.initrd, INITRD_OPEN_NAME, copy=True, gzip_ok=True)
-                job = VmJob(
-                    backend="qemu",
-                    vm_kernel=KERNEL_OPEN_NAME,
-                    vm_initrd=INITRD_OPEN_NAME if desc.initrd else None,
-                    kernel_cmdline=desc.kernel_cmdline,
-                    memory_size_mb=req.memory_mb or desc.memory_mb,
-                )
-            else:
-                job = VmJob(backend="qemu", memory_size_mb=req.memory_mb or desc.memory_mb)
-            if desc.disk:
-                note("converting the disk")
-                _convert_disk(req.image / desc.disk, tmp / f".{DISK_OPEN_NAME}.part", compress=req.compress)
-                add(tmp / f".{DISK_OPEN_NAME}.part", DISK_OPEN_NAME, copy=False, gzip_ok=False)
-                job = VmJob(**{**job.__dict__, "vm_image": DISK_OPEN_NAME})
-            exec_dir = exec_dir or desc.exec_dir
+    job = VmJob(backend="qemu", memory_size_mb=req.memory_mb)
+    exec_dir = req.exec_dir
+    if req.image.is_dir():
+        desc = ImageDescriptor.load(req.image / DESCRIPTOR_NAME)
+        if desc.format is ImageFormat.KERNEL_INITRD:
+            assert desc.kernel is not None
+            add(req.image / desc.kernel, KERNEL_OPEN_NAME, copy=True, gzip_ok=True)
+            if desc.initrd:
+                add(req.image / desc.initrd, INITRD_OPEN_NAME, copy=True, gzip_ok=True)
+            job = VmJob(
+                backend="qemu",
+                vm_kernel=KERNEL_OPEN_NAME,
+                vm_initrd=INITRD_OPEN_NAME if desc.initrd else None,
+                kernel_cmdline=desc.kernel_cmdline,
+                memory_size_mb=req.memory_mb or desc.memory_mb,
+            )
         else:
+            job = VmJob(backend="qemu", memory_size_mb=req.memory_mb or desc.memory_mb)
+        if desc.disk:
             note("converting the disk")
-            _convert_disk(req.image, tmp / f".{DISK_OPEN_NAME}.part", compress=req.compress)
+            _convert_disk(req.image / desc.disk, tmp / f".{DISK_OPEN_NAME}.part", compress=req.compress)
             add(tmp / f".{DISK_OPEN_NAME}.part", DISK_OPEN_NAME, copy=False, gzip_ok=False)
-            job = VmJob(backend="qemu", vm_image=DISK_OPEN_NAME, memory_size_mb=req.memory_mb)
-        job = VmJob(**{**job.__dict__, "task": Task(exec_dir=exec_dir) if exec_dir else None})
-        defaults_xml = render_job(job).encode("utf-8")
-        defaults_md5 = hashlib.md5(defaults_xml, usedforsecurity=False).hexdigest()
-        defaults_name = f"{prefix}_{defaults_md5[:12]}_vm_job_defaults.xml"
-        (tmp / defaults_name).write_bytes(defaults_xml)
-        files.append(AppVersionFile(defaults_name, DEFAULTS_OPEN_NAME, defaults_md5, len(defaults_xml)))
+            job = VmJob(**{**job.__dict__, "vm_image": DISK_OPEN_NAME})
+        exec_dir = exec_dir or desc.exec_dir
+    else:
+        note("converting the disk")
+        _convert_disk(req.image, tmp / f".{DISK_OPEN_NAME}.part", compress=req.compress)
+        add(tmp / f".{DISK_OPEN_NAME}.part", DISK_OPEN_NAME, copy=False, gzip_ok=False)
+        job = VmJob(backend="qemu", vm_image=DISK_OPEN_NAME, memory_size_mb=req.memory_mb)
+    job = VmJob(**{**job.__dict__, "task": Task(exec_dir=exec_dir) if exec_dir else None})
+    defaults_xml = render_job(job).encode("utf-8")
+    defaults_md5 = hashlib.md5(defaults_xml, usedforsecurity=False).hexdigest()
+    defaults_name = f"{prefix}_{defaults_md5[:12]}_vm_job_defaults.xml"
+    (tmp / defaults_name).write_bytes(defaults_xml)
+    files.append(AppVersionFile(defaults_name, DEFAULTS_OPEN_NAME, defaults_md5, len(defaults_xml)))
 
-        note("building the wrapper")
-        from boincvm.zipapp import build_wrapper_zipapp
+    note("building the wrapper")
+    from boincvm.zipapp import build_wrapper_zipapp
 
-        build_wrapper_zipapp(tmp / ".wrapper.part")
-        md5, size = _md5(tmp / ".wrapper.part")
-        wrapper_name = f"{prefix}_{md5[:12]}_wrapper.pyz"
-        (tmp / ".wrapper.part").rename(tmp / wrapper_name)
-        files.insert(0, AppVersionFile(wrapper_name, None, md5, size, main_program=True))
+    build_wrapper_zipapp(tmp / ".wrapper.part")
+    md5, size = _md5(tmp / ".wrapper.part")
+    wrapper_name = f"{prefix}_{md5[:12]}_wrapper.pyz"
+    (tmp / ".wrapper.part").rename(tmp / wrapper_name)
+    files.insert(0, AppVersionFile(wrapper_name, None, md5, size, main_program=True))
 
-        from boincvm.render import render
+    from boincvm.render import render
 
-        (tmp / "version.xml").write_text(
-            render("version.xml.j2", files=files, api_version=API_VERSION), encoding="utf-8"
-        )
-        result = AppVersion(out, req.app_name, req.version, vnum, req.platform, tuple(files))
-        (tmp / SUMMARY_NAME).write_text(
-            json.dumps(result.as_dict() | {"directory": "."}, indent=2) + "\n", encoding="utf-8"
-        )
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    (tmp / "version.xml").write_text(
+        render("version.xml.j2", files=files, api_version=API_VERSION), encoding="utf-8"
+    )
+    result = AppVersion(req.output_dir, req.app_name, req.version, vnum, req.platform, tuple(files))
+    (tmp / SUMMARY_NAME).write_text(
+        json.dumps(result.as_dict() | {"directory": "."}, indent=2) + "\n", encoding="utf-8"
+    )
     return result
 
 

@@ -24,12 +24,12 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from boincvm.atomicdir import building
 from boincvm.errors import InputError
 from boincvm.job import (
     JOB_OPEN_NAME,
@@ -394,27 +394,9 @@ def make_workunits(req: WorkunitRequest, progress: Progress | None = None) -> Wo
         InputError: bad request, missing input, bad batch row, or the output exists (without force).
     """
     _check_request(req)
-    out = req.output_dir
-    if out.exists() and not req.force:
-        raise InputError(
-            f"{out} already exists", hint="choose another --output-dir or add --force to replace it"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; staged files are served by the project
-    try:
+    with building(req.output_dir, force=req.force) as tmp:
         result = _write(req, tmp, progress)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return replace(result, directory=out)
+    return replace(result, directory=req.output_dir)
 
 
 def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> WorkunitSet:

@@ -1,0 +1,45 @@
+"""Directories that appear whole or not at all.
+
+Generated directories (workunits, app versions) are built in a temporary sibling and
+renamed into place at the end, so a failure, an interrupt or a full disk never leaves
+half an artefact where a user (or a BOINC project) would pick it up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from boincvm.errors import InputError
+
+
+@contextmanager
+def building(out: Path, *, force: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out``; move it to ``out`` when the block succeeds.
+
+    Raises:
+        InputError: ``out`` exists and ``force`` is false.
+    """
+    if out.exists() and not force:
+        raise InputError(
+            f"{out} already exists", hint="choose another --output-dir or add --force to replace it"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a project's web server serves these files
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
