@@ -17,7 +17,7 @@ from boincvm.job import OutputFile, Task, VmJob
 from boincvm.runlocal import LiveState, RunLocalRequest, RunSummary, run_local
 from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
 
-LONGJOB = Path(__file__).resolve().parent.parent / "tests/integration/programs/longjob.sh"
+LONGJOB = Path(__file__).resolve().parent.parent / "examples/longjob/program/bin/longjob"
 
 
 def _wu(

@@ -21,8 +21,7 @@ from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workuni
 
 pytestmark = pytest.mark.integration
 
-PROGRAMS = Path(__file__).parent / "programs"
-LONGJOB = PROGRAMS / "longjob.sh"
+LONGJOB = Path(__file__).resolve().parents[2] / "examples/longjob/program/bin/longjob"
 #: Steps and busy-loop size of the long job: about 6 s of guest work under TCG.
 STEPS, WORK = 12, 4000
 EXPECTED_OUT = "".join(f"step {i}\n" for i in range(1, STEPS + 1)) + f"sum {sum(range(1, STEPS + 1))}\n"
