@@ -63,9 +63,9 @@ def environment() -> jinja2.Environment:
     return env
 
 
-def render(name: str, **context: Any) -> str:
+def render(template: str, /, **context: Any) -> str:
     """Render one of boincvm's templates."""
-    return environment().get_template(name).render(**context)
+    return environment().get_template(template).render(**context)
 
 
 @functools.cache

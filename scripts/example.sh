@@ -17,7 +17,7 @@ echo "== 2. app version: image + wrapper + job defaults + version.xml" >&2
 boincvm package-image "$IMAGE" --app hello --version 1.00 -o "$OUT/app-version" >/dev/null
 
 echo "== 3. the guest package: examples/hello as an RPM" >&2
-PACKAGE=$(boincvm package-rpm examples/hello --name hello --version 1.0 --entry-point bin/hello -o "$OUT")
+PACKAGE=$(boincvm package-rpm examples/hello/program --name hello --version 1.0 -o "$OUT")
 
 echo "== 4. one workunit" >&2
 boincvm make-workunit --app hello --package "$PACKAGE" \
