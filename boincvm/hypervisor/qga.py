@@ -248,4 +248,3 @@ class GuestAgent:
 def is_missing_file(exc: GuestError) -> bool:
     """True when an agent error says the file does not exist."""
     return "No such file" in str(exc) or "not found" in str(exc).lower()
-
