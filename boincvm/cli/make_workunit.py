@@ -35,6 +35,13 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
 @click.option(
     "--package", type=click.Path(path_type=Path, dir_okay=False), help="Guest package (.rpm or .tar.gz)."
 )
+@click.option(
+    "--program",
+    "program_dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="A program directory: packaged as an RPM installed under /opt/APP (instead of --package).",
+)
+@click.option("--program-version", default="1.0", help="Version of the package --program builds.")
 @click.option("--application", help="Program the guest runs (absolute guest path or command).")
 @click.option(
     "--command-line",
@@ -100,6 +107,8 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
 def command(
     app_name: str,
     package: Path | None,
+    program_dir: Path | None,
+    program_version: str,
     application: str | None,
     command_line: str | None,
     inputs: tuple[str, ...],
@@ -131,6 +140,7 @@ def command(
 
     One workunit, or with --batch one per row (thousands in one run; identical files are stored once).
     """
+    import tempfile
     from dataclasses import replace
 
     from boincvm.job import CpuTimeSource, OutputFile, Task, VmJob, load_job
@@ -185,14 +195,23 @@ def command(
         batch=batch,
         force=force,
     )
-    with console.progress_bar("making workunits") as bar:
-        task_id = bar.add_task("making workunits", total=None)
+    if package is not None and program_dir is not None:
+        raise click.UsageError("give --package or --program, not both")
+    with tempfile.TemporaryDirectory(prefix="boincvm-package-") as scratch:
+        if program_dir is not None:
+            from boincvm.package import PackageRequest, build_package
 
-        def progress(done: int, total: int | None) -> None:
-            if done % 256 == 0 or done == total:
-                bar.update(task_id, completed=done, total=total)
+            built = build_package(PackageRequest(program_dir, app_name, program_version), Path(scratch))
+            console.info(f"packaged {program_dir} as {built.path.name}")
+            request = replace(request, package=built.path)
+        with console.progress_bar("making workunits") as bar:
+            task_id = bar.add_task("making workunits", total=None)
 
-        result = make_workunits(request, progress)
+            def progress(done: int, total: int | None) -> None:
+                if done % 256 == 0 or done == total:
+                    bar.update(task_id, completed=done, total=total)
+
+            result = make_workunits(request, progress)
     console.success(
         f"made {result.count} workunit{'s' if result.count != 1 else ''} in {result.directory} "
         f"({result.unique_files} files staged, {result.staged_bytes} bytes)"
