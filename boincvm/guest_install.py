@@ -33,6 +33,9 @@ def install_script(kind: PackageKind, guest_pkg: str) -> str:
         return (
             "set -e\n"
             f"rpm -qpl {pkg} > {f}\n"
+            # busybox rpm does not create the parents of a file whose directory the package
+            # does not list (e.g. /usr/local/bin for an entry-point link).
+            f'while IFS= read -r p; do mkdir -p "$(dirname "$p")"; done < {f}\n'
             "if rpm --version 2>/dev/null | grep -q 'RPM version'; then\n"
             f"  rpm -qp --qf '%{{NAME}}' {pkg} > {n}\n"
             f"  rpm -i --nodeps --replacepkgs {pkg}\n"

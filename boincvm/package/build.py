@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import gzip
+import io
 import os
 import re
 import shutil
@@ -172,6 +173,7 @@ def _build_rpm(req: PackageRequest, output_dir: Path) -> Path:
                 source=str(src),
                 entry_point=req.entry_point,
                 post_install=req.post_install,
+                epoch=SOURCE_DATE_EPOCH,
             ),
             encoding="utf-8",
         )
@@ -199,6 +201,11 @@ def _build_rpm(req: PackageRequest, output_dir: Path) -> Path:
         return target
 
 
+def entry_point_script(target: str) -> bytes:
+    """The launcher installed as /usr/local/bin/NAME (a script: busybox rpm makes no symlinks)."""
+    return f'#!/bin/sh\nexec "{target}" "$@"\n'.encode()
+
+
 def _build_tarball(req: PackageRequest, target: Path) -> None:
     prefix = req.install_prefix.lstrip("/")
     tmp = target.with_name(f".{target.name}.part")
@@ -224,10 +231,11 @@ def _build_tarball(req: PackageRequest, target: Path) -> None:
                 for path in sorted(req.program_dir.rglob("*")):
                     add(tar, path, f"{prefix}/{path.relative_to(req.program_dir).as_posix()}")
                 if req.entry_point:
-                    link = tarfile.TarInfo(f"usr/local/bin/{req.name}")
-                    link.type, link.linkname = tarfile.SYMTYPE, f"/{prefix}/{req.entry_point}"
-                    link.mtime, link.uname, link.gname, link.mode = SOURCE_DATE_EPOCH, "root", "root", 0o777
-                    tar.addfile(link)
+                    script = entry_point_script(f"/{prefix}/{req.entry_point}")
+                    launcher = tarfile.TarInfo(f"usr/local/bin/{req.name}")
+                    launcher.size, launcher.mode, launcher.mtime = len(script), 0o755, SOURCE_DATE_EPOCH
+                    launcher.uname = launcher.gname = "root"
+                    tar.addfile(launcher, io.BytesIO(script))
         tmp.replace(target)
     except BaseException:
         tmp.unlink(missing_ok=True)

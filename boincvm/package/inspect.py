@@ -217,6 +217,10 @@ def check_package(
                     hint="rebuild with rpmbuild --define '_binary_payload w9.gzdio'",
                 )
             )
+        if any(e.kind == "symlink" for e in pkg.entries):
+            out.append(
+                warning(where, "has symbolic links; busybox rpm (the bundled guest) does not create them")
+            )
         for tag, script in pkg.scriptlets.items():
             out.append(
                 warning(

@@ -1,0 +1,68 @@
+"""Packages in the real bundled guest: install with busybox rpm / tar, run, uninstall, files gone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from boincvm.guest_install import install_script, package_guest_path, uninstall_script
+from boincvm.hypervisor.qemu import QemuBackend
+from boincvm.image.descriptor import spec_for_image
+from boincvm.job import PackageKind
+from boincvm.package import PackageFormat, PackageRequest, build_package
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXEC_DIR = "/scratch/pkgtest"
+
+
+@pytest.fixture(scope="module")
+def vm(guest_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[QemuBackend]:
+    spec = spec_for_image(guest_image, name="pkgtest", workdir=tmp_path_factory.mktemp("pkg") / "slot")
+    with QemuBackend(spec) as backend:
+        backend.power_on()
+        backend.wait_for_tools()
+        yield backend
+
+
+def sh(vm: QemuBackend, script: str) -> bytes:
+    status = vm.run_program(["/bin/sh", "-c", script], timeout=120)
+    assert status.succeeded, (status.exit_code, status.stderr_tail)
+    return status.stdout_tail
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kind"), [(PackageFormat.RPM, PackageKind.RPM), (PackageFormat.TAR, PackageKind.TAR)]
+)
+def test_install_run_uninstall(
+    vm: QemuBackend, tmp_path: Path, fmt: PackageFormat, kind: PackageKind
+) -> None:
+    built = build_package(
+        PackageRequest(EXAMPLES / "hello/program", "hello", "1.0", entry_point="bin/hello", format=fmt),
+        tmp_path,
+    )
+    sh(vm, f"rm -rf {EXEC_DIR} && mkdir -p {EXEC_DIR}")
+    guest_pkg = package_guest_path(kind, EXEC_DIR)
+    vm.copy_to_guest(built.path, guest_pkg)
+    sh(vm, install_script(kind, guest_pkg))
+    assert sh(vm, "ls -l /opt/hello/bin/hello /usr/local/bin/hello").count(b"hello") >= 2
+    sh(vm, f"cd {EXEC_DIR} && echo guest > in && /usr/local/bin/hello")
+    assert vm.read_guest_file(f"{EXEC_DIR}/out") == b"Hello, guest!\n"
+    sh(vm, uninstall_script(kind, EXEC_DIR))
+    gone = vm.run_program(["/bin/sh", "-c", "ls /opt/hello /usr/local/bin/hello"], timeout=30)
+    assert gone.exit_code != 0, gone.stdout_tail
+    # The directories the package did not create are still there.
+    sh(vm, "test -d /opt && test -d /usr/local/bin || test ! -e /usr/local/bin")
+
+
+def test_a_broken_package_fails_to_install_clearly(vm: QemuBackend, tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.rpm"
+    bogus.write_bytes(b"not an rpm at all")
+    guest_pkg = package_guest_path(PackageKind.RPM, EXEC_DIR)
+    sh(vm, f"mkdir -p {EXEC_DIR}")
+    vm.copy_to_guest(bogus, guest_pkg)
+    status = vm.run_program(["/bin/sh", "-c", install_script(PackageKind.RPM, guest_pkg)], timeout=60)
+    assert status.exit_code != 0
