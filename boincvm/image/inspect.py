@@ -82,7 +82,13 @@ def _static_disk(disk: Path, fmt: str, place: str) -> list[Finding]:
             if done.returncode == 0 and b"Inode:" in done.stdout:
                 present.add(p)
         return _verdict(present, place)
-    return [info(place, f"cannot look inside a {fmt} disk without libguestfs (virt-ls); boot it to check")]
+    return [
+        warning(
+            place,
+            f"guest tools not verified: cannot look inside a {fmt} disk without libguestfs (virt-ls)",
+            "boot it: boincvm validate --boot IMAGE",
+        )
+    ]
 
 
 def _verdict(present: set[str], place: str) -> list[Finding]:
