@@ -74,6 +74,9 @@ class AppVersionRequest:
         compress: compress qcow2 clusters.
         gzip_downloads: mark files that compress well with <gzip/>.
         force: replace an existing output directory.
+        initrd: with a kernel as ``image``: its initramfs.
+        kernel_cmdline: with a kernel as ``image``: its command line.
+        disk: with a kernel as ``image``: a disk to attach (converted like any disk image).
     """
 
     image: Path
@@ -87,6 +90,9 @@ class AppVersionRequest:
     compress: bool = True
     gzip_downloads: bool = True
     force: bool = False
+    initrd: Path | None = None
+    kernel_cmdline: str | None = None
+    disk: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,16 @@ class AppVersion:
             "platform": self.platform,
             "files": [f.__dict__ for f in self.files],
         }
+
+
+def looks_like_kernel(path: Path) -> bool:
+    """A Linux kernel: an ELF vmlinux or a bzImage (``HdrS`` at 0x202)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(0x210)
+    except OSError:
+        return False
+    return head[:4] == b"\x7fELF" or head[0x202:0x206] == b"HdrS"
 
 
 def version_num(version: str) -> int:
@@ -187,8 +203,9 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
     vnum = version_num(req.version)
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", req.app_name):
         raise InputError(f"app name {req.app_name!r}: use letters, digits, '_', '.' and '-' only")
-    if not req.image.exists():
-        raise InputError(f"image {req.image} does not exist")
+    for what, path in (("image", req.image), ("initrd", req.initrd), ("disk", req.disk)):
+        if path is not None and not path.exists():
+            raise InputError(f"{what} {path} does not exist")
     out = req.output_dir
     with building(out, force=req.force) as tmp:
         return _package_into(req, tmp, vnum, progress)
@@ -242,7 +259,28 @@ def _package_into(req: AppVersionRequest, tmp: Path, vnum: int, progress: Progre
             add(tmp / f".{DISK_OPEN_NAME}.part", DISK_OPEN_NAME, copy=False, gzip_ok=False)
             job = VmJob(**{**job.__dict__, "vm_image": DISK_OPEN_NAME})
         exec_dir = exec_dir or desc.exec_dir
+    elif looks_like_kernel(req.image):
+        add(req.image, KERNEL_OPEN_NAME, copy=True, gzip_ok=True)
+        if req.initrd is not None:
+            add(req.initrd, INITRD_OPEN_NAME, copy=True, gzip_ok=True)
+        job = VmJob(
+            backend="qemu",
+            vm_kernel=KERNEL_OPEN_NAME,
+            vm_initrd=INITRD_OPEN_NAME if req.initrd else None,
+            kernel_cmdline=req.kernel_cmdline or "console=ttyS0",
+            memory_size_mb=req.memory_mb,
+        )
+        if req.disk is not None:
+            note("converting the disk")
+            _convert_disk(req.disk, tmp / f".{DISK_OPEN_NAME}.part", compress=req.compress)
+            add(tmp / f".{DISK_OPEN_NAME}.part", DISK_OPEN_NAME, copy=False, gzip_ok=False)
+            job = VmJob(**{**job.__dict__, "vm_image": DISK_OPEN_NAME})
     else:
+        if req.initrd is not None:
+            raise InputError(
+                f"{req.image.name} is not a kernel, so --initrd does not apply",
+                hint="give a kernel (bzImage or vmlinux) as IMAGE, or drop --initrd",
+            )
         note("converting the disk")
         _convert_disk(req.image, tmp / f".{DISK_OPEN_NAME}.part", compress=req.compress)
         add(tmp / f".{DISK_OPEN_NAME}.part", DISK_OPEN_NAME, copy=False, gzip_ok=False)

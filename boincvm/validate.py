@@ -144,19 +144,15 @@ def detect_kind(path: Path) -> PathKind:
             if tag in head:
                 return kind
         return PathKind.VM_JOB  # an XML file we cannot place is judged as a job, with clear errors
-    if path.suffix == "" and _looks_like_kernel(path):
+    from boincvm.appversion import looks_like_kernel
+
+    if path.suffix == "" and looks_like_kernel(path):
         return PathKind.IMAGE
     raise InputError(
         f"{path.name}: boincvm does not know what this file is",
         hint="validate takes a vm job (.xml), template, workunit or app version directory, "
         "package (.rpm, .tar.gz), image (.qcow2, .img, .vmdk) or .vmx",
     )
-
-
-def _looks_like_kernel(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(0x210)
-    return head[:4] == b"\x7fELF" or head[0x202:0x206] == b"HdrS"
 
 
 # -- vm jobs --------------------------------------------------------------------------------

@@ -18,6 +18,17 @@ from boincvm.cli import console
 @click.option("--plan-class", default=None, help="Plan class (the directory gets a __PLAN_CLASS suffix).")
 @click.option("--memory-mb", type=int, help="Guest memory (default: what the image suggests, else 512).")
 @click.option("--exec-dir", help="Working directory of jobs in the guest.")
+@click.option(
+    "--initrd",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="With a kernel as IMAGE: its initramfs.",
+)
+@click.option("--kernel-cmdline", help="With a kernel as IMAGE: its command line.")
+@click.option(
+    "--disk",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="With a kernel as IMAGE: a disk image to attach.",
+)
 @click.option("--compress/--no-compress", default=True, help="Compress qcow2 clusters.")
 @click.option(
     "--gzip/--no-gzip",
@@ -41,13 +52,16 @@ def command(
     plan_class: str | None,
     memory_mb: int | None,
     exec_dir: str | None,
+    initrd: Path | None,
+    kernel_cmdline: str | None,
+    disk: Path | None,
     compress: bool,
     gzip_downloads: bool,
     output_dir: Path | None,
     force: bool,
     as_json: bool,
 ) -> None:
-    """Turn IMAGE (qcow2, raw, vmdk, or a build-image directory) into an app version directory.
+    """Turn IMAGE (qcow2, raw, vmdk, a kernel, or a build-image directory) into an app version.
 
     Copy the result to apps/APP/VERSION/PLATFORM in the project and run update_versions.
     """
@@ -67,6 +81,9 @@ def command(
         compress=compress,
         gzip_downloads=gzip_downloads,
         force=force,
+        initrd=initrd,
+        kernel_cmdline=kernel_cmdline,
+        disk=disk,
     )
     result = package_image(req, lambda step, *_: console.info(step))
     console.success(f"app version {app_name} {version} ({result.version_num}) in {result.directory}")

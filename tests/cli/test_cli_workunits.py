@@ -183,3 +183,59 @@ def test_package_image_refuses_a_non_image(tmp_path: Path, run: RunFn) -> None:
     assert code in (3, 5)
     assert "Traceback" not in err
     assert not (tmp_path / "av").exists()
+
+
+def test_package_image_from_kernel_initrd_and_disk(tmp_path: Path, run: RunFn, guest_image: Path) -> None:
+    import json as _json
+
+    from boincvm.image.descriptor import ImageDescriptor
+
+    desc = ImageDescriptor.load(guest_image)
+    assert desc.kernel and desc.initrd and desc.disk
+    code, out, err = run(
+        [
+            "package-image",
+            str(guest_image / desc.kernel),
+            "--initrd",
+            str(guest_image / desc.initrd),
+            "--disk",
+            str(guest_image / desc.disk),
+            "--kernel-cmdline",
+            desc.kernel_cmdline,
+            "--app",
+            "k",
+            "-o",
+            str(tmp_path / "av"),
+            "--json",
+        ]
+    )
+    assert code == 0, err
+    logical = {f["logical_name"] for f in _json.loads(out)["files"]}
+    assert {"vm_kernel", "vm_initrd", "vm_disk.qcow2", "vm_job_defaults.xml"} <= logical
+    code, _, err = run(["validate", str(tmp_path / "av")])
+    assert code == 0, err
+    defaults = next((tmp_path / "av").glob("*vm_job_defaults.xml")).read_text()
+    assert "<vm_kernel>vm_kernel</vm_kernel>" in defaults and desc.kernel_cmdline.split()[0] in defaults
+
+
+def test_package_image_initrd_without_kernel_is_refused(tmp_path: Path, run: RunFn) -> None:
+    import subprocess
+
+    img = tmp_path / "disk.img"
+    subprocess.run(["qemu-img", "create", "-f", "raw", str(img), "8M"], check=True, capture_output=True)
+    (tmp_path / "initrd").write_bytes(b"0707")
+    code, _, err = run(
+        [
+            "package-image",
+            str(img),
+            "--initrd",
+            str(tmp_path / "initrd"),
+            "--app",
+            "k",
+            "-o",
+            str(tmp_path / "av"),
+        ]
+    )
+    assert code == 3
+    assert "not a kernel" in err
+    assert not (tmp_path / "av").exists()
