@@ -46,6 +46,7 @@ from boincvm.errors import (
     InputError,
     OutputError,
     PathEscapeError,
+    ToolError,
 )
 from boincvm.hypervisor.base import Backend, GuestProcess, ProcessStatus, VmSpec
 from boincvm.job import CpuTimeSource, ResolvedJob
@@ -254,6 +255,11 @@ class Wrapper:
         record = self.store.load()
         try:
             try:
+                available = type(self.vm).probe()
+                if not available.ok:
+                    raise HypervisorUnavailable(
+                        f"{self.vm.kind}: {available.reason}", hint=available.detail or None
+                    )
                 proc = None
                 if record is not None:
                     try:
@@ -287,6 +293,8 @@ class Wrapper:
                 return self._fail(ExitCode.CHILD_FAILED, exc.message)
             except GuestProgramFailed as exc:
                 return self._fail(ExitCode.CHILD_FAILED, exc.message)
+            except ToolError as exc:
+                return self._fail(ExitCode.INIT_FAILURE, exc.message + (f" ({exc.hint})" if exc.hint else ""))
             except (HypervisorError, GuestError) as exc:
                 # The VM died or misbehaved: come back later and resume from the last checkpoint.
                 log.error("%s", exc.message)

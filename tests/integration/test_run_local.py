@@ -344,3 +344,23 @@ def test_unrestorable_checkpoint_starts_the_job_afresh(
         (out,) = [o for o in final.outputs if o.name.endswith("_0")]
         assert out.path.read_text() == EXPECTED_OUT
     assert qemu_pids_under(data_dir) == []
+
+
+def test_missing_hypervisor_is_a_clear_init_failure(
+    app_version: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    for tool in ("setpriv", "sh"):
+        found = shutil.which(tool)
+        assert found is not None
+        (bin_dir / tool).symlink_to(found)
+    monkeypatch.setenv("PATH", str(bin_dir))  # a host without QEMU
+    summary = run(make_wu(tmp_path, "-c 'true'"), app_version, data_dir, tmp_path)
+    assert summary.outcome == "compute_error"
+    assert summary.exit_code == 206
+    assert "qemu-system-x86_64 was not found" in summary.message
