@@ -346,7 +346,9 @@ def run_local(req: RunLocalRequest, on_update: Callable[[LiveState], None] | Non
             if on_update is not None:
                 on_update(live)
             # Watch closely while a fault waits for a short phase (a checkpoint lasts ~0.3 s).
-            time.sleep(0.05 if any(f.phase for f in pending) else 0.25)
+            # and near the end (the wrapper is about to exit): the result is there sooner.
+            closing = live.phase in ("copy-out", "cleanup", "done")
+            time.sleep(0.05 if closing or any(f.phase for f in pending) else 0.25)
         slot_dir = client.slot_dir
         outputs = _collect(outcome, task, req.results_dir)
         if not req.keep_slot:
