@@ -31,8 +31,16 @@ from boincvm.cli import console
     default="rpm",
     help="rpm, or a .tar.gz for guests without rpm.",
 )
-@click.option("-o", "--output-dir", type=click.Path(path_type=Path, file_okay=False), default=Path())
-@click.option("--json", "as_json", is_flag=True, help="Print path, md5 and size as JSON on stdout.")
+@click.option(
+    "-o",
+    "--output-dir",
+    "--output",
+    "output_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path(),
+    help="Directory the package is written to.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print name, path, md5 and size as JSON on stdout.")
 def command(
     program_dir: Path,
     name: str,

@@ -29,6 +29,12 @@ from boincvm.render import render
 SOURCE_DATE_EPOCH = 315532800
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _VERSION = re.compile(r"^[A-Za-z0-9._+~]+$")
+_REQUIRE = re.compile(r"^[A-Za-z0-9_.+()/:-]+( *(<|>|<=|>=|=) *[A-Za-z0-9._+~^:-]+)?$")
+
+
+def _spec_text(value: str) -> str:
+    """Text placed in the spec: ``%`` would start a macro, so it is doubled."""
+    return value.replace("%", "%%")
 
 
 class PackageFormat(enum.StrEnum):
@@ -72,16 +78,39 @@ class PackageRequest:
 
 @dataclass(frozen=True)
 class BuiltPackage:
-    """A built package file."""
+    """A built package file.
+
+    Attributes:
+        path: the package file (in the output directory).
+        kind: rpm or tar.
+        md5: its md5 (what BOINC records for the workunit file).
+        nbytes: its size.
+        name, version, release: the package's identity.
+        arch: ``noarch``, or ``x86_64`` when the directory holds an x86-64 ELF file.
+    """
 
     path: Path
     kind: PackageFormat
     md5: str
     nbytes: int
+    name: str = ""
+    version: str = ""
+    release: str = ""
+    arch: str = "noarch"
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready form."""
-        return {"path": str(self.path), "kind": self.kind.value, "md5": self.md5, "nbytes": self.nbytes}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "release": self.release,
+            "arch": self.arch,
+            "path": str(self.path),
+            "kind": self.kind.value,
+            "md5": self.md5,
+            "size": self.nbytes,
+            "nbytes": self.nbytes,
+        }
 
 
 def _check(req: PackageRequest) -> None:
@@ -99,6 +128,16 @@ def _check(req: PackageRequest) -> None:
         or not re.fullmatch(r"[A-Za-z0-9/._+-]+", prefix)
     ):
         raise InputError(f"prefix {prefix!r}: an absolute path of letters, digits and / . _ + -")
+    for r in req.requires:
+        if not _REQUIRE.match(r):
+            raise InputError(f"requirement {r!r}: give a name, optionally with an operator and a version")
+    if any(c in req.summary for c in "\r\n"):
+        raise InputError("the summary must be one line")
+    if req.format is PackageFormat.TAR and (req.post_install or req.requires):
+        raise InputError(
+            "a tarball cannot carry a post-install script or requirements",
+            hint="build an RPM (--format rpm), or do the setup in the program itself",
+        )
     if req.entry_point is not None:
         ep = req.program_dir / req.entry_point
         if ".." in Path(req.entry_point).parts or req.entry_point.startswith("/") or not ep.is_file():
@@ -119,12 +158,43 @@ def _check(req: PackageRequest) -> None:
             raise InputError(f"{rel!r} is neither a file nor a directory")
 
 
-def _is_elf(path: Path) -> bool:
+#: ELF e_machine of x86-64, the only architecture boincvm's guests run.
+_EM_X86_64 = 62
+
+
+def _elf_machine(path: Path) -> int | None:
+    """The ELF machine of ``path``, or None when it is not an ELF file."""
     try:
         with path.open("rb") as f:
-            return f.read(4) == b"\x7fELF"
+            head = f.read(20)
     except OSError:
-        return False
+        return None
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+
+
+def _arch(program_dir: Path) -> str:
+    """``x86_64`` when the directory holds x86-64 ELF files, ``noarch`` when it holds none.
+
+    Raises:
+        InputError: an ELF file is built for another machine.
+    """
+    arch = "noarch"
+    for p in sorted(program_dir.rglob("*")):
+        if p.is_symlink() or not p.is_file():
+            continue
+        machine = _elf_machine(p)
+        if machine is None:
+            continue
+        if machine != _EM_X86_64:
+            raise InputError(
+                f"{p.relative_to(program_dir).as_posix()} is an ELF file for machine {machine}, "
+                "not x86-64; the guest runs x86-64",
+                hint="build the program for x86_64",
+            )
+        arch = "x86_64"
+    return arch
 
 
 def build_package(req: PackageRequest, output_dir: Path) -> BuiltPackage:
@@ -137,18 +207,18 @@ def build_package(req: PackageRequest, output_dir: Path) -> BuiltPackage:
     from boincvm.workunit import md5_file
 
     _check(req)
+    arch = _arch(req.program_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if req.format is PackageFormat.TAR:
         target = output_dir / f"{req.name}-{req.version}-{req.release}.tar.gz"
         _build_tarball(req, target)
     else:
-        target = _build_rpm(req, output_dir)
+        target = _build_rpm(req, output_dir, arch)
     md5, size = md5_file(target)
-    return BuiltPackage(target, req.format, md5, size)
+    return BuiltPackage(target, req.format, md5, size, req.name, req.version, req.release, arch)
 
 
-def _build_rpm(req: PackageRequest, output_dir: Path) -> Path:
-    arch = "x86_64" if any(_is_elf(p) for p in req.program_dir.rglob("*") if p.is_file()) else "noarch"
+def _build_rpm(req: PackageRequest, output_dir: Path, arch: str) -> Path:
     with tempfile.TemporaryDirectory(prefix="boincvm-rpm-") as d:
         top = Path(d)
         src = top / "src"
@@ -158,6 +228,12 @@ def _build_rpm(req: PackageRequest, output_dir: Path) -> Path:
             if not path.is_symlink():
                 path.chmod((path.stat().st_mode & 0o7755) | (0o755 if path.is_dir() else 0o644))
             os.utime(path, (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH), follow_symlinks=False)
+        post = None
+        if req.post_install:
+            # Read by "%post -f": its lines are never taken for spec sections (a "%files"
+            # line in the script stays a line of the script); macros are still expanded.
+            post = top / "post-install.sh"
+            post.write_text(_spec_text(req.post_install), encoding="utf-8")
         spec = top / f"{req.name}.spec"
         spec.write_text(
             render(
@@ -165,14 +241,14 @@ def _build_rpm(req: PackageRequest, output_dir: Path) -> Path:
                 name=req.name,
                 version=req.version,
                 release=req.release,
-                summary=req.summary or f"{req.name} for boincvm",
+                summary=_spec_text(req.summary or f"{req.name} for boincvm"),
                 license="unspecified",
                 arch=arch,
                 requires=req.requires,
                 prefix=req.install_prefix,
                 source=str(src),
                 entry_point=req.entry_point,
-                post_install=req.post_install,
+                post_install_file=str(post) if post else None,
                 epoch=SOURCE_DATE_EPOCH,
             ),
             encoding="utf-8",

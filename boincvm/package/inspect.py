@@ -193,7 +193,9 @@ def inspect_rpm(path: Path, *, max_installed: int = DEFAULT_MAX_INSTALLED) -> Pa
         complete=payload.complete or payload.compression in (Compression.ZSTD, Compression.UNKNOWN),
         declared_size=declared[0] if declared else 0,
         declared_payload=_text(h.get("archive_compression") or h.get("payloadcompressor") or "gzip"),
-        requires=tuple(r for r in (_text(x) for x in _list(h.get("requirename"))) if r),
+        requires=tuple(
+            r for r in (_text(x) for x in _list(h.get("requirename"))) if r and not r.startswith("rpmlib(")
+        ),
     )
 
 
