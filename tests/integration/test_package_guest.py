@@ -66,3 +66,38 @@ def test_a_broken_package_fails_to_install_clearly(vm: QemuBackend, tmp_path: Pa
     vm.copy_to_guest(bogus, guest_pkg)
     status = vm.run_program(["/bin/sh", "-c", install_script(PackageKind.RPM, guest_pkg)], timeout=60)
     assert status.exit_code != 0
+
+
+def test_busybox_rpm_installs_the_payload_not_the_header(vm: QemuBackend, tmp_path: Path) -> None:
+    """Why check_package reads the payload: busybox rpm installs files the header never lists.
+
+    ``rpm -qpl`` (the header) shows only the harmless files, yet the forged payload's
+    ``../`` and setuid members land in the guest. The check on the host refuses this package.
+    """
+    import gzip
+
+    from boincvm.findings import has_errors
+    from boincvm.package import check_package
+    from tests.unit.test_package_payload import _newc, _replace_payload
+
+    built = build_package(PackageRequest(EXAMPLES / "hello/program", "hello", "1.0"), tmp_path)
+    payload = _newc(
+        [
+            ("./opt/hello/bin/hello", 0o100755, b"#!/bin/sh\n"),
+            ("./opt/hello/../../tmp/escaped", 0o100644, b"x\n"),
+            ("./opt/hello/su", 0o104755, b"x\n"),
+        ]
+    )
+    forged = tmp_path / "forged.rpm"
+    forged.write_bytes(_replace_payload(built.path.read_bytes(), gzip.compress(payload, mtime=0)))
+    findings = check_package(forged)
+    assert has_errors(findings) and any("header does not list" in f.message for f in findings)
+
+    sh(vm, f"rm -rf {EXEC_DIR} /tmp/escaped && mkdir -p {EXEC_DIR}")
+    guest_pkg = package_guest_path(PackageKind.RPM, EXEC_DIR)
+    vm.copy_to_guest(forged, guest_pkg)
+    assert b"escaped" not in sh(vm, f"rpm -qpl {guest_pkg}")
+    sh(vm, f"cd {EXEC_DIR} && rpm -i {guest_pkg}")
+    listing = sh(vm, "ls -l /tmp/escaped /opt/hello/su").decode()
+    assert "/tmp/escaped" in listing and "rws" in listing
+    sh(vm, "rm -rf /tmp/escaped /opt/hello")
