@@ -128,6 +128,14 @@ def _check(req: PackageRequest) -> None:
         or not re.fullmatch(r"[A-Za-z0-9/._+-]+", prefix)
     ):
         raise InputError(f"prefix {prefix!r}: an absolute path of letters, digits and / . _ + -")
+    from boincvm.package.inspect import DEFAULT_PREFIXES
+
+    if not any(prefix.startswith(p) and len(prefix) > len(p) for p in DEFAULT_PREFIXES):
+        # The wrapper and validate refuse packages installing elsewhere: say so now, not later.
+        raise InputError(
+            f"prefix {prefix!r} is outside {' and '.join(DEFAULT_PREFIXES)}",
+            hint="guest packages install under /opt/NAME (the default) or /usr/local/",
+        )
     for r in req.requires:
         if not _REQUIRE.match(r):
             raise InputError(f"requirement {r!r}: give a name, optionally with an operator and a version")
