@@ -24,6 +24,7 @@ import re
 import shutil
 import zlib
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,11 +208,17 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
         if path is not None and not path.exists():
             raise InputError(f"{what} {path} does not exist")
     out = req.output_dir
-    with building(out, force=req.force) as tmp:
-        return _package_into(req, tmp, vnum, progress)
+    with building(out, force=req.force) as tmp, ThreadPoolExecutor(1) as pool:
+        from boincvm.zipapp import build_wrapper_zipapp
+
+        # The wrapper is built while qemu-img converts the disk (another process).
+        wrapper = pool.submit(build_wrapper_zipapp, tmp / ".wrapper.part")
+        return _package_into(req, tmp, vnum, progress, wrapper)
 
 
-def _package_into(req: AppVersionRequest, tmp: Path, vnum: int, progress: Progress | None) -> AppVersion:
+def _package_into(
+    req: AppVersionRequest, tmp: Path, vnum: int, progress: Progress | None, wrapper: Future[Path]
+) -> AppVersion:
     from boincvm.image.descriptor import DESCRIPTOR_NAME, ImageDescriptor, ImageFormat
 
     prefix = f"{req.app_name}_{req.version}"
@@ -292,10 +299,8 @@ def _package_into(req: AppVersionRequest, tmp: Path, vnum: int, progress: Progre
     (tmp / defaults_name).write_bytes(defaults_xml)
     files.append(AppVersionFile(defaults_name, DEFAULTS_OPEN_NAME, defaults_md5, len(defaults_xml)))
 
-    note("building the wrapper")
-    from boincvm.zipapp import build_wrapper_zipapp
-
-    build_wrapper_zipapp(tmp / ".wrapper.part")
+    note("adding the wrapper")
+    wrapper.result()
     md5, size = _md5(tmp / ".wrapper.part")
     wrapper_name = f"{prefix}_{md5[:12]}_wrapper.pyz"
     (tmp / ".wrapper.part").rename(tmp / wrapper_name)
