@@ -31,7 +31,7 @@ import secrets
 import shlex
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from boincvm.boinc.api import BoincApp
@@ -611,17 +611,4 @@ def _check_inside(path: Path, roots: Sequence[Path | None]) -> None:
     raise PathEscapeError(f"output path {path} resolves outside the slot and project directories")
 
 
-def quote_args(args: Sequence[str]) -> str:
-    """Join arguments for a guest shell."""
-    return shlex.join(list(args))
-
-
-__all__ = [
-    "CheckpointRecord",
-    "CheckpointStore",
-    "Phase",
-    "StatusReport",
-    "Wrapper",
-    "WrapperInputs",
-    "replace",
-]
+__all__ = ["CheckpointRecord", "CheckpointStore", "Phase", "StatusReport", "Wrapper", "WrapperInputs"]
