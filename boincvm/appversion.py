@@ -27,8 +27,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from boincvm import proc
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
 from boincvm.atomicdir import building
 from boincvm.errors import InputError
 from boincvm.findings import Finding, error, has_errors, info, warning
@@ -78,6 +82,7 @@ class AppVersionRequest:
         initrd: with a kernel as ``image``: its initramfs.
         kernel_cmdline: with a kernel as ``image``: its command line.
         disk: with a kernel as ``image``: a disk to attach (converted like any disk image).
+        sign_key: a BOINC code-signing private key: every file gets a ``FILE.sig``.
     """
 
     image: Path
@@ -94,6 +99,7 @@ class AppVersionRequest:
     initrd: Path | None = None
     kernel_cmdline: str | None = None
     disk: Path | None = None
+    sign_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,13 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
         ToolError: qemu-img is missing or failed.
     """
     vnum = version_num(req.version)
+    key = None
+    if req.sign_key is not None:
+        from boincvm.signing import load_private_key
+
+        key = load_private_key(req.sign_key)  # fail before any work if the key is unusable
+        if req.sign_key.resolve().parent == req.output_dir.resolve():
+            raise InputError("the private key may not live in the app version directory")
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", req.app_name):
         raise InputError(f"app name {req.app_name!r}: use letters, digits, '_', '.' and '-' only")
     for what, path in (("image", req.image), ("initrd", req.initrd), ("disk", req.disk)):
@@ -213,11 +226,16 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
 
         # The wrapper is built while qemu-img converts the disk (another process).
         wrapper = pool.submit(build_wrapper_zipapp, tmp / ".wrapper.part")
-        return _package_into(req, tmp, vnum, progress, wrapper)
+        return _package_into(req, tmp, vnum, progress, wrapper, key)
 
 
 def _package_into(
-    req: AppVersionRequest, tmp: Path, vnum: int, progress: Progress | None, wrapper: Future[Path]
+    req: AppVersionRequest,
+    tmp: Path,
+    vnum: int,
+    progress: Progress | None,
+    wrapper: Future[Path],
+    key: rsa.RSAPrivateKey | None,
 ) -> AppVersion:
     from boincvm.image.descriptor import DESCRIPTOR_NAME, ImageDescriptor, ImageFormat
 
@@ -305,6 +323,15 @@ def _package_into(
     wrapper_name = f"{prefix}_{md5[:12]}_wrapper.pyz"
     (tmp / ".wrapper.part").rename(tmp / wrapper_name)
     files.insert(0, AppVersionFile(wrapper_name, None, md5, size, main_program=True))
+
+    if key is not None:
+        from boincvm.signing import sign_file
+
+        note("signing the files")
+        for f in files:
+            (tmp / f"{f.physical_name}.sig").write_text(
+                sign_file(tmp / f.physical_name, key), encoding="ascii"
+            )
 
     from boincvm.render import render
 

@@ -29,6 +29,11 @@ from boincvm.cli import console
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     help="With a kernel as IMAGE: a disk image to attach.",
 )
+@click.option(
+    "--sign-key",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="code_sign_private: write FILE.sig for every file (the key itself is never copied).",
+)
 @click.option("--compress/--no-compress", default=True, help="Compress qcow2 clusters.")
 @click.option(
     "--gzip/--no-gzip",
@@ -55,6 +60,7 @@ def command(
     initrd: Path | None,
     kernel_cmdline: str | None,
     disk: Path | None,
+    sign_key: Path | None,
     compress: bool,
     gzip_downloads: bool,
     output_dir: Path | None,
@@ -84,6 +90,7 @@ def command(
         initrd=initrd,
         kernel_cmdline=kernel_cmdline,
         disk=disk,
+        sign_key=sign_key,
     )
     result = package_image(req, lambda step, *_: console.info(step))
     console.success(f"app version {app_name} {version} ({result.version_num}) in {result.directory}")

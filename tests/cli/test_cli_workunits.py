@@ -239,3 +239,37 @@ def test_package_image_initrd_without_kernel_is_refused(tmp_path: Path, run: Run
     assert code == 3
     assert "not a kernel" in err
     assert not (tmp_path / "av").exists()
+
+
+def test_keys_and_signed_app_version(tmp_path: Path, run: RunFn) -> None:
+    import subprocess
+
+    code, out, err = run(["keys", "create", str(tmp_path / "keys")])
+    assert code == 0, err
+    img = tmp_path / "base.img"
+    subprocess.run(["qemu-img", "create", "-f", "raw", str(img), "16M"], check=True, capture_output=True)
+    code, _, err = run(
+        [
+            "package-image",
+            str(img),
+            "--app",
+            "s",
+            "-o",
+            str(tmp_path / "av"),
+            "--sign-key",
+            str(tmp_path / "keys/code_sign_private"),
+        ]
+    )
+    assert code == 0, err
+    av = tmp_path / "av"
+    signed = sorted(p.name for p in av.glob("*.sig"))
+    assert len(signed) == 3  # wrapper, disk, job defaults
+    assert not list(av.glob("code_sign*"))
+    for sig in av.glob("*.sig"):
+        target = av / sig.name[: -len(".sig")]
+        code, _, err = run(["keys", "verify", str(target), "--key", str(tmp_path / "keys/code_sign_public")])
+        assert code == 0, err
+    target.write_bytes(b"changed")
+    code, _, err = run(["keys", "verify", str(target), "--key", str(tmp_path / "keys/code_sign_public")])
+    assert code == 4
+    assert "does not match" in err
