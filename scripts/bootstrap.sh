@@ -10,6 +10,8 @@ APT_PACKAGES=(
   rpm                          # rpmbuild for guest packages
   busybox-static cpio zstd lz4 e2fsprogs  # building the bundled example guest
   python3-venv python3-pip
+  boinc-client                 # the real BOINC client, the judge in tests/integration/test_real_client.py
+  openssl                      # cross-checks code signatures in the tests
 )
 
 missing=()

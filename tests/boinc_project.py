@@ -1,0 +1,391 @@
+"""A minimal BOINC project on 127.0.0.1 for Debian's real ``boinc-client``, and a harness to drive it.
+
+The project serves exactly what boincvm made: the signed app version from
+``package-image --sign-key`` and one workunit from ``make-workunit``. It answers the
+master page, the scheduler (one job, acks for reports, empty replies otherwise), downloads
+(with Range) and the upload handler (with the size query), and records what the client
+reported and uploaded. Facts it relies on (from running the 7.20.5 client): the master URL
+needs a dotted host and a trailing slash, app files must be signed (``--unsigned_apps_ok``
+switches the network off), an upload URL must contain ``file_upload_handler``, and every
+report must be acknowledged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from boincvm.appversion import parse_version_xml
+from boincvm.boinc.slot import escape_project_url
+from boincvm.runlocal import _optional_outputs  # the same reading of the output template
+from boincvm.validate import check_output_template
+from boincvm.workunit import open_workunit_dir
+from boincvm.xmlio import escape_text
+
+APP_NAME_RE = re.compile(r"<name>([^<]+)</name>")
+
+
+@dataclass
+class Record:
+    """What the project saw."""
+
+    requests: list[str] = field(default_factory=list)
+    uploads: dict[str, bytes] = field(default_factory=dict)
+    reports: list[str] = field(default_factory=list)
+    upload_times: dict[str, float] = field(default_factory=dict)
+
+
+class LoopbackProject:
+    """The project front. ``start()`` it, point a client at ``master_url``, ``stop()`` it."""
+
+    def __init__(
+        self, app_version: Path, workunit_dir: Path, public_key: Path, *, short_name: str = "boincvm"
+    ) -> None:
+        self.av = app_version
+        self.wud = open_workunit_dir(workunit_dir)
+        self.record_ = self.wud.record()
+        self.public_key = public_key.read_text(encoding="ascii")
+        self.short = short_name
+        self.app = self.wud.app_name
+        self.seen = Record()
+        self.job_sent = False
+        self.result_name = f"{self.record_.name}_0"
+        vx, _ = parse_version_xml((app_version / "version.xml").read_bytes())
+        self.app_files = vx.files
+        _, sizes = check_output_template(self.wud.output_template.read_bytes(), "out")
+        self.outputs = [
+            (f"{self.result_name}_{i}", name, int(size or 0)) for i, (name, size) in enumerate(sizes.items())
+        ]
+        self.optional = _optional_outputs(self.wud.output_template.read_bytes())
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """Base URL of the project."""
+        return f"http://127.0.0.1:{self.port}/{self.short}/"
+
+    master_url = url
+
+    def start(self) -> LoopbackProject:
+        """Serve in a background thread."""
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- what the client gets -----------------------------------------------------
+    def master_page(self) -> bytes:
+        sched = f"{self.url}cgi/scheduler"
+        return (
+            f'<html><head>\n<link rel="boinc_scheduler" href="{sched}">\n</head><body>\n'
+            f"<scheduler>{sched}</scheduler>\n</body></html>\n"
+        ).encode()
+
+    def _file_path(self, name: str) -> Path | None:
+        for base in (self.av, self.wud.download):
+            p = base / name
+            if p.is_file() and p.parent == base:
+                return p
+        return None
+
+    def scheduler_reply(self, request: str) -> str:
+        out = ["<scheduler_reply>"]
+        for name in re.findall(r"<result>\s*<name>([^<]+)</name>", request):
+            self.seen.reports.append(request)
+            out.append(f"<result_ack>\n    <name>{escape_text(name)}</name>\n</result_ack>")
+        wants_work = re.search(r"<work_req_seconds>([0-9.e+]+)</work_req_seconds>", request)
+        wanted = wants_work is not None and float(wants_work.group(1)) > 0
+        wanted = wanted or re.search(r"<cpu_req_secs>([0-9.e+]+)</cpu_req_secs>", request) is not None
+        if not self.job_sent and wanted:
+            self.job_sent = True
+            out.append(self._job_xml())
+        out.append("</scheduler_reply>\n")
+        return "\n".join(out)
+
+    def _job_xml(self) -> str:
+        parts = [
+            f"<code_sign_key>\n{self.public_key}</code_sign_key>",
+            f"<app>\n    <name>{self.app}</name>\n</app>",
+        ]
+        refs = []
+        for f in self.app_files:
+            sig = (self.av / f"{f.physical_name}.sig").read_text(encoding="ascii")
+            parts.append(
+                "<file_info>\n"
+                f"    <name>{f.physical_name}</name>\n"
+                f"    <url>{self.url}download/{f.physical_name}</url>\n"
+                + ("    <executable/>\n" if f.main_program else "")
+                + f"    <file_signature>\n{sig}</file_signature>\n"
+                f"    <nbytes>{(self.av / f.physical_name).stat().st_size}</nbytes>\n"
+                "</file_info>"
+            )
+            refs.append(
+                "    <file_ref>\n"
+                f"        <file_name>{f.physical_name}</file_name>\n"
+                + (f"        <open_name>{f.logical_name}</open_name>\n" if f.logical_name else "")
+                + ("        <main_program/>\n" if f.main_program else "")
+                + "    </file_ref>"
+            )
+        parts.append(
+            "<app_version>\n"
+            f"    <app_name>{self.app}</app_name>\n    <version_num>100</version_num>\n"
+            "    <api_version>7.20.0</api_version>\n    <is_wrapper/>\n    <dont_throttle/>\n"
+            + "\n".join(refs)
+            + "\n</app_version>"
+        )
+        wu_refs = []
+        for wf in self.record_.files:
+            parts.append(
+                "<file_info>\n"
+                f"    <name>{wf.physical_name}</name>\n"
+                f"    <url>{self.url}download/{wf.physical_name}</url>\n"
+                f"    <md5_cksum>{wf.md5}</md5_cksum>\n    <nbytes>{wf.nbytes}</nbytes>\n"
+                "</file_info>"
+            )
+            wu_refs.append(
+                f"    <file_ref>\n        <file_name>{wf.physical_name}</file_name>\n"
+                f"        <open_name>{escape_text(wf.open_name)}</open_name>\n    </file_ref>"
+            )
+        parts.append(
+            "<workunit>\n"
+            f"    <name>{self.record_.name}</name>\n    <app_name>{self.app}</app_name>\n"
+            f"    <version_num>100</version_num>\n"
+            f"    <command_line>{escape_text(self.record_.command_line)}</command_line>\n"
+            "    <rsc_memory_bound>1000000000</rsc_memory_bound>\n"
+            "    <rsc_disk_bound>10000000000</rsc_disk_bound>\n"
+            "    <rsc_fpops_est>1e12</rsc_fpops_est>\n    <rsc_fpops_bound>1e15</rsc_fpops_bound>\n"
+            + "\n".join(wu_refs)
+            + "\n</workunit>"
+        )
+        res_refs = []
+        for phys, open_name, max_nbytes in self.outputs:
+            parts.append(
+                "<file_info>\n"
+                f"    <name>{phys}</name>\n    <max_nbytes>{max_nbytes}</max_nbytes>\n"
+                f"    <url>{self.url}cgi/file_upload_handler</url>\n"
+                "</file_info>"
+            )
+            res_refs.append(
+                f"    <file_ref>\n        <file_name>{phys}</file_name>\n"
+                f"        <open_name>{escape_text(open_name)}</open_name>\n"
+                + ("        <optional/>\n" if open_name in self.optional else "")
+                + "    </file_ref>"
+            )
+        parts.append(
+            "<result>\n"
+            f"    <name>{self.result_name}</name>\n    <wu_name>{self.record_.name}</wu_name>\n"
+            f"    <report_deadline>{int(time.time()) + 86400}</report_deadline>\n"
+            f"    <version_num>100</version_num>\n" + "\n".join(res_refs) + "\n</result>"
+        )
+        return "\n".join(parts)
+
+    def upload(self, body: bytes) -> str:
+        head, sep, data = body.partition(b"<data>\n")
+        text = head.decode("utf-8", "replace")
+        m = re.search(r"<get_file_size>([^<]+)</get_file_size>", text)
+        if m:
+            size = len(self.seen.uploads.get(m.group(1), b""))
+            return (
+                f"<data_server_reply>\n    <status>0</status>\n    <file_size>{size}</file_size>\n"
+                "</data_server_reply>\n"
+            )
+        name = re.search(r"<name>([^<]+)</name>", text)
+        nbytes = re.search(r"<nbytes>([0-9]+)</nbytes>", text)
+        offset = re.search(r"<offset>([0-9]+)</offset>", text)
+        if not (sep and name and nbytes):
+            return "<data_server_reply>\n    <status>-1</status>\n</data_server_reply>\n"
+        start = int(offset.group(1)) if offset else 0
+        previous = self.seen.uploads.get(name.group(1), b"")[:start]
+        self.seen.uploads[name.group(1)] = previous + data[: int(nbytes.group(1)) - start]
+        self.seen.upload_times[name.group(1)] = time.monotonic()
+        return "<data_server_reply>\n    <status>0</status>\n</data_server_reply>\n"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        project = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's name
+                pass
+
+            def _send(
+                self, code: int, body: bytes, ctype: str = "text/plain", extra: dict[str, str] | None = None
+            ) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (extra or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                prefix = f"/{project.short}/"
+                if path in (prefix, prefix.rstrip("/")):
+                    self._send(200, project.master_page(), "text/html")
+                    return
+                if path.startswith(prefix + "download/"):
+                    found = project._file_path(path[len(prefix + "download/") :])
+                    if found is None:
+                        self._send(404, b"not found")
+                        return
+                    data = found.read_bytes()
+                    rng = self.headers.get("Range")
+                    m = re.match(r"bytes=(\d+)-", rng or "")
+                    if m:
+                        start = int(m.group(1))
+                        if start >= len(data):
+                            self._send(416, b"")
+                            return
+                        self._send(
+                            206,
+                            data[start:],
+                            "application/octet-stream",
+                            {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"},
+                        )
+                        return
+                    self._send(200, data, "application/octet-stream")
+                    return
+                self._send(404, b"not found")
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                if self.path.endswith("/cgi/scheduler"):
+                    request = body.decode("utf-8", "replace")
+                    project.seen.requests.append(request)
+                    self._send(200, project.scheduler_reply(request).encode(), "text/xml")
+                elif "file_upload_handler" in self.path:
+                    self._send(200, project.upload(body).encode())
+                else:
+                    self._send(404, b"not found")
+
+        return Handler
+
+
+class Client:
+    """Debian's boinc client in its own data directory and GUI RPC port."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        project: LoopbackProject,
+        *,
+        checkpoint_period: float = 5.0,
+        leave_apps_in_memory: bool = False,
+    ) -> None:
+        self.dir = data_dir
+        self.project = project
+        data_dir.mkdir(parents=True, exist_ok=True)
+        host_part = escape_project_url(project.url)
+        (data_dir / f"account_{host_part}.xml").write_text(
+            f"<account>\n<master_url>{project.url}</master_url>\n<authenticator>boincvm-test</authenticator>\n</account>\n"
+        )
+        (data_dir / "cc_config.xml").write_text(
+            "<cc_config>\n<log_flags>\n<task_debug>1</task_debug>\n<sched_op_debug>1</sched_op_debug>\n"
+            "</log_flags>\n<options>\n<no_info_fetch>1</no_info_fetch>\n<dont_contact_ref_site>1</dont_contact_ref_site>\n"
+            "<report_results_immediately>1</report_results_immediately>\n</options>\n</cc_config>\n"
+        )
+        (data_dir / "global_prefs_override.xml").write_text(
+            "<global_preferences>\n<run_if_user_active>1</run_if_user_active>\n<run_on_batteries>1</run_on_batteries>\n"
+            f"<suspend_cpu_usage>0</suspend_cpu_usage>\n<disk_interval>{checkpoint_period}</disk_interval>\n"
+            f"<leave_apps_in_memory>{int(leave_apps_in_memory)}</leave_apps_in_memory>\n"
+            "<max_ncpus_pct>100</max_ncpus_pct>\n<cpu_usage_limit>100</cpu_usage_limit>\n</global_preferences>\n"
+        )
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, exit_when_idle: bool = True) -> None:
+        """Start ``boinc`` (output in ``client.log``)."""
+        args = [
+            "boinc",
+            "--dir",
+            str(self.dir),
+            "--gui_rpc_port",
+            str(self.port),
+            "--skip_cpu_benchmarks",
+            "--no_gpus",
+            "--allow_remote_gui_rpc",
+        ]
+        if exit_when_idle:
+            args.append("--exit_when_idle")
+        log = (self.dir / "client.log").open("ab")
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+
+    def cmd(self, *args: str, timeout: float = 20) -> str:
+        """Run ``boinccmd`` against this client."""
+        password = (
+            (self.dir / "gui_rpc_auth.cfg").read_text().strip()
+            if (self.dir / "gui_rpc_auth.cfg").exists()
+            else ""
+        )
+        done = subprocess.run(
+            ["boinccmd", "--host", f"127.0.0.1:{self.port}", "--passwd", password, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        return done.stdout + done.stderr
+
+    def tasks(self) -> dict[str, str]:
+        """The first task of ``boinccmd --get_tasks`` as a dict (empty if none)."""
+        out: dict[str, str] = {}
+        for line in self.cmd("--get_tasks").splitlines():
+            key, sep, value = line.strip().partition(":")
+            if sep and key and key not in out:
+                out[key.strip()] = value.strip()
+        return out
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait for the client to exit by itself; None if it did not."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self) -> None:
+        """Quit the client (and its tasks), firmly if needed."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.cmd("--quit", timeout=10)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        """The client's output so far."""
+        p = self.dir / "client.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def boinc_available() -> bool:
+    """Whether the client binaries are installed (the test command installs boinc-client)."""
+    return shutil.which("boinc") is not None and shutil.which("boinccmd") is not None

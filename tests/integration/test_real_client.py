@@ -1,0 +1,119 @@
+"""The real judge: Debian's boinc-client runs boincvm's signed app version and workunit.
+
+A loopback project (tests/boinc_project.py) serves exactly what package-image and
+make-workunit produced; the client fetches, verifies signatures, runs the wrapper in a
+real slot with real soft links and shared memory, the wrapper boots the VM, and the
+result is uploaded and reported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from boincvm.appversion import AppVersionRequest, package_image
+from boincvm.job import OutputFile, Task, VmJob
+from boincvm.signing import write_key_pair
+from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
+from tests.boinc_project import Client, LoopbackProject
+from tests.integration.test_run_local import LONGJOB, STEPS, WORK, qemu_pids_under
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+
+EXPECTED_LONG = "".join(f"step {i}\n" for i in range(1, STEPS + 1)) + f"sum {sum(range(1, STEPS + 1))}\n"
+
+
+@pytest.fixture(scope="module")
+def signed_app_version(guest_image: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("signed")
+    _, public = write_key_pair(root / "keys")
+    av = root / "av"
+    package_image(
+        AppVersionRequest(
+            image=guest_image,
+            app_name="realtest",
+            version="1.00",
+            output_dir=av,
+            sign_key=root / "keys/code_sign_private",
+        )
+    )
+    return av, public
+
+
+def _workunit(tmp_path: Path, command_line: str, inputs: tuple[InputSpec, ...]) -> Path:
+    task = Task(
+        application="/bin/sh", fraction_done_filename="fraction_done", credit_report_filename="credit_report"
+    )
+    wu = tmp_path / "wu"
+    make_workunits(
+        WorkunitRequest(
+            app_name="realtest",
+            job=VmJob(task=task, output_files=(OutputFile("out", 100_000),), minimum_checkpoint_interval=0),
+            output_dir=wu,
+            inputs=inputs,
+            command_line=command_line,
+            resources=Resources(rsc_memory_bound=1e9),
+        )
+    )
+    return wu
+
+
+@pytest.fixture
+def running(
+    signed_app_version: tuple[Path, Path], tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[LoopbackProject, Client]]:
+    av, public = signed_app_version
+    command_line, inputs = request.param
+    project = LoopbackProject(av, _workunit(tmp_path, command_line, inputs), public).start()
+    client = Client(tmp_path / "client", project)
+    client.start()
+    try:
+        yield project, client
+    finally:
+        client.stop()
+        project.stop()
+        assert qemu_pids_under(tmp_path / "client") == [], "a QEMU process outlived the task"
+
+
+def _wait(what: str, client: Client, until: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(until) and until():
+            return
+        time.sleep(0.5)
+    raise AssertionError(
+        f"{what} did not happen within {timeout:g} s\n--- client log tail:\n{client.log()[-4000:]}"
+    )
+
+
+LONG = (f"longjob.sh {STEPS} {WORK}", (InputSpec("longjob.sh", str(LONGJOB)),))
+
+
+@pytest.mark.parametrize("running", [LONG], indirect=True)
+def test_real_client_runs_the_wrapper_and_uploads_the_result(running: tuple[LoopbackProject, Client]) -> None:
+    project, client = running
+    t0 = time.monotonic()
+    seen: list[dict[str, str]] = []
+
+    def progressed() -> bool:
+        task = client.tasks()
+        if task:
+            seen.append(task)
+        return bool(project.seen.uploads)
+
+    _wait("the upload", client, progressed, 240)
+    (name,) = project.seen.uploads
+    assert project.seen.uploads[name].decode() == EXPECTED_LONG
+    _wait("the report", client, lambda: bool(project.seen.reports), 60)
+    report = project.seen.reports[-1]
+    assert "<exit_status>0</exit_status>" in report
+    assert client.wait_exit(60) is not None, "the client did not exit when idle"
+    fractions = [float(t["fraction done"]) for t in seen if "fraction done" in t]
+    cpu = [float(t["current CPU time"]) for t in seen if "current CPU time" in t]
+    assert any(0 < f < 1 for f in fractions), fractions
+    assert max(cpu) > 0
+    assert "boincvm" in report  # the wrapper's log reached the client's stderr_txt
+    print(f"attach to upload: {project.seen.upload_times[name] - t0:.1f} s")
