@@ -117,3 +117,63 @@ def test_real_client_runs_the_wrapper_and_uploads_the_result(running: tuple[Loop
     assert max(cpu) > 0
     assert "boincvm" in report  # the wrapper's log reached the client's stderr_txt
     print(f"attach to upload: {project.seen.upload_times[name] - t0:.1f} s")
+
+
+LONGER_STEPS = 40
+EXPECTED_LONGER = (
+    "".join(f"step {i}\n" for i in range(1, LONGER_STEPS + 1)) + f"sum {sum(range(1, LONGER_STEPS + 1))}\n"
+)
+LONGER = (f"longjob.sh {LONGER_STEPS} {WORK}", (InputSpec("longjob.sh", str(LONGJOB)),))
+
+
+def _fraction(client: Client) -> float:
+    try:
+        return float(client.tasks().get("fraction done", "0"))
+    except ValueError:
+        return 0.0
+
+
+def _task_op(client: Client, project: LoopbackProject, op: str) -> None:
+    out = client.cmd("--task", project.url, project.result_name, op)
+    assert "error" not in out.lower(), out
+
+
+@pytest.mark.parametrize("running", [LONGER], indirect=True)
+def test_suspend_and_resume_through_boinccmd_keeps_the_work(running: tuple[LoopbackProject, Client]) -> None:
+    project, client = running
+    _wait("progress", client, lambda: _fraction(client) > 0.3, 200)
+    _task_op(client, project, "suspend")
+    # With default preferences a checkpointed task is told to quit, and its VM must go.
+    _wait("the wrapper to leave", client, lambda: client.tasks().get("active_task_state") != "EXECUTING", 60)
+    _wait("the VM to stop", client, lambda: not qemu_pids_under(client.dir), 30)
+    _task_op(client, project, "resume")
+    _wait("the upload", client, lambda: bool(project.seen.uploads), 240)
+    (data,) = project.seen.uploads.values()
+    assert data.decode() == EXPECTED_LONGER
+    _wait("the report", client, lambda: bool(project.seen.reports), 60)
+    assert "resuming from checkpoint" in project.seen.reports[-1]
+
+
+@pytest.mark.parametrize("running", [LONGER], indirect=True)
+def test_client_restart_resumes_from_the_checkpoint(running: tuple[LoopbackProject, Client]) -> None:
+    project, client = running
+    _wait("progress", client, lambda: _fraction(client) > 0.3, 200)
+    client.stop()
+    assert not qemu_pids_under(client.dir)
+    client.start()
+    _wait("the upload", client, lambda: bool(project.seen.uploads), 240)
+    (data,) = project.seen.uploads.values()
+    assert data.decode() == EXPECTED_LONGER
+    _wait("the report", client, lambda: bool(project.seen.reports), 60)
+    assert "resuming from checkpoint" in project.seen.reports[-1]
+
+
+@pytest.mark.parametrize("running", [LONGER], indirect=True)
+def test_abort_leaves_no_vm(running: tuple[LoopbackProject, Client]) -> None:
+    project, client = running
+    _wait("progress", client, lambda: _fraction(client) > 0.1, 200)
+    assert qemu_pids_under(client.dir)
+    _task_op(client, project, "abort")
+    _wait("the VM to stop", client, lambda: not qemu_pids_under(client.dir), 60)
+    _wait("the report", client, lambda: bool(project.seen.reports), 120)
+    assert not project.seen.uploads
