@@ -177,3 +177,28 @@ def test_abort_leaves_no_vm(running: tuple[LoopbackProject, Client]) -> None:
     _wait("the VM to stop", client, lambda: not qemu_pids_under(client.dir), 60)
     _wait("the report", client, lambda: bool(project.seen.reports), 120)
     assert not project.seen.uploads
+
+
+def test_leave_apps_in_memory_suspends_the_vm(signed_app_version: tuple[Path, Path], tmp_path: Path) -> None:
+    av, public = signed_app_version
+    project = LoopbackProject(av, _workunit(tmp_path, *LONGER), public).start()
+    client = Client(tmp_path / "client", project, leave_apps_in_memory=True)
+    client.start()
+    try:
+        _wait("progress", client, lambda: _fraction(client) > 0.3, 200)
+        _task_op(client, project, "suspend")
+        _wait("the suspension", client, lambda: client.tasks().get("active_task_state") == "SUSPENDED", 60)
+        time.sleep(2)
+        before = _fraction(client)
+        pids = qemu_pids_under(client.dir)
+        assert pids, "the VM should stay in memory, paused"
+        time.sleep(5)
+        assert _fraction(client) == before
+        _task_op(client, project, "resume")
+        _wait("the upload", client, lambda: bool(project.seen.uploads), 240)
+        (data,) = project.seen.uploads.values()
+        assert data.decode() == EXPECTED_LONGER
+    finally:
+        client.stop()
+        project.stop()
+    assert qemu_pids_under(tmp_path / "client") == []
