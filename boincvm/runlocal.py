@@ -175,7 +175,7 @@ def build_task(req: RunLocalRequest) -> LocalTask:
     errors = [f for f in tpl_findings if f.severity == "error"]
     if errors:
         raise InputError(f"{wud.output_template.name}: {errors[0]}")
-    optional = _optional_outputs(read_bytes(wud.output_template, what="output template"))
+    optional = optional_outputs(read_bytes(wud.output_template, what="output template"))
     result = f"{record.name}_0"
     outputs = tuple(
         OutputFile(f"{result}_r0_{i}", open_name, optional=open_name in optional, max_nbytes=int(size or 0))
@@ -211,7 +211,8 @@ def _quote_for_client(cmd: str) -> str:
     return cmd
 
 
-def _optional_outputs(data: bytes) -> set[str]:
+def optional_outputs(data: bytes) -> set[str]:
+    """The open names an output template marks ``<optional/>``."""
     root = parse_xml(data, what="output template")
     result = root.find("result")
     names: set[str] = set()

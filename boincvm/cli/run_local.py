@@ -60,6 +60,13 @@ if TYPE_CHECKING:
 @click.option("--abort-at", multiple=True, metavar="WHEN", help="Abort the task.")
 @click.option("--heartbeat-loss-at", multiple=True, metavar="WHEN", help="Stop sending heartbeats.")
 @click.option("--keep-slot", is_flag=True, help="Leave the slot directory as it is at the end.")
+@click.option(
+    "--client",
+    type=click.Choice(["emulator", "boinc"]),
+    default="emulator",
+    show_default=True,
+    help="boinc: run under the real BOINC client (boinc-client) against a loopback project on 127.0.0.1.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def command(
     workunit_dir: Path,
@@ -75,6 +82,7 @@ def command(
     abort_at: tuple[str, ...],
     heartbeat_loss_at: tuple[str, ...],
     keep_slot: bool,
+    client: str,
     as_json: bool,
 ) -> None:
     """Run a workunit of WORKUNIT_DIR with an app version, as the BOINC client would.
@@ -109,7 +117,14 @@ def command(
     )
     view = _View()
     with view:
-        summary = run_local(req, view.update)
+        if client == "boinc":
+            if faults:
+                raise click.UsageError("fault injection needs the emulator; drop --client boinc")
+            from boincvm.boinc.loopback import run_with_boinc_client
+
+            summary = run_with_boinc_client(req, view.update)
+        else:
+            summary = run_local(req, view.update)
     _show_summary(summary)
     if as_json:
         console.out(json.dumps(summary.as_dict(), indent=2))

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from boincvm.appversion import AppVersionRequest, package_image
+from boincvm.boinc.loopback import Client, LoopbackProject
 from boincvm.job import OutputFile, Task, VmJob
 from boincvm.signing import write_key_pair
 from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
-from tests.boinc_project import Client, LoopbackProject
 from tests.integration.test_run_local import LONGJOB, STEPS, WORK, qemu_pids_under
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]

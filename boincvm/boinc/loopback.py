@@ -1,4 +1,7 @@
-"""A minimal BOINC project on 127.0.0.1 for Debian's real ``boinc-client``, and a harness to drive it.
+"""A minimal BOINC project on 127.0.0.1 and Debian's real ``boinc-client`` driven against it.
+
+Used by ``run-local --client boinc`` (an administrator's app version and workunit under the
+real client on one machine) and by the tests.
 
 The project serves exactly what boincvm made: the signed app version from
 ``package-image --sign-key`` and one workunit from ``make-workunit``. It answers the
@@ -19,16 +22,21 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from boincvm import proc
 from boincvm.appversion import parse_version_xml
 from boincvm.boinc.slot import escape_project_url
-from boincvm.runlocal import _optional_outputs  # the same reading of the output template
 from boincvm.validate import check_output_template
 from boincvm.workunit import open_workunit_dir
 from boincvm.xmlio import escape_text
+
+if TYPE_CHECKING:
+    from boincvm.runlocal import LiveState, RunLocalRequest, RunSummary
 
 APP_NAME_RE = re.compile(r"<name>([^<]+)</name>")
 
@@ -64,7 +72,9 @@ class LoopbackProject:
         self.outputs = [
             (f"{self.result_name}_{i}", name, int(size or 0)) for i, (name, size) in enumerate(sizes.items())
         ]
-        self.optional = _optional_outputs(self.wud.output_template.read_bytes())
+        from boincvm.runlocal import optional_outputs
+
+        self.optional = optional_outputs(self.wud.output_template.read_bytes())
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -322,26 +332,19 @@ class Client:
         ]
         if exit_when_idle:
             args.append("--exit_when_idle")
-        log = (self.dir / "client.log").open("ab")
-        self.proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
+        self.proc = proc.spawn(args, log_file=self.dir / "client.log", new_session=True)
 
     def cmd(self, *args: str, timeout: float = 20) -> str:
-        """Run ``boinccmd`` against this client."""
-        password = (
-            (self.dir / "gui_rpc_auth.cfg").read_text().strip()
-            if (self.dir / "gui_rpc_auth.cfg").exists()
-            else ""
-        )
-        done = subprocess.run(
+        """Run ``boinccmd`` against this client (the GUI RPC password is kept out of logs)."""
+        auth = self.dir / "gui_rpc_auth.cfg"
+        password = auth.read_text().strip() if auth.exists() else ""
+        done = proc.run(
             ["boinccmd", "--host", f"127.0.0.1:{self.port}", "--passwd", password, *args],
-            capture_output=True,
-            text=True,
             timeout=timeout,
             check=False,
+            secrets=[password],
         )
-        return done.stdout + done.stderr
+        return (done.stdout + done.stderr).decode("utf-8", "replace")
 
     def tasks(self) -> dict[str, str]:
         """The first task of ``boinccmd --get_tasks`` as a dict (empty if none)."""
@@ -389,3 +392,113 @@ def _free_port() -> int:
 def boinc_available() -> bool:
     """Whether the client binaries are installed (the test command installs boinc-client)."""
     return shutil.which("boinc") is not None and shutil.which("boinccmd") is not None
+
+
+def _report_value(report: str, tag: str) -> str | None:
+    m = re.search(rf"<{tag}>([^<]*)</{tag}>", report)
+    return m.group(1) if m else None
+
+
+def run_with_boinc_client(
+    req: RunLocalRequest, on_update: Callable[[LiveState], None] | None = None
+) -> RunSummary:
+    """Run a workunit under Debian's real ``boinc`` client against a loopback project.
+
+    The app version is signed with a throwaway key (in a copy; the original is untouched).
+
+    Raises:
+        CommandNotFound: boinc or boinccmd is not installed.
+        InputError: the workunit or app version cannot be used.
+        ClientError: the client did not finish within the request's timeout.
+    """
+    from boincvm.boinc.errors import ClientError
+    from boincvm.errors import CommandNotFound
+    from boincvm.runlocal import CREDIT_PER_FLOP, LiveState, RunSummary
+    from boincvm.signing import load_private_key, sign_file, write_key_pair
+
+    for tool in ("boinc", "boinccmd"):
+        if shutil.which(tool) is None:
+            raise CommandNotFound(
+                f"{tool} was not found", hint="install boinc-client (apt-get install boinc-client)"
+            )
+    work = req.data_dir / "real-client"
+    if work.exists():
+        shutil.rmtree(work)
+    keys = work / "keys"
+    private, public = write_key_pair(keys)
+    key = load_private_key(private)
+    av = work / "app-version"
+    shutil.copytree(req.app_version_dir, av)
+    for f in parse_version_xml((av / "version.xml").read_bytes())[0].files:
+        (av / f"{f.physical_name}.sig").write_text(sign_file(av / f.physical_name, key), encoding="ascii")
+    project = LoopbackProject(av, req.workunit_dir, public).start()
+    client = Client(work / "client", project, checkpoint_period=req.checkpoint_period)
+    live = LiveState()
+    t0 = time.monotonic()
+    try:
+        client.start()
+        deadline = t0 + req.timeout
+        while not project.seen.reports:
+            if time.monotonic() > deadline:
+                raise ClientError(
+                    f"the BOINC client did not report the task within {req.timeout:g} s",
+                    hint=f"see {work / 'client' / 'client.log'}",
+                )
+            task = client.tasks()
+            if task:
+                live.phase = task.get("active_task_state", task.get("state", live.phase)).lower()
+                try:
+                    live.fraction_done = float(task.get("fraction done", live.fraction_done))
+                    live.cpu_time = float(task.get("current CPU time", live.cpu_time))
+                except ValueError:
+                    pass
+            elif project.seen.uploads:
+                live.phase = "uploaded"
+            live.elapsed = time.monotonic() - t0
+            if on_update is not None:
+                on_update(live)
+            time.sleep(1.0)
+        client.wait_exit(30)
+    finally:
+        client.stop()
+        project.stop()
+    report = project.seen.reports[-1]
+    exit_status = int(_report_value(report, "exit_status") or -1)
+    cpu = float(_report_value(report, "final_cpu_time") or 0.0)
+    found = re.search(r"<stderr_txt>(.*)</stderr_txt>", report, re.S)
+    stderr = found.group(1) if found else ""
+    req.results_dir.mkdir(parents=True, exist_ok=True)
+    outputs: list[dict[str, object]] = []
+    for phys, open_name, _ in project.outputs:
+        data = project.seen.uploads.get(phys)
+        entry: dict[str, object] = {
+            "name": open_name,
+            "file": phys,
+            "size": None if data is None else len(data),
+        }
+        if data is not None:
+            (req.results_dir / open_name).write_bytes(data)
+            entry["path"] = str(req.results_dir / open_name)
+        elif open_name not in project.optional:
+            entry["error"] = f"output {open_name} was not uploaded"
+        outputs.append(entry)
+    (req.results_dir / "stderr.txt").write_text(stderr, encoding="utf-8")
+    ok = exit_status == 0 and not any(o.get("error") for o in outputs)
+    return RunSummary(
+        workunit=project.record_.name,
+        outcome="success" if exit_status == 0 else "compute_error",
+        ok=ok,
+        exit_code=exit_status,
+        message=f"reported by the BOINC client with exit status {exit_status}",
+        elapsed=time.monotonic() - t0,
+        cpu_time=cpu,
+        credit_claimed=cpu * 1e9 * CREDIT_PER_FLOP,
+        ops=None,
+        checkpoints=stderr.count("committed ("),
+        starts=max(1, stderr.count("boincvm: starting") + stderr.count("resuming from checkpoint")),
+        timings={},
+        outputs=outputs,
+        results_dir=str(req.results_dir),
+        events=[],
+        stderr_tail=stderr[-4000:],
+    )
