@@ -202,3 +202,27 @@ def test_leave_apps_in_memory_suspends_the_vm(signed_app_version: tuple[Path, Pa
         client.stop()
         project.stop()
     assert qemu_pids_under(tmp_path / "client") == []
+
+
+def test_run_local_with_the_real_client_matches_the_emulator(
+    signed_app_version: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from boincvm.boinc.loopback import run_with_boinc_client
+    from boincvm.runlocal import RunLocalRequest, run_local
+
+    av, _ = signed_app_version
+    wu = _workunit(tmp_path, *LONG)
+    real = run_with_boinc_client(
+        RunLocalRequest(
+            workunit_dir=wu, app_version_dir=av, results_dir=tmp_path / "real", data_dir=tmp_path / "d1"
+        )
+    )
+    emulated = run_local(
+        RunLocalRequest(
+            workunit_dir=wu, app_version_dir=av, results_dir=tmp_path / "emu", data_dir=tmp_path / "d2"
+        )
+    )
+    assert real.ok and emulated.ok, (real.message, emulated.message)
+    assert (tmp_path / "real/out").read_bytes() == (tmp_path / "emu/out").read_bytes()
+    assert real.cpu_time > 0
+    print(f"under the real client {real.elapsed:.1f} s, under run-local {emulated.elapsed:.1f} s")
