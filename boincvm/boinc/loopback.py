@@ -6,7 +6,8 @@ real client on one machine) and by the tests.
 The project serves exactly what boincvm made: the signed app version from
 ``package-image --sign-key`` and one workunit from ``make-workunit``. It answers the
 master page, the scheduler (one job, acks for reports, empty replies otherwise), downloads
-(with Range) and the upload handler (with the size query), and records what the client
+(with Range; ``<gzip/>`` app files also as ``NAME.gz``, as update_versions stages them)
+and the upload handler (with the size query), and records what the client fetched,
 reported and uploaded. Facts it relies on (from running the 7.20.5 client): the master URL
 needs a dotted host and a trailing slash, app files must be signed (``--unsigned_apps_ok``
 switches the network off), an upload URL must contain ``file_upload_handler``, and every
@@ -15,6 +16,7 @@ report must be acknowledged.
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import shutil
@@ -46,6 +48,7 @@ class Record:
     """What the project saw."""
 
     requests: list[str] = field(default_factory=list)
+    downloads: list[str] = field(default_factory=list)
     uploads: dict[str, bytes] = field(default_factory=dict)
     reports: list[str] = field(default_factory=list)
     upload_times: dict[str, float] = field(default_factory=dict)
@@ -68,6 +71,13 @@ class LoopbackProject:
         self.result_name = f"{self.record_.name}_0"
         vx, _ = parse_version_xml((app_version / "version.xml").read_bytes())
         self.app_files = vx.files
+        # As update_versions stages them: a <gzip/> file is also offered as NAME.gz, and
+        # the client then downloads only that and gunzips it before checking the signature.
+        self.gzipped = {
+            f"{f.physical_name}.gz": gzip.compress((app_version / f.physical_name).read_bytes(), 1, mtime=0)
+            for f in self.app_files
+            if f.gzip
+        }
         _, sizes = check_output_template(self.wud.output_template.read_bytes(), "out")
         self.outputs = [
             (f"{self.result_name}_{i}", name, int(size or 0)) for i, (name, size) in enumerate(sizes.items())
@@ -104,11 +114,13 @@ class LoopbackProject:
             f"<scheduler>{sched}</scheduler>\n</body></html>\n"
         ).encode()
 
-    def _file_path(self, name: str) -> Path | None:
+    def _download(self, name: str) -> bytes | None:
+        if name in self.gzipped:
+            return self.gzipped[name]
         for base in (self.av, self.wud.download):
             p = base / name
             if p.is_file() and p.parent == base:
-                return p
+                return p.read_bytes()
         return None
 
     def scheduler_reply(self, request: str) -> str:
@@ -137,6 +149,12 @@ class LoopbackProject:
                 "<file_info>\n"
                 f"    <name>{f.physical_name}</name>\n"
                 f"    <url>{self.url}download/{f.physical_name}</url>\n"
+                + (
+                    f"    <gzipped_url>{self.url}download/{f.physical_name}.gz</gzipped_url>\n"
+                    f"    <gzipped_nbytes>{len(self.gzipped[f.physical_name + '.gz'])}</gzipped_nbytes>\n"
+                    if f.gzip
+                    else ""
+                )
                 + ("    <executable/>\n" if f.main_program else "")
                 + f"    <file_signature>\n{sig}</file_signature>\n"
                 f"    <nbytes>{(self.av / f.physical_name).stat().st_size}</nbytes>\n"
@@ -248,11 +266,12 @@ class LoopbackProject:
                     self._send(200, project.master_page(), "text/html")
                     return
                 if path.startswith(prefix + "download/"):
-                    found = project._file_path(path[len(prefix + "download/") :])
-                    if found is None:
+                    name = path[len(prefix + "download/") :]
+                    data = project._download(name)
+                    if data is None:
                         self._send(404, b"not found")
                         return
-                    data = found.read_bytes()
+                    project.seen.downloads.append(name)
                     rng = self.headers.get("Range")
                     m = re.match(r"bytes=(\d+)-", rng or "")
                     if m:

@@ -116,6 +116,8 @@ def test_real_client_runs_the_wrapper_and_uploads_the_result(running: tuple[Loop
     assert any(0 < f < 1 for f in fractions), fractions
     assert max(cpu) > 0
     assert "boincvm" in report  # the wrapper's log reached the client's stderr_txt
+    # Kernel and initrd carry <gzip/>: the client fetched NAME.gz, gunzipped, checked the signature.
+    assert any(name.endswith("_vm_kernel.gz") for name in project.seen.downloads), project.seen.downloads
     print(f"attach to upload: {project.seen.upload_times[name] - t0:.1f} s")
 
 
