@@ -49,6 +49,7 @@ class Record:
 
     requests: list[str] = field(default_factory=list)
     downloads: list[str] = field(default_factory=list)
+    size_queries: list[str] = field(default_factory=list)
     uploads: dict[str, bytes] = field(default_factory=dict)
     reports: list[str] = field(default_factory=list)
     upload_times: dict[str, float] = field(default_factory=dict)
@@ -225,6 +226,7 @@ class LoopbackProject:
         text = head.decode("utf-8", "replace")
         m = re.search(r"<get_file_size>([^<]+)</get_file_size>", text)
         if m:
+            self.seen.size_queries.append(m.group(1))
             size = len(self.seen.uploads.get(m.group(1), b""))
             return (
                 f"<data_server_reply>\n    <status>0</status>\n    <file_size>{size}</file_size>\n"

@@ -228,3 +228,54 @@ def test_run_local_with_the_real_client_matches_the_emulator(
     assert (tmp_path / "real/out").read_bytes() == (tmp_path / "emu/out").read_bytes()
     assert real.cpu_time > 0
     print(f"under the real client {real.elapsed:.1f} s, under run-local {emulated.elapsed:.1f} s")
+
+
+#: Asks for a temporary exit once (the guest keeps a marker), then writes an output big
+#: enough (over 8 KB) that the client asks the upload handler for its size first.
+TEMPORARY_EXIT_SCRIPT = (
+    "if [ ! -e /tmp/asked ]; then : > /tmp/asked; printf '5\\n\\ncome back later\\n' > tx; sleep 5; fi\n"
+    "seq 1 15000 > out\n"
+)
+
+
+def test_temporary_exit_is_honoured_and_a_large_output_uploads(
+    signed_app_version: tuple[Path, Path], tmp_path: Path
+) -> None:
+    av, public = signed_app_version
+    script = tmp_path / "tx.sh"
+    script.write_text(TEMPORARY_EXIT_SCRIPT)
+    task = Task(application="/bin/sh", temporary_exit_trigger_file="tx")
+    make_workunits(
+        WorkunitRequest(
+            app_name="realtest",
+            job=VmJob(task=task, output_files=(OutputFile("out", 100_000),), minimum_checkpoint_interval=0),
+            output_dir=tmp_path / "wu",
+            inputs=(InputSpec("tx.sh", str(script)),),
+            command_line="tx.sh",
+            resources=Resources(rsc_memory_bound=1e9),
+        )
+    )
+    project = LoopbackProject(av, tmp_path / "wu", public).start()
+    client = Client(tmp_path / "client", project)
+    client.start()
+    try:
+        _wait(
+            "the postponement",
+            client,
+            lambda: "postponed for 5 seconds: come back later" in client.log(),
+            120,
+        )
+        assert not qemu_pids_under(client.dir), "the VM must be off while the task waits"
+        # 7.20.5 restarts a postponed task at its next scheduling pass (about 60 s), not after 5 s.
+        _wait("the upload", client, lambda: bool(project.seen.uploads), 180)
+        _wait("the report", client, lambda: bool(project.seen.reports), 60)
+    finally:
+        client.stop()
+        project.stop()
+    (data,) = project.seen.uploads.values()
+    assert data == "".join(f"{i}\n" for i in range(1, 15001)).encode()
+    assert project.seen.size_queries == list(project.seen.uploads)
+    report = project.seen.reports[-1]
+    assert "<exit_status>0</exit_status>" in report
+    assert "resuming from checkpoint" in report
+    assert qemu_pids_under(tmp_path / "client") == []
