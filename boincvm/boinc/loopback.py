@@ -72,6 +72,13 @@ class LoopbackProject:
         self.result_name = f"{self.record_.name}_0"
         vx, _ = parse_version_xml((app_version / "version.xml").read_bytes())
         self.app_files = vx.files
+        # What update_versions would take from version.xml, so the client judges our file:
+        # without <api_version> it would fall back to SysV shared memory.
+        self.app_version_flags = (
+            (f"    <api_version>{escape_text(vx.api_version)}</api_version>\n" if vx.api_version else "")
+            + ("    <is_wrapper/>\n" if vx.is_wrapper else "")
+            + "    <dont_throttle/>\n"
+        )
         # As update_versions stages them: a <gzip/> file is also offered as NAME.gz, and
         # the client then downloads only that and gunzips it before checking the signature.
         self.gzipped = {
@@ -171,7 +178,7 @@ class LoopbackProject:
         parts.append(
             "<app_version>\n"
             f"    <app_name>{self.app}</app_name>\n    <version_num>100</version_num>\n"
-            "    <api_version>7.20.0</api_version>\n    <is_wrapper/>\n    <dont_throttle/>\n"
+            + self.app_version_flags
             + "\n".join(refs)
             + "\n</app_version>"
         )
