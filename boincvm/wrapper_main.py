@@ -105,6 +105,12 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001 - si
     raise KeyboardInterrupt  # unwinds through the wrapper's finally blocks, which stop the VM
 
 
+def _log_init_failure(exc: BoincvmError) -> None:
+    # The 7.20.5 client reports a non-zero exit with stderr.txt only (the finish file's
+    # message goes nowhere), so the reason and the hint must be written there.
+    log.error("%s%s", exc.message, f" (hint: {exc.hint})" if exc.hint else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the wrapper in the current directory (a BOINC slot); return the exit code."""
     logging.basicConfig(
@@ -121,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SlotLocked as err:
         return slot_locked_exit(slot, err)
     except BoincvmError as exc:
-        log.error("%s", exc.message)
+        _log_init_failure(exc)
         write_finish_file(slot, int(ExitCode.INIT_FAILURE), exc.message)
         return int(ExitCode.INIT_FAILURE)
     with app.ticking():
@@ -130,13 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if inputs.package is not None:
                 _check_package(inputs.package)
         except BoincvmError as exc:
-            log.error("%s%s", exc.message, f" (hint: {exc.hint})" if exc.hint else "")
+            _log_init_failure(exc)
             return app.finish(int(ExitCode.INIT_FAILURE), exc.message)
         from boincvm.hypervisor.base import backend_class
 
         try:
             factory = backend_class(inputs.job.backend)
         except BoincvmError as exc:
+            _log_init_failure(exc)
             return app.finish(int(ExitCode.INIT_FAILURE), exc.message)
         try:
             return Wrapper(app, inputs, factory).run()
