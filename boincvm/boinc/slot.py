@@ -38,7 +38,9 @@ def parse_command_line(text: str) -> list[str]:
     """Split a command line as the client does (``parse_command_line``).
 
     Whitespace separates arguments; an argument that starts with ``'`` or ``"`` runs to
-    the next same quote (quotes removed). There are no escapes.
+    the next same quote (quotes removed). There are no escapes. The client never looks at
+    the character right after an opening quote, so an empty quoted argument does not
+    close: ``"" end`` is the single argument ``" end`` (seen with the 7.20.5 client).
     """
     args: list[str] = []
     i, n = 0, len(text)
@@ -47,7 +49,7 @@ def parse_command_line(text: str) -> list[str]:
             i += 1
             continue
         if text[i] in "'\"":
-            end = text.find(text[i], i + 1)
+            end = text.find(text[i], i + 2)
             end = n if end < 0 else end
             args.append(text[i + 1 : end])
             i = end + 1

@@ -236,3 +236,11 @@ def test_project_url_and_command_line() -> None:
     assert escape_project_url("http://127.0.0.1:31480/boincvm/") == "127.0.0.1_31480_boincvm"
     assert escape_project_url("https://example.org/é/") == "example.org__"
     assert parse_command_line("  --a 1 'two words' \"x y\"  z ") == ["--a", "1", "two words", "x y", "z"]
+
+
+def test_command_line_empty_quotes_split_as_the_real_client_does() -> None:
+    # boinc 7.20.5 gave the guest '" end ' for the workunit command line '"" end'
+    # (the client appends a space and the app version's command line).
+    assert parse_command_line('x "" end ') == ["x", '" end ']
+    assert parse_command_line("x '' y 'z' ") == ["x", "' y ", "z'"]
+    assert parse_command_line('"a" "b"') == ["a", "b"]
