@@ -17,6 +17,7 @@ import pytest
 from boincvm.appversion import AppVersionRequest, package_image
 from boincvm.boinc.loopback import Client, LoopbackProject
 from boincvm.job import OutputFile, Task, VmJob
+from boincvm.runlocal import RunLocalRequest, run_local
 from boincvm.signing import write_key_pair
 from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
 from tests.integration.test_run_local import LONGJOB, STEPS, WORK, qemu_pids_under
@@ -279,3 +280,54 @@ def test_temporary_exit_is_honoured_and_a_large_output_uploads(
     assert "<exit_status>0</exit_status>" in report
     assert "resuming from checkpoint" in report
     assert qemu_pids_under(tmp_path / "client") == []
+
+
+#: XML-special characters, quotes inside and around arguments, and an empty quoted argument
+#: (which the 7.20.5 client does not close: it runs to the end of the line).
+ARGS_LINE = 'args.sh "two words" plain a&b <lt> x"y z" "" end'
+
+
+def test_the_guest_gets_the_same_arguments_as_under_run_local(
+    signed_app_version: tuple[Path, Path], tmp_path: Path
+) -> None:
+    av, public = signed_app_version
+    script = tmp_path / "args.sh"
+    script.write_text('for a in "$@"; do printf "[%s]\\n" "$a"; done > out\n')
+    make_workunits(
+        WorkunitRequest(
+            app_name="realtest",
+            job=VmJob(task=Task(application="/bin/sh"), output_files=(OutputFile("out", 100_000),)),
+            output_dir=tmp_path / "wu",
+            inputs=(InputSpec("args.sh", str(script)),),
+            command_line=ARGS_LINE,
+            resources=Resources(rsc_memory_bound=1e9),
+        )
+    )
+    project = LoopbackProject(av, tmp_path / "wu", public).start()
+    client = Client(tmp_path / "client", project)
+    client.start()
+    try:
+        _wait("the upload", client, lambda: bool(project.seen.uploads), 180)
+    finally:
+        client.stop()
+        project.stop()
+    (real,) = project.seen.uploads.values()
+    emulated = run_local(
+        RunLocalRequest(
+            workunit_dir=tmp_path / "wu",
+            app_version_dir=av,
+            results_dir=tmp_path / "emu",
+            data_dir=tmp_path / "d",
+        )
+    )
+    assert emulated.ok, emulated.message
+    assert real.decode().splitlines() == [
+        "[two words]",
+        "[plain]",
+        "[a&b]",
+        "[<lt>]",
+        '[x"y]',
+        '[z"]',
+        '[" end ]',
+    ]
+    assert (tmp_path / "emu/out").read_bytes() == real
