@@ -35,7 +35,7 @@ from boincvm.appversion import parse_version_xml
 from boincvm.boinc.slot import escape_project_url
 from boincvm.validate import check_output_template
 from boincvm.workunit import open_workunit_dir
-from boincvm.xmlio import escape_text
+from boincvm.xmlio import escape_text, parse_xml, text_of
 
 if TYPE_CHECKING:
     from boincvm.runlocal import LiveState, RunLocalRequest, RunSummary
@@ -91,6 +91,17 @@ class LoopbackProject:
             (f"{self.result_name}_{i}", name, int(size or 0)) for i, (name, size) in enumerate(sizes.items())
         ]
         from boincvm.runlocal import optional_outputs
+        from boincvm.workunit import Resources
+
+        # The bounds our input template gives create_work (its defaults where it gives none),
+        # so the client's time, memory and disk limits are the ones a real project would set.
+        found = parse_xml(self.wud.input_template.read_bytes(), what="input template").find("workunit")
+        given = {c.tag: text_of(c) for c in (found if found is not None else [])}
+        defaults = Resources()
+        self.bounds = {
+            tag: float(given.get(tag) or getattr(defaults, tag))
+            for tag in ("rsc_fpops_est", "rsc_fpops_bound", "rsc_memory_bound", "rsc_disk_bound")
+        }
 
         self.optional = optional_outputs(self.wud.output_template.read_bytes())
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -200,9 +211,7 @@ class LoopbackProject:
             f"    <name>{self.record_.name}</name>\n    <app_name>{self.app}</app_name>\n"
             f"    <version_num>100</version_num>\n"
             f"    <command_line>{escape_text(self.record_.command_line)}</command_line>\n"
-            "    <rsc_memory_bound>1000000000</rsc_memory_bound>\n"
-            "    <rsc_disk_bound>10000000000</rsc_disk_bound>\n"
-            "    <rsc_fpops_est>1e12</rsc_fpops_est>\n    <rsc_fpops_bound>1e15</rsc_fpops_bound>\n"
+            + "".join(f"    <{tag}>{value:.15g}</{tag}>\n" for tag, value in self.bounds.items())
             + "\n".join(wu_refs)
             + "\n</workunit>"
         )
