@@ -178,7 +178,12 @@ def test_abort_leaves_no_vm(running: tuple[LoopbackProject, Client]) -> None:
     assert qemu_pids_under(client.dir)
     _task_op(client, project, "abort")
     _wait("the VM to stop", client, lambda: not qemu_pids_under(client.dir), 60)
-    _wait("the report", client, lambda: bool(project.seen.reports), 120)
+    # An aborted task is an "unrecoverable error": 7.20.5 defers the next scheduler RPC by
+    # 60-110 s. "update" asks for the RPC now, as a volunteer's Update button does.
+    _wait("the aborted state", client, lambda: "aborted" in client.tasks().get("state", "").lower(), 30)
+    client.cmd("--project", project.url, "update")
+    _wait("the report", client, lambda: bool(project.seen.reports), 60)
+    assert "<exit_status>203</exit_status>" in project.seen.reports[-1]  # EXIT_ABORTED_VIA_GUI
     assert not project.seen.uploads
 
 
