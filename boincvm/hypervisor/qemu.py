@@ -29,6 +29,7 @@ import logging
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -44,11 +45,12 @@ from boincvm.errors import (
     GuestError,
     HypervisorError,
     HypervisorUnavailable,
+    InputError,
     OutputError,
     VmTimeout,
 )
 from boincvm.hypervisor import qemu_cmdline as cl
-from boincvm.hypervisor import qemu_golden
+from boincvm.hypervisor import qemu_golden, qemu_xfer
 from boincvm.hypervisor.aio import shared_loop
 from boincvm.hypervisor.base import (
     Availability,
@@ -111,7 +113,9 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
     ``spec.options`` may set ``machine`` (``pc``, ``q35`` or ``microvm``; default
     ``pc``), ``accel`` (``kvm``, ``tcg`` or ``auto``), ``snapshot_timeout`` (seconds) and
     ``golden`` (``auto``: start kernel boots from a golden checkpoint, see
-    :mod:`.qemu_golden`; ``yes`` for disk images too; ``no`` to always boot cold).
+    :mod:`.qemu_golden`; ``yes`` for disk images too; ``no`` to always boot cold),
+    ``transfer_disk`` and ``transfer_disk_min_bytes`` (large files go through a
+    hot-plugged disk, see :mod:`.qemu_xfer`).
     After :meth:`power_on`, :attr:`accel` says which accelerator runs the VM and why,
     for the CLI to show.
 
@@ -125,6 +129,9 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         self.workdir = spec.workdir
         self.machine = spec.options.get("machine", "pc")
         self.snapshot_timeout = float(spec.options.get("snapshot_timeout", "300"))
+        # q35 VMs started by this version carry a root port for transfer disks.
+        self.hotplug_port = self.machine == "q35"
+        self._transfer = qemu_xfer.TransferDisk(self, qemu_xfer.Settings.from_options(spec.options))
         self.accel: AccelChoice | None = None
         self._loop = shared_loop()
         self._popen: subprocess.Popen[bytes] | None = None
@@ -307,13 +314,16 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             self.accel = choose_accel(self.spec.kernel, self.workdir, self.spec.options.get("accel"))
             golden = self._golden()
             attach = self._create_overlay(golden)
-            self._save_state({"accel": self.accel.accel, "machine": self.machine, "attach_disk": attach})
+            self.hotplug_port = self.machine == "q35"
+            self._save_state({"accel": self.accel.accel, "machine": self.machine, "attach_disk": attach,
+                              "hotplug_port": self.hotplug_port})  # fmt: skip
         else:
             golden = None
             state = self._load_state()
             self.accel = AccelChoice(str(state["accel"]), "the accelerator the snapshot was taken with")
             self.machine = str(state["machine"])
             attach = bool(state["attach_disk"])
+            self.hotplug_port = bool(state.get("hotplug_port", False))  # older states have none
             names = [s.name for s in self._offline_snapshots()]
             if snapshot not in names:
                 have = ", ".join(names) or "none"
@@ -340,6 +350,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
                 paused=snapshot is not None,
                 incoming=f"exec:cat {shlex.quote(str(golden.state))}" if golden else None,
                 tsc_khz=tsc,
+                hotplug_port=self.hotplug_port,
             )
         )
         if golden is not None:
@@ -489,27 +500,48 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
 
     # -- files ----------------------------------------------------------------
     def copy_to_guest(self, host_path: Path, guest_path: str) -> None:
-        """Write a host file into the guest through ``guest-file-write`` in 4 MiB chunks.
+        """Write a host file into the guest: a large one through a transfer disk, else the agent.
+
+        Files of ``transfer_disk_min_bytes`` (4 MiB) or more go through a hot-plugged disk
+        (:mod:`.qemu_xfer`) when the machine can hot-plug; smaller ones, and every file
+        of a guest that cannot take a disk, through ``guest-file-write`` in 4 MiB chunks.
 
         Raises:
             GuestError: the guest file cannot be created or written.
             InputError: the host file cannot be read.
+            VmTimeout: the transfer disk did not appear, the copy stalled or the unplug hung.
         """
         agent = self._agent_or_fail()
-        handle = agent.open(guest_path, "wb")
         try:
-            with host_path.open("rb") as f:
+            st = host_path.stat()
+        except OSError as exc:
+            raise InputError(f"cannot read {host_path}: {exc.strerror}") from exc
+        if stat.S_ISREG(st.st_mode) and self._transfer.wanted(st.st_size):
+            if self._transfer.push(host_path, guest_path, st.st_size):
+                return
+        try:
+            f = host_path.open("rb")
+        except OSError as exc:
+            raise InputError(f"cannot read {host_path}: {exc.strerror}") from exc
+        with f:
+            handle = agent.open(guest_path, "wb")
+            try:
                 while chunk := f.read(CHUNK):
                     agent.write(handle, chunk)
-        finally:
-            agent.close_file(handle)
+            finally:
+                agent.close_file(handle)
 
     def copy_from_guest(self, guest_path: str, host_path: Path, *, max_bytes: int | None = None) -> int:
         """Copy a guest file to the host through a temporary file renamed into place.
 
+        The size is checked in the guest first; a large file then goes through a
+        transfer disk (see :meth:`copy_to_guest`), a small one through the agent.
+
         Raises:
-            OutputError: the file is missing or larger than ``max_bytes`` (then nothing is written).
+            OutputError: the file is missing, larger than ``max_bytes`` or changed size
+                meanwhile (then nothing is written at ``host_path``).
             GuestError: reading it failed.
+            VmTimeout: the transfer disk did not appear, the copy stalled or the unplug hung.
         """
         agent = self._agent_or_fail()
         try:
@@ -520,11 +552,28 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             raise
         tmp = host_path.with_name(f".{host_path.name}.{uuid.uuid4().hex[:8]}.part")
         try:
-            size = agent.size(handle)
+            try:
+                size = agent.size(handle)
+            finally:
+                agent.close_file(handle)
             if max_bytes is not None and size > max_bytes:
                 raise OutputError(
                     f"guest file {guest_path} is {size} bytes, more than the {max_bytes} allowed"
                 )
+            if self._transfer.wanted(size) and self._transfer.pull(guest_path, tmp, size):
+                total = size
+            else:
+                tmp.unlink(missing_ok=True)
+                total = self._pull_by_agent(guest_path, tmp, max_bytes)
+            tmp.replace(host_path)
+            return total
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _pull_by_agent(self, guest_path: str, tmp: Path, max_bytes: int | None) -> int:
+        agent = self._agent_or_fail()
+        handle = agent.open(guest_path, "rb")
+        try:
             total = 0
             with tmp.open("wb") as f:
                 while True:
@@ -535,10 +584,8 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
                     f.write(data)
                     if eof or not data:
                         break
-            tmp.replace(host_path)
             return total
         finally:
-            tmp.unlink(missing_ok=True)
             agent.close_file(handle)
 
     def read_guest_file(self, guest_path: str, *, max_bytes: int = 65536) -> bytes | None:
@@ -592,6 +639,8 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         """
         if any(s.name == name for s in self.snapshot_list()):
             raise HypervisorError(f"qemu: snapshot {name!r} already exists; checkpoints need new names")
+        # A transfer disk still in the guest would be in the snapshot, which then cannot load.
+        qemu_xfer.release_leftovers(self)
         self._run_job("snapshot-save", {"tag": name, "vmstate": cl.DISK_NODE, "devices": [cl.DISK_NODE]})
 
     def _offline_snapshots(self) -> list[SnapshotInfo]:

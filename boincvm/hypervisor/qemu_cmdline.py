@@ -13,6 +13,8 @@ QMP_SOCKET = "qmp.sock"
 QGA_SOCKET = "qga.sock"
 PIDFILE = "qemu.pid"
 CONSOLE_LOG = "console.log"
+#: The q35 root port transfer disks are hot-plugged into (pcie.0 itself takes no hot-plug).
+HOTPLUG_PORT = "hotplug0"
 MACHINES = ("pc", "q35", "microvm")
 
 
@@ -39,6 +41,7 @@ class QemuArgs:
     paused: bool = False
     incoming: str | None = None
     tsc_khz: int | None = None
+    hotplug_port: bool = False
 
 
 def host_tsc_khz(cpuinfo: str) -> int | None:
@@ -79,6 +82,8 @@ def build_argv(a: QemuArgs) -> list[str]:
         argv += ["-kernel", str(a.kernel), "-append", cmdline]
         if a.initrd is not None:
             argv += ["-initrd", str(a.initrd)]
+    if a.hotplug_port and a.machine == "q35":
+        argv += ["-device", f"pcie-root-port,id={HOTPLUG_PORT},bus=pcie.0,chassis=1"]
     if a.network:
         argv += ["-netdev", "user,id=net0", "-device", f"virtio-net-{bus},netdev=net0"]
     else:

@@ -56,6 +56,8 @@ def golden_key(spec: VmSpec, accel: str, machine: str, qemu_version: str) -> str
     """The cache key: images, command line, machine shape and the QEMU version."""
     facts = [GOLDEN_VERSION, qemu_version, accel, machine, spec.memory_mb, spec.ncpus, spec.enable_network]
     facts += [spec.kernel_cmdline, *_identity(spec.kernel), *_identity(spec.initrd), *_identity(spec.image)]
+    if machine == "q35":  # q35 guests carry the root port transfer disks are plugged into
+        facts.append("hotplug-port")
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:24]
 
 

@@ -1,0 +1,327 @@
+"""The bulk path for large files: a raw virtio-blk "transfer disk" hot-plugged for one copy.
+
+qemu-guest-agent moves files as base64 in JSON, which qemu-ga parses one character at a
+time: about 2 MB/s into the guest and 6-10 MB/s out under TCG. A block device has no
+such cost, so a file of :data:`MIN_BYTES` or more goes this way instead:
+
+* host -> guest: the host file itself becomes a read-only raw block node (no copy is
+  made; QEMU pads the last partial sector with zeros), a ``virtio-blk-pci`` device with
+  a unique serial is hot-plugged, and a guest shell finds it through
+  ``/sys/block/vd*/serial``, runs ``dd`` with ``iflag=direct`` and truncates the copy to
+  the real size;
+* guest -> host: a sparse temporary file rounded up to 1 MiB becomes a writable raw
+  node, the guest ``dd``\\ s the file onto the disk (``oflag=direct``, the last block
+  padded), and once the device is gone the host truncates the file to the real size.
+
+The device is always unplugged before a copy returns, and the unplug is complete
+(the device has left ``/machine/peripheral`` and its block node is deleted): a
+checkpoint taken while the guest still held the device would not restore
+(reference/qemu_guest_lab.md, pitfall 4). :func:`release_leftovers` runs before every
+snapshot for the case where an unplug timed out.
+
+Hot-plug needs ACPI PCI hot-plug (machine ``pc``, or ``q35`` through the root port
+:mod:`.qemu_cmdline` adds); ``microvm`` has none, and those guests use the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from boincvm.errors import GuestError, HypervisorError, OutputError, VmTimeout
+from boincvm.hypervisor import qemu_cmdline as cl
+
+if TYPE_CHECKING:
+    from boincvm.hypervisor.qemu import QemuBackend
+
+log = logging.getLogger(__name__)
+
+#: Files smaller than this go through the agent: a plug and unplug cost about 0.5-1.5 s.
+MIN_BYTES = 4 * 1024 * 1024
+#: The guest copies in blocks of this size; a disk written by the guest is rounded up to it.
+BLOCK = 1024 * 1024
+#: Prefix of the device ids, node names and serials (a virtio-blk serial holds 20 bytes).
+PREFIX = "bvmx-"
+#: Slowest rate a copy may run at before it is declared stuck (bytes per second).
+SLOWEST = 1_000_000
+PLUG_TIMEOUT = 30.0
+UNPLUG_TIMEOUT = 30.0
+POLL = 0.05
+# Exit codes of the guest script that mean "this guest cannot use a transfer disk":
+# the agent path still works there.
+NO_DEVICE, NO_TOOLS = 3, 4
+
+#: Run by /bin/sh in the guest: $1 serial, $2 in|out, $3 guest file, $4 size, $5 polls.
+#: It prints the size of the guest file it copied (for "out") on stdout.
+GUEST_SCRIPT = r"""
+serial=$1 dir=$2 file=$3 size=$4 polls=$5
+for t in dd truncate stat; do
+  command -v "$t" >/dev/null 2>&1 || { echo "the guest has no $t" >&2; exit 4; }
+done
+dev=
+while :; do
+  for d in /sys/block/vd*; do
+    s=
+    # The serial has no newline, so read finds it but reports end of file.
+    [ -r "$d/serial" ] && read -r s < "$d/serial"
+    [ "$s" = "$serial" ] && [ -b "/dev/${d##*/}" ] && dev="/dev/${d##*/}"
+  done
+  [ -n "$dev" ] && break
+  polls=$((polls - 1))
+  [ "$polls" -gt 0 ] || { echo "the transfer disk $serial did not appear in /sys/block" >&2; exit 3; }
+  sleep 0.05
+done
+if [ "$dir" = in ]; then
+  out=$(dd if="$dev" of="$file" bs=1M iflag=direct 2>&1) || { echo "$out" >&2; exit 5; }
+  truncate -s "$size" -- "$file" || exit 5
+else
+  out=$(dd if="$file" of="$dev" bs=1M iflag=fullblock conv=sync,notrunc oflag=direct 2>&1) \
+    || { echo "$out" >&2; exit 5; }
+  stat -c %s -- "$file"
+fi
+"""
+
+
+def supported(machine: str, hotplug_port: bool) -> bool:
+    """True when the VM can hot-plug a PCI disk: ACPI hot-plug on pc, the root port on q35."""
+    return machine == "pc" or (machine == "q35" and hotplug_port)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """When the transfer disk is used, from ``spec.options``.
+
+    ``transfer_disk``: ``auto`` (default) or ``no``; ``transfer_disk_min_bytes``: the
+    smallest file that takes the disk (default :data:`MIN_BYTES`).
+    """
+
+    enabled: bool
+    min_bytes: int
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> Settings:
+        """Parse the options.
+
+        Raises:
+            HypervisorError: an option has a value that is not understood.
+        """
+        mode = options.get("transfer_disk", "auto")
+        if mode not in ("auto", "no"):
+            raise HypervisorError(f"qemu: option transfer_disk must be auto or no, not {mode!r}")
+        raw = options.get("transfer_disk_min_bytes", str(MIN_BYTES))
+        try:
+            min_bytes = int(raw)
+        except ValueError:
+            min_bytes = -1
+        if min_bytes < 0:
+            raise HypervisorError(f"qemu: option transfer_disk_min_bytes must be a byte count, not {raw!r}")
+        return cls(enabled=mode == "auto", min_bytes=min_bytes)
+
+
+class TransferDisk:
+    """Copies through hot-plugged disks for one :class:`~boincvm.hypervisor.qemu.QemuBackend`.
+
+    After a guest has shown it cannot use one (no hot-plug, no ``dd``), it is not
+    tried again for that VM: :meth:`wanted` says False from then on.
+    """
+
+    def __init__(self, vm: QemuBackend, settings: Settings) -> None:
+        self.vm = vm
+        self.settings = settings
+        self.unusable: str | None = None
+
+    def wanted(self, size: int) -> bool:
+        """True when a file of ``size`` bytes should take the transfer disk."""
+        return (
+            self.settings.enabled
+            and self.unusable is None
+            and size >= self.settings.min_bytes
+            and supported(self.vm.machine, self.vm.hotplug_port)
+        )
+
+    # -- the two directions ---------------------------------------------------
+    def push(self, host_path: Path, guest_path: str, size: int) -> bool:
+        """Copy ``host_path`` (``size`` bytes) to ``guest_path``; False when the guest cannot take a disk.
+
+        Raises:
+            GuestError: the guest failed to write the file.
+            VmTimeout: the device did not appear, the copy or the unplug took too long.
+            HypervisorError: QEMU refused the disk.
+        """
+        return self._copy("in", host_path.resolve(), guest_path, size, writable=False) is not None
+
+    def pull(self, guest_path: str, tmp: Path, size: int) -> bool:
+        """Copy ``guest_path`` (``size`` bytes) into the new file ``tmp``; False when the guest cannot.
+
+        ``tmp`` holds exactly the guest file afterwards; on an error it may hold part
+        of it (the caller removes it).
+
+        Raises:
+            OutputError: the guest file changed size while it was copied.
+            GuestError: the guest failed to read the file.
+            VmTimeout: the device did not appear, the copy or the unplug took too long.
+        """
+        padded = -(-size // BLOCK) * BLOCK
+        with tmp.open("xb") as f:
+            f.truncate(padded)  # sparse: only what the guest writes takes space
+        copied = self._copy("out", tmp.resolve(), guest_path, size, writable=True)
+        if copied is None:
+            return False
+        if copied != size:
+            raise OutputError(
+                f"guest file {guest_path} changed size while it was copied ({size} -> {copied})"
+            )
+        with tmp.open("r+b") as f:
+            f.truncate(size)
+        return True
+
+    # -- one plugged copy -----------------------------------------------------
+    def _copy(
+        self, direction: str, host_file: Path, guest_path: str, size: int, *, writable: bool
+    ) -> int | None:
+        vm = self.vm
+        release_leftovers(vm)
+        name = f"{PREFIX}{uuid.uuid4().hex[:12]}"
+        node: dict[str, object] = {"driver": "file", "filename": str(host_file)}
+        if writable:
+            # A temporary file renamed into place: a host fsync would only cost time.
+            node["cache"] = {"no-flush": True}
+        vm.qmp("blockdev-add", {"driver": "raw", "node-name": name, "read-only": not writable,
+                                "file": {**node, "read-only": not writable}})  # fmt: skip
+        try:
+            device: dict[str, object] = {
+                "driver": "virtio-blk-pci",
+                "id": name,
+                "drive": name,
+                "serial": name,
+            }
+            if vm.machine == "q35":
+                device["bus"] = cl.HOTPLUG_PORT
+            vm.qmp("device_add", device)
+            try:
+                result = self._run_guest(name, direction, guest_path, size)
+            finally:
+                _unplug(vm, name)
+        finally:
+            _blockdev_del(vm, name)
+        code, stdout, stderr = result
+        if code in (NO_DEVICE, NO_TOOLS):
+            self.unusable = stderr.strip() or f"exit code {code}"
+            log.warning("qemu: %s cannot use a transfer disk (%s); using the guest agent", vm.spec.name,
+                        self.unusable)  # fmt: skip
+            return None
+        if code != 0:
+            what = "writing" if direction == "in" else "reading"
+            raise GuestError(f"guest: {what} {guest_path} through the transfer disk failed: {stderr.strip()}")
+        if direction == "in":
+            return size
+        try:
+            return int(stdout.split()[-1])
+        except (ValueError, IndexError):
+            raise GuestError(f"guest: the transfer disk copy of {guest_path} said {stdout!r}") from None
+
+    def _run_guest(self, serial: str, direction: str, guest_path: str, size: int) -> tuple[int, str, str]:
+        vm = self.vm
+        polls = int(PLUG_TIMEOUT / POLL)
+        argv = [
+            "/bin/sh",
+            "-c",
+            GUEST_SCRIPT,
+            "boincvm-xfer",
+            serial,
+            direction,
+            guest_path,
+            str(size),
+            str(polls),
+        ]
+        started = vm.start_program(argv)
+        timeout = PLUG_TIMEOUT + 30.0 + size / SLOWEST
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            st = vm.poll_program(started)
+            if not st.running:
+                return (
+                    st.exit_code if st.exit_code is not None else -(st.signal or 1),
+                    st.stdout_tail.decode(errors="replace"),
+                    st.stderr_tail.decode(errors="replace"),
+                )
+            if time.monotonic() > deadline:
+                # Stop the copy so the guest lets go of the device before it is unplugged.
+                try:
+                    vm.run_program(["kill", "-9", str(started.pid)], timeout=10)
+                except (GuestError, VmTimeout) as exc:
+                    log.debug("killing the stuck copy: %s", exc)
+                raise VmTimeout(
+                    f"qemu: copying {guest_path} through the transfer disk took over {timeout:g} s"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
+def _peripherals(vm: QemuBackend) -> list[str]:
+    return [str(p["name"]) for p in vm.qmp("qom-list", {"path": "/machine/peripheral"})]
+
+
+def _unplug(vm: QemuBackend, name: str) -> None:
+    """Unplug device ``name`` and wait until the guest has released it (bounded).
+
+    Raises:
+        VmTimeout: the guest did not release it within :data:`UNPLUG_TIMEOUT`.
+    """
+    if name not in _peripherals(vm):
+        return
+    try:
+        vm.qmp("device_del", {"id": name})
+    except HypervisorError as exc:
+        if "is already in the process of unplug" not in str(exc):
+            raise
+    deadline = time.monotonic() + UNPLUG_TIMEOUT
+    while name in _peripherals(vm):
+        if time.monotonic() > deadline:
+            raise VmTimeout(
+                f"qemu: the guest did not release the transfer disk {name} within {UNPLUG_TIMEOUT:g} s",
+                hint="snapshots of this VM are refused while the disk is attached; power it off",
+            )
+        time.sleep(0.01)
+
+
+def _blockdev_del(vm: QemuBackend, name: str) -> None:
+    """Delete block node ``name``; the device lets go of it shortly after it leaves the tree.
+
+    Raises:
+        VmTimeout: the node stayed in use.
+    """
+    deadline = time.monotonic() + UNPLUG_TIMEOUT
+    while True:
+        try:
+            vm.qmp("blockdev-del", {"node-name": name})
+            return
+        except HypervisorError as exc:
+            text = str(exc)
+            if "Failed to find node" in text or "Cannot find node" in text:
+                return
+            if "is in use" not in text or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
+
+
+def release_leftovers(vm: QemuBackend) -> None:
+    """Unplug and delete any transfer disk an earlier copy left (one whose unplug timed out).
+
+    Raises:
+        VmTimeout: a leftover disk is still held by the guest.
+    """
+    for name in _peripherals(vm):
+        if name.startswith(PREFIX):
+            log.info("qemu: unplugging a leftover transfer disk %s", name)
+            _unplug(vm, name)
+    for node in vm.qmp("query-named-block-nodes", {"flat": True}):
+        name = str(node.get("node-name", ""))
+        if name.startswith(PREFIX):
+            _blockdev_del(vm, name)
