@@ -1,4 +1,4 @@
-"""QEMU backend figures: boot, golden start, checkpoint mechanisms, agent transfer speed.
+"""QEMU backend figures: boot, golden start, checkpoints, file transfer (agent vs transfer disk).
 
 Run: ``python benchmarks/bench_qemu.py`` (or through ``benchmarks/run.py``). Everything is
 wall-clock on this host, under whatever accelerator the backend chose (printed first).
@@ -18,7 +18,8 @@ from boincvm.image.descriptor import spec_for_image
 from boincvm.image.guest import build_guest_image
 
 RUNS = 3
-XFER_BYTES = 10 * 1024 * 1024
+XFER_SIZES = (10 * 10**6, 100 * 10**6)
+GUEST_XFER = "/scratch/boincvm/xfer.bin"
 
 
 def _median(fn: Callable[[], float], runs: int = RUNS) -> tuple[float, float, float]:
@@ -26,9 +27,9 @@ def _median(fn: Callable[[], float], runs: int = RUNS) -> tuple[float, float, fl
     return min(xs), statistics.median(xs), max(xs)
 
 
-def _row(label: str, figures: tuple[float, float, float], unit: str = "s") -> None:
+def _row(label: str, figures: tuple[float, float, float], unit: str = "s", runs: int = RUNS) -> None:
     lo, med, hi = figures
-    print(f"  {label:<44} median {med:7.3f} {unit}   (min {lo:.3f}, max {hi:.3f}, n={RUNS})")
+    print(f"  {label:<44} median {med:7.3f} {unit}   (min {lo:.3f}, max {hi:.3f}, n={runs})")
 
 
 def _size(path: Path) -> float:
@@ -42,13 +43,12 @@ def main() -> None:
         root = Path(tmp)
         counter = 0
 
-        def backend(golden: str) -> QemuBackend:
+        def backend(golden: str, options: dict[str, str] | None = None) -> QemuBackend:
             nonlocal counter
             counter += 1
             wd = root / f"vm{counter}"
-            return QemuBackend(
-                spec_for_image(image, name=f"bench{counter}", workdir=wd, options={"golden": golden})
-            )
+            opts = {"golden": golden, **(options or {})}
+            return QemuBackend(spec_for_image(image, name=f"bench{counter}", workdir=wd, options=opts))
 
         def start(golden: str) -> float:
             vm = backend(golden)
@@ -132,26 +132,39 @@ def main() -> None:
 
         _row("new process: power_on(snapshot=) to agent", _median(restore_new_process))
 
-        vm = backend("yes")
-        vm.power_on()
-        vm.wait_for_tools()
-        src = root / "xfer.bin"
-        src.write_bytes(os.urandom(XFER_BYTES))
-        print(f"guest-agent file transfer, {XFER_BYTES // 2**20} MiB in 4 MiB chunks")
+        transfers(image, root)
 
-        def push() -> float:
-            t0 = time.monotonic()
-            vm.copy_to_guest(src, "/scratch/boincvm/xfer.bin")
-            return XFER_BYTES / 1e6 / (time.monotonic() - t0)
 
-        def pull() -> float:
-            t0 = time.monotonic()
-            vm.copy_from_guest("/scratch/boincvm/xfer.bin", root / "back.bin")
-            return XFER_BYTES / 1e6 / (time.monotonic() - t0)
+def transfers(image: Path, root: Path) -> None:
+    """MB/s both ways for each size: the agent path against the transfer disk on pc and q35."""
+    print("file transfer, MB/s (guest side: /scratch, ext4 on the qcow2 overlay)")
+    print("  agent: guest-file-* in 4 MiB chunks; disk: hot-plugged raw virtio-blk, plug to unplug")
+    src, back = root / "xfer.bin", root / "back.bin"
+    for n, (label, options) in enumerate(
+        (("agent", {"transfer_disk": "no"}), ("disk, pc", {}), ("disk, q35", {"machine": "q35"}))
+    ):
+        spec = spec_for_image(image, name=f"bench-xfer{n}", workdir=root / f"xfer{n}", options=options)
+        with QemuBackend(spec) as vm:
+            vm.power_on()
+            vm.wait_for_tools()
+            for size in XFER_SIZES:
+                src.write_bytes(os.urandom(size))
 
-        _row("host -> guest", _median(push), "MB/s")
-        _row("guest -> host", _median(pull), "MB/s")
-        vm.power_off()
+                def push(vm: QemuBackend = vm, size: int = size) -> float:
+                    t0 = time.monotonic()
+                    vm.copy_to_guest(src, GUEST_XFER)
+                    return size / 1e6 / (time.monotonic() - t0)
+
+                def pull(vm: QemuBackend = vm, size: int = size) -> float:
+                    t0 = time.monotonic()
+                    vm.copy_from_guest(GUEST_XFER, back)
+                    return size / 1e6 / (time.monotonic() - t0)
+
+                runs = 1 if label == "agent" and size > 20 * 10**6 else RUNS  # 100 MB by agent: ~80 s
+                mb = size // 10**6
+                _row(f"{label}: {mb} MB host -> guest", _median(push, runs), "MB/s", runs)
+                _row(f"{label}: {mb} MB guest -> host", _median(pull, runs), "MB/s", runs)
+                vm.run_program(["rm", "-f", GUEST_XFER], timeout=60)
 
 
 if __name__ == "__main__":
