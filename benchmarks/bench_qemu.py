@@ -2,6 +2,18 @@
 
 Run: ``python benchmarks/bench_qemu.py`` (or through ``benchmarks/run.py``). Everything is
 wall-clock on this host, under whatever accelerator the backend chose (printed first).
+
+File transfer measured under TCG on the 2-core development host (MB/s, median of 3;
+agent 100 MB n=1; the guest side is /scratch, ext4 on the qcow2 overlay)::
+
+                    10 MB in  10 MB out  100 MB in  100 MB out
+    agent (qemu-ga)      1.3        5.4        1.6         5.7
+    disk, pc             6.9        8.0       46.8        72.9
+    disk, q35           26.9       37.0       57.8       154.0
+
+A plug + unplug costs about 1 s on pc (ACPI hot-plug under TCG) and about 0.25 s on q35;
+host -> guest is bounded by the guest writing 100 MB into ext4 under TCG (to tmpfs it
+is about 80 MB/s), guest -> host by the guest's page-cache reads and the plug cost.
 """
 
 from __future__ import annotations
