@@ -320,7 +320,8 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         else:
             golden = None
             state = self._load_state()
-            self.accel = AccelChoice(str(state["accel"]), "the accelerator the snapshot was taken with")
+            accel = str(state["accel"])
+            self.accel = AccelChoice(accel, f"restored with {accel}, as the snapshot was taken")
             self.machine = str(state["machine"])
             attach = bool(state["attach_disk"])
             self.hotplug_port = bool(state.get("hotplug_port", False))  # older states have none
