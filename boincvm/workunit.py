@@ -36,7 +36,6 @@ from boincvm.errors import InputError
 from boincvm.job import (
     JOB_OPEN_NAME,
     InputFile,
-    OutputFile,
     Package,
     PackageKind,
     VmJob,
@@ -580,8 +579,3 @@ def open_workunit_dir(path: Path) -> WorkunitDir:
         )
     except (ValueError, KeyError, TypeError):
         raise InputError(f"{summary_path} is not a boincvm workunit summary") from None
-
-
-def outputs_of(job: VmJob) -> tuple[OutputFile, ...]:
-    """The job's outputs (a helper for templates and run-local)."""
-    return job.output_files

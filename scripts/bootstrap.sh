@@ -36,6 +36,4 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 # The bundled example guest (kernel + initramfs with busybox and qemu-guest-agent),
 # built from Debian packages and cached by content.
-if boincvm build-image --help >/dev/null 2>&1; then
-  boincvm build-image --recipe minimal >/dev/null
-fi
+boincvm build-image --recipe minimal >/dev/null

@@ -40,8 +40,6 @@ from boincvm.xmlio import escape_text, parse_xml, text_of
 if TYPE_CHECKING:
     from boincvm.runlocal import LiveState, RunLocalRequest, RunSummary
 
-APP_NAME_RE = re.compile(r"<name>([^<]+)</name>")
-
 
 @dataclass
 class Record:
