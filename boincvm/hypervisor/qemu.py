@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import json
 import logging
 import os
-import shlex
 import signal
 import stat
 import subprocess
@@ -61,11 +61,13 @@ from boincvm.hypervisor.base import (
     SnapshotInfo,
     VmSpec,
 )
-from boincvm.hypervisor.qemu_accel import AccelChoice, choose_accel, kvm_device, qemu_version
+from boincvm.hypervisor.qemu_accel import AccelChoice, choose_accel, kvm_device, qemu_identity
 from boincvm.hypervisor.qga import CHUNK, GuestAgent, connect_unix, is_missing_file
 
 log = logging.getLogger(__name__)
 
+#: q35: PCIe hot-plug of a transfer disk takes about 0.25 s under TCG, against about 1 s on pc.
+DEFAULT_MACHINE = "q35"
 OVERLAY = "disk.qcow2"
 STATE = "qemu-vm.json"
 QEMU_LOG = "qemu.log"
@@ -110,8 +112,9 @@ def _tail(path: Path, lines: int = 8) -> str:
 class QemuBackend(Backend, kind=BackendKind.QEMU):
     """A VM run by ``qemu-system-x86_64`` (KVM when it works, TCG otherwise).
 
-    ``spec.options`` may set ``machine`` (``pc``, ``q35`` or ``microvm``; default
-    ``pc``), ``accel`` (``kvm``, ``tcg`` or ``auto``), ``snapshot_timeout`` (seconds) and
+    ``spec.options`` may set ``machine`` (``q35``, ``pc`` or ``microvm``; default ``q35``,
+    whose PCIe hot-plug of transfer disks costs a quarter of pc's ACPI one), ``accel``
+    (``kvm``, ``tcg`` or ``auto``), ``snapshot_timeout`` (seconds) and
     ``golden`` (``auto``: start kernel boots from a golden checkpoint, see
     :mod:`.qemu_golden`; ``yes`` for disk images too; ``no`` to always boot cold),
     ``transfer_disk`` and ``transfer_disk_min_bytes`` (large files go through a
@@ -127,12 +130,18 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
     def __init__(self, spec: VmSpec) -> None:
         super().__init__(spec)
         self.workdir = spec.workdir
-        self.machine = spec.options.get("machine", "pc")
+        self.machine = spec.options.get("machine", DEFAULT_MACHINE)
         self.snapshot_timeout = float(spec.options.get("snapshot_timeout", "300"))
         # q35 VMs started by this version carry a root port for transfer disks.
         self.hotplug_port = self.machine == "q35"
         self._transfer = qemu_xfer.TransferDisk(self, qemu_xfer.Settings.from_options(spec.options))
         self.accel: AccelChoice | None = None
+        self._cold_only = False  # set when this VM's golden checkpoint failed to load
+        #: Seconds from the start of the last power_on (or revert) until QEMU answered QMP ("qemu"), the
+        #: guest agent first answered ("agent") and the guest was ready to use, its clock
+        #: set after a restore ("ready"); wait_for_tools fills the last two after a cold boot.
+        self.start_timings: dict[str, float] = {}
+        self._start_t0 = 0.0
         self._loop = shared_loop()
         self._popen: subprocess.Popen[bytes] | None = None
         self._qmp_client: QMPClient | None = None
@@ -267,7 +276,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             raise HypervisorError(f"qemu: {self._path(STATE)} is not a JSON object")
         return data
 
-    def _spawn(self, args: cl.QemuArgs) -> None:
+    def _spawn(self, args: cl.QemuArgs, pass_fds: Sequence[int] = ()) -> None:
         argv: list[str] = cl.build_argv(args)
         setpriv = proc.which("setpriv")
         if setpriv is not None:
@@ -276,7 +285,9 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             self._path(sock).unlink(missing_ok=True)
         # Forked from the long-lived I/O thread: the parent-death signal follows the
         # thread that forked, and a caller's short-lived thread would take QEMU with it.
-        popen = self._loop.call(lambda: proc.spawn(argv, log_file=self._path(QEMU_LOG), cwd=self.workdir))
+        popen = self._loop.call(
+            lambda: proc.spawn(argv, log_file=self._path(QEMU_LOG), cwd=self.workdir, pass_fds=pass_fds)
+        )
         with _live_lock:
             _live.add(popen)
         self._popen = popen
@@ -292,6 +303,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
                     raise HypervisorError(f"qemu: QMP did not come up within 30 s: {exc}") from exc
                 time.sleep(0.02)
         self._agent = GuestAgent(self._path(cl.QGA_SOCKET), self._loop, call_timeout=self.call_timeout)
+        self.start_timings["qemu"] = time.monotonic() - self._start_t0
 
     # -- power ----------------------------------------------------------------
     def power_on(self, *, snapshot: str | None = None) -> None:
@@ -304,6 +316,11 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             HypervisorError: QEMU failed to start, the base image or the snapshot is missing.
             GuestToolsMissing: after a restore, the agent did not answer.
         """
+        self._start_t0 = time.monotonic()
+        self.start_timings = {}
+        self._power_on(snapshot)
+
+    def _power_on(self, snapshot: str | None) -> None:
         if self.is_running():
             raise HypervisorError(f"qemu: VM {self.spec.name} is already running")
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -332,48 +349,68 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
                     f"qemu: no snapshot {snapshot!r} in {self._path(OVERLAY)} (has: {have})"
                 )
         tsc = None
-        if self.machine == "microvm":
+        if self.machine == "microvm" or self.accel.accel == "tcg":
+            # microvm cannot calibrate the TSC without it; under TCG on pc and q35 the
+            # calibration against the PIT fails and the HPET fallback costs about 0.6 s.
             with contextlib.suppress(OSError):
                 tsc = cl.host_tsc_khz(Path("/proc/cpuinfo").read_text())
-        self._spawn(
-            cl.QemuArgs(
-                name=self.spec.name,
-                accel=self.accel.accel,
-                machine=self.machine,
-                memory_mb=self.spec.memory_mb,
-                ncpus=self.spec.ncpus,
-                disk=Path(OVERLAY),
-                attach_disk=attach,
-                kernel=self.spec.kernel.resolve() if self.spec.kernel else None,
-                initrd=self.spec.initrd.resolve() if self.spec.initrd else None,
-                cmdline=self.spec.kernel_cmdline,
-                network=self.spec.enable_network,
-                paused=snapshot is not None,
-                incoming=f"exec:cat {shlex.quote(str(golden.state))}" if golden else None,
-                tsc_khz=tsc,
-                hotplug_port=self.hotplug_port,
-            )
+        args = cl.QemuArgs(
+            name=self.spec.name,
+            accel=self.accel.accel,
+            machine=self.machine,
+            memory_mb=self.spec.memory_mb,
+            ncpus=self.spec.ncpus,
+            disk=Path(OVERLAY),
+            attach_disk=attach,
+            kernel=self.spec.kernel.resolve() if self.spec.kernel else None,
+            initrd=self.spec.initrd.resolve() if self.spec.initrd else None,
+            cmdline=self.spec.kernel_cmdline,
+            network=self.spec.enable_network,
+            loadvm=snapshot,
+            tsc_khz=tsc,
+            hotplug_port=self.hotplug_port,
         )
-        if golden is not None:
-            self._wait_incoming()
-            self._ensure_running()
-            self._after_restore()
-        elif snapshot is not None:
-            self._run_job(
-                "snapshot-load", {"tag": snapshot, "vmstate": cl.DISK_NODE, "devices": [cl.DISK_NODE]}
-            )
-            self._ensure_running()
-            self._after_restore()
+        if golden is None:
+            self._spawn(args)
+            if snapshot is not None:  # -loadvm restored it before QEMU's main loop started
+                self._ensure_running()
+                self._after_restore()
+            return
+        try:
+            self._start_from_golden(args, golden)
+        except (HypervisorError, GuestError) as exc:
+            # A golden checkpoint is only a speed-up: set it aside and boot cold instead.
+            qemu_golden.mark_broken(golden, str(exc))
+            log.warning("the golden checkpoint of %s did not load (%s); booting cold", self.spec.name, exc)
+            self.power_off(soft_timeout=0)
+            self._cold_only = True
+            self._power_on(None)
+
+    def _start_from_golden(self, args: cl.QemuArgs, golden: qemu_golden.Golden) -> None:
+        # The state is read straight from an inherited descriptor: no shell, no cat, no pipe.
+        fd = os.open(golden.state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._spawn(dataclasses.replace(args, incoming=f"fd:{fd}"), pass_fds=(fd,))
+        finally:
+            os.close(fd)
+        self._wait_incoming()
+        self._ensure_running()
+        self._after_restore()
 
     def _golden(self) -> qemu_golden.Golden | None:
         """The golden checkpoint to start from (built on first use), or None for a cold boot."""
         wanted = self.spec.options.get("golden", "auto")
         if wanted == "no" or (wanted == "auto" and self.spec.kernel is None) or self.accel is None:
             return None
-        key = qemu_golden.golden_key(self.spec, self.accel.accel, self.machine, qemu_version())
+        if self._cold_only:
+            return None
+        key = qemu_golden.golden_key(self.spec, self.accel.accel, self.machine, qemu_identity())
         found = qemu_golden.find(key)
         if found is not None:
             return found
+        if qemu_golden.is_broken(key):
+            log.info("the golden checkpoint %s failed to load before; booting cold", key)
+            return None
         try:
             return qemu_golden.build(self.spec, key, self.accel.accel)
         except (HypervisorError, GuestError) as exc:
@@ -394,7 +431,9 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
     def _after_restore(self) -> None:
         agent = self._agent_or_fail()
         agent.resync(min(self.spec.boot_timeout, 60.0))
+        self.start_timings["agent"] = time.monotonic() - self._start_t0
         agent.set_time()
+        self.start_timings["ready"] = time.monotonic() - self._start_t0
 
     def _ensure_running(self) -> None:
         if not self.qmp("query-status").get("running"):
@@ -408,6 +447,8 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             HypervisorError: QEMU exited meanwhile.
         """
         self._agent_or_fail().wait(self.spec.boot_timeout if timeout is None else timeout, self._check_alive)
+        if "agent" not in self.start_timings:  # the first answer after a cold boot
+            self.start_timings["agent"] = self.start_timings["ready"] = time.monotonic() - self._start_t0
 
     def power_off(self, *, soft_timeout: float = 10.0) -> None:
         """Quit QEMU through QMP, then SIGKILL it if it has not gone within ``soft_timeout``. Idempotent.
@@ -667,6 +708,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         Raises:
             HypervisorError: no such snapshot, or loading failed.
         """
+        self._start_t0, self.start_timings = time.monotonic(), {}
         self._run_job("snapshot-load", {"tag": name, "vmstate": cl.DISK_NODE, "devices": [cl.DISK_NODE]})
         self._ensure_running()
         self._finished.clear()

@@ -4,7 +4,7 @@
 forever. So the probe boots the guest kernel for real, with no root file system, and
 ``panic=-1`` plus ``-no-reboot``: a working KVM reaches the "cannot mount root" panic
 and QEMU exits within a second; a broken one is still running when the bounded wait
-ends. The verdict is cached per QEMU version, host kernel and guest kernel, so only the
+ends. The verdict is cached per QEMU binary, host kernel and guest kernel, so only the
 first VM on a host pays for it.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from boincvm import proc
 from boincvm.cache import cache_root
+from boincvm.errors import CommandNotFound
 
 QEMU = "qemu-system-x86_64"
 TRIAL_TIMEOUT = 8.0
@@ -49,18 +50,27 @@ def kvm_device() -> str | None:
     return None
 
 
-def qemu_version() -> str:
-    """The first line of ``qemu-system-x86_64 --version``.
+def qemu_identity() -> str:
+    """What identifies the installed QEMU in cache keys, without running it.
+
+    The binary's resolved path, size, modification time and inode: a package upgrade
+    changes them. Running ``--version`` instead costs a process start (about 25 ms) on
+    every job start, which the golden-checkpoint path cannot afford.
 
     Raises:
         CommandNotFound: QEMU is not installed.
     """
-    return proc.run([QEMU, "--version"], timeout=30).text.splitlines()[0].strip()
+    path = proc.which(QEMU)
+    if path is None:
+        raise CommandNotFound(f"{QEMU} was not found", hint=proc.INSTALL_HINTS.get(QEMU, f"install {QEMU}"))
+    real = path.resolve()
+    st = real.stat()
+    return f"{real}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
 def _cache_file(kernel: Path) -> Path:
     st = kernel.stat()
-    key = json.dumps([qemu_version(), os.uname().release, str(kernel.resolve()), st.st_size, st.st_mtime_ns])
+    key = json.dumps([qemu_identity(), os.uname().release, str(kernel.resolve()), st.st_size, st.st_mtime_ns])
     return cache_root() / "accel" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
 
 

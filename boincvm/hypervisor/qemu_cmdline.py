@@ -38,8 +38,8 @@ class QemuArgs:
     initrd: Path | None = None
     cmdline: str = ""
     network: bool = False
-    paused: bool = False
     incoming: str | None = None
+    loadvm: str | None = None
     tsc_khz: int | None = None
     hotplug_port: bool = False
 
@@ -76,8 +76,9 @@ def build_argv(a: QemuArgs) -> list[str]:
         argv += ["-device", f"virtio-blk-{bus},drive={DISK_NODE}{boot}"]
     if a.kernel is not None:
         cmdline = a.cmdline
-        if a.machine == "microvm" and a.tsc_khz and "tsc_early_khz" not in cmdline:
-            # microvm has no HPET or PM timer: without this the TSC calibration can hang the boot.
+        if a.tsc_khz and "tsc_early_khz" not in cmdline:
+            # microvm has no HPET or PM timer: without this the TSC calibration can hang the
+            # boot; elsewhere it spares the slow calibration under TCG (the kernel refines it).
             cmdline = f"{cmdline} tsc_early_khz={a.tsc_khz}".strip()
         argv += ["-kernel", str(a.kernel), "-append", cmdline]
         if a.initrd is not None:
@@ -88,8 +89,8 @@ def build_argv(a: QemuArgs) -> list[str]:
         argv += ["-netdev", "user,id=net0", "-device", f"virtio-net-{bus},netdev=net0"]
     else:
         argv += ["-nic", "none"]
-    if a.paused:
-        argv += ["-S"]
     if a.incoming is not None:
         argv += ["-incoming", a.incoming]
+    if a.loadvm is not None:
+        argv += ["-loadvm", a.loadvm]
     return argv

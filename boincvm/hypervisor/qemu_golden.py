@@ -4,7 +4,8 @@ A cold boot under TCG costs about 2-5 s; restoring a saved guest costs about 0.2
 So the first fresh start of an image (per accelerator, machine, memory, CPUs and
 network setting) boots it, waits for the agent, stops the VM and migrates its state to
 ``golden.mig``; the disk it had at that instant is kept as ``golden.qcow2``. Later jobs
-get an overlay on ``golden.qcow2`` and ``-incoming exec:cat golden.mig``.
+get an overlay on ``golden.qcow2`` and ``-incoming fd:N``, N an inherited descriptor of
+``golden.mig``.
 
 Golden checkpoints live in ``<cache>/golden/<key>/``, built in a temporary directory and
 renamed into place; the key covers every input that the saved state depends on.
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 GOLDEN_DISK = "golden.qcow2"
 GOLDEN_STATE = "golden.mig"
+#: Written next to a golden checkpoint whose state failed to load: no job uses it again.
+BROKEN = "broken"
 #: Bumped when the saved state's shape changes (devices, command line).
 GOLDEN_VERSION = 1
 
@@ -52,9 +55,9 @@ def _identity(path: Path | None) -> list[object]:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
-def golden_key(spec: VmSpec, accel: str, machine: str, qemu_version: str) -> str:
-    """The cache key: images, command line, machine shape and the QEMU version."""
-    facts = [GOLDEN_VERSION, qemu_version, accel, machine, spec.memory_mb, spec.ncpus, spec.enable_network]
+def golden_key(spec: VmSpec, accel: str, machine: str, qemu: str) -> str:
+    """The cache key: images, command line, machine shape and the QEMU binary (``qemu_identity``)."""
+    facts = [GOLDEN_VERSION, qemu, accel, machine, spec.memory_mb, spec.ncpus, spec.enable_network]
     facts += [spec.kernel_cmdline, *_identity(spec.kernel), *_identity(spec.initrd), *_identity(spec.image)]
     if machine == "q35":  # q35 guests carry the root port transfer disks are plugged into
         facts.append("hotplug-port")
@@ -62,10 +65,29 @@ def golden_key(spec: VmSpec, accel: str, machine: str, qemu_version: str) -> str
 
 
 def find(key: str) -> Golden | None:
-    """The golden checkpoint for ``key`` if it is built."""
+    """The golden checkpoint for ``key`` if it is built and has not failed to load."""
     d = cache_root() / "golden" / key
     g = Golden(d / GOLDEN_DISK, d / GOLDEN_STATE)
-    return g if g.disk.is_file() and g.state.is_file() else None
+    return g if g.disk.is_file() and g.state.is_file() and not (d / BROKEN).exists() else None
+
+
+def is_broken(key: str) -> bool:
+    """True when the golden checkpoint for ``key`` failed to load (see :func:`mark_broken`)."""
+    return (cache_root() / "golden" / key / BROKEN).exists()
+
+
+def mark_broken(golden: Golden, reason: str) -> None:
+    """Stop using ``golden`` after its state failed to load; jobs then boot cold.
+
+    Nothing is deleted: overlays of running jobs, and their checkpoints, still have
+    ``golden.qcow2`` as their backing file. Deleting the cache directory by hand
+    (``~/.cache/boincvm/golden``) once no job runs lets the next job build a new one.
+    """
+    marker = golden.state.parent / BROKEN
+    try:
+        marker.write_text(reason + "\n")
+    except OSError as exc:
+        log.warning("cannot mark the golden checkpoint %s broken: %s", golden.state.parent, exc)
 
 
 def build(spec: VmSpec, key: str, accel: str) -> Golden:

@@ -70,9 +70,11 @@ class Recipe:
 
 #: The fast command line measured in reference/qemu_guest_lab.md; ``init_on_free=1``
 #: makes checkpoints smaller because freed pages become zero pages.
+#: ``ipv6.disable=1`` spares about 0.15 s of IPv6 set-up under TCG (QEMU's user network,
+#: when a job asks for one, is used over IPv4).
 FAST_CMDLINE = (
     "console=ttyS0 panic=-1 quiet cryptomgr.notests tsc=reliable no_timer_check nokaslr "
-    "mitigations=off i8042.noaux i8042.nokbd random.trust_cpu=on "
+    "mitigations=off i8042.noaux i8042.nokbd random.trust_cpu=on ipv6.disable=1 "
     "initcall_blacklist=crypto_kdf108_init,init_kprobe_trace init_on_free=1"
 )
 

@@ -244,3 +244,39 @@ def test_guest_tools_inspection(guest_image: Path, tmp_path: Path) -> None:
     proc.run(["mkfs.ext4", "-q", "-F", blank], timeout=60)
     found = check_guest_tools(blank)
     assert found[0].severity is Severity.ERROR and "no qemu-ga" in found[0].message
+
+
+def test_golden_start_sets_the_clock_and_a_broken_golden_is_set_aside(
+    guest_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from boincvm.hypervisor import qemu_golden
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def spec(n: int) -> VmSpec:
+        s = make_spec(guest_image, tmp_path / f"vm{n}", f"golden{n}")
+        return spec_for_image(guest_image, name=s.name, workdir=s.workdir, boot_timeout=60,
+                              options={"golden": "yes"})  # fmt: skip
+
+    with QemuBackend(spec(1)) as vm:  # builds the golden checkpoint, then starts from it
+        vm.power_on()
+        vm.wait_for_tools()
+        timings = vm.start_timings
+        assert 0 < timings["qemu"] <= timings["agent"] <= timings["ready"] < 30, timings
+        assert vm.run_program(["/bin/date", "-s", "@1000000000"], timeout=30).exit_code == 0
+        vm.resume()  # sets the guest clock again, as after a restore
+        st = vm.run_program(["/bin/date", "+%s"], timeout=30)
+        assert abs(int(st.stdout_tail) - time.time()) < 5
+    built = [d for d in (tmp_path / "cache/boincvm/golden").iterdir() if not d.name.startswith(".")]
+    assert len(built) == 1 and qemu_golden.find(built[0].name) is not None
+    state = built[0] / qemu_golden.GOLDEN_STATE
+    state.chmod(0o644)
+    with state.open("r+b") as f:  # a torn or corrupted state file
+        f.truncate(state.stat().st_size // 3)
+    for n in (2, 3):  # the load fails once and marks it; afterwards jobs boot cold at once
+        with QemuBackend(spec(n)) as vm:
+            vm.power_on()
+            vm.wait_for_tools()
+            assert vm.run_program(["/bin/true"], timeout=30).exit_code == 0
+        assert qemu_golden.is_broken(built[0].name) and qemu_golden.find(built[0].name) is None
+    assert (built[0] / qemu_golden.GOLDEN_DISK).is_file()  # overlays of running jobs still need it

@@ -135,12 +135,18 @@ def test_command_line_defaults_are_private_and_offline() -> None:
 
 
 def test_command_line_variants() -> None:
-    net = cl.build_argv(_args(network=True, accel="kvm", paused=True, attach_disk=False))
+    net = cl.build_argv(_args(network=True, accel="kvm", loadvm="ck1", attach_disk=False))
     assert "user,id=net0" in net and "-nic" not in net and net[net.index("-cpu") + 1] == "host"
-    assert "-S" in net and not any(a.startswith("virtio-blk") for a in net)
+    assert net[net.index("-loadvm") + 1] == "ck1" and not any(a.startswith("virtio-blk") for a in net)
     micro = cl.build_argv(_args(machine="microvm", kernel=Path("/k"), cmdline="quiet", tsc_khz=2100000))
     assert "virtio-serial-device,id=vser0" in micro
     assert micro[micro.index("-append") + 1] == "quiet tsc_early_khz=2100000"
+    q35 = cl.build_argv(_args(machine="q35", kernel=Path("/k"), cmdline="quiet tsc_early_khz=1", tsc_khz=2))
+    assert q35[q35.index("-append") + 1] == "quiet tsc_early_khz=1"  # the image's own value wins
+    assert "pcie-root-port,id=hotplug0,bus=pcie.0,chassis=1" not in q35
+    q35 = cl.build_argv(_args(machine="q35", incoming="fd:7", hotplug_port=True))
+    assert q35[q35.index("-incoming") + 1] == "fd:7" and "-loadvm" not in q35
+    assert "pcie-root-port,id=hotplug0,bus=pcie.0,chassis=1" in q35
     disk_boot = cl.build_argv(_args())
     assert "virtio-blk-pci,drive=disk0,bootindex=0" in disk_boot
     with pytest.raises(ValueError, match="machine must be one of"):
