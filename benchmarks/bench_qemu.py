@@ -162,9 +162,12 @@ def transfers(image: Path, root: Path) -> None:
     print("file transfer, MB/s (guest side: /scratch, ext4 on the qcow2 overlay)")
     print("  agent: guest-file-* in 4 MiB chunks; disk: hot-plugged raw virtio-blk, plug to unplug")
     src, back = root / "xfer.bin", root / "back.bin"
-    for n, (label, options) in enumerate(
-        (("agent", {"transfer_disk": "no"}), ("disk, pc", {}), ("disk, q35", {"machine": "q35"}))
-    ):
+    paths = (
+        ("agent", {"transfer_disk": "no"}),
+        ("disk, pc", {"machine": "pc"}),
+        ("disk, q35", {"machine": "q35"}),
+    )
+    for n, (label, options) in enumerate(paths):
         spec = spec_for_image(image, name=f"bench-xfer{n}", workdir=root / f"xfer{n}", options=options)
         with QemuBackend(spec) as vm:
             vm.power_on()
