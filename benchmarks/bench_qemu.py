@@ -3,17 +3,24 @@
 Run: ``python benchmarks/bench_qemu.py`` (or through ``benchmarks/run.py``). Everything is
 wall-clock on this host, under whatever accelerator the backend chose (printed first).
 
-File transfer measured under TCG on the 2-core development host (MB/s, median of 3;
-agent 100 MB n=1; the guest side is /scratch, ext4 on the qcow2 overlay)::
+Measured under TCG on the 2-core development host, machine q35 (the default), quiet host:
+
+* start to the guest agent's first answer: cold boot 2.9 s (min 2.7); from the golden
+  checkpoint 0.17 s, 0.33 s with the guest clock set (the first fork and exec after a
+  restore: TCG translates the guest's code afresh); a checkpoint restored in a new
+  process 0.29 s, 0.44 s with the clock set;
+* snapshot-save 0.27 s, +64 MB per snapshot (256 MiB guest, ``init_on_free=1``).
+
+File transfer (MB/s, median of 3; agent 100 MB n=1; the guest side is /scratch, ext4 on
+the qcow2 overlay; the guest's dd uses direct I/O on both ends)::
 
                     10 MB in  10 MB out  100 MB in  100 MB out
-    agent (qemu-ga)      1.3        5.4        1.6         5.7
-    disk, pc             6.9        8.0       46.8        72.9
-    disk, q35           26.9       37.0       57.8       154.0
+    agent (qemu-ga)      2.0        6.2        1.8         6.9
+    disk, pc            10.0       10.8       74.2        68.3
+    disk, q35           38.9       32.7      165.5       190.8
 
-A plug + unplug costs about 1 s on pc (ACPI hot-plug under TCG) and about 0.25 s on q35;
-host -> guest is bounded by the guest writing 100 MB into ext4 under TCG (to tmpfs it
-is about 80 MB/s), guest -> host by the guest's page-cache reads and the plug cost.
+A plug + unplug costs about 1 s on pc (ACPI hot-plug under TCG) and about 0.25 s on q35,
+which is why 10 MB files move at a fraction of the large-file rate.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from boincvm.image.guest import build_guest_image
 RUNS = 3
 XFER_SIZES = (10 * 10**6, 100 * 10**6)
 GUEST_XFER = "/scratch/boincvm/xfer.bin"
+#: The issue's goals for checkpoints are stated for a 512 MiB guest.
+CHECKPOINT_MEMORY_MB = 512
 
 
 def _median(fn: Callable[[], float], runs: int = RUNS) -> tuple[float, float, float]:
@@ -55,12 +64,14 @@ def main() -> None:
         root = Path(tmp)
         counter = 0
 
-        def backend(golden: str, options: dict[str, str] | None = None) -> QemuBackend:
+        def backend(golden: str, memory_mb: int | None = None) -> QemuBackend:
             nonlocal counter
             counter += 1
             wd = root / f"vm{counter}"
-            opts = {"golden": golden, **(options or {})}
-            return QemuBackend(spec_for_image(image, name=f"bench{counter}", workdir=wd, options=opts))
+            extra: dict[str, object] = {"options": {"golden": golden}}
+            if memory_mb:
+                extra["memory_mb"] = memory_mb
+            return QemuBackend(spec_for_image(image, name=f"bench{counter}", workdir=wd, **extra))
 
         marks: dict[str, list[float]] = {}
 
@@ -93,12 +104,12 @@ def main() -> None:
         _row("golden checkpoint (incoming migration)", _median(lambda: start("yes"), 5), runs=5)
         _row("golden checkpoint, guest clock set too", ready("yes"), runs=5)
 
-        vm = backend("yes")
+        vm = backend("yes", CHECKPOINT_MEMORY_MB)  # its golden checkpoint is built here, untimed
         vm.power_on()
         vm.wait_for_tools()
         vm.start_program(["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); sleep 0.05; done"])
         overlay = vm.workdir / "disk.qcow2"
-        print("checkpoints (live guest with a running program)")
+        print(f"checkpoints ({CHECKPOINT_MEMORY_MB} MiB guest, live, with a running program)")
         names = iter(range(100))
 
         def save() -> float:
