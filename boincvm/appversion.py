@@ -1,5 +1,8 @@
 """App versions: a base image -> a BOINC app version directory ready for ``update_versions``.
 
+The image is a disk (qcow2, raw, vmdk), a kernel (+ initramfs), a ``build-image``
+directory, or a VMware VM directory (see :mod:`boincvm.appversion_vmware`).
+
 The directory made by :func:`package_image` is the platform directory of an app version
 (``apps/APP/VERSION/PLATFORM[__PLAN_CLASS]/`` in a project)::
 
@@ -204,7 +207,9 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
     """Make an app version directory from a base image.
 
     Raises:
-        InputError: bad request, unreadable image, or the output exists (without force).
+        InputError: bad request, unreadable image, a VMware VM that cannot be shipped, or the
+            output exists (without force).
+        PathEscapeError: a VMware VM's file reference is absolute or leaves its directory.
         ToolError: qemu-img is missing or failed.
     """
     vnum = version_num(req.version)
@@ -220,6 +225,12 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
     for what, path in (("image", req.image), ("initrd", req.initrd), ("disk", req.disk)):
         if path is not None and not path.exists():
             raise InputError(f"{what} {path} does not exist")
+    from boincvm.appversion_vmware import is_vmware_vm
+
+    if is_vmware_vm(req.image):
+        from boincvm.hypervisor.vmware_files import collect_vm
+
+        collect_vm(req.image)  # refuse an unshippable VM before anything is written
     out = req.output_dir
     with building(out, force=req.force) as tmp, ThreadPoolExecutor(1) as pool:
         from boincvm.zipapp import build_wrapper_zipapp
@@ -260,9 +271,14 @@ def _package_into(
         gz = req.gzip_downloads and gzip_ok and _gzip_helps(tmp / physical)
         files.append(AppVersionFile(physical, logical, md5, size, gzip=gz))
 
+    from boincvm.appversion_vmware import is_vmware_vm, package_vmware
+
     job = VmJob(backend="qemu", memory_size_mb=req.memory_mb)
     exec_dir = req.exec_dir
-    if req.image.is_dir():
+    if is_vmware_vm(req.image):
+        vm_files, job = package_vmware(req, tmp, prefix, note)
+        files += vm_files
+    elif req.image.is_dir():
         desc = ImageDescriptor.load(req.image / DESCRIPTOR_NAME)
         if desc.format is ImageFormat.KERNEL_INITRD:
             assert desc.kernel is not None
@@ -478,6 +494,10 @@ def check_app_version(path: Path) -> list[Finding]:
                 )
         if not job.vm_image and not job.vm_kernel:
             out.append(error(f"{DEFAULTS_OPEN_NAME}:vm_job.vm_image", "the defaults name no image"))
+        if job.image_files or job.backend == "vmware":
+            from boincvm.appversion_vmware import check_vmware_app_version
+
+            out += check_vmware_app_version(directory, job, logical)
     summary = directory / SUMMARY_NAME
     if summary.is_file() and not has_errors(out):
         try:

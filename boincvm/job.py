@@ -109,6 +109,19 @@ class Package:
 
 
 @dataclass(frozen=True)
+class ImageFile:
+    """One file of a multi-file image (a VMware VM directory shipped as app-version files).
+
+    ``open_name`` is its logical name in the slot; ``file_name`` the name (a relative path)
+    it must have in the VM directory the backend rebuilds, because the image's own files
+    refer to each other by these names (the .vmx names its disks, a descriptor its extents).
+    """
+
+    open_name: str
+    file_name: str
+
+
+@dataclass(frozen=True)
 class Task:
     """The program run in the guest and the files through which it reports progress."""
 
@@ -143,6 +156,7 @@ class VmJob:
     task: Task | None = None
     input_files: tuple[InputFile, ...] = ()
     output_files: tuple[OutputFile, ...] = ()
+    image_files: tuple[ImageFile, ...] = ()
 
     def merged(self, over: VmJob) -> VmJob:
         """This job (defaults) with every value ``over`` states laid on top.
@@ -209,6 +223,7 @@ class ResolvedJob:
     time_limit: float | None
     input_files: tuple[InputFile, ...]
     output_files: tuple[OutputFile, ...]
+    image_files: tuple[ImageFile, ...] = ()
 
     def guest_path(self, name: str) -> str:
         """A guest path: absolute names stay, relative ones are taken from ``exec_dir``."""
@@ -259,6 +274,7 @@ def resolve(job: VmJob) -> ResolvedJob:
         time_limit=task.time_limit,
         input_files=job.input_files,
         output_files=job.output_files,
+        image_files=job.image_files,
     )
 
 
@@ -339,11 +355,12 @@ def parse_job(data: bytes | str, *, what: str = "vm job file") -> tuple[VmJob, l
     values: dict[str, Any] = {}
     inputs: list[InputFile] = []
     outputs: list[OutputFile] = []
+    images: list[ImageFile] = []
     seen: set[str] = set()
     for child in root:
         tag = child.tag
         place = f"{ROOT}.{tag}"
-        if tag in seen and tag not in ("input_file", "output_file"):
+        if tag in seen and tag not in ("input_file", "output_file", "image_file"):
             findings.append(error(place, "appears more than once"))
         seen.add(tag)
         if tag in _SCALARS:
@@ -362,11 +379,15 @@ def parse_job(data: bytes | str, *, what: str = "vm job file") -> tuple[VmJob, l
             item = _parse_file(child, f"{place}[{len(outputs)}]", findings, output=True)
             if isinstance(item, OutputFile):
                 outputs.append(item)
+        elif tag == "image_file":
+            image = _parse_image_file(child, f"{place}[{len(images)}]", findings)
+            if image is not None:
+                images.append(image)
         else:
             findings.append(
                 warning(place, "unknown element, ignored", hint="check the spelling against the README")
             )
-    job = VmJob(**values, input_files=tuple(inputs), output_files=tuple(outputs))
+    job = VmJob(**values, input_files=tuple(inputs), output_files=tuple(outputs), image_files=tuple(images))
     return job, findings
 
 
@@ -428,6 +449,21 @@ def _parse_file(
     return OutputFile(**values) if output else InputFile(**values)
 
 
+def _parse_image_file(elem: ET.Element, place: str, findings: list[Finding]) -> ImageFile | None:
+    values: dict[str, str] = {}
+    for child in elem:
+        if child.tag in ("open_name", "file_name"):
+            values[child.tag] = text_of(child)
+        else:
+            findings.append(warning(f"{place}.{child.tag}", "unknown element, ignored"))
+    for name in ("open_name", "file_name"):
+        if name not in values:
+            findings.append(error(f"{place}.{name}", "is missing"))
+    if len(values) < 2:
+        return None
+    return ImageFile(**values)
+
+
 def load_job(path: Path) -> VmJob:
     """Read a vm job file and fail on its first error.
 
@@ -484,6 +520,7 @@ def validate_job(job: VmJob, *, complete: bool = False) -> list[Finding]:
     if job.task is not None:
         out.extend(_validate_task(job.task))
     out.extend(_validate_files(job))
+    out.extend(_validate_image_files(job))
     if complete:
         if job.task is None or not job.task.application:
             out.append(
@@ -560,6 +597,33 @@ def _validate_files(job: VmJob) -> list[Finding]:
                     )
                 elif item.max_nbytes <= 0:
                     out.append(error(f"{place}.max_nbytes", "must be more than 0"))
+    return out
+
+
+def _validate_image_files(job: VmJob) -> list[Finding]:
+    out: list[Finding] = []
+    opens: set[str] = set()
+    names: set[str] = set()
+    for i, item in enumerate(job.image_files):
+        place = f"{ROOT}.image_file[{i}]"
+        if problem := logical_name_problem(item.open_name):
+            out.append(error(f"{place}.open_name", problem))
+        elif item.open_name in opens:
+            out.append(error(f"{place}.open_name", f"{item.open_name!r} appears twice"))
+        opens.add(item.open_name)
+        if problem := relative_path_problem(item.file_name):
+            out.append(error(f"{place}.file_name", problem))
+        elif item.file_name in names:
+            out.append(error(f"{place}.file_name", f"{item.file_name!r} appears twice"))
+        names.add(item.file_name)
+    if job.image_files and job.vm_image is not None and job.vm_image not in opens:
+        out.append(
+            error(
+                f"{ROOT}.vm_image",
+                f"{job.vm_image!r} is not one of the image_file open names",
+                hint="a multi-file image lists its main file (the .vmx) among its image files",
+            )
+        )
     return out
 
 

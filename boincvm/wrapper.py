@@ -154,6 +154,7 @@ class WrapperInputs:
         kernel, initrd, image: host paths of the app version's image files.
         package: host path of the guest package, or None.
         inputs: (host path, guest path) of each input file.
+        image_files: (name in the VM directory, host path) of each file of a multi-file image.
     """
 
     job: ResolvedJob
@@ -163,6 +164,7 @@ class WrapperInputs:
     image: Path | None
     package: Path | None
     inputs: tuple[tuple[Path, str], ...]
+    image_files: tuple[tuple[str, Path], ...] = ()
 
 
 BackendFactory = Callable[[VmSpec], Backend]
@@ -199,6 +201,7 @@ class Wrapper:
             ncpus=self.job.ncpus,
             enable_network=self.job.enable_network,
             boot_timeout=self.job.boot_timeout,
+            image_files=dict(inputs.image_files),
         )
         self.vm = backend_factory(self.spec)
         self._guest_cpu_start: float | None = None

@@ -76,6 +76,9 @@ def load_inputs(app: BoincApp, wu_args: tuple[str, ...], own: dict[str, str]) ->
     inputs = tuple(
         (existing(f.open_name, "input file") or Path(), f.guest_path) for f in resolved.input_files
     )
+    image_files = tuple(
+        (f.file_name, existing(f.open_name, "image file") or Path()) for f in resolved.image_files
+    )
     return WrapperInputs(
         job=resolved,
         wu_args=wu_args,
@@ -84,6 +87,7 @@ def load_inputs(app: BoincApp, wu_args: tuple[str, ...], own: dict[str, str]) ->
         image=existing(resolved.vm_image, "image"),
         package=existing(resolved.package.file_name if resolved.package else None, "package"),
         inputs=inputs,
+        image_files=image_files,
     )
 
 

@@ -60,6 +60,10 @@ class VmSpec:
         enable_network: give the guest a network (off unless the job asks).
         boot_timeout: seconds to wait for the guest tools after power-on.
         options: backend-specific settings (e.g. QEMU machine type, VMware credentials file).
+        image_files: a multi-file image (a VMware VM directory shipped as app-version files):
+            each file's name in the VM directory -> where it is on this host; ``image`` is one
+            of these paths. Empty for single-file images. The backend rebuilds the directory
+            in ``workdir`` and never writes to these files.
     """
 
     name: str
@@ -73,6 +77,7 @@ class VmSpec:
     enable_network: bool = False
     boot_timeout: float = 120.0
     options: Mapping[str, str] = field(default_factory=dict)
+    image_files: Mapping[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

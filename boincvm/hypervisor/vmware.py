@@ -10,6 +10,13 @@ Per-task isolation
     the base VM has no snapshot named ``base_snapshot`` it is created (under a lock file)
     before the first clone. Ship the base VM with that snapshot to keep it read-only.
 
+App versions (``spec.image_files``)
+    ``package-image`` ships a VM directory as app-version files, which BOINC keeps immutable
+    in the project directory. The backend rebuilds the directory in ``workdir/base`` under the
+    original names (small files copied, large ones linked, see
+    :func:`~boincvm.hypervisor.vmware_files.rebuild_vm_dir`) and clones from there. Such a VM
+    must already have the base snapshot: without it the task fails instead of snapshotting.
+
 Settings the job controls are written into the clone's .vmx before power-on (memory,
 vCPUs, network off unless enabled, ``msg.autoAnswer``, no sound/USB/floppy, no
 copy/paste/drag-and-drop, manual Tools upgrades): see :func:`job_settings`.
@@ -102,6 +109,7 @@ from boincvm.hypervisor.vmware_config import (
     read_secret,
     share_settings,
 )
+from boincvm.hypervisor.vmware_files import rebuild_vm_dir
 from boincvm.hypervisor.vmware_guestinfo import GuestinfoChannel
 from boincvm.hypervisor.vmware_guestops import GuestopsChannel
 from boincvm.hypervisor.vmware_host import LockFile, Pyvix, bounded, norm, vmx_process_cpu_seconds
@@ -110,6 +118,8 @@ from boincvm.hypervisor.vmware_vmx import VmxFile
 log = logging.getLogger(__name__)
 
 SNAPSHOT_TIMEOUT = 900.0
+#: Where an app version's base VM is rebuilt, in the slot's VM work directory.
+BASE_DIR = "base"
 
 
 class VmwareBackend(Backend, kind=BackendKind.VMWARE):
@@ -248,6 +258,8 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         if snapshot is not None:
             if not self.vmx.is_file():
                 raise vr.SnapshotNotFound(f"vmware: no VM in {self.spec.workdir} to revert to {snapshot!r}")
+            if self.spec.image_files:
+                self._base()  # the clone's parent disks live there
             self._call("revertToSnapshot", self.vmx, [snapshot], timeout=SNAPSHOT_TIMEOUT)
             self._after_revert()
             return
@@ -279,6 +291,8 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
 
     def _base(self) -> Path:
         image = self.spec.image
+        if image is not None and self.spec.image_files:
+            return self._rebuilt_base(image)
         if image is None or image.suffix.lower() != ".vmx":
             raise InputError(
                 f"vmware: the image must be a VMware .vmx file, not {image.name if image else 'none'}",
@@ -288,10 +302,40 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
             raise InputError(f"vmware: {image} does not exist")
         return image
 
+    def _rebuilt_base(self, image: Path) -> Path:
+        """The base VM of an app version, rebuilt under its original names in ``workdir/base``.
+
+        Small files are copied, large ones linked (:func:`rebuild_vm_dir`), so VMware's
+        writes (the .vmx, the .vmsd a linked clone is registered in) land in the slot and
+        never in the project's immutable files.
+        """
+        names = [n for n, p in self.spec.image_files.items() if p == image]
+        if not names or not names[0].lower().endswith(".vmx"):
+            raise InputError(
+                "vmware: the image must be the .vmx among the image files",
+                hint="make the app version with boincvm package-image VM_DIRECTORY",
+            )
+        how = rebuild_vm_dir(self.spec.workdir / BASE_DIR, self.spec.image_files)
+        if how:
+            linked = sum(1 for v in how.values() if v == "linked")
+            log.info(
+                "vmware: rebuilt the base VM in %s (%d files copied, %d linked)",
+                BASE_DIR,
+                len(how) - linked,
+                linked,
+            )
+        return self.spec.workdir / BASE_DIR / names[0]
+
     def _make_clone(self) -> None:
         base = self._base()
         name = self.opts.base_snapshot
         if name not in vr.parse_snapshots(self._call("listSnapshots", base).text):
+            if self.spec.image_files:
+                # Taking it here would write a delta disk next to the project's files.
+                raise InputError(
+                    f"vmware: the app version's VM has no snapshot {name!r}",
+                    hint="package the VM again with boincvm package-image, which requires that snapshot",
+                )
             with LockFile(base.with_name(base.name + ".boincvm-lock"), self.opts.call_timeout):
                 if name not in vr.parse_snapshots(self._call("listSnapshots", base).text):
                     log.info("vmware: creating snapshot %r of the base VM %s (once)", name, base.name)

@@ -20,6 +20,15 @@ Differences from VMware: a snapshot keeps the guest files and the power state bu
 processes (no memory image). Enabled shared folders appear at /mnt/hgfs/<name>; the guest's
 ``vmware-rpctool`` reads and writes this fake's guestinfo variables; if the state directory holds
 an ``agent.sh``, it is started at power-on like a boot service.
+
+Snapshots VMware keeps in a VM's ``.vmsd`` (``snapshotN.displayName``, ``snapshotN.diskM.fileName``)
+are taken over, powered off with an empty guest, when the fake first sees the VM; snapshots the
+fake takes itself live in its state only. A linked clone of a ``.vmsd`` snapshot does what
+Workstation does to the files: it opens that snapshot's disks (descriptor, extents, the
+``parentFileNameHint`` chain; symbolic links are followed) and fails with VMware's "Cannot open
+the disk" when one is missing, gives the clone a delta disk whose ``parentFileNameHint`` is the
+parent's absolute path, and registers the clone in the source's ``.vmsd``
+(``snapshotN.numClones``, ``snapshotN.cloneK``), writing that file in place.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import json
 import os
 import re
 import signal
+import struct
 import sys
 import time
 import zlib
@@ -139,6 +149,7 @@ class Vm:
                 "next_snap": 0,
             }
             self.reset_root()
+            self.take_over_vmsd()
 
     @property
     def root(self) -> Path:
@@ -148,6 +159,28 @@ class Vm:
         user = config()["guest_user"]
         for sub in ("tmp", "var/tmp", f"home/{user}"):
             (self.dir / "root" / sub).mkdir(parents=True, exist_ok=True)
+
+    def take_over_vmsd(self) -> None:
+        """Snapshots the VM's .vmsd lists (VMware's own record), powered off, with an empty guest."""
+        for index, snap in sorted(read_vmsd(vmsd_path(self.vmx)).items()):
+            if not snap.get("displayname"):
+                continue
+            n = self.s["next_snap"]
+            self.s["next_snap"] = n + 1
+            dest = self.dir / "snapshots" / str(n)
+            import shutil
+
+            shutil.copytree(self.root, dest, symlinks=True)
+            disks = {
+                snap.get(k[: -len("filename")] + "node", k): v
+                for k, v in snap.items()
+                if re.fullmatch(r"disk\d+\.filename", k)
+            }
+            self.s["snapshots"].append(
+                {"name": snap["displayname"], "dir": str(dest), "power": "off", "vars": {},
+                 "vmsd_index": index, "disks": disks}
+            )  # fmt: skip
+        self.save()
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -247,6 +280,64 @@ class Vm:
         self.s.update(power="on", tools_at=time.time() + float(config()["tools_delay"]), vmx_pid=p.pid)
         if (state_dir() / "agent.sh").exists():  # the image's boot service: the boincvm guest agent
             spawn_in_guest(self, '"/bin/sh" /mnt/.fake/agent.sh')
+
+
+def vmsd_path(vmx: str) -> Path:
+    """VMware keeps a VM's snapshot dictionary beside its .vmx, under the same name."""
+    return Path(vmx).with_suffix(".vmsd")
+
+
+_KV = re.compile(r'^\s*([^=\s]+)\s*=\s*"(.*)"\s*$')
+
+
+def read_vmsd(path: Path) -> dict[int, dict[str, str]]:
+    """snapshot index -> its keys (lower case, without ``snapshotN.``)."""
+    out: dict[int, dict[str, str]] = {}
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        m = _KV.match(line)
+        k = re.match(r"snapshot(\d+)\.(.+)$", m.group(1), re.IGNORECASE) if m else None
+        if m and k:
+            out.setdefault(int(k.group(1)), {})[k.group(2).lower()] = m.group(2)
+    return out
+
+
+def vmdk_descriptor(path: Path) -> str:
+    """The text descriptor of a VMDK: embedded in a KDMV sparse file, or the file itself."""
+    with path.open("rb") as f:
+        head = f.read(512)
+        if head[:4] == b"KDMV":
+            offset, size = struct.unpack_from("<QQ", head, 28)
+            f.seek(offset * 512)
+            return f.read(size * 512).replace(b"\0", b"").decode(errors="replace")
+        f.seek(0)
+        return f.read(65536).decode(errors="replace")
+
+
+def open_disk_chain(disk: Path) -> None:
+    """Open a disk as VMware would for a linked clone: descriptor, extents, parents (links followed)."""
+    seen: set[str] = set()
+    while str(disk) not in seen:
+        seen.add(str(disk))
+        try:
+            text = vmdk_descriptor(disk)
+        except OSError:
+            raise Fail(f"Cannot open the disk '{disk}' or one of the snapshot disks it depends on.") from None
+        fields = {}
+        for line in text.splitlines():
+            e = re.match(r'^(RW|RDONLY|NOACCESS)\s+\d+\s+\w+\s+"([^"]+)"', line.strip())
+            if e and not (disk.parent / e.group(2)).is_file() and e.group(2) != disk.name:
+                raise Fail(f"Cannot open the disk '{disk}' or one of the snapshot disks it depends on.")
+            key, eq, value = line.partition("=")
+            if eq:
+                fields[key.strip().lower()] = value.strip().strip('"')
+        if fields.get("parentcid", "ffffffff").lower() == "ffffffff":
+            return
+        hint = fields.get("parentfilenamehint", "")
+        disk = Path(hint) if hint.startswith("/") else disk.parent / hint
 
 
 def session_members(sid: int) -> list[tuple[int, str]]:
@@ -637,14 +728,42 @@ def clone(src: Vm, params: list[str]) -> int:
         raise Fail("The destination file already exists")  # placeholder VIX text
     if not Path(dst).parent.is_dir():
         raise Fail("A file was not found")
-    root = find_snapshot(src, snapshot)["dir"] if snapshot else str(src.root)
-    Path(dst).write_text(Path(src.vmx).read_text())
+    snap = find_snapshot(src, snapshot) if snapshot else None
+    root = snap["dir"] if snap else str(src.root)
+    vmx_text = Path(src.vmx).read_text()
+    if mode == "linked" and snap is not None and "vmsd_index" in snap:
+        # Workstation: the clone's disks are deltas on the snapshot's disks, named by absolute path.
+        src_dir = Path(src.vmx).parent
+        for i, (node, name) in enumerate(sorted(snap["disks"].items())):
+            parent = src_dir / name
+            open_disk_chain(parent)
+            delta = Path(dst).with_name(f"{Path(dst).stem}-cl{i + 1}.vmdk")
+            delta.write_text(
+                f"# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=fffffffe\n"
+                f'createType="monolithicSparse"\nparentFileNameHint="{parent}"\n'
+                f'RW 8388608 SPARSE "{delta.name}"\n'
+            )
+            vmx_text = re.sub(
+                rf'(?im)^({re.escape(node)}\.fileName\s*=\s*)".*"$', rf'\g<1>"{delta.name}"', vmx_text
+            )
+        register_clone(vmsd_path(src.vmx), snap["vmsd_index"], dst)
+    Path(dst).write_text(vmx_text)
     new = Vm(dst)
     shutil.rmtree(new.root)
     shutil.copytree(root, new.root, symlinks=True)
     new.s["parent"] = src.vmx
     new.save()
     return 0
+
+
+def register_clone(vmsd: Path, index: int, clone_vmx: str) -> None:
+    """Record a linked clone in the source's .vmsd, as Workstation does (in place, through links)."""
+    text = vmsd.read_text(errors="replace")
+    n = int(read_vmsd(vmsd).get(index, {}).get("numclones", "0") or 0)
+    text = re.sub(rf"(?im)^snapshot{index}\.numClones\s*=.*\n?", "", text)
+    text += f'snapshot{index}.numClones = "{n + 1}"\nsnapshot{index}.clone{n} = "{clone_vmx}"\n'
+    with vmsd.open("w") as f:  # open(2) on the path: a symbolic link is written through
+        f.write(text)
 
 
 _LOCK_FD: int | None = None

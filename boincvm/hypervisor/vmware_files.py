@@ -1,0 +1,312 @@
+"""The files of a VMware VM directory: which ones a VM needs, and rebuilding the directory in a slot.
+
+A VMware VM is a directory whose files name each other: the ``.vmx`` names its disks, the
+``.vmsd`` (snapshot dictionary, ``.vmx`` syntax) names each snapshot's state file
+(``.vmsn``) and disks, a disk descriptor names its extents and, for a delta (snapshot or
+linked-clone) disk, its parent (``parentFileNameHint``). :func:`collect_vm` follows every
+one of these references from the ``.vmx`` and returns the closed set of files, refusing what
+cannot be shipped: references that leave the directory or are absolute, missing files, a VM
+that is running, suspended or encrypted, and a VM without the base snapshot that per-task
+linked clones start from.
+
+:func:`rebuild_vm_dir` lays such a set out again under its original names (in a slot): small
+files, which VMware may rewrite (``.vmx``, ``.vmsd``, descriptors, ``.nvram``), are copied;
+large ones (extents, snapshot memory) are symbolic links to the read-only originals, which a
+linked clone only ever opens as a parent disk, read-only.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from boincvm.errors import InputError, PathEscapeError
+from boincvm.hypervisor.vmware_vmx import VmxFile, read_vmdk_descriptor
+
+#: The snapshot every task's linked clone starts from (vmrun clone ... -snapshot=NAME).
+BASE_SNAPSHOT = "boincvm-base"
+#: Files below this size are copied into the slot's VM directory; larger ones are linked.
+COPY_MAX_BYTES = 1 << 20
+
+_DISK_KEY = re.compile(r"^((?:scsi|sata|ide|nvme)\d+:\d+)\.filename$", re.IGNORECASE)
+_SNAP_KEY = re.compile(r"^snapshot(\d+)\.(.+)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class VmsdSnapshot:
+    """One snapshot of a ``.vmsd``: ``snapshotN.displayName``, ``.filename`` (.vmsn), ``.diskM.fileName``."""
+
+    index: int
+    display_name: str
+    state_file: str | None
+    disks: tuple[str, ...]
+
+
+def parse_vmsd(text: str) -> tuple[VmsdSnapshot, ...]:
+    """The snapshots a ``.vmsd`` lists, in index order."""
+    keys: dict[int, dict[str, str]] = {}
+    for key, value in VmxFile.parse(text).items():
+        m = _SNAP_KEY.match(key)
+        if m:
+            keys.setdefault(int(m.group(1)), {})[m.group(2).lower()] = value
+    out = []
+    for index in sorted(keys):
+        k = keys[index]
+        disks = [v for sub, v in k.items() if re.fullmatch(r"disk\d+\.filename", sub)]
+        out.append(VmsdSnapshot(index, k.get("displayname", ""), k.get("filename") or None, tuple(disks)))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class VmFile:
+    """One file of a VM directory.
+
+    Attributes:
+        name: its path relative to the VM directory (``/``-separated), as the VM's files name it.
+        path: where it is on this host.
+        role: ``vmx``, ``vmsd``, ``vmxf``, ``nvram``, ``disk``, ``extent``, ``snapshot-state``
+            or ``snapshot-memory``.
+    """
+
+    name: str
+    path: Path
+    role: str
+
+
+@dataclass(frozen=True)
+class VmDirectory:
+    """A VM directory's closed set of files (the ``.vmx`` first) and what packaging needs from it."""
+
+    root: Path
+    files: tuple[VmFile, ...]
+    snapshot: str
+    memsize_mb: int | None
+
+    @property
+    def vmx(self) -> VmFile:
+        """The ``.vmx`` file."""
+        return self.files[0]
+
+
+def find_vmx(path: Path) -> Path:
+    """The ``.vmx`` of a VM: ``path`` itself, or the only ``.vmx`` in the directory ``path``.
+
+    Raises:
+        InputError: not a .vmx, or a directory with none or several.
+    """
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".vmx" and p.is_file())
+        if len(found) != 1:
+            what = "no .vmx file" if not found else f"{len(found)} .vmx files"
+            raise InputError(f"{path} holds {what}", hint="name the VM's .vmx file itself")
+        return found[0]
+    if path.suffix.lower() != ".vmx":
+        raise InputError(f"{path.name} is not a VMware .vmx file")
+    return path
+
+
+def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT) -> VmDirectory:
+    """Every file the VM at ``path`` (a VM directory or its .vmx) needs, checked for shipping.
+
+    Raises:
+        InputError: the VM is in use, suspended, encrypted, has an independent disk or a
+            missing file, or lacks the snapshot ``snapshot`` (or has it twice).
+        PathEscapeError: a file reference is absolute or leaves the VM directory.
+    """
+    from boincvm.hypervisor.vmware_inspect import check_vmware
+
+    vmx_path = find_vmx(path)
+    root = vmx_path.parent
+    refuse_in_use(root)
+    vmx = VmxFile.load(vmx_path)
+    for f in check_vmware(vmx_path):
+        if f.severity == "error":
+            raise InputError(f"{vmx_path.name}: {f.place}: {f.message}", hint=f.hint)
+    if vmx.get("checkpoint.vmState"):
+        raise InputError(
+            f"{vmx_path.name}: the VM is suspended",
+            hint="power it off (not suspend), take the snapshot again, then package it",
+        )
+    files: dict[str, VmFile] = {}
+
+    def add(name: str, role: str) -> Path:
+        p = root / name
+        if name not in files:
+            if not p.is_file():
+                raise InputError(
+                    f"{vmx_path.name}: {role} file {name} does not exist",
+                    hint="the VM directory is incomplete: copy it whole (power it on in VMware to check)",
+                )
+            files[name] = VmFile(name, p, role)
+        return p
+
+    add(vmx_path.name, "vmx")
+    settings = vmx.as_dict()
+    for key, value in vmx.items():
+        m = _DISK_KEY.match(key)
+        if not m or not value:
+            continue
+        dev = m.group(1).lower()
+        if settings.get(f"{dev}.present", "TRUE").upper() == "FALSE":
+            continue
+        if "cdrom" in settings.get(f"{dev}.devicetype", "") or value.lower().endswith(".iso"):
+            continue
+        _add_disk(root, _reference(root, "", value, f"vmx.{key}"), add)
+    for key, role, default in (
+        ("nvram", "nvram", f"{vmx_path.stem}.nvram"),
+        ("extendedConfigFile", "vmxf", None),
+    ):
+        ref = vmx.get(key, default)
+        if ref:
+            name = _reference(root, "", ref, f"vmx.{key}")
+            if (root / name).is_file():
+                add(name, role)
+    vmsd_name = f"{vmx_path.stem}.vmsd"  # VMware keeps the snapshot dictionary beside the .vmx, by its name
+    hint = (
+        f'power the VM off and take it: vmrun -T ws snapshot "{vmx_path.name}" {snapshot}'
+        " (Fusion: -T fusion; or Snapshot > Take Snapshot in Workstation)"
+    )
+    if not (root / vmsd_name).is_file():
+        raise InputError(f"{vmx_path.name}: no snapshots; the VM needs one named {snapshot!r}", hint=hint)
+    add(vmsd_name, "vmsd")
+    snapshots = parse_vmsd((root / vmsd_name).read_text(encoding="utf-8", errors="replace"))
+    named = [s for s in snapshots if s.display_name == snapshot]
+    if not named:
+        have = ", ".join(repr(s.display_name) for s in snapshots) or "none"
+        raise InputError(
+            f"{vmx_path.name}: no snapshot named {snapshot!r} (snapshots: {have})",
+            hint=hint + "; each task runs a linked clone of that snapshot",
+        )
+    if len(named) > 1:
+        raise InputError(
+            f"{vmx_path.name}: {len(named)} snapshots are named {snapshot!r}; VMware needs a unique name",
+            hint="delete or rename the others in the Snapshot Manager",
+        )
+    for snap in snapshots:
+        place = f"{vmsd_name}.snapshot{snap.index}"
+        if snap.state_file:
+            state = _reference(root, "", snap.state_file, f"{place}.filename")
+            add(state, "snapshot-state")
+            memory = posixpath.splitext(state)[0] + ".vmem"
+            if (root / memory).is_file():
+                add(memory, "snapshot-memory")
+        for disk in snap.disks:
+            _add_disk(root, _reference(root, "", disk, f"{place}.disk.fileName"), add)
+    memsize = vmx.get("memsize")
+    return VmDirectory(
+        root=root,
+        files=tuple(files.values()),
+        snapshot=snapshot,
+        memsize_mb=int(memsize) if memsize and memsize.isdigit() else None,
+    )
+
+
+def refuse_in_use(root: Path) -> None:
+    """Refuse a VM directory holding a VMware lock (``*.lck``): the VM runs, or ran and crashed.
+
+    Raises:
+        InputError: naming the lock.
+    """
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            if name.lower().endswith(".lck"):
+                rel = (Path(dirpath) / name).relative_to(root)
+                raise InputError(
+                    f"the VM is in use or was not shut down cleanly: lock {rel} exists",
+                    hint="power the VM off and close it in VMware "
+                    "(remove a stale .lck only when no VMware process uses the VM)",
+                )
+
+
+def _reference(root: Path, base: str, value: str, place: str) -> str:
+    """A file reference (relative to the directory ``base`` inside ``root``) as a path relative to ``root``.
+
+    Raises:
+        PathEscapeError: absolute, or leaving the VM directory.
+    """
+    value = value.replace("\\", "/")
+    if value.startswith("/") or re.match(r"^[A-Za-z]:", value):
+        inside = Path(value).resolve().is_relative_to(root.resolve())
+        raise PathEscapeError(
+            f"{place}: {value} is an absolute path{'' if inside else ' outside the VM directory'}; "
+            "on a volunteer's host it would name nothing",
+            hint=(
+                "make it relative to the VM directory (edit the .vmx or descriptor while the VM is off)"
+                if inside
+                else "a linked clone cannot be shipped: make a full clone (or consolidate its disks) first"
+            ),
+        )
+    name = posixpath.normpath(posixpath.join(base, value))
+    if name == ".." or name.startswith("../"):
+        raise PathEscapeError(
+            f"{place}: {value} leaves the VM directory",
+            hint="move the file into the VM directory and fix the reference, or make a full clone",
+        )
+    return name
+
+
+def _add_disk(root: Path, name: str, add: Callable[[str, str], Path]) -> None:
+    """A disk and everything it needs: its extents and, for a delta disk, its parent chain."""
+    seen: set[str] = set()
+    while name not in seen:
+        seen.add(name)
+        path = add(name, "disk")
+        desc = read_vmdk_descriptor(path)
+        base = posixpath.dirname(name)
+        if not desc.embedded:
+            for extent in desc.extents:
+                if extent.filename and extent.kind != "ZERO":
+                    add(_reference(root, base, extent.filename, f"{name}.extent"), "extent")
+        if not desc.is_delta:
+            return
+        if not desc.parent_hint:
+            raise InputError(f"{name}: a delta disk without parentFileNameHint")
+        name = _reference(root, base, desc.parent_hint, f"{name}.parentFileNameHint")
+
+
+def rebuild_vm_dir(dest: Path, files: Mapping[str, Path]) -> dict[str, str]:
+    """Lay ``files`` (name in the VM directory -> file on this host) out in ``dest``, whole or not at all.
+
+    Files under :data:`COPY_MAX_BYTES` are copied (VMware may rewrite them: the .vmx, the
+    .vmsd when a linked clone is registered, descriptors, the .nvram); larger ones become
+    symbolic links to the resolved originals. An existing ``dest`` is kept as it is: a
+    clone made from it refers to its disks.
+
+    Returns:
+        name -> ``"copied"`` or ``"linked"``, for the log.
+
+    Raises:
+        InputError: a name leaves the directory or a file is missing.
+    """
+    how: dict[str, str] = {}
+    if dest.is_dir():
+        return how
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for name, src in files.items():
+            rel = posixpath.normpath(name)
+            if rel.startswith(("/", "../")) or rel in ("..", "."):
+                raise PathEscapeError(f"vmware: image file name {name!r} leaves the VM directory")
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                size = src.stat().st_size
+            except OSError as exc:
+                raise InputError(f"vmware: image file {name} ({src}) is missing: {exc.strerror}") from exc
+            if size < COPY_MAX_BYTES:
+                shutil.copyfile(src, target)
+                how[name] = "copied"
+            else:
+                target.symlink_to(src.resolve())
+                how[name] = "linked"
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return how
