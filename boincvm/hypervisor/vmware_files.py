@@ -125,8 +125,15 @@ def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT) -> VmDirectory:
     refuse_in_use(root)
     vmx = VmxFile.load(vmx_path)
     for f in check_vmware(vmx_path):
-        if f.severity == "error":
-            raise InputError(f"{vmx_path.name}: {f.place}: {f.message}", hint=f.hint)
+        # Missing files are left to the walk below, which follows every reference (and
+        # refuses one that leaves the directory before asking whether it exists).
+        if f.severity == "error" and not re.search(
+            r"(\.filename|\.extent|\.parentfilenamehint)$", f.place.lower()
+        ):
+            raise InputError(
+                f"{vmx_path.name}: {f.place}: {f.message}",
+                hint=f.hint or "fix it in VMware with the VM powered off, then take the snapshot again",
+            )
     if vmx.get("checkpoint.vmState"):
         raise InputError(
             f"{vmx_path.name}: the VM is suspended",
@@ -256,7 +263,10 @@ def _add_disk(root: Path, name: str, add: Callable[[str, str], Path]) -> None:
     while name not in seen:
         seen.add(name)
         path = add(name, "disk")
-        desc = read_vmdk_descriptor(path)
+        try:
+            desc = read_vmdk_descriptor(path)
+        except InputError as exc:
+            raise InputError(exc.message, hint="check the disk in VMware (Virtual Machine Settings)") from exc
         base = posixpath.dirname(name)
         if not desc.embedded:
             for extent in desc.extents:

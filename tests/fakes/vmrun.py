@@ -132,6 +132,7 @@ class Vm:
 
     def __init__(self, vmx: str) -> None:
         self.vmx = os.path.realpath(vmx)
+        self.given = str(Path.cwd() / vmx)  # not resolved: VMware finds the VM's files beside this path
         key = f"{zlib.crc32(self.vmx.encode()):08x}"
         self.dir = state_dir() / "vms" / key
         self.file = self.dir / "state.json"
@@ -162,7 +163,7 @@ class Vm:
 
     def take_over_vmsd(self) -> None:
         """Snapshots the VM's .vmsd lists (VMware's own record), powered off, with an empty guest."""
-        for index, snap in sorted(read_vmsd(vmsd_path(self.vmx)).items()):
+        for index, snap in sorted(read_vmsd(vmsd_path(self.given)).items()):
             if not snap.get("displayname"):
                 continue
             n = self.s["next_snap"]
@@ -733,7 +734,7 @@ def clone(src: Vm, params: list[str]) -> int:
     vmx_text = Path(src.vmx).read_text()
     if mode == "linked" and snap is not None and "vmsd_index" in snap:
         # Workstation: the clone's disks are deltas on the snapshot's disks, named by absolute path.
-        src_dir = Path(src.vmx).parent
+        src_dir = Path(src.given).parent
         for i, (node, name) in enumerate(sorted(snap["disks"].items())):
             parent = src_dir / name
             open_disk_chain(parent)
@@ -746,7 +747,7 @@ def clone(src: Vm, params: list[str]) -> int:
             vmx_text = re.sub(
                 rf'(?im)^({re.escape(node)}\.fileName\s*=\s*)".*"$', rf'\g<1>"{delta.name}"', vmx_text
             )
-        register_clone(vmsd_path(src.vmx), snap["vmsd_index"], dst)
+        register_clone(vmsd_path(src.given), snap["vmsd_index"], dst)
     Path(dst).write_text(vmx_text)
     new = Vm(dst)
     shutil.rmtree(new.root)
