@@ -67,7 +67,8 @@ def command(
     force: bool,
     as_json: bool,
 ) -> None:
-    """Turn IMAGE (qcow2, raw, vmdk, a kernel, or a build-image directory) into an app version.
+    """Turn IMAGE (qcow2, raw, vmdk, a kernel, a build-image directory, or a VMware VM
+    directory or .vmx with the snapshot boincvm-base) into an app version.
 
     Copy the result to apps/APP/VERSION/PLATFORM in the project and run update_versions.
     """

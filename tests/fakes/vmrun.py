@@ -28,7 +28,8 @@ Workstation does to the files: it opens that snapshot's disks (descriptor, exten
 ``parentFileNameHint`` chain; symbolic links are followed) and fails with VMware's "Cannot open
 the disk" when one is missing, gives the clone a delta disk whose ``parentFileNameHint`` is the
 parent's absolute path, and registers the clone in the source's ``.vmsd``
-(``snapshotN.numClones``, ``snapshotN.cloneK``), writing that file in place.
+(``snapshotN.numClones``, which real ``.vmsd`` files carry, and ``snapshotN.cloneK``, a guess),
+writing that file in place (through a symbolic link, if it is one).
 """
 
 from __future__ import annotations
