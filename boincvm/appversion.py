@@ -28,7 +28,7 @@ import shutil
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,7 +39,15 @@ if TYPE_CHECKING:
 from boincvm.atomicdir import building
 from boincvm.errors import InputError
 from boincvm.findings import Finding, error, has_errors, info, warning
-from boincvm.job import DEFAULTS_OPEN_NAME, Task, VmJob, parse_job, render_job, validate_job
+from boincvm.job import (
+    DEFAULTS_OPEN_NAME,
+    BackendOption,
+    Task,
+    VmJob,
+    parse_job,
+    render_job,
+    validate_job,
+)
 from boincvm.xmlio import parse_xml, read_bytes, text_of
 
 SUMMARY_NAME = "boincvm-app-version.json"
@@ -86,6 +94,8 @@ class AppVersionRequest:
         kernel_cmdline: with a kernel as ``image``: its command line.
         disk: with a kernel as ``image``: a disk to attach (converted like any disk image).
         sign_key: a BOINC code-signing private key: every file gets a ``FILE.sig``.
+        backend_options: (name, value) settings for the backend, checked here, written into
+            the job defaults (e.g. QEMU's machine, VMware's guest_user).
     """
 
     image: Path
@@ -103,6 +113,7 @@ class AppVersionRequest:
     kernel_cmdline: str | None = None
     disk: Path | None = None
     sign_key: Path | None = None
+    backend_options: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -231,6 +242,11 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
         from boincvm.hypervisor.vmware_files import collect_vm
 
         collect_vm(req.image)  # refuse an unshippable VM before anything is written
+    if req.backend_options:
+        from boincvm.hypervisor.base import backend_class
+
+        kind = "vmware" if is_vmware_vm(req.image) else "qemu"
+        backend_class(kind).check_options(dict(req.backend_options))
     out = req.output_dir
     with building(out, force=req.force) as tmp, ThreadPoolExecutor(1) as pool:
         from boincvm.zipapp import build_wrapper_zipapp
@@ -326,7 +342,8 @@ def _package_into(
         _convert_disk(req.image, tmp / f".{DISK_OPEN_NAME}.part", compress=req.compress)
         add(tmp / f".{DISK_OPEN_NAME}.part", DISK_OPEN_NAME, copy=False, gzip_ok=False)
         job = VmJob(backend="qemu", vm_image=DISK_OPEN_NAME, memory_size_mb=req.memory_mb)
-    job = VmJob(**{**job.__dict__, "task": Task(exec_dir=exec_dir) if exec_dir else None})
+    options = tuple(BackendOption(n, v) for n, v in req.backend_options)
+    job = replace(job, task=Task(exec_dir=exec_dir) if exec_dir else None, backend_options=options)
     defaults_xml = render_job(job).encode("utf-8")
     defaults_md5 = hashlib.md5(defaults_xml, usedforsecurity=False).hexdigest()
     defaults_name = f"{prefix}_{defaults_md5[:12]}_vm_job_defaults.xml"

@@ -15,6 +15,7 @@ returns the job and the findings; :func:`load_job` raises on the first error.
 from __future__ import annotations
 
 import enum
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
@@ -122,6 +123,17 @@ class ImageFile:
 
 
 @dataclass(frozen=True)
+class BackendOption:
+    """One setting for the backend (QEMU's ``machine``, VMware's ``guest_user`` ...), as text.
+
+    Each backend names and checks its own (``Backend.check_options``); the README lists them.
+    """
+
+    name: str
+    value: str
+
+
+@dataclass(frozen=True)
 class Task:
     """The program run in the guest and the files through which it reports progress."""
 
@@ -157,18 +169,23 @@ class VmJob:
     input_files: tuple[InputFile, ...] = ()
     output_files: tuple[OutputFile, ...] = ()
     image_files: tuple[ImageFile, ...] = ()
+    backend_options: tuple[BackendOption, ...] = ()
 
     def merged(self, over: VmJob) -> VmJob:
         """This job (defaults) with every value ``over`` states laid on top.
 
         Scalars and the package: ``over`` wins where it says something. The task merges
         field by field. File lists: ``over``'s list replaces ours when it is not empty.
+        Backend options merge by name, ``over``'s value winning.
         """
         values: dict[str, Any] = {}
         for f in fields(self):
             mine, theirs = getattr(self, f.name), getattr(over, f.name)
             if f.name == "task":
                 values[f.name] = _merge_task(mine, theirs)
+            elif f.name == "backend_options":
+                by_name = {o.name: o for o in mine} | {o.name: o for o in theirs}
+                values[f.name] = tuple(by_name.values())
             elif isinstance(mine, tuple):
                 values[f.name] = theirs or mine
             else:
@@ -224,6 +241,7 @@ class ResolvedJob:
     input_files: tuple[InputFile, ...]
     output_files: tuple[OutputFile, ...]
     image_files: tuple[ImageFile, ...] = ()
+    backend_options: tuple[tuple[str, str], ...] = ()
 
     def guest_path(self, name: str) -> str:
         """A guest path: absolute names stay, relative ones are taken from ``exec_dir``."""
@@ -275,6 +293,7 @@ def resolve(job: VmJob) -> ResolvedJob:
         input_files=job.input_files,
         output_files=job.output_files,
         image_files=job.image_files,
+        backend_options=tuple((o.name, o.value) for o in job.backend_options),
     )
 
 
@@ -356,11 +375,12 @@ def parse_job(data: bytes | str, *, what: str = "vm job file") -> tuple[VmJob, l
     inputs: list[InputFile] = []
     outputs: list[OutputFile] = []
     images: list[ImageFile] = []
+    options: list[BackendOption] = []
     seen: set[str] = set()
     for child in root:
         tag = child.tag
         place = f"{ROOT}.{tag}"
-        if tag in seen and tag not in ("input_file", "output_file", "image_file"):
+        if tag in seen and tag not in ("input_file", "output_file", "image_file", "backend_option"):
             findings.append(error(place, "appears more than once"))
         seen.add(tag)
         if tag in _SCALARS:
@@ -383,11 +403,21 @@ def parse_job(data: bytes | str, *, what: str = "vm job file") -> tuple[VmJob, l
             image = _parse_image_file(child, f"{place}[{len(images)}]", findings)
             if image is not None:
                 images.append(image)
+        elif tag == "backend_option":
+            option = _parse_backend_option(child, f"{place}[{len(options)}]", findings)
+            if option is not None:
+                options.append(option)
         else:
             findings.append(
                 warning(place, "unknown element, ignored", hint="check the spelling against the README")
             )
-    job = VmJob(**values, input_files=tuple(inputs), output_files=tuple(outputs), image_files=tuple(images))
+    job = VmJob(
+        **values,
+        input_files=tuple(inputs),
+        output_files=tuple(outputs),
+        image_files=tuple(images),
+        backend_options=tuple(options),
+    )
     return job, findings
 
 
@@ -464,6 +494,19 @@ def _parse_image_file(elem: ET.Element, place: str, findings: list[Finding]) -> 
     return ImageFile(**values)
 
 
+def _parse_backend_option(elem: ET.Element, place: str, findings: list[Finding]) -> BackendOption | None:
+    values: dict[str, str] = {}
+    for child in elem:
+        if child.tag in ("name", "value"):
+            values[child.tag] = text_of(child)
+        else:
+            findings.append(warning(f"{place}.{child.tag}", "unknown element, ignored"))
+    if "name" not in values:
+        findings.append(error(f"{place}.name", "is missing"))
+        return None
+    return BackendOption(name=values["name"], value=values.get("value", ""))
+
+
 def load_job(path: Path) -> VmJob:
     """Read a vm job file and fail on its first error.
 
@@ -521,6 +564,7 @@ def validate_job(job: VmJob, *, complete: bool = False) -> list[Finding]:
         out.extend(_validate_task(job.task))
     out.extend(_validate_files(job))
     out.extend(_validate_image_files(job))
+    out.extend(_validate_backend_options(job, complete=complete))
     if complete:
         if job.task is None or not job.task.application:
             out.append(
@@ -624,6 +668,50 @@ def _validate_image_files(job: VmJob) -> list[Finding]:
                 hint="a multi-file image lists its main file (the .vmx) among its image files",
             )
         )
+    return out
+
+
+_OPTION_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+def _validate_backend_options(job: VmJob, *, complete: bool) -> list[Finding]:
+    from boincvm.errors import BoincvmError
+    from boincvm.hypervisor.base import backend_class
+
+    out: list[Finding] = []
+    names: set[str] = set()
+    for i, option in enumerate(job.backend_options):
+        place = f"{ROOT}.backend_option[{i}].name"
+        if not _OPTION_NAME.fullmatch(option.name):
+            out.append(error(place, f"{option.name!r} is not an option name (lower case, digits, _)"))
+        elif option.name in names:
+            out.append(error(place, f"{option.name!r} appears twice"))
+        names.add(option.name)
+    if out or not job.backend_options:
+        return out
+    # Which backend reads them is known once the job is complete or says so itself; until
+    # then an option only has to suit one of the backends.
+    backend = job.backend or ("qemu" if complete else None)
+    candidates = [backend] if backend is not None else ["qemu", "vmware"]
+    if any(c not in ("qemu", "vmware") for c in candidates):
+        return out  # an unknown backend is reported above
+    for index, option in enumerate(job.backend_options):
+        problems: list[tuple[str, BoincvmError]] = []
+        for kind in candidates:
+            try:
+                backend_class(kind).check_options({option.name: option.value})
+            except BoincvmError as exc:
+                problems.append((kind, exc))
+        if len(problems) == len(candidates):
+            kind, first = problems[0]
+            message = str(first).removeprefix("options.")
+            out.append(error(f"{ROOT}.backend_option[{index}]", f"{kind}: {message}", hint=first.hint))
+    if not out and backend is not None:  # options that are fine alone may still clash
+        try:
+            backend_class(backend).check_options({o.name: o.value for o in job.backend_options})
+        except BoincvmError as exc:
+            message = str(exc).removeprefix("options.")
+            out.append(error(f"{ROOT}.backend_option", f"{backend}: {message}", hint=exc.hint))
     return out
 
 

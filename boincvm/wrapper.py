@@ -202,6 +202,7 @@ class Wrapper:
             enable_network=self.job.enable_network,
             boot_timeout=self.job.boot_timeout,
             image_files=dict(inputs.image_files),
+            options=dict(self.job.backend_options),
         )
         self.vm = backend_factory(self.spec)
         self._guest_cpu_start: float | None = None

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from boincvm.cli import console
+from boincvm.cli.params import BACKEND_OPTION_HELP, name_values
 
 
 def _parse_input(value: str) -> tuple[str, str, str | None]:
@@ -77,6 +78,14 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
 @click.option("--fraction-done-file", help="Guest file where the program writes its fraction done.")
 @click.option("--credit-file", help="Guest file where the program writes operations done so far.")
 @click.option("--cpu-time", type=click.Choice(["host", "guest"]), help="Which CPU time to claim.")
+@click.option(
+    "--backend-option",
+    "backend_options",
+    multiple=True,
+    metavar="NAME=VALUE",
+    callback=name_values,
+    help=BACKEND_OPTION_HELP,
+)
 @click.option("--fpops-est", type=float, default=3600e9, help="rsc_fpops_est.")
 @click.option("--fpops-bound", type=float, default=86400e9, help="rsc_fpops_bound.")
 @click.option("--memory-bound", type=float, default=None, help="rsc_memory_bound (default: VM memory + 25%).")
@@ -123,6 +132,7 @@ def command(
     fraction_done_file: str | None,
     credit_file: str | None,
     cpu_time: str | None,
+    backend_options: tuple[tuple[str, str], ...],
     fpops_est: float,
     fpops_bound: float,
     memory_bound: float | None,
@@ -143,7 +153,7 @@ def command(
     import tempfile
     from dataclasses import replace
 
-    from boincvm.job import CpuTimeSource, OutputFile, Task, VmJob, load_job
+    from boincvm.job import BackendOption, CpuTimeSource, OutputFile, Task, VmJob, load_job
     from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
 
     job = load_job(job_file) if job_file else VmJob()
@@ -169,6 +179,7 @@ def command(
         else job.minimum_checkpoint_interval,
         cpu_time_source=CpuTimeSource(cpu_time) if cpu_time else job.cpu_time_source,
     )
+    job = job.merged(VmJob(backend_options=tuple(BackendOption(n, v) for n, v in backend_options)))
     specs = tuple(InputSpec(o, p, g) for o, p, g in map(_parse_input, inputs))
     vm_bytes = (job.memory_size_mb or 512) * 1024 * 1024
     resources = Resources(

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from boincvm.cli import console
+from boincvm.cli.params import BACKEND_OPTION_HELP, name_values
 
 
 @click.command("package-image", context_settings={"show_default": True})
@@ -33,6 +34,14 @@ from boincvm.cli import console
     "--sign-key",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     help="code_sign_private: write FILE.sig for every file (the key itself is never copied).",
+)
+@click.option(
+    "--backend-option",
+    "backend_options",
+    multiple=True,
+    metavar="NAME=VALUE",
+    callback=name_values,
+    help=BACKEND_OPTION_HELP + " Written into the job defaults of every task.",
 )
 @click.option("--compress/--no-compress", default=True, help="Compress qcow2 clusters.")
 @click.option(
@@ -61,6 +70,7 @@ def command(
     kernel_cmdline: str | None,
     disk: Path | None,
     sign_key: Path | None,
+    backend_options: tuple[tuple[str, str], ...],
     compress: bool,
     gzip_downloads: bool,
     output_dir: Path | None,
@@ -92,6 +102,7 @@ def command(
         kernel_cmdline=kernel_cmdline,
         disk=disk,
         sign_key=sign_key,
+        backend_options=backend_options,
     )
     result = package_image(req, lambda step, *_: console.info(step))
     console.success(f"app version {app_name} {version} ({result.version_num}) in {result.directory}")

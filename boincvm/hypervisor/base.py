@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
 
-from boincvm.errors import HypervisorUnavailable, UnsupportedOperation
+from boincvm.errors import HypervisorUnavailable, InputError, UnsupportedOperation
 
 
 class BackendKind(enum.StrEnum):
@@ -140,6 +140,16 @@ class Backend(ABC):
 
     def __init__(self, spec: VmSpec) -> None:
         self.spec = spec
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, str]) -> None:
+        """Check backend options (``VmSpec.options``) before any VM exists; this backend takes none.
+
+        Raises:
+            InputError: an unknown option or a value the backend does not accept.
+        """
+        for key in options:
+            raise InputError(f"options.{key}: the {cls.kind.value} backend takes no options")
 
     # -- availability ---------------------------------------------------------
     @classmethod

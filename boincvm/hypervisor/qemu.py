@@ -62,12 +62,11 @@ from boincvm.hypervisor.base import (
     VmSpec,
 )
 from boincvm.hypervisor.qemu_accel import AccelChoice, choose_accel, kvm_device, qemu_identity
+from boincvm.hypervisor.qemu_options import QemuOptions
 from boincvm.hypervisor.qga import CHUNK, GuestAgent, connect_unix, is_missing_file
 
 log = logging.getLogger(__name__)
 
-#: q35: PCIe hot-plug of a transfer disk takes about 0.25 s under TCG, against about 1 s on pc.
-DEFAULT_MACHINE = "q35"
 OVERLAY = "disk.qcow2"
 STATE = "qemu-vm.json"
 QEMU_LOG = "qemu.log"
@@ -112,13 +111,10 @@ def _tail(path: Path, lines: int = 8) -> str:
 class QemuBackend(Backend, kind=BackendKind.QEMU):
     """A VM run by ``qemu-system-x86_64`` (KVM when it works, TCG otherwise).
 
-    ``spec.options`` may set ``machine`` (``q35``, ``pc`` or ``microvm``; default ``q35``,
-    whose PCIe hot-plug of transfer disks costs a quarter of pc's ACPI one), ``accel``
-    (``kvm``, ``tcg`` or ``auto``), ``snapshot_timeout`` (seconds) and
-    ``golden`` (``auto``: start kernel boots from a golden checkpoint, see
-    :mod:`.qemu_golden`; ``yes`` for disk images too; ``no`` to always boot cold),
-    ``transfer_disk`` and ``transfer_disk_min_bytes`` (large files go through a
-    hot-plugged disk, see :mod:`.qemu_xfer`).
+    ``spec.options`` are :class:`~.qemu_options.QemuOptions`: the machine (q35 by default,
+    whose PCIe hot-plug of transfer disks costs a quarter of pc's ACPI one), the
+    accelerator, golden checkpoints (:mod:`.qemu_golden`), the snapshot timeout and the
+    transfer disk (:mod:`.qemu_xfer`).
     After :meth:`power_on`, :attr:`accel` says which accelerator runs the VM and why,
     for the CLI to show.
 
@@ -127,14 +123,24 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
 
     call_timeout: ClassVar[float] = 60.0
 
+    @classmethod
+    def check_options(cls, options: Mapping[str, str]) -> None:
+        """See :class:`~.qemu_options.QemuOptions`.
+
+        Raises:
+            InputError: an unknown option or a value the backend does not accept.
+        """
+        QemuOptions.from_options(options)
+
     def __init__(self, spec: VmSpec) -> None:
         super().__init__(spec)
         self.workdir = spec.workdir
-        self.machine = spec.options.get("machine", DEFAULT_MACHINE)
-        self.snapshot_timeout = float(spec.options.get("snapshot_timeout", "300"))
+        self.opts = QemuOptions.from_options(spec.options)
+        self.machine = self.opts.machine
+        self.snapshot_timeout = self.opts.snapshot_timeout
         # q35 VMs started by this version carry a root port for transfer disks.
         self.hotplug_port = self.machine == "q35"
-        self._transfer = qemu_xfer.TransferDisk(self, qemu_xfer.Settings.from_options(spec.options))
+        self._transfer = qemu_xfer.TransferDisk(self, qemu_xfer.Settings.from_options(self.opts))
         self.accel: AccelChoice | None = None
         self._cold_only = False  # set when this VM's golden checkpoint failed to load
         #: Seconds from the start of the last power_on (or revert) until QEMU answered QMP ("qemu"), the
@@ -328,7 +334,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         self._reap_stale()
         self._finished.clear()
         if snapshot is None:
-            self.accel = choose_accel(self.spec.kernel, self.workdir, self.spec.options.get("accel"))
+            self.accel = choose_accel(self.spec.kernel, self.workdir, self.opts.accel)
             golden = self._golden()
             attach = self._create_overlay(golden)
             self.hotplug_port = self.machine == "q35"
@@ -399,7 +405,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
 
     def _golden(self) -> qemu_golden.Golden | None:
         """The golden checkpoint to start from (built on first use), or None for a cold boot."""
-        wanted = self.spec.options.get("golden", "auto")
+        wanted = self.opts.golden
         if wanted == "no" or (wanted == "auto" and self.spec.kernel is None) or self.accel is None:
             return None
         if self._cold_only:

@@ -28,21 +28,21 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from boincvm.errors import GuestError, HypervisorError, OutputError, VmTimeout
 from boincvm.hypervisor import qemu_cmdline as cl
+from boincvm.hypervisor.qemu_options import DEFAULT_TRANSFER_MIN_BYTES, QemuOptions
 
 if TYPE_CHECKING:
     from boincvm.hypervisor.qemu import QemuBackend
 
 log = logging.getLogger(__name__)
 
-#: Files smaller than this go through the agent: a plug and unplug cost about 0.5-1.5 s.
-MIN_BYTES = 4 * 1024 * 1024
+#: Files smaller than this go through the agent: a plug and unplug cost about 0.25-1 s.
+MIN_BYTES = DEFAULT_TRANSFER_MIN_BYTES
 #: The guest copies in blocks of this size (``bs=4M`` in :data:`GUEST_SCRIPT`); a disk
 #: written by the guest is rounded up to it.
 BLOCK = 4 * 1024 * 1024
@@ -100,33 +100,15 @@ def supported(machine: str, hotplug_port: bool) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
-    """When the transfer disk is used, from ``spec.options``.
-
-    ``transfer_disk``: ``auto`` (default) or ``no``; ``transfer_disk_min_bytes``: the
-    smallest file that takes the disk (default :data:`MIN_BYTES`).
-    """
+    """When the transfer disk is used (from the options ``transfer_disk`` and ``transfer_disk_min_bytes``)."""
 
     enabled: bool
-    min_bytes: int
+    min_bytes: int = MIN_BYTES
 
     @classmethod
-    def from_options(cls, options: Mapping[str, str]) -> Settings:
-        """Parse the options.
-
-        Raises:
-            HypervisorError: an option has a value that is not understood.
-        """
-        mode = options.get("transfer_disk", "auto")
-        if mode not in ("auto", "no"):
-            raise HypervisorError(f"qemu: option transfer_disk must be auto or no, not {mode!r}")
-        raw = options.get("transfer_disk_min_bytes", str(MIN_BYTES))
-        try:
-            min_bytes = int(raw)
-        except ValueError:
-            min_bytes = -1
-        if min_bytes < 0:
-            raise HypervisorError(f"qemu: option transfer_disk_min_bytes must be a byte count, not {raw!r}")
-        return cls(enabled=mode == "auto", min_bytes=min_bytes)
+    def from_options(cls, opts: QemuOptions) -> Settings:
+        """The settings the checked options ask for."""
+        return cls(enabled=opts.transfer_disk == "auto", min_bytes=opts.transfer_disk_min_bytes)
 
 
 class TransferDisk:

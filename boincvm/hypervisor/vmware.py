@@ -162,6 +162,15 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
                 self._scratch,
             )
 
+    @classmethod
+    def check_options(cls, options: Mapping[str, str]) -> None:
+        """See :class:`~.vmware_config.VmwareOptions`.
+
+        Raises:
+            InputError: an unknown option, an inline password or a value vmrun does not accept.
+        """
+        VmwareOptions.from_options(options)
+
     # -- availability ----------------------------------------------------------------
     @classmethod
     def probe(cls) -> Availability:

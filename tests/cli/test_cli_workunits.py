@@ -273,3 +273,31 @@ def test_keys_and_signed_app_version(tmp_path: Path, run: RunFn) -> None:
     code, _, err = run(["keys", "verify", str(target), "--key", str(tmp_path / "keys/code_sign_public")])
     assert code == 4
     assert "does not match" in err
+
+
+def test_backend_options_on_the_command_line(tmp_path: Path, run: RunFn) -> None:
+    import subprocess
+
+    from boincvm.job import BackendOption, load_job
+
+    base = ["make-workunit", "--app", "a", "--application", "/x", "--output", "out:10"]
+    code, _, err = run([*base, "--backend-option", "machine=pc", "-o", str(tmp_path / "wu")])
+    assert code == 0, err
+    jobs = list((tmp_path / "wu/download").glob("a_*.xml"))
+    assert jobs and load_job(jobs[0]).backend_options == (BackendOption("machine", "pc"),)
+    code, _, err = run([*base, "--backend-option", "machine=isapc", "-o", str(tmp_path / "bad")])
+    assert code in (3, 4) and "machine: must be one of pc, q35, microvm" in err, err
+    assert "Traceback" not in err and not (tmp_path / "bad").exists()
+    code, _, err = run([*base, "--backend-option", "machine", "-o", str(tmp_path / "bad")])
+    assert code == 2 and "is not NAME=VALUE" in err
+
+    img = tmp_path / "base.img"
+    subprocess.run(["qemu-img", "create", "-f", "raw", str(img), "64M"], check=True, capture_output=True)
+    package = ["package-image", str(img), "--app", "hello"]
+    code, _, err = run([*package, "--backend-option", "golden=sometimes", "-o", str(tmp_path / "av0")])
+    assert code == 3 and "options.golden: must be one of auto, yes, no" in err, err
+    assert not (tmp_path / "av0").exists()
+    code, _, err = run([*package, "--backend-option", "golden=no", "-o", str(tmp_path / "av")])
+    assert code == 0, err
+    defaults = next((tmp_path / "av").glob("*vm_job_defaults.xml"))
+    assert load_job(defaults).backend_options == (BackendOption("golden", "no"),)

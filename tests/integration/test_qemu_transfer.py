@@ -85,7 +85,7 @@ def test_copy_out_refuses_a_file_above_max_bytes(vm: QemuBackend, tmp_path: Path
 
 def test_small_files_keep_the_agent_path(vm: QemuBackend, tmp_path: Path) -> None:
     settings = vm._transfer.settings
-    vm._transfer.settings = qemu_xfer.Settings.from_options({})
+    vm._transfer.settings = qemu_xfer.Settings(enabled=True)
     try:
         before = vm._transfer.copies
         src = tmp_path / "small"

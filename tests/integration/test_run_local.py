@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from boincvm.appversion import AppVersionRequest, package_image
-from boincvm.job import OutputFile, Task, VmJob
+from boincvm.job import BackendOption, OutputFile, Task, VmJob
 from boincvm.runlocal import Fault, FaultKind, LiveState, RunLocalRequest, RunSummary, run_local
 from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
 
@@ -133,6 +133,15 @@ def test_hello(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
     assert (tmp_path / "results/out").read_text() == "WORLD\n"
     assert summary.starts == 1
     assert summary.cpu_time > 0
+
+
+def test_backend_options_reach_the_vm(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+    # microvm has no PCI bus: the guest's own view proves the job's machine option was used.
+    options = (BackendOption("machine", "microvm"), BackendOption("golden", "no"))
+    wu = make_wu(tmp_path, '-c "ls /sys/bus/pci/devices | wc -l > out"', backend_options=options)
+    summary = run(wu, app_version, data_dir, tmp_path)
+    assert summary.ok, summary.message + summary.stderr_tail
+    assert (tmp_path / "results/out").read_text().strip() == "0"
 
 
 def test_long_job_uninterrupted_checkpoints_and_reports(
