@@ -239,9 +239,11 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
     from boincvm.appversion_vmware import is_vmware_vm
 
     if is_vmware_vm(req.image):
+        from boincvm.appversion_vmware import base_snapshot
         from boincvm.hypervisor.vmware_files import collect_vm
 
-        collect_vm(req.image)  # refuse an unshippable VM before anything is written
+        # Refuse an unshippable VM before anything is written.
+        collect_vm(req.image, snapshot=base_snapshot(dict(req.backend_options)))
     if req.backend_options:
         from boincvm.hypervisor.base import backend_class
 

@@ -79,6 +79,13 @@ def copy_hashed(src: Path, dst: Path, *, estimate_gzip: bool) -> tuple[str, int,
     return md5.hexdigest(), size, packed if comp is not None else None
 
 
+def base_snapshot(options: dict[str, str]) -> str:
+    """The snapshot tasks clone from: the ``base_snapshot`` backend option, else ``boincvm-base``."""
+    from boincvm.hypervisor.vmware_files import BASE_SNAPSHOT
+
+    return options.get("base_snapshot", BASE_SNAPSHOT)
+
+
 def package_vmware(
     req: AppVersionRequest, tmp: Path, prefix: str, note: Callable[[str], None]
 ) -> tuple[list[AppVersionFile], VmJob]:
@@ -99,7 +106,7 @@ def package_vmware(
     ):
         if value is not None:
             raise InputError(f"{option} does not apply to a VMware VM", hint=f"drop {option}")
-    vm = collect_vm(req.image)
+    vm = collect_vm(req.image, snapshot=base_snapshot(dict(req.backend_options)))
     files: list[AppVersionFile] = []
     images: list[ImageFile] = []
     used: set[str] = set()
@@ -169,7 +176,9 @@ def check_vmware_app_version(directory: Path, job: VmJob, logical: dict[str, str
             target.parent.mkdir(parents=True, exist_ok=True)
             target.symlink_to((directory / logical[f.open_name]).resolve())
         try:
-            vm = collect_vm(root / vmx)
+            vm = collect_vm(
+                root / vmx, snapshot=base_snapshot(dict((o.name, o.value) for o in job.backend_options))
+            )
         except BoincvmError as exc:
             return [*out, error(f"{place}.image_file", f"the shipped VM: {exc.message}", exc.hint)]
     shipped = {f.file_name for f in job.image_files}

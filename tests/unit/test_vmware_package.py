@@ -399,3 +399,17 @@ def test_the_stand_in_opens_the_linked_disks_as_vmware_does(
 
 def _files_without_snapshot(vmx: Path) -> list[VmFile]:
     return [VmFile(p.name, p, "") for p in sorted(vmx.parent.iterdir()) if p.name != "vmware.log"]
+
+
+def test_a_base_snapshot_of_another_name_is_a_backend_option(tmp_path: Path) -> None:
+    vm = make_vm(tmp_path / "vm", snapshot="golden-2026")
+    with pytest.raises(InputError, match="boincvm-base"):
+        package(vm, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    av = package(vm, tmp_path / "av", backend_options=(("base_snapshot", "golden-2026"),))
+    assert dict((o.name, o.value) for o in defaults_of(av).backend_options) == {
+        "base_snapshot": "golden-2026"
+    }
+    findings = check_app_version(av)
+    assert not has_errors(findings), findings
+    assert any("snapshot 'golden-2026'" in f.message for f in findings)
