@@ -479,32 +479,31 @@ def _parse_file(
     return OutputFile(**values) if output else InputFile(**values)
 
 
-def _parse_image_file(elem: ET.Element, place: str, findings: list[Finding]) -> ImageFile | None:
+def _child_texts(
+    elem: ET.Element, place: str, findings: list[Finding], names: tuple[str, ...], required: tuple[str, ...]
+) -> dict[str, str] | None:
+    """The text of each child named in ``names``; None (with errors) when a required one is missing."""
     values: dict[str, str] = {}
     for child in elem:
-        if child.tag in ("open_name", "file_name"):
+        if child.tag in names:
             values[child.tag] = text_of(child)
         else:
             findings.append(warning(f"{place}.{child.tag}", "unknown element, ignored"))
-    for name in ("open_name", "file_name"):
-        if name not in values:
-            findings.append(error(f"{place}.{name}", "is missing"))
-    if len(values) < 2:
-        return None
-    return ImageFile(**values)
+    missing = [name for name in required if name not in values]
+    for name in missing:
+        findings.append(error(f"{place}.{name}", "is missing"))
+    return None if missing else values
+
+
+def _parse_image_file(elem: ET.Element, place: str, findings: list[Finding]) -> ImageFile | None:
+    names = ("open_name", "file_name")
+    values = _child_texts(elem, place, findings, names, names)
+    return None if values is None else ImageFile(**values)
 
 
 def _parse_backend_option(elem: ET.Element, place: str, findings: list[Finding]) -> BackendOption | None:
-    values: dict[str, str] = {}
-    for child in elem:
-        if child.tag in ("name", "value"):
-            values[child.tag] = text_of(child)
-        else:
-            findings.append(warning(f"{place}.{child.tag}", "unknown element, ignored"))
-    if "name" not in values:
-        findings.append(error(f"{place}.name", "is missing"))
-        return None
-    return BackendOption(name=values["name"], value=values.get("value", ""))
+    values = _child_texts(elem, place, findings, ("name", "value"), ("name",))
+    return None if values is None else BackendOption(name=values["name"], value=values.get("value", ""))
 
 
 def load_job(path: Path) -> VmJob:

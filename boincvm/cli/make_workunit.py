@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from boincvm.cli import console
-from boincvm.cli.params import BACKEND_OPTION_HELP, name_values
+from boincvm.cli.params import backend_option
 
 
 def _parse_input(value: str) -> tuple[str, str, str | None]:
@@ -78,14 +78,7 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
 @click.option("--fraction-done-file", help="Guest file where the program writes its fraction done.")
 @click.option("--credit-file", help="Guest file where the program writes operations done so far.")
 @click.option("--cpu-time", type=click.Choice(["host", "guest"]), help="Which CPU time to claim.")
-@click.option(
-    "--backend-option",
-    "backend_options",
-    multiple=True,
-    metavar="NAME=VALUE",
-    callback=name_values,
-    help=BACKEND_OPTION_HELP,
-)
+@backend_option()
 @click.option("--fpops-est", type=float, default=3600e9, help="rsc_fpops_est.")
 @click.option("--fpops-bound", type=float, default=86400e9, help="rsc_fpops_bound.")
 @click.option("--memory-bound", type=float, default=None, help="rsc_memory_bound (default: VM memory + 25%).")

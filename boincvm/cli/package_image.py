@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from boincvm.cli import console
-from boincvm.cli.params import BACKEND_OPTION_HELP, name_values
+from boincvm.cli.params import backend_option
 
 
 @click.command("package-image", context_settings={"show_default": True})
@@ -35,14 +35,7 @@ from boincvm.cli.params import BACKEND_OPTION_HELP, name_values
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     help="code_sign_private: write FILE.sig for every file (the key itself is never copied).",
 )
-@click.option(
-    "--backend-option",
-    "backend_options",
-    multiple=True,
-    metavar="NAME=VALUE",
-    callback=name_values,
-    help=BACKEND_OPTION_HELP + " Written into the job defaults of every task.",
-)
+@backend_option("Written into the job defaults of every task.")
 @click.option("--compress/--no-compress", default=True, help="Compress qcow2 clusters.")
 @click.option(
     "--gzip/--no-gzip",

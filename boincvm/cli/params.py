@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import click
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 BACKEND_OPTION_HELP = (
     "A backend option NAME=VALUE (repeatable), e.g. machine=pc for QEMU or guest_user=boinc for "
@@ -25,3 +30,15 @@ def name_values(
             raise click.BadParameter(f"{item!r} is not NAME=VALUE")
         out.append((name.strip(), value))
     return tuple(out)
+
+
+def backend_option(extra_help: str = "") -> Callable[[F], F]:
+    """The repeatable ``--backend-option NAME=VALUE`` option (parameter ``backend_options``)."""
+    return click.option(
+        "--backend-option",
+        "backend_options",
+        multiple=True,
+        metavar="NAME=VALUE",
+        callback=name_values,
+        help=f"{BACKEND_OPTION_HELP} {extra_help}".strip(),
+    )

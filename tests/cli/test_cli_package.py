@@ -17,12 +17,6 @@ from boincvm.package import check_package, inspect_package
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-@pytest.fixture(autouse=True)
-def _isolate(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.setenv("COLUMNS", "120")
-
-
 def _run(args: list[str]) -> tuple[int, str, str]:
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr

@@ -3,36 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
-from boincvm.cli import cli, main
-
-
-@pytest.fixture(autouse=True)
-def _isolate(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.setenv("COLUMNS", "120")
-
-
-RunFn = Callable[[list[str]], tuple[int, str, str]]
-
-
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str]) -> RunFn:
-    """Run boincvm.cli.main as the console script does, returning (exit code, stdout, stderr)."""
-
-    def _run(args: list[str]) -> tuple[int, str, str]:
-        with pytest.raises(SystemExit) as exited:
-            main(list(args))
-        captured = capsys.readouterr()
-        code = exited.value.code
-        return (code if isinstance(code, int) else 1), captured.out, captured.err
-
-    return _run
+from boincvm.cli import cli
+from tests.cli.conftest import RunFn
 
 
 def test_help_lists_commands() -> None:
