@@ -5,7 +5,8 @@ wall-clock on this host, under whatever accelerator the backend chose (printed f
 
 Measured under TCG on the 2-core development host, machine q35 (the default), quiet host:
 
-* start to the guest agent's first answer: cold boot 2.9 s (min 2.7); from the golden
+* start to the guest agent's first answer: cold boot 2.9 s (min 2.7; 3.7 on a busier
+  host, where every figure here grows by 20-40 %); from the golden
   checkpoint 0.17 s, 0.33 s with the guest clock set (the first fork and exec after a
   restore: TCG translates the guest's code afresh); a checkpoint restored in a new
   process 0.29 s, 0.44 s with the clock set;
