@@ -385,12 +385,13 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         try:
             self._start_from_golden(args, golden)
         except (HypervisorError, GuestError) as exc:
-            # A golden checkpoint is only a speed-up: set it aside and boot cold instead.
-            qemu_golden.mark_broken(golden, str(exc))
+            # A golden checkpoint is only a speed-up: boot cold instead, and set the golden
+            # checkpoint aside once QEMU has started without it (else it was not the cause).
             log.warning("the golden checkpoint of %s did not load (%s); booting cold", self.spec.name, exc)
             self.power_off(soft_timeout=0)
             self._cold_only = True
             self._power_on(None)
+            qemu_golden.mark_broken(golden, str(exc))
 
     def _start_from_golden(self, args: cl.QemuArgs, golden: qemu_golden.Golden) -> None:
         # The state is read straight from an inherited descriptor: no shell, no cat, no pipe.
