@@ -162,8 +162,14 @@ def _check_vmx(path: Path, vmx: VmxFile) -> list[Finding]:
     return out
 
 
-def _check_vmdk(path: Path, where: str) -> tuple[list[Finding], list[str]]:
-    """Findings about one disk, and the Tools evidence its DDB holds."""
+#: Longest chain of delta disks followed (Workstation allows 100 snapshots deep).
+MAX_CHAIN = 128
+
+
+def _check_vmdk(
+    path: Path, where: str, seen: frozenset[Path] = frozenset()
+) -> tuple[list[Finding], list[str]]:
+    """Findings about one disk and its whole parent chain, and the Tools evidence their DDBs hold."""
     try:
         desc = read_vmdk_descriptor(path)
     except InputError as exc:
@@ -184,9 +190,12 @@ def _check_vmdk(path: Path, where: str) -> tuple[list[Finding], list[str]]:
         if missing:
             files = ", ".join(missing)
             out.append(error(f"{where}.extent", f"the extent file(s) {files} do not exist"))
+    tools, evidence = _tools_from_ddb(desc, where)
+    out += tools
     if desc.is_delta:
         hint = desc.parent_hint
-        if not hint or not (path.parent / hint).is_file():
+        parent = path.parent / hint if hint else None
+        if parent is None or not parent.is_file():
             out.append(
                 error(
                     f"{where}.parentFileNameHint",
@@ -194,8 +203,19 @@ def _check_vmdk(path: Path, where: str) -> tuple[list[Finding], list[str]]:
                     hint="ship the whole chain or consolidate the snapshots first",
                 )
             )
-    tools, evidence = _tools_from_ddb(desc, where)
-    return out + tools, evidence
+        elif parent.resolve() in seen or len(seen) >= MAX_CHAIN:
+            out.append(
+                error(
+                    f"{where}.parentFileNameHint", f"the chain of parent disks loops or runs past {MAX_CHAIN}"
+                )
+            )
+        else:
+            # The base of a chain usually carries the Tools evidence, and a missing extent of a
+            # grandparent breaks the VM as surely as one of the disk the .vmx names.
+            parent_findings, parent_evidence = _check_vmdk(parent, f"{where}.parent", seen | {path.resolve()})
+            out += parent_findings
+            evidence += parent_evidence
+    return out, evidence
 
 
 def _tools_from_ddb(desc: VmdkDescriptor, where: str) -> tuple[list[Finding], list[str]]:

@@ -260,3 +260,17 @@ def test_stream_optimized_and_unreadable(tmp_path: Path) -> None:
     assert has_errors(check_vmware(tmp_path / "missing.vmx"))
     (tmp_path / "x.qcow2").write_bytes(b"QFI\xfb")
     assert has_errors(check_vmware(tmp_path / "x.qcow2"))
+
+
+def test_the_whole_parent_chain_is_checked(tmp_path: Path) -> None:
+    from tests.fakes.vmware_vm import make_vm
+
+    vmx = make_vm(tmp_path / "vm")
+    assert not has_errors(check_vmware(vmx))
+    (tmp_path / "vm/base-s002.vmdk").unlink()  # an extent of the delta's parent, not of a disk the .vmx names
+    found = places(check_vmware(vmx))
+    assert "base-s002.vmdk do not exist" in found["vmx.scsi0:0.fileName.parent.extent"], found
+    child = places(check_vmware(tmp_path / "vm/base-000001.vmdk"))
+    assert "base-s002.vmdk do not exist" in child["vmdk.parent.extent"]
+    (tmp_path / "vm/loop.vmdk").write_text(DELTA_DESCRIPTOR.replace("disk.vmdk", "loop.vmdk"))
+    assert "loops" in places(check_vmware(tmp_path / "vm/loop.vmdk"))["vmdk.parent.parentFileNameHint"]
