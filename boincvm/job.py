@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from boincvm.errors import XmlError
+from boincvm.errors import BoincvmError, XmlError
 from boincvm.findings import Finding, error, has_errors, warning
 from boincvm.names import guest_path_problem, logical_name_problem, relative_path_problem
 from boincvm.xmlio import is_flag_true, parse_xml, read_bytes, text_of
@@ -674,8 +674,7 @@ _OPTION_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 def _validate_backend_options(job: VmJob, *, complete: bool) -> list[Finding]:
-    from boincvm.errors import BoincvmError
-    from boincvm.hypervisor.base import backend_class
+    from boincvm.hypervisor.base import backend_class  # lazily: backends are heavier than jobs
 
     out: list[Finding] = []
     names: set[str] = set()

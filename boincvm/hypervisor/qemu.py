@@ -137,7 +137,6 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         self.workdir = spec.workdir
         self.opts = QemuOptions.from_options(spec.options)
         self.machine = self.opts.machine
-        self.snapshot_timeout = self.opts.snapshot_timeout
         # q35 VMs started by this version carry a root port for transfer disks.
         self.hotplug_port = self.machine == "q35"
         self._transfer = qemu_xfer.TransferDisk(self, qemu_xfer.Settings.from_options(self.opts))
@@ -665,7 +664,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
     def _run_job(self, cmd: str, args: Mapping[str, object]) -> None:
         job_id = f"boincvm-{uuid.uuid4().hex[:12]}"
         self.qmp(cmd, {"job-id": job_id, **args})
-        deadline = time.monotonic() + self.snapshot_timeout
+        deadline = time.monotonic() + self.opts.snapshot_timeout
         while True:
             jobs = self.qmp("query-jobs")
             job = next((j for j in jobs if j.get("id") == job_id), None)
@@ -677,7 +676,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
                     raise HypervisorError(f"qemu: {cmd}: {job['error']}")
                 return
             if time.monotonic() > deadline:
-                raise VmTimeout(f"qemu: {cmd} did not finish within {self.snapshot_timeout:g} s")
+                raise VmTimeout(f"qemu: {cmd} did not finish within {self.opts.snapshot_timeout:g} s")
             time.sleep(0.01)
 
     def snapshot_create(self, name: str) -> None:

@@ -50,21 +50,20 @@ class Compression(enum.StrEnum):
 BUSYBOX_RPM = frozenset({Compression.GZIP, Compression.BZIP2, Compression.XZ})
 
 
+#: The magic each stream starts with (a "newc" cpio archive is an uncompressed payload).
+_MAGICS = (
+    (b"\x1f\x8b", Compression.GZIP),
+    (b"BZh", Compression.BZIP2),
+    (b"\xfd7zXZ\x00", Compression.XZ),
+    (b"\x28\xb5\x2f\xfd", Compression.ZSTD),
+    (b"\x5d\x00\x00", Compression.LZMA),
+    (b"07070", Compression.NONE),
+)
+
+
 def sniff(magic: bytes) -> Compression:
     """The compression whose magic ``magic`` (the first bytes of a stream) starts with."""
-    if magic.startswith(b"\x1f\x8b"):
-        return Compression.GZIP
-    if magic.startswith(b"BZh"):
-        return Compression.BZIP2
-    if magic.startswith(b"\xfd7zXZ\x00"):
-        return Compression.XZ
-    if magic.startswith(b"\x28\xb5\x2f\xfd"):
-        return Compression.ZSTD
-    if magic.startswith(b"\x5d\x00\x00"):
-        return Compression.LZMA
-    if magic.startswith(b"07070"):
-        return Compression.NONE
-    return Compression.UNKNOWN
+    return next((kind for prefix, kind in _MAGICS if magic.startswith(prefix)), Compression.UNKNOWN)
 
 
 @dataclass(frozen=True)

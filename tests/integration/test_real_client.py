@@ -141,6 +141,15 @@ def _task_op(client: Client, project: LoopbackProject, op: str) -> None:
     assert "error" not in out.lower(), out
 
 
+def _expect_resumed_and_complete(project: LoopbackProject, client: Client) -> None:
+    """The task went on from its checkpoint: every step once in the upload, and the report says so."""
+    _wait("the upload", client, lambda: bool(project.seen.uploads), 240)
+    (data,) = project.seen.uploads.values()
+    assert data.decode() == EXPECTED_LONGER
+    _wait("the report", client, lambda: bool(project.seen.reports), 60)
+    assert "resuming from checkpoint" in project.seen.reports[-1]
+
+
 @pytest.mark.parametrize("running", [LONGER], indirect=True)
 def test_suspend_and_resume_through_boinccmd_keeps_the_work(running: tuple[LoopbackProject, Client]) -> None:
     project, client = running
@@ -150,11 +159,7 @@ def test_suspend_and_resume_through_boinccmd_keeps_the_work(running: tuple[Loopb
     _wait("the wrapper to leave", client, lambda: client.tasks().get("active_task_state") != "EXECUTING", 60)
     _wait("the VM to stop", client, lambda: not qemu_pids_under(client.dir), 30)
     _task_op(client, project, "resume")
-    _wait("the upload", client, lambda: bool(project.seen.uploads), 240)
-    (data,) = project.seen.uploads.values()
-    assert data.decode() == EXPECTED_LONGER
-    _wait("the report", client, lambda: bool(project.seen.reports), 60)
-    assert "resuming from checkpoint" in project.seen.reports[-1]
+    _expect_resumed_and_complete(project, client)
 
 
 @pytest.mark.parametrize("running", [LONGER], indirect=True)
@@ -164,11 +169,7 @@ def test_client_restart_resumes_from_the_checkpoint(running: tuple[LoopbackProje
     client.stop()
     assert not qemu_pids_under(client.dir)
     client.start()
-    _wait("the upload", client, lambda: bool(project.seen.uploads), 240)
-    (data,) = project.seen.uploads.values()
-    assert data.decode() == EXPECTED_LONGER
-    _wait("the report", client, lambda: bool(project.seen.reports), 60)
-    assert "resuming from checkpoint" in project.seen.reports[-1]
+    _expect_resumed_and_complete(project, client)
 
 
 @pytest.mark.parametrize("running", [LONGER], indirect=True)
