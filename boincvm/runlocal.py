@@ -43,40 +43,89 @@ class FaultKind(enum.StrEnum):
     HEARTBEAT_LOSS = "heartbeat-loss"
 
 
+PHASES = ("boot", "restore", "install", "run", "checkpoint", "copy-out", "cleanup")
+
+#: ``WHEN``: a point (seconds, a phase, a progress point or a checkpoint count), then
+#: ``+SECONDS`` after it, then (suspend only) ``:SECONDS`` of suspension.
+_WHEN = re.compile(
+    r"(?:(?P<point>progress|checkpoint):(?P<value>[0-9.]+)|(?P<phase>[a-z-]+))?"
+    r"(?:\+?(?P<seconds>[0-9.]+))?(?::(?P<duration>[0-9.]+))?"
+)
+
+
 @dataclass(frozen=True)
 class Fault:
-    """One injected fault: at ``seconds`` after the start, or once the wrapper reaches ``phase`` (+ seconds).
+    """One injected fault, at a point of the run plus ``seconds``.
 
-    ``duration`` is how long a suspend lasts.
+    The point is the start (no phase, progress or checkpoint count), the moment the wrapper
+    reports ``phase``, the first status report with ``progress`` or more done, or the moment
+    ``checkpoints`` checkpoints have been committed. Progress and checkpoint points land
+    mid-run on any host, however fast the guest computes. ``duration`` is how long a suspend
+    lasts.
     """
 
     kind: FaultKind
     seconds: float = 0.0
     phase: str | None = None
     duration: float = 10.0
+    progress: float | None = None
+    checkpoints: int | None = None
 
     @classmethod
     def parse(cls, kind: FaultKind, spec: str) -> Fault:
-        """Parse ``SECONDS``, ``PHASE`` or ``PHASE+SECONDS`` (suspend: ``...:DURATION``).
+        """Parse a ``WHEN``: ``SECONDS`` after the start, a ``PHASE``, ``progress:FRACTION``
+        (the first status report at or above that fraction done) or ``checkpoint:N`` (once N
+        checkpoints are committed), each optionally followed by ``+SECONDS``; a suspend may
+        end in ``:SECONDS``, how long it lasts.
 
         Raises:
-            InputError: not of that form.
+            InputError: not of that form, an unknown phase, a fraction outside (0, 1] or a
+                checkpoint count below 1.
         """
-        when, _, dur = spec.partition(":")
-        m = re.fullmatch(r"(?:([a-z-]+))?(?:\+?([0-9.]+))?", when.strip())
-        if not m or not (m.group(1) or m.group(2)):
-            raise InputError(f"--{kind.value}-at {spec!r}: expected SECONDS, PHASE or PHASE+SECONDS")
+        option = f"--{kind.value}-at {spec!r}"
+        hint = "WHEN is for example 30, run+5, progress:0.5 or checkpoint:2 (see run-local --help)"
+        m = _WHEN.fullmatch(spec.strip())
+        if not m or not (m.group("point") or m.group("phase") or m.group("seconds")):
+            raise InputError(f"{option}: not a WHEN", hint=hint)
         try:
-            duration = float(dur) if dur else 10.0
-            seconds = float(m.group(2) or 0)
+            duration = float(m.group("duration")) if m.group("duration") else 10.0
+            seconds = float(m.group("seconds") or 0)
+            value = float(m.group("value")) if m.group("value") else None
         except ValueError:
-            raise InputError(f"--{kind.value}-at {spec!r}: not a number") from None
-        phases = {"boot", "restore", "install", "run", "checkpoint", "copy-out", "cleanup"}
-        if m.group(1) and m.group(1) not in phases:
-            raise InputError(
-                f"--{kind.value}-at {spec!r}: unknown phase", hint=f"phases: {', '.join(sorted(phases))}"
-            )
-        return cls(kind, seconds, m.group(1), duration)
+            raise InputError(f"{option}: not a number", hint=hint) from None
+        phase = m.group("phase")
+        if phase and phase not in PHASES:
+            raise InputError(f"{option}: unknown phase {phase!r}", hint=f"phases: {', '.join(PHASES)}")
+        progress = checkpoints = None
+        if m.group("point") == "progress":
+            assert value is not None
+            if not 0 < value <= 1:
+                raise InputError(f"{option}: the fraction must be above 0 and at most 1", hint=hint)
+            progress = value
+        elif m.group("point") == "checkpoint":
+            assert value is not None
+            if value < 1 or value != int(value):
+                raise InputError(f"{option}: the checkpoint count must be a whole number from 1", hint=hint)
+            checkpoints = int(value)
+        return cls(kind, seconds, phase, duration, progress, checkpoints)
+
+    def point_reached(self, live: LiveState) -> bool | None:
+        """Whether the run has reached this fault's point; None when the point is the start."""
+        if self.phase is not None:
+            return live.phase == self.phase
+        if self.progress is not None:
+            return live.fraction_done >= self.progress
+        if self.checkpoints is not None:
+            return live.checkpoints >= self.checkpoints
+        return None
+
+    def describe(self) -> str:
+        """The point in words, for the event log."""
+        if self.progress is not None:
+            return f"progress {self.progress:g}"
+        if self.checkpoints is not None:
+            return f"checkpoint {self.checkpoints}"
+        return f"phase {self.phase}" if self.phase else f"{self.seconds:g} s"
 
 
 @dataclass(frozen=True)
@@ -265,8 +314,8 @@ def run_local(req: RunLocalRequest, on_update: Callable[[LiveState], None] | Non
         client_pid=0 if heartbeat_fault else None,
     )
     live = LiveState()
-    pending = list(req.faults)
-    fired_phase: dict[int, float] = {}
+    pending = list(enumerate(req.faults))
+    reached_at: dict[int, float] = {}  # when each pending fault's point was reached
     timings: dict[str, float] = {}
     run_timings: dict[str, float] = {}
     t0 = time.monotonic()
@@ -313,17 +362,22 @@ def run_local(req: RunLocalRequest, on_update: Callable[[LiveState], None] | Non
                     continue
                 outcome = result
                 break
-            for i, fault in enumerate(list(pending)):
-                if fault.phase is not None:
-                    if i not in fired_phase and live.phase == fault.phase:
-                        fired_phase[i] = now
-                    if i not in fired_phase or now - fired_phase[i] < fault.seconds:
+            for i, fault in list(pending):
+                reached = fault.point_reached(live)
+                if reached is None:
+                    if now - t0 < fault.seconds:
                         continue
-                elif now - t0 < fault.seconds:
-                    continue
-                pending.remove(fault)
-                fired_phase = {}
-                live.events.append(f"{live.elapsed:6.1f}s  injected {fault.kind.value} (phase {live.phase})")
+                else:
+                    if reached and i not in reached_at:
+                        reached_at[i] = now
+                    if i not in reached_at or now - reached_at[i] < fault.seconds:
+                        continue
+                pending.remove((i, fault))
+                reached_at.clear()
+                live.events.append(
+                    f"{live.elapsed:6.1f}s  injected {fault.kind.value} at {fault.describe()}"
+                    f" (phase {live.phase}, {live.fraction_done:.0%} done, {live.checkpoints} checkpoints)"
+                )
                 if fault.kind is FaultKind.SUSPEND:
                     client.suspend()
                     suspended_until = now + fault.duration
@@ -349,7 +403,8 @@ def run_local(req: RunLocalRequest, on_update: Callable[[LiveState], None] | Non
             # Watch closely while a fault waits for a short phase (a checkpoint lasts ~0.3 s).
             # and near the end (the wrapper is about to exit): the result is there sooner.
             closing = live.phase in ("copy-out", "cleanup", "done")
-            time.sleep(0.05 if closing or any(f.phase for f in pending) else 0.25)
+            watching = any(f.point_reached(live) is not None for _, f in pending)
+            time.sleep(0.05 if closing or watching else 0.25)
         slot_dir = client.slot_dir
         outputs = _collect(outcome, task, req.results_dir)
         if not req.keep_slot:

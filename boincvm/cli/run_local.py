@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     "--suspend-at",
     multiple=True,
     metavar="WHEN[:SECONDS]",
-    help="Suspend at WHEN (seconds, PHASE or PHASE+SECONDS) for SECONDS (default 10).",
+    help="Suspend at WHEN for SECONDS (default 10).",
 )
 @click.option(
     "--quit-at", multiple=True, metavar="WHEN", help="Ask the wrapper to quit (preemption), then restart it."
@@ -88,7 +88,11 @@ def command(
     """Run a workunit of WORKUNIT_DIR with an app version, as the BOINC client would.
 
     WHEN is seconds after the start (30), a wrapper phase (boot, restore, install, run,
-    checkpoint, copy-out) or a phase plus seconds (run+5).
+    checkpoint, copy-out, cleanup), progress:FRACTION (the first status report at or above
+    that fraction done: progress:0.3), or checkpoint:N (once N checkpoints are committed:
+    checkpoint:2); each may be followed by +SECONDS (run+5, progress:0.5+2). Progress and
+    checkpoint points land mid-run on any host, however fast its guest computes.
+    --suspend-at appends :SECONDS of suspension (run+2:20, progress:0.3:5).
     """
     from boincvm.errors import WorkunitFailed
     from boincvm.runlocal import Fault, FaultKind, RunLocalRequest, default_data_dir, run_local

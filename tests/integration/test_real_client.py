@@ -20,11 +20,15 @@ from boincvm.job import OutputFile, Task, VmJob
 from boincvm.runlocal import RunLocalRequest, run_local
 from boincvm.signing import write_key_pair
 from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
-from tests.integration.test_run_local import LONGJOB, STEPS, WORK, qemu_pids_under
+from tests.integration.jobs import SCALE, LongJob, bound
+from tests.integration.test_run_local import qemu_pids_under
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400 * max(1.0, SCALE))]
 
-EXPECTED_LONG = "".join(f"step {i}\n" for i in range(1, STEPS + 1)) + f"sum {sum(range(1, STEPS + 1))}\n"
+LONG_JOB = LongJob()
+LONG = (LONG_JOB.command_line, LONG_JOB.inputs)
+#: The client's checkpoint period (disk_interval): several checkpoints in any long job.
+CHECKPOINT_PERIOD = LONG_JOB.seconds / 6
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,7 @@ def running(
     av, public = signed_app_version
     command_line, inputs = request.param
     project = LoopbackProject(av, _workunit(tmp_path, command_line, inputs), public).start()
-    client = Client(tmp_path / "client", project)
+    client = Client(tmp_path / "client", project, checkpoint_period=CHECKPOINT_PERIOD)
     client.start()
     try:
         yield project, client
@@ -80,6 +84,8 @@ def running(
 
 
 def _wait(what: str, client: Client, until: object, timeout: float) -> None:
+    """Poll ``until`` for at most ``timeout`` seconds (at scale 1; more for longer jobs)."""
+    timeout = bound(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if callable(until) and until():
@@ -88,9 +94,6 @@ def _wait(what: str, client: Client, until: object, timeout: float) -> None:
     raise AssertionError(
         f"{what} did not happen within {timeout:g} s\n--- client log tail:\n{client.log()[-4000:]}"
     )
-
-
-LONG = (f"longjob.sh {STEPS} {WORK}", (InputSpec("longjob.sh", str(LONGJOB)),))
 
 
 @pytest.mark.parametrize("running", [LONG], indirect=True)
@@ -107,7 +110,7 @@ def test_real_client_runs_the_wrapper_and_uploads_the_result(running: tuple[Loop
 
     _wait("the upload", client, progressed, 240)
     (name,) = project.seen.uploads
-    assert project.seen.uploads[name].decode() == EXPECTED_LONG
+    assert project.seen.uploads[name].decode() == LONG_JOB.expected_out
     _wait("the report", client, lambda: bool(project.seen.reports), 60)
     report = project.seen.reports[-1]
     assert "<exit_status>0</exit_status>" in report
@@ -122,11 +125,9 @@ def test_real_client_runs_the_wrapper_and_uploads_the_result(running: tuple[Loop
     print(f"attach to upload: {project.seen.upload_times[name] - t0:.1f} s")
 
 
-LONGER_STEPS = 40
-EXPECTED_LONGER = (
-    "".join(f"step {i}\n" for i in range(1, LONGER_STEPS + 1)) + f"sum {sum(range(1, LONGER_STEPS + 1))}\n"
-)
-LONGER = (f"longjob.sh {LONGER_STEPS} {WORK}", (InputSpec("longjob.sh", str(LONGJOB)),))
+#: The job the tests interrupt once a checkpoint is committed.
+LONGER_JOB = LongJob(steps=24)
+LONGER = (LONGER_JOB.command_line, LONGER_JOB.inputs)
 
 
 def _fraction(client: Client) -> float:
@@ -134,6 +135,15 @@ def _fraction(client: Client) -> float:
         return float(client.tasks().get("fraction done", "0"))
     except ValueError:
         return 0.0
+
+
+def _checkpointed_mid_run(client: Client) -> bool:
+    """The client has heard of a committed checkpoint and the job is not done yet."""
+    task = client.tasks()
+    try:
+        return float(task.get("checkpoint CPU time", "0")) > 0 and 0 < float(task["fraction done"]) < 1
+    except (KeyError, ValueError):
+        return False
 
 
 def _task_op(client: Client, project: LoopbackProject, op: str) -> None:
@@ -145,7 +155,7 @@ def _expect_resumed_and_complete(project: LoopbackProject, client: Client) -> No
     """The task went on from its checkpoint: every step once in the upload, and the report says so."""
     _wait("the upload", client, lambda: bool(project.seen.uploads), 240)
     (data,) = project.seen.uploads.values()
-    assert data.decode() == EXPECTED_LONGER
+    assert data.decode() == LONGER_JOB.expected_out
     _wait("the report", client, lambda: bool(project.seen.reports), 60)
     assert "resuming from checkpoint" in project.seen.reports[-1]
 
@@ -153,7 +163,7 @@ def _expect_resumed_and_complete(project: LoopbackProject, client: Client) -> No
 @pytest.mark.parametrize("running", [LONGER], indirect=True)
 def test_suspend_and_resume_through_boinccmd_keeps_the_work(running: tuple[LoopbackProject, Client]) -> None:
     project, client = running
-    _wait("progress", client, lambda: _fraction(client) > 0.3, 200)
+    _wait("a checkpoint mid-run", client, lambda: _checkpointed_mid_run(client), 200)
     _task_op(client, project, "suspend")
     # With default preferences a checkpointed task is told to quit, and its VM must go.
     _wait("the wrapper to leave", client, lambda: client.tasks().get("active_task_state") != "EXECUTING", 60)
@@ -165,7 +175,7 @@ def test_suspend_and_resume_through_boinccmd_keeps_the_work(running: tuple[Loopb
 @pytest.mark.parametrize("running", [LONGER], indirect=True)
 def test_client_restart_resumes_from_the_checkpoint(running: tuple[LoopbackProject, Client]) -> None:
     project, client = running
-    _wait("progress", client, lambda: _fraction(client) > 0.3, 200)
+    _wait("a checkpoint mid-run", client, lambda: _checkpointed_mid_run(client), 200)
     client.stop()
     assert not qemu_pids_under(client.dir)
     client.start()
@@ -194,19 +204,27 @@ def test_leave_apps_in_memory_suspends_the_vm(signed_app_version: tuple[Path, Pa
     client = Client(tmp_path / "client", project, leave_apps_in_memory=True)
     client.start()
     try:
-        _wait("progress", client, lambda: _fraction(client) > 0.3, 200)
+        _wait("progress", client, lambda: 0.1 < _fraction(client) < 1, 200)
         _task_op(client, project, "suspend")
         _wait("the suspension", client, lambda: client.tasks().get("active_task_state") == "SUSPENDED", 60)
-        time.sleep(2)
-        before = _fraction(client)
+        # A report sent just before the pause may still arrive: wait until the fraction holds.
+        seen = [_fraction(client)]
+
+        def steady() -> bool:
+            time.sleep(1.5)
+            seen.append(_fraction(client))
+            return seen[-1] == seen[-2]
+
+        _wait("the fraction done to hold still", client, steady, 60)
         pids = qemu_pids_under(client.dir)
         assert pids, "the VM should stay in memory, paused"
-        time.sleep(5)
-        assert _fraction(client) == before
+        # A job of 1-s steps would have moved on within 5 s had the VM not been paused.
+        time.sleep(5 * LONGER_JOB.step_seconds * SCALE)
+        assert _fraction(client) == seen[-1]
         _task_op(client, project, "resume")
         _wait("the upload", client, lambda: bool(project.seen.uploads), 240)
         (data,) = project.seen.uploads.values()
-        assert data.decode() == EXPECTED_LONGER
+        assert data.decode() == LONGER_JOB.expected_out
     finally:
         client.stop()
         project.stop()

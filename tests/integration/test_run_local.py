@@ -18,13 +18,14 @@ from boincvm.appversion import AppVersionRequest, package_image
 from boincvm.job import BackendOption, OutputFile, Task, VmJob
 from boincvm.runlocal import Fault, FaultKind, LiveState, RunLocalRequest, RunSummary, run_local
 from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
+from tests.integration.jobs import LongJob, bound
 
 pytestmark = pytest.mark.integration
 
-LONGJOB = Path(__file__).resolve().parents[2] / "examples/longjob/program/bin/longjob"
-#: Steps and busy-loop size of the long job: about 6 s of guest work under TCG.
-STEPS, WORK = 12, 6000  # about 4-5 s of guest work under TCG: faults at run+3 land mid-run
-EXPECTED_OUT = "".join(f"step {i}\n" for i in range(1, STEPS + 1)) + f"sum {sum(range(1, STEPS + 1))}\n"
+#: The long job of these tests: 12 steps of 1 s on the guest's clock (times the scale).
+LONG = LongJob()
+#: Checkpoints every sixth of the job, so several land in it at any scale.
+CHECKPOINT_PERIOD = LONG.seconds / 6
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def run(
     tmp_path: Path,
     *faults: Fault,
     on_update: Callable[[LiveState], None] | None = None,
-    checkpoint_period: float = 2.0,
+    checkpoint_period: float = CHECKPOINT_PERIOD,
 ) -> RunSummary:
     summary = run_local(
         RunLocalRequest(
@@ -100,7 +101,7 @@ def run(
             results_dir=tmp_path / "results",
             data_dir=data_dir,
             faults=faults,
-            timeout=240,
+            timeout=bound(240),
             checkpoint_period=checkpoint_period,
         ),
         on_update,
@@ -109,16 +110,11 @@ def run(
     return summary
 
 
-def longjob_wu(tmp_path: Path, bulk_kib: int = 0) -> Path:
+def longjob_wu(tmp_path: Path, job: LongJob = LONG) -> Path:
     outputs: tuple[OutputFile, ...] = (OutputFile("out", 100_000),)
-    if bulk_kib:
+    if job.bulk_kib:
         outputs += (OutputFile("bulk", 10_000_000),)
-    return make_wu(
-        tmp_path,
-        f"longjob.sh {STEPS} {WORK} {bulk_kib}",
-        inputs=(InputSpec("longjob.sh", str(LONGJOB)),),
-        outputs=outputs,
-    )
+    return make_wu(tmp_path, job.command_line, inputs=job.inputs, outputs=outputs)
 
 
 def test_hello(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -156,9 +152,9 @@ def test_long_job_uninterrupted_checkpoints_and_reports(
         on_update=lambda s: seen.append(s.fraction_done),
     )
     assert summary.ok, summary.message + summary.stderr_tail
-    assert (tmp_path / "results/out").read_text() == EXPECTED_OUT
+    assert (tmp_path / "results/out").read_text() == LONG.expected_out
     assert summary.checkpoints >= 1
-    assert summary.ops == pytest.approx(STEPS * 1e9)
+    assert summary.ops == pytest.approx(LONG.ops)
     assert any(0 < f < 1 for f in seen), "fraction done was never forwarded mid-run"
 
 
@@ -166,26 +162,33 @@ def test_long_job_uninterrupted_checkpoints_and_reports(
     ("kind", "when"),
     [
         (FaultKind.KILL, "boot"),
-        (FaultKind.KILL, "run+3"),
-        (FaultKind.KILL, "checkpoint"),
+        (FaultKind.KILL, "progress:0.5"),
+        (FaultKind.KILL, "checkpoint"),  # in the middle of taking a snapshot
+        (FaultKind.KILL, "checkpoint:1"),
         (FaultKind.KILL, "copy-out"),
-        (FaultKind.QUIT, "run+3"),
+        (FaultKind.QUIT, "progress:0.5"),
     ],
 )
 def test_long_job_survives_faults(
     app_version: Path, data_dir: Path, tmp_path: Path, kind: FaultKind, when: str
 ) -> None:
-    wu = longjob_wu(tmp_path, bulk_kib=2048 if when == "copy-out" else 0)
-    summary = run(wu, app_version, data_dir, tmp_path, Fault.parse(kind, when))
+    job = LongJob(bulk_kib=2048) if when == "copy-out" else LONG
+    summary = run(longjob_wu(tmp_path, job), app_version, data_dir, tmp_path, Fault.parse(kind, when))
     assert summary.ok, summary.message + summary.stderr_tail
-    assert any(f"injected {kind.value}" in e for e in summary.events), summary.events
+    injected = [e for e in summary.events if f"injected {kind.value}" in e]
+    assert injected, summary.events
     assert summary.starts == 2, summary.events
-    assert (tmp_path / "results/out").read_text() == EXPECTED_OUT
+    assert (tmp_path / "results/out").read_text() == job.expected_out
+    if when.startswith(("progress:", "checkpoint:")):
+        assert "phase run" in injected[0], injected  # mid-run, whatever the host's speed
+    if when == "checkpoint:1":
+        # A checkpoint was committed before the kill, and the second start went on from it.
+        assert "resuming from checkpoint" in summary.stderr_tail, summary.stderr_tail
 
 
 def test_abort_exits_194_and_stops_the_vm(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
     summary = run(
-        longjob_wu(tmp_path), app_version, data_dir, tmp_path, Fault.parse(FaultKind.ABORT, "run+1")
+        longjob_wu(tmp_path), app_version, data_dir, tmp_path, Fault.parse(FaultKind.ABORT, "progress:0.25")
     )
     assert summary.outcome == "aborted"
     assert summary.exit_code == 194
@@ -225,17 +228,19 @@ def _qemu_cpu(data_dir: Path) -> float:
 
 
 def test_suspend_stops_guest_progress_and_cpu(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
-    samples: list[tuple[float, str, float]] = []
+    samples: list[tuple[float, str, float, float]] = []
 
     def watch(state: LiveState) -> None:
-        samples.append((time.monotonic(), state.phase, _qemu_cpu(data_dir)))
+        samples.append((time.monotonic(), state.phase, _qemu_cpu(data_dir), state.fraction_done))
 
+    # The CPU-bound variant: QEMU keeps a core busy while the job runs, so idling shows.
+    job = LongJob(spin=True)
     summary = run(
-        longjob_wu(tmp_path),
+        longjob_wu(tmp_path, job),
         app_version,
         data_dir,
         tmp_path,
-        Fault.parse(FaultKind.SUSPEND, "run+2:5"),
+        Fault.parse(FaultKind.SUSPEND, "progress:0.25:5"),
         on_update=watch,
     )
     assert summary.ok, summary.message + summary.stderr_tail
@@ -247,7 +252,8 @@ def test_suspend_stops_guest_progress_and_cpu(app_version: Path, data_dir: Path,
     cpu = window[-1][2] - window[0][2]
     assert duration > 2.5
     assert cpu < 0.1 * duration, f"QEMU used {cpu:.2f} s of CPU in {duration:.1f} s while suspended"
-    assert (tmp_path / "results/out").read_text() == EXPECTED_OUT
+    assert len({s[3] for s in window}) == 1, f"the guest made progress while suspended: {window}"
+    assert (tmp_path / "results/out").read_text() == job.expected_out
 
 
 def test_program_failure_is_a_compute_error(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -339,7 +345,7 @@ def test_unrestorable_checkpoint_starts_the_job_afresh(
     ) as client:
         client.start()
         record = client.slot_dir / CHECKPOINT_FILE
-        client.wait(120, until=lambda _: record.exists())
+        client.wait(bound(120), until=lambda _: record.exists())
         client.quit()
         first = client.wait(60)
         assert first is not None and first.will_restart
@@ -347,11 +353,11 @@ def test_unrestorable_checkpoint_starts_the_job_afresh(
         data["snapshot"] = "lost-in-a-crash"
         record.write_text(json.dumps(data))
         client.start()
-        final = client.wait(180)
+        final = client.wait(bound(180))
         assert final is not None and final.ok, final
         assert "cannot be restored" in final.stderr_tail
         (out,) = [o for o in final.outputs if o.name.endswith("_0")]
-        assert out.path.read_text() == EXPECTED_OUT
+        assert out.path.read_text() == LONG.expected_out
     assert qemu_pids_under(data_dir) == []
 
 
