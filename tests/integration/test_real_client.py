@@ -92,7 +92,8 @@ def _wait(what: str, client: Client, until: object, timeout: float) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(
-        f"{what} did not happen within {timeout:g} s\n--- client log tail:\n{client.log()[-4000:]}"
+        f"{what} did not happen within {timeout:g} s\n--- the task as boinccmd shows it: {client.tasks()}"
+        f"\n--- client log tail:\n{client.log()[-4000:]}"
     )
 
 
@@ -141,7 +142,8 @@ def _checkpointed_mid_run(client: Client) -> bool:
     """The client has heard of a committed checkpoint and the job is not done yet."""
     task = client.tasks()
     try:
-        return float(task.get("checkpoint CPU time", "0")) > 0 and 0 < float(task["fraction done"]) < 1
+        checkpointed = float(task.get("CPU time at last checkpoint", "0")) > 0
+        return checkpointed and 0 < float(task["fraction done"]) < 1
     except (KeyError, ValueError):
         return False
 
