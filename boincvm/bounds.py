@@ -97,15 +97,13 @@ def _kind_problem(mode: int) -> str | None:
     return "is not a regular file"
 
 
-def read_file_bytes(path: Path, *, what: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """Read a regular file of at most ``max_bytes``, refusing anything else before reading it.
+def require_regular_file(path: Path, *, what: str) -> None:
+    """Refuse, without opening it, a path that is missing or not a regular file (symlinks followed).
 
-    The type is checked with ``stat`` (which never blocks) and again on the open descriptor
-    (``O_NONBLOCK``: a FIFO swapped in meanwhile does not hang the open), and the read stops
-    one byte past the bound, so ``/dev/zero`` or a huge file costs at most ``max_bytes``.
+    ``stat`` never blocks, so a FIFO is refused at once instead of hanging the open.
 
     Raises:
-        InputError: missing, unreadable, not a regular file, or larger than ``max_bytes``.
+        InputError: missing, unreadable, or a directory, FIFO, device or socket.
     """
     try:
         st = path.stat()
@@ -117,6 +115,19 @@ def read_file_bytes(path: Path, *, what: str, max_bytes: int = DEFAULT_MAX_BYTES
         raise InputError(f"cannot read {what} {path}: {exc.strerror}", hint=os_hint(exc)) from None
     if problem := _kind_problem(st.st_mode):
         raise InputError(f"{what} {path} {problem}", hint="give the path of an ordinary file")
+
+
+def read_file_bytes(path: Path, *, what: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Read a regular file of at most ``max_bytes``, refusing anything else before reading it.
+
+    The type is checked with ``stat`` (which never blocks) and again on the open descriptor
+    (``O_NONBLOCK``: a FIFO swapped in meanwhile does not hang the open), and the read stops
+    one byte past the bound, so ``/dev/zero`` or a huge file costs at most ``max_bytes``.
+
+    Raises:
+        InputError: missing, unreadable, not a regular file, or larger than ``max_bytes``.
+    """
+    require_regular_file(path, what=what)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
