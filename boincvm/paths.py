@@ -84,3 +84,28 @@ def check_output_dir(output: Path) -> None:
             f"cannot create output directory {output}: {parent} is not writable",
             hint="choose a directory you may write to, or fix its permissions",
         )
+
+
+def refuse_symlinks_in(directory: Path, what: str) -> None:
+    """Refuse a directory boincvm will write files into when it, or an entry in it, is a symlink.
+
+    A file written there through a symlink (even a dangling one) lands wherever the link
+    points, outside the directory; the check runs before anything is written.
+
+    Raises:
+        InputError: naming the symlink.
+    """
+    hint = f"remove the symlink or choose another {what}"
+    if directory.is_symlink():
+        raise InputError(f"{what} {directory} is a symlink (to {directory.readlink()})", hint=hint)
+    if not directory.is_dir():
+        if directory.exists():
+            raise InputError(f"{what} {directory} exists and is not a directory", hint=hint)
+        return
+    for entry in directory.iterdir():
+        if entry.is_symlink():
+            raise InputError(
+                f"{what} {directory} holds a symlink {entry.name} (to {entry.readlink()}); "
+                "boincvm would write through it",
+                hint=hint,
+            )
