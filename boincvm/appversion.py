@@ -48,6 +48,7 @@ from boincvm.job import (
     render_job,
     validate_job,
 )
+from boincvm.names import check_identifier, logical_name_problem
 from boincvm.xmlio import parse_xml, read_bytes, text_of
 
 SUMMARY_NAME = "boincvm-app-version.json"
@@ -231,8 +232,11 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
         key = load_private_key(req.sign_key)  # fail before any work if the key is unusable
         if req.sign_key.resolve().parent == req.output_dir.resolve():
             raise InputError("the private key may not live in the app version directory")
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", req.app_name):
-        raise InputError(f"app name {req.app_name!r}: use letters, digits, '_', '.' and '-' only")
+    # These become directory and file names on the project server (and the default -o).
+    check_identifier(req.app_name, "app name")
+    check_identifier(req.platform, "platform")
+    if req.plan_class is not None:
+        check_identifier(req.plan_class, "plan class")
     for what, path in (("image", req.image), ("initrd", req.initrd), ("disk", req.disk)):
         if path is not None and not path.exists():
             raise InputError(f"{what} {path} does not exist")
@@ -409,6 +413,18 @@ def parse_version_xml(data: bytes, what: str = "version.xml") -> tuple[VersionXm
             out.append(error(f"version.file[{i}].physical_name", "is missing"))
             continue
         logical = f.find("logical_name")
+        # Both names are joined to the app version and the slot directories: one component each.
+        bad = [
+            (tag, problem)
+            for tag, elem in (("physical_name", phys), ("logical_name", logical))
+            if elem is not None and (problem := logical_name_problem(text_of(elem)))
+        ]
+        if bad:
+            out += [
+                error(f"version.file[{i}].{tag}", problem, hint="give a plain file name: no '/', no '..'")
+                for tag, problem in bad
+            ]
+            continue
         files.append(
             AppVersionFile(
                 physical_name=text_of(phys),

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from boincvm.errors import InputError
+from boincvm.paths import check_output_dir
 
 
 @contextmanager
@@ -22,8 +23,10 @@ def building(out: Path, *, force: bool) -> Iterator[Path]:
     """Yield a temporary directory beside ``out``; move it to ``out`` when the block succeeds.
 
     Raises:
-        InputError: ``out`` exists and ``force`` is false.
+        InputError: ``out`` exists and ``force`` is false, or cannot be made (see
+            :func:`boincvm.paths.check_output_dir`).
     """
+    check_output_dir(out)
     if out.exists() and not force:
         raise InputError(
             f"{out} already exists", hint="choose another --output-dir or add --force to replace it"

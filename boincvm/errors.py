@@ -14,7 +14,11 @@ code  meaning
 1     internal error (a bug: please report it with ``--debug`` output)
 2     command-line usage error (click)
 3     bad input: malformed or unsafe XML, missing file, checksum mismatch,
-      a path that escapes its directory, unreadable package
+      a path that escapes its directory, unreadable package, a number that is
+      NaN/infinite/out of range, a FIFO or device where a file belongs, text in
+      the wrong encoding, an output directory that would destroy an input, and
+      operating-system errors on a path the user named (ENOENT, ENOTDIR,
+      EACCES, EISDIR, EROFS, ENOSPC, ...)
 4     ``validate`` found problems (the findings are printed / in ``--json``)
 5     an external tool is missing or failed (qemu-img, rpmbuild, vmrun, ...)
 6     hypervisor error: backend unavailable, VM failed to start or stopped
@@ -22,6 +26,7 @@ code  meaning
       failed, output missing or too big
 8     the workunit failed under run-local (BOINC outcome in the summary)
 130   interrupted (Ctrl-C)
+143   terminated by SIGTERM (129 SIGHUP); partial artefacts were removed
 ====  ======================================================================
 """
 
@@ -35,16 +40,18 @@ class BoincvmError(Exception):
 
     Attributes:
         message: one sentence saying what went wrong.
-        hint: what the user can do about it, or ``None``.
+        hint: what the user can do about it; the class's ``default_hint`` when the raiser
+            gave none, so every refusal the CLI shows has a hint line.
         exit_code: the process exit code the CLI uses for this error.
     """
 
     exit_code: int = 1
+    default_hint: str = "run again with --debug and report the output"
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.hint = hint
+        self.hint = hint or self.default_hint
 
     def __str__(self) -> str:
         return self.message
@@ -54,28 +61,42 @@ class InputError(BoincvmError):
     """Input given by the user is wrong: a file, an option value, a batch row."""
 
     exit_code = 3
+    default_hint = "check the file or option named above"
 
 
 class XmlError(InputError):
     """An XML document is malformed, unsafe (DTD, entities) or of the wrong kind."""
 
+    default_hint = "fix the XML file named above; 'boincvm validate FILE' lists every problem"
+
 
 class PathEscapeError(InputError):
     """A path named by a job, a package or a guest would leave its directory."""
+
+    default_hint = (
+        "use a plain name or a relative path that stays inside its directory (no '..', no absolute path)"
+    )
 
 
 class ChecksumError(InputError):
     """A file's md5 or size does not match what its description says."""
 
+    default_hint = "the file changed after it was described; make the artefact again"
+
 
 class PackageError(InputError):
     """A guest package is unreadable, hostile or unfit for the image."""
+
+    default_hint = (
+        "rebuild the package with 'boincvm package-rpm'; 'boincvm validate PACKAGE' lists its problems"
+    )
 
 
 class ValidationFailed(BoincvmError):
     """``validate`` found at least one problem; ``findings`` lists them."""
 
     exit_code = 4
+    default_hint = "fix the errors listed above"
 
     def __init__(self, message: str, findings: Sequence[object], *, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
@@ -86,10 +107,13 @@ class ToolError(BoincvmError):
     """An external program is missing, failed or timed out."""
 
     exit_code = 5
+    default_hint = "check that the tool is installed and works (its last output is above)"
 
 
 class CommandNotFound(ToolError):
     """An external program is not installed."""
+
+    default_hint = "install the missing program (the README lists the Debian packages)"
 
 
 class CommandFailed(ToolError):
@@ -124,6 +148,7 @@ class HypervisorError(BoincvmError):
     """The hypervisor cannot run, or a VM operation failed."""
 
     exit_code = 6
+    default_hint = "check the hypervisor's setup ('boincvm validate --boot IMAGE' probes it)"
 
 
 class HypervisorUnavailable(HypervisorError):
@@ -142,6 +167,7 @@ class GuestError(BoincvmError):
     """Something inside the guest went wrong."""
 
     exit_code = 7
+    default_hint = "check the guest image and the job with 'boincvm validate'"
 
 
 class GuestToolsMissing(GuestError):
@@ -155,8 +181,13 @@ class GuestProgramFailed(GuestError):
 class OutputError(GuestError):
     """A result file is missing, too big or names a path outside the slot."""
 
+    default_hint = (
+        "make the program write its results where the job's output_file names say, within max_nbytes"
+    )
+
 
 class WorkunitFailed(BoincvmError):
     """A workunit run by ``run-local`` ended in a BOINC error outcome."""
 
     exit_code = 8
+    default_hint = "see the summary and stderr.txt in the results directory"

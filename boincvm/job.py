@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from boincvm.bounds import number_problem
 from boincvm.errors import BoincvmError, XmlError
 from boincvm.findings import Finding, error, has_errors, warning
 from boincvm.names import guest_path_problem, logical_name_problem, relative_path_problem
@@ -338,13 +339,23 @@ def _convert(place: str, elem: ET.Element, conv: Callable[[str], Any], findings:
     if conv is str:
         return raw
     try:
-        return conv(raw)
+        value = conv(raw)
     except ValueError:
         kind = {int: "a whole number", float: "a number"}.get(conv)  # type: ignore[call-overload]
         if kind is None and isinstance(conv, type) and issubclass(conv, enum.Enum):
             kind = "one of " + ", ".join(str(m.value) for m in conv)
-        findings.append(error(place, f"{raw!r} is not {kind or 'valid'}"))
+        findings.append(error(place, f"{raw!r} is not {kind or 'valid'}", hint=_VALUE_HINT))
         return None
+    # float() accepts nan, inf and 1e999 (inf): refused here, before any comparison or int().
+    if isinstance(value, float) and (problem := number_problem(value)):
+        findings.append(error(place, f"{raw!r} {problem}", hint=_VALUE_HINT))
+        return None
+    return value
+
+
+_NAME_HINT = "give a plain file name: no '/', no '..', no control characters"
+_PATH_HINT = "give a path relative to the job's directory, without '..' or control characters"
+_VALUE_HINT = "write a finite number (no nan, inf or 1e999) or the value the README lists"
 
 
 def _flag(place: str, elem: ET.Element, findings: list[Finding]) -> bool | None:
@@ -514,6 +525,7 @@ def load_job(path: Path) -> VmJob:
         XmlError: it is not a valid vm job.
     """
     job, findings = parse_job(read_bytes(path, what="vm job file"), what=f"vm job file {path.name}")
+    findings += validate_job(job)
     bad = [f for f in findings if f.severity == "error"]
     if bad:
         raise XmlError(f"vm job file {path.name}: {bad[0]}", hint=bad[0].hint)
@@ -539,18 +551,20 @@ def validate_job(job: VmJob, *, complete: bool = False) -> list[Finding]:
     if job.vm_initrd and not job.vm_kernel:
         out.append(error(f"{p}.vm_initrd", "needs vm_kernel"))
     if job.memory_size_mb is not None and not 32 <= job.memory_size_mb <= 1024 * 1024:
-        out.append(error(f"{p}.memory_size_mb", f"{job.memory_size_mb} is outside 32..1048576"))
+        out.append(
+            error(f"{p}.memory_size_mb", f"{job.memory_size_mb} is outside 32..1048576", hint="give MiB")
+        )
     if job.ncpus is not None and not 1 <= job.ncpus <= 256:
-        out.append(error(f"{p}.ncpus", f"{job.ncpus} is outside 1..256"))
-    for name in ("minimum_checkpoint_interval", "boot_timeout"):
+        out.append(error(f"{p}.ncpus", f"{job.ncpus} is outside 1..256", hint="give 1 to 256 CPUs"))
+    # A job built from options (not parsed) may carry NaN or infinities too: checked here.
+    ranges = (("minimum_checkpoint_interval", 0.0, False), ("boot_timeout", 0.0, True))
+    for name, low, low_open in ranges:
         value = getattr(job, name)
-        if value is not None and value < 0:
-            out.append(error(f"{p}.{name}", "must not be negative"))
-    if job.boot_timeout is not None and job.boot_timeout == 0:
-        out.append(error(f"{p}.boot_timeout", "must be more than 0"))
+        if value is not None and (problem := number_problem(value, low=low, low_open=low_open)):
+            out.append(error(f"{p}.{name}", problem, hint="give a finite number of seconds"))
     if job.package is not None:
         if problem := logical_name_problem(job.package.file_name):
-            out.append(error(f"{p}.package.file_name", problem))
+            out.append(error(f"{p}.package.file_name", problem, hint=_NAME_HINT))
         elif job.package.resolved_kind is None:
             out.append(
                 error(
@@ -586,7 +600,7 @@ def _validate_task(task: Task) -> list[Finding]:
     if task.application is not None and not task.application.strip():
         out.append(error(f"{p}.application", "must not be empty"))
     if task.exec_dir is not None and not task.exec_dir.startswith("/"):
-        out.append(error(f"{p}.exec_dir", "must be an absolute guest path"))
+        out.append(error(f"{p}.exec_dir", "must be an absolute guest path", hint="e.g. /tmp/boincvm"))
     for name in (
         "fraction_done_filename",
         "credit_report_filename",
@@ -595,13 +609,15 @@ def _validate_task(task: Task) -> list[Finding]:
     ):
         value = getattr(task, name)
         if value is not None and (problem := guest_path_problem(value)):
-            out.append(error(f"{p}.{name}", problem))
+            out.append(error(f"{p}.{name}", problem, hint="give a guest path without control characters"))
     for i, item in enumerate(task.setenv):
         name, eq, _ = item.partition("=")
         if not eq or not name or not name.replace("_", "a").isalnum() or name[0].isdigit():
-            out.append(error(f"{p}.setenv[{i}]", f"{item!r} is not NAME=VALUE"))
-    if task.time_limit is not None and task.time_limit <= 0:
-        out.append(error(f"{p}.time_limit", "must be more than 0"))
+            out.append(
+                error(f"{p}.setenv[{i}]", f"{item!r} is not NAME=VALUE", hint="e.g. OMP_NUM_THREADS=1")
+            )
+    if task.time_limit is not None and (problem := number_problem(task.time_limit, low=0, low_open=True)):
+        out.append(error(f"{p}.time_limit", problem, hint="give a finite number of seconds"))
     if task.command_line is not None and "\0" in task.command_line:
         out.append(error(f"{p}.command_line", "contains a NUL character"))
     return out
@@ -620,7 +636,7 @@ def _validate_files(job: VmJob) -> list[Finding]:
         for i, item in enumerate(files):
             place = f"{ROOT}.{kind}[{i}]"
             if problem := logical_name_problem(item.open_name):
-                out.append(error(f"{place}.open_name", problem))
+                out.append(error(f"{place}.open_name", problem, hint=_NAME_HINT))
             elif item.open_name in names:
                 out.append(
                     error(f"{place}.open_name", f"{item.open_name!r} is also used by {names[item.open_name]}")
@@ -628,7 +644,7 @@ def _validate_files(job: VmJob) -> list[Finding]:
             else:
                 names[item.open_name] = place
             if item.guest_name is not None and (problem := relative_path_problem(item.guest_name)):
-                out.append(error(f"{place}.guest_name", problem))
+                out.append(error(f"{place}.guest_name", problem, hint=_PATH_HINT))
             if isinstance(item, OutputFile):
                 if item.max_nbytes is None:
                     out.append(
@@ -639,7 +655,9 @@ def _validate_files(job: VmJob) -> list[Finding]:
                         )
                     )
                 elif item.max_nbytes <= 0:
-                    out.append(error(f"{place}.max_nbytes", "must be more than 0"))
+                    out.append(
+                        error(f"{place}.max_nbytes", "must be more than 0", hint="give a size in bytes")
+                    )
     return out
 
 
@@ -650,12 +668,12 @@ def _validate_image_files(job: VmJob) -> list[Finding]:
     for i, item in enumerate(job.image_files):
         place = f"{ROOT}.image_file[{i}]"
         if problem := logical_name_problem(item.open_name):
-            out.append(error(f"{place}.open_name", problem))
+            out.append(error(f"{place}.open_name", problem, hint=_NAME_HINT))
         elif item.open_name in opens:
             out.append(error(f"{place}.open_name", f"{item.open_name!r} appears twice"))
         opens.add(item.open_name)
         if problem := relative_path_problem(item.file_name):
-            out.append(error(f"{place}.file_name", problem))
+            out.append(error(f"{place}.file_name", problem, hint=_PATH_HINT))
         elif item.file_name in names:
             out.append(error(f"{place}.file_name", f"{item.file_name!r} appears twice"))
         names.add(item.file_name)

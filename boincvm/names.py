@@ -2,7 +2,10 @@
 
 Logical (open) names live in a BOINC slot directory: a single path component. Guest
 names are relative paths below the job's working directory in the guest. Neither may
-escape its directory.
+escape its directory. Identifiers that become directory or file names on a project
+server (app names, platforms, plan classes, app-version physical names) are single
+components of a small alphabet (:func:`identifier_problem`). This is the one boundary
+for untrusted names; :mod:`boincvm.bounds` is its sibling for numbers and files.
 """
 
 from __future__ import annotations
@@ -10,7 +13,13 @@ from __future__ import annotations
 import re
 from pathlib import PurePosixPath
 
+from boincvm.errors import InputError, PathEscapeError
+
 _WU_NAME_BAD = re.compile(r"[^A-Za-z0-9_.\-]")
+#: C0 controls, DEL and C1 controls: never part of a name (terminal escapes start with them).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: What BOINC's names on the server side use: app names, platforms, plan classes.
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+\-]*")
 
 
 def logical_name_problem(name: str) -> str | None:
@@ -21,7 +30,7 @@ def logical_name_problem(name: str) -> str | None:
         return f"{name!r} is not a file name"
     if "/" in name or "\\" in name:
         return f"{name!r} must be a plain file name, not a path"
-    if any(c in name for c in "\0\n\r\t") or name != name.strip():
+    if _CONTROL.search(name) or name != name.strip():
         return f"{name!r} contains control characters or surrounding spaces"
     if len(name.encode()) > 255:
         return "is longer than 255 bytes"
@@ -32,7 +41,7 @@ def relative_path_problem(path: str) -> str | None:
     """Why ``path`` is not a safe relative path (no absolute, no ``..``), or None."""
     if not path:
         return "must not be empty"
-    if any(c in path for c in "\0\n\r"):
+    if _CONTROL.search(path):
         return "contains control characters"
     if path.startswith("/") or path.startswith("\\") or re.match(r"^[A-Za-z]:", path):
         return f"{path!r} is absolute; give a path relative to the job's directory"
@@ -46,9 +55,66 @@ def guest_path_problem(path: str) -> str | None:
     """Why ``path`` is not usable as a guest path (absolute or relative), or None."""
     if not path:
         return "must not be empty"
-    if any(c in path for c in "\0\n\r"):
+    if _CONTROL.search(path):
         return "contains control characters"
     return None
+
+
+def identifier_problem(name: str) -> str | None:
+    """Why ``name`` is not a server-side identifier (app name, platform, plan class), or None.
+
+    One path component of letters, digits and ``_ . + -``, not starting with ``.`` or
+    ``-`` (so never ``..``, never an option), at most 128 bytes.
+    """
+    if not name:
+        return "must not be empty"
+    if _CONTROL.search(name):
+        return "contains control characters"
+    if not _IDENTIFIER.fullmatch(name):
+        return f"{name!r} may hold only letters, digits, '_', '.', '+', '-' (a letter or digit first)"
+    if len(name) > 128:
+        return "is longer than 128 characters"
+    return None
+
+
+def check_identifier(name: str, what: str) -> str:
+    """``name`` when it is a server-side identifier (see :func:`identifier_problem`).
+
+    Raises:
+        InputError: naming ``what`` and the problem.
+    """
+    if problem := identifier_problem(name):
+        raise InputError(
+            f"{what} {problem}" if problem.startswith(repr(name)) else f"{what} {name!r} {problem}",
+            hint="use letters, digits, '_', '.', '+' and '-' only, e.g. x86_64-pc-linux-gnu",
+        )
+    return name
+
+
+def check_logical_name(name: str, what: str) -> str:
+    """``name`` when it is a usable logical (slot) file name.
+
+    Raises:
+        PathEscapeError: it is ``..``, a path, or holds control characters.
+    """
+    if problem := logical_name_problem(name):
+        raise PathEscapeError(
+            f"{what}: {problem}", hint="give a plain file name: no '/', no '..', no control characters"
+        )
+    return name
+
+
+def check_relative_path(path: str, what: str) -> str:
+    """``path`` when it is a relative path that stays inside its directory.
+
+    Raises:
+        PathEscapeError: absolute, ``..``, or control characters.
+    """
+    if problem := relative_path_problem(path):
+        raise PathEscapeError(
+            f"{what}: {problem}", hint="give a path relative to the job's directory, without '..'"
+        )
+    return path
 
 
 def sanitize_wu_name(name: str) -> str:

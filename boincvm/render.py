@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.nodes
 import jinja2.sandbox
 from markupsafe import Markup
 
@@ -68,9 +69,40 @@ def render(template: str, /, **context: Any) -> str:
     return environment().get_template(template).render(**context)
 
 
+#: The longest text (or list) one user expression may build, and the largest power it may take.
+MAX_USER_VALUE = 1_000_000
+_MAX_EXPONENT = 1000
+
+
+class _UserSandbox(jinja2.sandbox.SandboxedEnvironment):
+    """jinja2's sandbox, with ``*`` and ``**`` bounded so one expression cannot eat the memory."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and abs(right) > _MAX_EXPONENT:
+            raise jinja2.exceptions.SecurityError(f"the power {right} is above {_MAX_EXPONENT}")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if (
+                    isinstance(seq, (str, list, tuple))
+                    and isinstance(n, int)
+                    and len(seq) * n > MAX_USER_VALUE
+                ):
+                    raise jinja2.exceptions.SecurityError(f"the result would be longer than {MAX_USER_VALUE}")
+        return super().call_binop(context, operator, left, right)
+
+
 @functools.cache
 def _sandbox() -> jinja2.sandbox.SandboxedEnvironment:
-    return jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+    return _UserSandbox(undefined=jinja2.StrictUndefined, autoescape=False)
+
+
+#: Tags that read other templates, i.e. files: a user expression may name none.
+_FILE_TAGS = (jinja2.nodes.Include, jinja2.nodes.Import, jinja2.nodes.FromImport, jinja2.nodes.Extends)
+_TEMPLATE_HINT = (
+    "use {{ column }} placeholders, filters and {% if %}/{% for %}; no include, import or extends"
+)
 
 
 class _Substitution:
@@ -113,10 +145,19 @@ def compile_user_template(source: str, *, place: str) -> UserTemplate:
     """
     if _Substitution.fits(source):
         return _Substitution(source)
+    env = _sandbox()
     try:
-        return _sandbox().from_string(source)
+        tree = env.parse(source)
     except jinja2.TemplateSyntaxError as exc:
-        raise InputError(f"{place}: {source!r} is not a valid template: {exc.message}") from None
+        raise InputError(
+            f"{place}: {source!r} is not a valid template: {exc.message}", hint=_TEMPLATE_HINT
+        ) from None
+    if any(True for _ in tree.find_all(_FILE_TAGS)):
+        raise InputError(
+            f"{place}: the template includes, imports or extends another template, which boincvm refuses",
+            hint=_TEMPLATE_HINT,
+        )
+    return env.from_string(tree)
 
 
 def render_user_template(template: UserTemplate, row: dict[str, Any], *, place: str) -> str:
@@ -130,4 +171,10 @@ def render_user_template(template: UserTemplate, row: dict[str, Any], *, place: 
     except jinja2.UndefinedError as exc:
         raise InputError(f"{place}: {exc.message}", hint="check the column names in the batch file") from None
     except jinja2.exceptions.SecurityError as exc:
-        raise InputError(f"{place}: refused by the sandbox: {exc}") from None
+        raise InputError(f"{place}: refused by the sandbox: {exc}", hint=_TEMPLATE_HINT) from None
+    except (jinja2.TemplateError, ArithmeticError, TypeError, ValueError, LookupError) as exc:
+        # A user expression that fails on a row's values ({{ x / 0 }}, {{ x + 1 }} on text).
+        raise InputError(
+            f"{place}: the template failed on this row ({type(exc).__name__}: {exc})",
+            hint="check the expression against the row's values",
+        ) from None

@@ -20,7 +20,9 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
+from boincvm.bounds import read_text
 from boincvm.errors import InputError
+from boincvm.paths import refuse_symlinks_in
 
 KEY_BITS = 1024
 MODULUS_LEN = KEY_BITS // 8
@@ -99,7 +101,10 @@ def parse_private_key(text: str, what: str = "private key") -> rsa.RSAPrivateKey
     """
     bits, data = _parse_block(text, what)
     if bits != KEY_BITS or len(data) != 3 * MODULUS_LEN + 5 * PRIME_LEN:
-        raise InputError(f"{what} is not a {KEY_BITS}-bit BOINC private key")
+        raise InputError(
+            f"{what} is not a {KEY_BITS}-bit BOINC private key",
+            hint="give the code_sign_private or code_sign_public that boincvm keys create wrote",
+        )
     m = MODULUS_LEN
     fields = [data[0:m], data[m : 2 * m], data[2 * m : 3 * m]]
     fields += [data[3 * m + i * PRIME_LEN : 3 * m + (i + 1) * PRIME_LEN] for i in range(5)]
@@ -108,7 +113,10 @@ def parse_private_key(text: str, what: str = "private key") -> rsa.RSAPrivateKey
         numbers = rsa.RSAPrivateNumbers(p, q, d, dmp1, dmq1, iqmp, rsa.RSAPublicNumbers(e, n_))
         return numbers.private_key()
     except ValueError:
-        raise InputError(f"{what} holds inconsistent RSA numbers") from None
+        raise InputError(
+            f"{what} holds inconsistent RSA numbers",
+            hint="give the code_sign_private or code_sign_public that boincvm keys create wrote",
+        ) from None
 
 
 def parse_public_key(text: str, what: str = "public key") -> rsa.RSAPublicKey:
@@ -119,13 +127,19 @@ def parse_public_key(text: str, what: str = "public key") -> rsa.RSAPublicKey:
     """
     bits, data = _parse_block(text, what)
     if bits != KEY_BITS or len(data) != 2 * MODULUS_LEN:
-        raise InputError(f"{what} is not a {KEY_BITS}-bit BOINC public key")
+        raise InputError(
+            f"{what} is not a {KEY_BITS}-bit BOINC public key",
+            hint="give the code_sign_private or code_sign_public that boincvm keys create wrote",
+        )
     n_ = int.from_bytes(data[:MODULUS_LEN], "big")
     e = int.from_bytes(data[MODULUS_LEN:], "big")
     try:
         return rsa.RSAPublicNumbers(e, n_).public_key()
     except ValueError:
-        raise InputError(f"{what} holds an invalid RSA key") from None
+        raise InputError(
+            f"{what} holds an invalid RSA key",
+            hint="give the code_sign_private or code_sign_public that boincvm keys create wrote",
+        ) from None
 
 
 def write_key_pair(directory: Path, pair: KeyPair | None = None) -> tuple[Path, Path]:
@@ -135,17 +149,22 @@ def write_key_pair(directory: Path, pair: KeyPair | None = None) -> tuple[Path, 
         InputError: a key file exists there already (keys are never overwritten).
     """
     pair = pair or generate()
+    refuse_symlinks_in(directory, "key directory")
     directory.mkdir(parents=True, exist_ok=True)
     private, public = directory / PRIVATE_FILE, directory / PUBLIC_FILE
     for path in (private, public):
-        if path.exists():
+        if path.exists() or path.is_symlink():
             raise InputError(
                 f"{path} already exists", hint="keys are never overwritten; choose another directory"
             )
-    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(private_key_text(pair.private))
-    public.write_text(public_key_text(pair.public), encoding="ascii")
+    # O_EXCL | O_NOFOLLOW: never through a symlink planted meanwhile, never over a file.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    for path, text, mode in (
+        (private, private_key_text(pair.private), 0o600),
+        (public, public_key_text(pair.public), 0o644),
+    ):
+        with os.fdopen(os.open(path, flags, mode), "w", encoding="ascii") as f:
+            f.write(text)
     return private, public
 
 
@@ -155,10 +174,20 @@ def load_private_key(path: Path) -> rsa.RSAPrivateKey:
     Raises:
         InputError: missing or not a BOINC private key.
     """
-    try:
-        return parse_private_key(path.read_text(encoding="ascii"), f"key file {path}")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read key file {path}: {exc}") from None
+    return parse_private_key(read_key_text(path), f"key file {path}")
+
+
+def read_key_text(path: Path, what: str = "key file") -> str:
+    """A key or signature file's text: a small regular ASCII file.
+
+    Raises:
+        InputError: missing, not a regular file, too big, or not ASCII.
+    """
+    return read_text(path, what=what, encoding="ascii", max_bytes=MAX_KEY_BYTES)
+
+
+#: A 1024-bit key in BOINC's hex format is under 3 KB; a signature under 1 KB.
+MAX_KEY_BYTES = 64 * 1024
 
 
 def _md5_hex(path: Path) -> bytes:

@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from boincvm.bounds import require_regular_file
 from boincvm.errors import BoincvmError, InputError
 from boincvm.findings import Finding, error, has_errors, info, warning
 from boincvm.job import JOB_OPEN_NAME, parse_job, validate_job
@@ -69,7 +70,10 @@ def validate_path(path: Path, *, boot: bool = False) -> Report:
         InputError: the path does not exist or is of no kind boincvm knows.
     """
     if not path.exists():
-        raise InputError(f"{path} does not exist")
+        raise InputError(f"{path} does not exist", hint="check the path")
+    if not path.is_dir():
+        # A FIFO or device is refused before anything opens it (an open would hang or never end).
+        require_regular_file(path, what="validate: path")
     kind = detect_kind(path)
     findings: list[Finding]
     if kind is PathKind.WORKUNIT_DIR:
@@ -408,7 +412,7 @@ def _check_wu_job(path: Path, open_names: set[str], out_sizes: dict[str, float |
     findings = check_job_file(path)
     if has_errors(findings):
         return findings
-    job, _ = parse_job(path.read_bytes())
+    job, _ = parse_job(read_bytes(path, what="vm job file"))
     for f in job.input_files:
         if f.open_name not in open_names:
             findings.append(error(f"vm_job.input_file.{f.open_name}", "is not among the workunit's files"))

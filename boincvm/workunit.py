@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from boincvm.atomicdir import building
-from boincvm.errors import InputError
+from boincvm.bounds import decode_text, finite, os_hint, require_regular_file
+from boincvm.errors import InputError, PathEscapeError
 from boincvm.job import (
     JOB_OPEN_NAME,
     InputFile,
@@ -42,7 +43,15 @@ from boincvm.job import (
     render_job,
     validate_job,
 )
-from boincvm.names import logical_name_problem, sanitize_wu_name
+from boincvm.names import (
+    check_identifier,
+    check_logical_name,
+    check_relative_path,
+    logical_name_problem,
+    relative_path_problem,
+    sanitize_wu_name,
+)
+from boincvm.paths import inside, refuse_output_overlapping
 from boincvm.render import compile_user_template, render, render_user_template
 
 SUMMARY_NAME = "boincvm-workunits.json"
@@ -94,6 +103,8 @@ class WorkunitRequest:
         output_dir: where the directory is made.
         batch: a CSV or JSON Lines file of parameter rows, or None for a single workunit.
         force: replace an existing output directory.
+        also_reads: other files the command read (the job file, the program directory),
+            which the output directory must not overlap either.
     """
 
     app_name: str
@@ -106,6 +117,7 @@ class WorkunitRequest:
     resources: Resources = field(default_factory=Resources)
     batch: Path | None = None
     force: bool = False
+    also_reads: tuple[tuple[str, Path], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -210,9 +222,11 @@ def _suffix(name: str) -> str:
 class _Stager:
     """Stores files by content in ``download/``, each once, remembering what it hashed."""
 
-    def __init__(self, app: str, download: Path) -> None:
+    def __init__(self, app: str, download: Path, replaced: Path | None = None) -> None:
         self.app = app
         self.download = download
+        # The existing output directory --force will replace: no input may come from it.
+        self.replaced = replaced
         # Only large files are remembered: a batch's many small unique inputs would make
         # memory grow with the batch, and hashing them again costs less than a stat.
         self._by_source: dict[tuple[int, int, int, int], tuple[str, int, str]] = {}
@@ -231,9 +245,17 @@ class _Stager:
                 hint="check the path (in a batch, relative paths start at the batch file)",
             ) from None
         except OSError as exc:
-            raise InputError(f"{place}: cannot read {path}: {exc.strerror}") from None
+            raise InputError(f"{place}: cannot read {path}: {exc.strerror}", hint=os_hint(exc)) from None
         if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"{place}: {path} is not a regular file")
+            raise InputError(
+                f"{place}: {path} is not a regular file", hint="inputs are ordinary files (no FIFO or device)"
+            )
+        if self.replaced is not None and inside(path, self.replaced):
+            raise InputError(
+                f"{place}: input file {path} lies inside the output directory {self.replaced}, "
+                "which --force would delete",
+                hint="choose another output directory (-o) that holds none of the inputs",
+            )
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         known = self._by_source.get(key)
         if known is None:
@@ -284,7 +306,8 @@ def create_work_line(record: WorkunitRecord, *, where: str) -> str:
     if cmd:
         if "\n" in cmd or "\r" in cmd or "\0" in cmd:
             raise InputError(
-                f"{where}: the command line contains a line break or NUL, which create_work cannot pass"
+                f"{where}: the command line contains a line break or NUL, which create_work cannot pass",
+                hint="put the command line on one line",
             )
         if "'" not in cmd:
             quoted = f"'{cmd}'"
@@ -318,32 +341,50 @@ def read_batch(path: Path) -> Iterator[dict[str, Any]]:
     """Yield the rows of a CSV (header line first) or JSON Lines batch file, streaming.
 
     Raises:
-        InputError: unreadable file or a malformed row (its line is named).
+        InputError: unreadable file, not a regular file, not UTF-8, or a malformed row (its
+            line is named).
     """
+    require_regular_file(path, what="batch file")
     try:
-        f = path.open(encoding="utf-8", newline="")
+        f = path.open("rb")
     except OSError as exc:
-        raise InputError(f"cannot read batch file {path}: {exc.strerror}") from None
+        raise InputError(f"cannot read batch file {path}: {exc.strerror}", hint=os_hint(exc)) from None
+    # Streamed line by line (a batch may be large); each line is decoded on its own so that
+    # bad bytes are named by line instead of surfacing as a UnicodeDecodeError.
+    lines = (decode_text(raw, what=f"batch file {path.name}, line {n}") for n, raw in enumerate(f, 1))
     with f:
         if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-            for lineno, line in enumerate(f, 1):
+            for lineno, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise InputError(f"batch file {path.name}, line {lineno}: not JSON ({exc.msg})") from None
+                    raise InputError(
+                        f"batch file {path.name}, line {lineno}: not JSON ({exc.msg})",
+                        hint="write one JSON object per line",
+                    ) from None
                 if not isinstance(row, dict):
-                    raise InputError(f"batch file {path.name}, line {lineno}: a row must be a JSON object")
+                    raise InputError(
+                        f"batch file {path.name}, line {lineno}: a row must be a JSON object",
+                        hint='write one object per line, e.g. {"x": 1}',
+                    )
                 yield row
         elif path.suffix.lower() in (".csv", ".tsv"):
-            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            for row in reader:
-                if None in row:
-                    raise InputError(
-                        f"batch file {path.name}, line {reader.line_num}: more fields than the header"
-                    )
-                yield dict(row)
+            reader = csv.DictReader(lines, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            try:
+                for row in reader:
+                    if None in row:
+                        raise InputError(
+                            f"batch file {path.name}, line {reader.line_num}: more fields than the header",
+                            hint="quote fields that contain the delimiter",
+                        )
+                    yield dict(row)
+            except csv.Error as exc:
+                raise InputError(
+                    f"batch file {path.name}, line {reader.line_num}: not CSV ({exc})",
+                    hint="check the quoting on that line",
+                ) from None
         else:
             raise InputError(
                 f"batch file {path.name}: unknown format",
@@ -355,10 +396,7 @@ def read_batch(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _check_request(req: WorkunitRequest) -> None:
-    if problem := logical_name_problem(req.app_name):
-        raise InputError(f"app name: {problem}")
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", req.app_name):
-        raise InputError(f"app name {req.app_name!r}: use letters, digits, '_', '.' and '-' only")
+    check_identifier(req.app_name, "app name")
     findings = [f for f in validate_job(req.job) if f.severity == "error"]
     if findings:
         raise InputError(f"{findings[0]}", hint=findings[0].hint)
@@ -366,24 +404,30 @@ def _check_request(req: WorkunitRequest) -> None:
         raise InputError("vm_job.task.application: must not be empty", hint="give --application")
     seen = {JOB_OPEN_NAME}
     for spec in req.inputs:
-        if problem := logical_name_problem(spec.open_name):
-            raise InputError(f"input {spec.open_name!r}: {problem}")
+        check_logical_name(spec.open_name, f"input {spec.open_name!r}")
+        if spec.guest_name is not None:
+            check_relative_path(spec.guest_name, f"input {spec.open_name!r}: guest name")
         if spec.open_name in seen:
-            raise InputError(f"input {spec.open_name!r}: the logical name is used twice")
+            raise InputError(
+                f"input {spec.open_name!r}: the logical name is used twice",
+                hint="give each input its own name",
+            )
         seen.add(spec.open_name)
     for out in req.job.output_files:
         if out.open_name in seen:
-            raise InputError(f"output {out.open_name!r}: the logical name is also an input")
+            raise InputError(
+                f"output {out.open_name!r}: the logical name is also an input",
+                hint="give the output another logical name",
+            )
     r = req.resources
+    for name in ("rsc_fpops_est", "rsc_fpops_bound", "rsc_memory_bound", "rsc_disk_bound", "delay_bound"):
+        finite(getattr(r, name), name, low=0, low_open=True)
     for est, bound in (("rsc_fpops_est", "rsc_fpops_bound"),):
         if getattr(r, bound) < getattr(r, est):
             raise InputError(
                 f"{bound} ({getattr(r, bound):g}) is below {est} ({getattr(r, est):g})",
                 hint="the bound must be at least the estimate",
             )
-    for name in ("rsc_fpops_est", "rsc_fpops_bound", "rsc_memory_bound", "rsc_disk_bound", "delay_bound"):
-        if getattr(r, name) <= 0:
-            raise InputError(f"{name} must be more than 0")
     if not (
         r.target_nresults <= r.max_success_results <= r.max_total_results
         and r.max_error_results <= r.max_total_results
@@ -391,7 +435,8 @@ def _check_request(req: WorkunitRequest) -> None:
     ):
         raise InputError(
             "replication: need min_quorum <= target_nresults <= max_success_results <= "
-            "max_total_results and max_error_results <= max_total_results"
+            "max_total_results and max_error_results <= max_total_results",
+            hint="lower --min-quorum or raise --target-nresults",
         )
     if req.job.memory_size_mb is not None and req.job.memory_size_mb * 1024 * 1024 > r.rsc_memory_bound:
         raise InputError(
@@ -408,16 +453,51 @@ def make_workunits(req: WorkunitRequest, progress: Progress | None = None) -> Wo
         InputError: bad request, missing input, bad batch row, or the output exists (without force).
     """
     _check_request(req)
+    _refuse_destroying_inputs(req)
+    if req.package is not None:
+        _check_package(req.package)
     with building(req.output_dir, force=req.force) as tmp:
         result = _write(req, tmp, progress)
     return replace(result, directory=req.output_dir)
+
+
+def _refuse_destroying_inputs(req: WorkunitRequest) -> None:
+    """The output directory (deleted by --force) must not be, hold or lie in any input.
+
+    Input paths that are templates are checked per row when staged (see ``_Stager``).
+    """
+    reads = list(req.also_reads)
+    reads += [("--package", req.package)] if req.package is not None else []
+    reads += [("--batch", req.batch)] if req.batch is not None else []
+    reads += [(f"--input {s.open_name}", Path(s.path)) for s in req.inputs if "{" not in s.path]
+    refuse_output_overlapping(req.output_dir, reads)
+
+
+def _check_package(path: Path) -> None:
+    """Run the check ``validate`` runs on a package, so a hostile one never reaches a workunit.
+
+    Raises:
+        PackageError: the first problem found (a member with '..', absolute, setuid, a device...).
+    """
+    from boincvm.errors import PackageError
+    from boincvm.findings import has_errors
+    from boincvm.package.inspect import check_package
+
+    findings = check_package(path)
+    if has_errors(findings):
+        bad = next(f for f in findings if f.severity == "error")
+        raise PackageError(
+            f"package {path.name} was refused: {bad.place}: {bad.message}",
+            hint=bad.hint or "rebuild it with 'boincvm package-rpm'; 'boincvm validate' lists every problem",
+        )
 
 
 def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> WorkunitSet:
     app = req.app_name
     (tmp / "download").mkdir()
     (tmp / "templates").mkdir()
-    stager = _Stager(app, tmp / "download")
+    replaced = req.output_dir if req.output_dir.exists() else None
+    stager = _Stager(app, tmp / "download", replaced)
 
     base_job = req.job
     package_file: StagedFile | None = None
@@ -457,6 +537,11 @@ def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> Workun
             where = f"batch row {index + 1}" if req.batch else "workunit"
             ctx = {"app": app, "index": index, **row}
             name = sanitize_wu_name(render_user_template(name_t, ctx, place=f"{where}: name"))
+            if not name.strip("."):
+                raise InputError(
+                    f"{where}: workunit name {name!r} is not a usable name",
+                    hint="make --name render to letters and digits, e.g. {{ app }}_{{ index }}",
+                )
             if name in names:
                 raise InputError(
                     f"{where}: workunit name {name!r} is used twice",
@@ -479,7 +564,9 @@ def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> Workun
             if progress is not None:
                 progress(count, total)
     if count == 0:
-        raise InputError(f"batch file {req.batch}: has no rows")
+        raise InputError(
+            f"batch file {req.batch}: has no rows", hint="add a header line and one row per workunit"
+        )
 
     open_names = [f.open_name for f in fixed] + [s.open_name for s in req.inputs]
     in_name = f"{app}_in.xml"
@@ -536,12 +623,25 @@ class WorkunitDir:
         Raises:
             InputError: a line is not a record.
         """
-        with (self.path / RECORDS_NAME).open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with (self.path / RECORDS_NAME).open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = decode_text(raw, what=f"{RECORDS_NAME}, line {lineno}")
                 try:
-                    yield WorkunitRecord.from_json(line)
+                    record = WorkunitRecord.from_json(line)
                 except (ValueError, KeyError, TypeError):
-                    raise InputError(f"{RECORDS_NAME}, line {lineno}: not a workunit record") from None
+                    raise InputError(
+                        f"{RECORDS_NAME}, line {lineno}: not a workunit record",
+                        hint="make the workunits again with 'boincvm make-workunit'",
+                    ) from None
+                # The names are joined to download/ and to a slot: a '..' would leave them.
+                for sf in record.files:
+                    for kind, value in (("logical", sf.open_name), ("physical", sf.physical_name)):
+                        if problem := logical_name_problem(value):
+                            raise PathEscapeError(
+                                f"{RECORDS_NAME}, line {lineno}: {kind} name {problem}",
+                                hint="make the workunits again with 'boincvm make-workunit'",
+                            )
+                yield record
 
     def record(self, name: str | None = None) -> WorkunitRecord:
         """The workunit called ``name`` (or the only/first one).
@@ -552,7 +652,7 @@ class WorkunitDir:
         for rec in self.records():
             if name is None or rec.name == name:
                 return rec
-        raise InputError(f"{self.path}: no workunit named {name!r}")
+        raise InputError(f"{self.path}: no workunit named {name!r}", hint=f"the names are in {RECORDS_NAME}")
 
 
 def open_workunit_dir(path: Path) -> WorkunitDir:
@@ -569,13 +669,24 @@ def open_workunit_dir(path: Path) -> WorkunitDir:
         )
     try:
         d = json.loads(summary_path.read_text(encoding="utf-8"))
-        return WorkunitDir(
+        templates = {key: str(d[key]) for key in ("input_template", "output_template")}
+        wud = WorkunitDir(
             path=path,
             app_name=str(d["app_name"]),
             count=int(d["count"]),
-            input_template=path / str(d["input_template"]),
-            output_template=path / str(d["output_template"]),
+            input_template=path / templates["input_template"],
+            output_template=path / templates["output_template"],
             open_names=tuple(str(n) for n in d["open_names"]),
         )
     except (ValueError, KeyError, TypeError):
-        raise InputError(f"{summary_path} is not a boincvm workunit summary") from None
+        raise InputError(
+            f"{summary_path} is not a boincvm workunit summary",
+            hint="make the workunits again with 'boincvm make-workunit'",
+        ) from None
+    for key, value in templates.items():
+        if problem := relative_path_problem(value):
+            raise PathEscapeError(
+                f"{summary_path}: {key} {problem}",
+                hint="make the workunits again with 'boincvm make-workunit'",
+            )
+    return wud

@@ -13,7 +13,8 @@ from pathlib import Path
 import defusedxml
 import defusedxml.ElementTree as DET
 
-from boincvm.errors import InputError, XmlError
+from boincvm.bounds import read_file_bytes
+from boincvm.errors import XmlError
 
 #: Refuse documents bigger than this (a vm job or template is a few KB).
 MAX_XML_BYTES = 16 * 1024 * 1024
@@ -32,7 +33,8 @@ def parse_xml(data: bytes | str, *, what: str) -> ET.Element:
     raw = data.encode("utf-8") if isinstance(data, str) else data
     if len(raw) > MAX_XML_BYTES:
         raise XmlError(
-            f"{what} is {len(raw)} bytes, more than the {MAX_XML_BYTES} bytes an XML file may have"
+            f"{what} is {len(raw)} bytes, more than the {MAX_XML_BYTES} bytes an XML file may have",
+            hint="a BOINC XML file is a few KB; check that this is the right file",
         )
     try:
         root: ET.Element = DET.fromstring(raw, forbid_dtd=True, forbid_entities=True, forbid_external=True)
@@ -46,6 +48,11 @@ def parse_xml(data: bytes | str, *, what: str) -> ET.Element:
         raise XmlError(
             f"{what} declares entities, which boincvm refuses",
             hint="use the predefined escapes &amp; &lt; &gt; &quot; &apos; instead of declared entities",
+        ) from None
+    except (LookupError, ValueError) as exc:  # expat: an encoding Python has no codec for
+        raise XmlError(
+            f"{what} declares an encoding boincvm cannot read ({exc})",
+            hint='save it as UTF-8 and declare <?xml version="1.0" encoding="UTF-8"?> (or no declaration)',
         ) from None
     except ET.ParseError as exc:
         line, col = exc.position
@@ -89,19 +96,12 @@ def is_flag_true(elem: ET.Element) -> bool | None:
 
 
 def read_bytes(path: Path, *, what: str) -> bytes:
-    """Read a file for parsing, with a clear error when it cannot be read.
+    """Read a file for parsing: a regular file (no FIFO, device or directory) of bounded size.
 
     Raises:
-        InputError: missing or unreadable.
+        InputError: missing, unreadable, not a regular file, or bigger than an XML file may be.
     """
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise InputError(f"{what} {path} is a directory, not a file") from None
-    except OSError as exc:
-        raise InputError(f"cannot read {what} {path}: {exc.strerror}") from None
+    return read_file_bytes(path, what=what, max_bytes=MAX_XML_BYTES)
 
 
 def escape_text(value: object) -> str:

@@ -6,8 +6,13 @@ exit codes (see :mod:`boincvm.errors`).
 
 from __future__ import annotations
 
+import io
 import logging
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 
 import click
 
@@ -80,29 +85,107 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     console.set_verbosity(-1 if quiet else verbose)
     level = logging.DEBUG if debug or verbose >= 2 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_PrintableFormatter(handler.formatter))
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines reach the terminal too: control characters in them are escaped like the rest."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return console.printable(self.inner.format(record))
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C, so every ``finally`` cleanup runs.
+
+    A BaseException (not an Exception) so that no ``except Exception`` on the way swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: The signals that end a command; SIGINT already raises KeyboardInterrupt.
+_ENDING = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001 - signal handler API
+    # The cleanup that follows (removing a half-built directory) must not be cut short by a
+    # second signal: from now on they are ignored, Ctrl-C included.
+    for sig in (*_ENDING, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+@contextmanager
+def _signals_as_exceptions() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into :class:`Terminated` for the command's duration, then restore."""
+    try:
+        saved = {sig: signal.signal(sig, _terminate) for sig in _ENDING}
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
+def _os_error_sentence(exc: OSError) -> str:
+    where = " and ".join(repr(str(f)) for f in (exc.filename, exc.filename2) if f is not None)
+    what = exc.strerror or str(exc)
+    return f"{where}: {what.lower()}" if where else f"operating-system error: {what.lower()}"
+
+
+def _show_click_error(exc: click.ClickException) -> None:
+    buffer = io.StringIO()
+    exc.show(file=buffer)
+    sys.stderr.write(console.printable(buffer.getvalue()))
+    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``boincvm`` console script; maps errors to documented exit codes."""
+    from boincvm.bounds import os_hint
+
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="boincvm", standalone_mode=False)
+        with _signals_as_exceptions():
+            cli.main(args=argv, prog_name="boincvm", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.Abort:
-        console.error("interrupted")
+        console.error("interrupted", "nothing half-made was left behind; run the command again")
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
+        _show_click_error(exc)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        console.error("interrupted")
+        console.error("interrupted", "nothing half-made was left behind; run the command again")
         sys.exit(130)
+    except Terminated as exc:
+        name = signal.Signals(exc.signum).name
+        console.error(f"terminated by {name}", "nothing half-made was left behind; run the command again")
+        sys.exit(128 + exc.signum)
     except BoincvmError as exc:
         if debug:
             console.err.print_exception(show_locals=False)
         console.error(exc.message, exc.hint)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        # An OS error on a path the user named (ENOTDIR, EACCES, ENOSPC, EROFS, ...) is a
+        # sentence about that path, not a bug; the domain names most of them itself.
+        if debug:
+            console.err.print_exception(show_locals=False)
+        console.error(_os_error_sentence(exc), os_hint(exc))
+        sys.exit(3)
     except Exception:
         if debug:
             raise

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -24,9 +26,30 @@ def verbosity() -> int:
     return _verbosity
 
 
+#: C0 controls but tab and newline, DEL and C1 controls: what a hostile file name would use to
+#: move the cursor, recolour or retitle the terminal (``\x1b[31m``, ``\x9b``, ``\r``).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character shown as an escape (``\\x1b``), never sent raw."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1] if m.group() != "\x1b" else "\\x1b", text)
+
+
+class _SafeConsole(Console):
+    """A rich console that escapes control characters in every string it is given.
+
+    Every human line boincvm prints goes through here (file names, XML values and guest
+    output included), so this is the one place terminal escapes are neutralised.
+    """
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
 def _make() -> Console:
     # markup and highlighting off: XML and paths must never be read as rich markup.
-    return Console(
+    return _SafeConsole(
         stderr=True,
         markup=False,
         highlight=False,
@@ -70,6 +93,9 @@ def error(msg: str, hint: str | None = None) -> None:
 
 def out(text: str) -> None:
     """An artefact on stdout (XML, JSON, paths)."""
+    # Artefacts are written as they are, except to a terminal, which gets escapes shown.
+    if sys.stdout.isatty():
+        text = printable(text)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     sys.stdout.flush()
 

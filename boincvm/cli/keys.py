@@ -63,15 +63,15 @@ def sign(file: Path, key_file: Path) -> None:
 def verify(file: Path, key_file: Path, sig_file: Path | None) -> None:
     """Check FILE's signature as the BOINC client does."""
     from boincvm.errors import ValidationFailed
-    from boincvm.signing import parse_public_key, verify_file
+    from boincvm.signing import parse_public_key, read_key_text, verify_file
 
-    key = parse_public_key(key_file.read_text(encoding="ascii"), f"key file {key_file}")
+    key = parse_public_key(read_key_text(key_file), f"key file {key_file}")
     sig = sig_file or file.with_name(file.name + ".sig")
-    if not sig.is_file():
+    if not sig.exists():
         raise ValidationFailed(
             f"{sig} does not exist", [], hint="sign with boincvm keys sign or package-image --sign-key"
         )
-    if not verify_file(file, sig.read_text(encoding="ascii"), key):
+    if not verify_file(file, read_key_text(sig, "signature file"), key):
         raise ValidationFailed(
             f"{file.name}: the signature does not match",
             [],

@@ -20,13 +20,13 @@ def _parse_input(value: str) -> tuple[str, str, str | None]:
 
 
 def _parse_output(value: str) -> tuple[str, str | None, int]:
+    from boincvm.bounds import parse_size
+
     head, colon, size = value.rpartition(":")
     if not colon or not head:
         raise click.BadParameter(f"{value!r}: expected OPEN_NAME[=GUEST_NAME]:MAX_NBYTES")
-    try:
-        max_nbytes = int(float(size))
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: {size!r} is not a size in bytes") from None
+    # NaN, inf and 1e999 are refused here (int(float('1e999')) would raise OverflowError).
+    max_nbytes = parse_size(size, f"--output {head}: the size")
     open_name, eq, guest = head.partition("=")
     return open_name, (guest if eq else None), max_nbytes
 
@@ -198,6 +198,11 @@ def command(
         resources=resources,
         batch=batch,
         force=force,
+        also_reads=tuple(
+            (what, path)
+            for what, path in (("--job", job_file), ("--program", program_dir))
+            if path is not None
+        ),
     )
     if package is not None and program_dir is not None:
         raise click.UsageError("give --package or --program, not both")

@@ -61,6 +61,7 @@ def command(
     install; the same directory always gives the same bytes. The package is checked
     afterwards as `boincvm validate` would.
     """
+    from boincvm.bounds import read_text
     from boincvm.findings import Severity
     from boincvm.package import PackageFormat, PackageRequest, build_package, check_package
 
@@ -74,7 +75,9 @@ def command(
         requires=requires,
         summary=summary,
         format=PackageFormat(fmt),
-        post_install=post_install.read_text(encoding="utf-8") if post_install else None,
+        post_install=read_text(post_install, what="--post-install script", max_bytes=1024 * 1024)
+        if post_install
+        else None,
     )
     built = build_package(req, output_dir)
     for f in check_package(built.path, allowed_prefixes=(req.install_prefix + "/", "/usr/local/")):

@@ -108,6 +108,10 @@ def command(
         )
         for spec in specs
     )
+    from boincvm.paths import refuse_symlinks_in
+
+    # Outputs, stderr.txt and summary.json are written there: never through a symlink.
+    refuse_symlinks_in(results_dir, "--results directory")
     req = RunLocalRequest(
         workunit_dir=workunit_dir,
         app_version_dir=app_version,

@@ -9,6 +9,10 @@ import click
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def command(args: tuple[str, ...]) -> None:
     """Run the wrapper as the BOINC client would start it (for debugging; the app version ships its own)."""
+    import signal
+
     from boincvm.wrapper_main import main
 
+    # The wrapper handles its own signals (SIGTERM stops the VM); the CLI's do not apply.
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     raise SystemExit(main(list(args)))

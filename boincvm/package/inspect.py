@@ -403,6 +403,11 @@ def _entry_problem(e: PackageEntry, prefixes: Sequence[str], allow_setuid: bool)
     if ".." in parts:
         return "leaves its directory (contains '..')"
     norm = posixpath.normpath(e.path)
+    if e.kind == "dir" and e.mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWOTH):
+        # tar would apply the mode to the guest's /opt or /usr/local too (mode 7777: anyone may
+        # write there, setgid spreads the group); packages carry plain directories only.
+        mode = stat.S_IMODE(e.mode)
+        return f"is a directory with mode {mode:04o} (setuid, setgid, sticky or world-writable)"
     if e.kind == "dir" and any(norm == p.rstrip("/") or p.startswith(norm + "/") for p in prefixes):
         return None  # the directories leading to an allowed prefix
     if not _under(norm, prefixes):
