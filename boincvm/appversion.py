@@ -144,7 +144,7 @@ class AppVersion:
 def looks_like_kernel(path: Path) -> bool:
     """A Linux kernel: an ELF vmlinux or a bzImage (``HdrS`` at 0x202)."""
     try:
-        with open_regular(path, "image") as f:  # a FIFO or a link is no kernel (and must not hang us)
+        with open_regular(path, f"image {path}") as f:  # a FIFO or a link is no kernel (and must not hang us)
             head = f.read(0x210)
     except (OSError, InputError):
         return False
@@ -231,7 +231,7 @@ def image_inputs(req: AppVersionRequest) -> list[Path]:
     elif req.image.is_dir() and not req.image.is_symlink():
         found += [req.image, *(r.path for r in inspect_image_dir(req.image))]
     elif looks_like_kernel(req.image):
-        check_regular(req.image, "kernel")
+        check_regular(req.image, f"kernel {req.image}")
         found.append(req.image)
     else:
         found += [
@@ -239,7 +239,7 @@ def image_inputs(req: AppVersionRequest) -> list[Path]:
             for r in inspect_disk(req.image, what=req.image.name, declared=declared_format(req.image)).files
         ]
     if req.initrd is not None:
-        check_regular(req.initrd, "initrd")
+        check_regular(req.initrd, f"initrd {req.initrd}")
         found.append(req.initrd)
     if req.disk is not None:
         found += [
@@ -315,7 +315,7 @@ def _package_into(
         note(f"adding {logical}")
         staging = tmp / f".{logical}.part"
         if copy:
-            with open_regular(src, logical) as fi, staging.open("wb") as fo:
+            with open_regular(src, f"{logical} source {src}") as fi, staging.open("wb") as fo:
                 shutil.copyfileobj(fi, fo, 1 << 20)
         else:
             staging = src

@@ -64,7 +64,7 @@ def copy_hashed(src: Path, dst: Path, *, estimate_gzip: bool) -> tuple[str, int,
     md5 = hashlib.md5(usedforsecurity=False)
     comp = zlib.compressobj(6, zlib.DEFLATED, 31) if estimate_gzip else None
     size = packed = 0
-    with open_regular(src, "VM file") as fi, dst.open("wb") as fo:
+    with open_regular(src, f"VM file {src}") as fi, dst.open("wb") as fo:
         while block := fi.read(_BLOCK):
             md5.update(block)
             size += len(block)

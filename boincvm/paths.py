@@ -76,12 +76,14 @@ def reference(
             raise PathEscapeError(f"{where}, which leaves {inside}", hint=hint)
     path = root.joinpath(*parts)
     if resolve and not path.resolve().is_relative_to(root.resolve()):
-        raise PathEscapeError(f"{where}, which resolves outside {inside}", hint=hint)
+        raise PathEscapeError(f"{where}, which resolves outside {inside} through a symbolic link", hint=hint)
     return path
 
 
 def check_regular(path: Path, what: str) -> os.stat_result:
     """The status of ``path`` once it is known to be a regular file that is not a symbolic link.
+
+    ``what`` names the file in messages, its name included (``image x.qcow2``).
 
     Raises:
         InputError: it does not exist, or is a FIFO, a device, a socket or a directory.
@@ -90,22 +92,17 @@ def check_regular(path: Path, what: str) -> os.stat_result:
     try:
         st = path.lstat()
     except FileNotFoundError:
-        raise InputError(
-            f"{what} {path} does not exist", hint="check the name and that the file is there"
-        ) from None
+        raise InputError(f"{what} does not exist", hint="check the name and that the file is there") from None
     except OSError as exc:
-        raise InputError(
-            f"{what} {path} cannot be read: {exc.strerror}", hint="check its permissions"
-        ) from exc
+        raise InputError(f"{what} cannot be read: {exc.strerror}", hint="check its permissions") from exc
     if stat.S_ISLNK(st.st_mode):
         raise PathEscapeError(
-            f"{what} {path} is a symbolic link (to {str(path.readlink())!r}), "
-            "whose target could be any host file",
+            f"{what} is a symbolic link (to {str(path.readlink())!r}), whose target could be any host file",
             hint="replace the link by the file itself (cp --dereference) after checking what it points to",
         )
     if not stat.S_ISREG(st.st_mode):
         kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
-        raise InputError(f"{what} {path} is {kind}, not a regular file", hint="give a regular file")
+        raise InputError(f"{what} is {kind}, not a regular file", hint="give a regular file")
     return st
 
 
@@ -122,13 +119,11 @@ def open_regular(path: Path, what: str) -> BinaryIO:
         fd = os.open(path, flags)
     except OSError as exc:
         check_regular(path, what)  # swapped for a link or removed since: say so
-        raise InputError(
-            f"{what} {path} cannot be opened: {exc.strerror}", hint="check its permissions"
-        ) from exc
+        raise InputError(f"{what} cannot be opened: {exc.strerror}", hint="check its permissions") from exc
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise InputError(f"{what} {path} is not a regular file", hint="give a regular file")
+        raise InputError(f"{what} is not a regular file", hint="give a regular file")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 

@@ -129,7 +129,7 @@ def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT, follow_links: bool 
     vmx_path = find_vmx(path)
     root = vmx_path.parent
     if not follow_links:
-        check_regular(vmx_path, "the VM's .vmx file")
+        check_regular(vmx_path, f"the VM's .vmx file {vmx_path.name}")
     refuse_in_use(root)
     vmx = VmxFile.load(vmx_path)
     for f in check_vmware(vmx_path, follow_links=follow_links):
@@ -160,10 +160,11 @@ def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT, follow_links: bool 
             if not follow_links:
                 if not p.resolve().is_relative_to(root.resolve()):
                     raise PathEscapeError(
-                        f"{vmx_path.name}: {role} file {name} resolves outside the VM directory",
+                        f"{vmx_path.name}: {role} file {name} resolves outside the VM directory"
+                        " through a symbolic link",
                         hint="keep the VM's files in its own directory, without links",
                     )
-                check_regular(p, f"{vmx_path.name}: {role} file")
+                check_regular(p, f"{vmx_path.name}: {role} file {name}")
             files[name] = VmFile(name, p, role)
         return p
 

@@ -68,7 +68,7 @@ def _file(
         if not p.exists() and (follow_links or not p.is_symlink()):
             return None, None  # missing (a dangling link of ours too); a dangling link of theirs is refused
         if not follow_links:
-            check_regular(p, place)
+            check_regular(p, f"{place} {value}")
     except BoincvmError as exc:
         return None, error(place, exc.message, exc.hint)
     return p, None

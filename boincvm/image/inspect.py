@@ -109,7 +109,7 @@ def cpio_names(raw: BinaryIO, *, limit: int | None = None) -> list[str]:
 
 def _static_initrd(initrd: Path, place: str) -> list[Finding]:
     try:
-        with open_regular(initrd, "initramfs") as f:
+        with open_regular(initrd, f"initramfs {initrd.name}") as f:
             names = set(cpio_names(f))
     except InputError as exc:
         hint = exc.hint or "build the initramfs again; the kernel cannot unpack it either"

@@ -193,12 +193,7 @@ def inspect_disk(
         if current.resolve() in seen:
             raise InputError(f"{name} refers back to itself: the chain loops", hint=_CORRUPT_HINT)
         seen.add(current.resolve())
-        fmt, refs, backing = _level(root, base, current, name, check)
-        if depth == 0 and declared is not None and fmt != declared:
-            raise InputError(
-                f"{what} is not a {declared} image (its header shows {fmt})",
-                hint="check the file; it may be truncated or not an image at all",
-            )
+        fmt, refs, backing = _level(root, base, current, name, check, declared if depth == 0 else None)
         files.append(ImageRef(current, role, fmt))
         files += refs
         if backing is None:
@@ -211,7 +206,7 @@ def inspect_disk(
 
 
 def _level(
-    root: Path, base: str, path: Path, name: str, check: bool
+    root: Path, base: str, path: Path, name: str, check: bool, declared: str | None
 ) -> tuple[str, list[ImageRef], Path | None]:
     """One level of a chain: its format, the other files it reads, and its backing file or parent."""
     st = check_regular(path, name)
@@ -219,12 +214,17 @@ def _level(
         head = f.read(4096)
         fmt = sniff_format(head)
         backing_name = data_name = None
+        if declared is not None and fmt != declared:
+            raise InputError(
+                f"{name} is not a {declared} image (its header shows {fmt})",
+                hint="check the file; it may be truncated or not an image at all",
+            )
         if fmt == "qcow2":
             backing_name, data_name = _qcow2_refs(f, name, st.st_size)
     refs: list[ImageRef] = []
     if data_name is not None:
         data = reference(root, base, data_name, f"{name}'s data-file")
-        check_regular(data, f"{name}'s data file")
+        check_regular(data, f"{name}'s data file {data_name}")
         refs.append(ImageRef(data, "data file"))
     if fmt == "vmdk":
         backing_name = _vmdk_refs(root, base, path, name, refs)
@@ -267,7 +267,7 @@ def _vmdk_refs(root: Path, base: str, path: Path, name: str, refs: list[ImageRef
         if extent.filename and extent.kind != "ZERO":
             p = reference(root, base, extent.filename, f"{name}'s extent")
             if p.resolve() != path.resolve():  # a monolithic file names itself
-                check_regular(p, f"{name}'s extent")
+                check_regular(p, f"{name}'s extent {extent.filename}")
                 refs.append(ImageRef(p, "extent"))
     if desc.is_delta:
         if not desc.parent_hint:
@@ -311,13 +311,13 @@ def inspect_image_dir(directory: Path, *, check: bool = True) -> list[ImageRef]:
     from boincvm.image.descriptor import DESCRIPTOR_NAME, ImageDescriptor
 
     descriptor = directory / DESCRIPTOR_NAME
-    check_regular(descriptor, f"{directory.name}: image descriptor")
+    check_regular(descriptor, f"image descriptor {directory.name}/{DESCRIPTOR_NAME}")
     desc = ImageDescriptor.load(directory)
     out = [ImageRef(descriptor, "descriptor")]
     for role, member in (("kernel", desc.kernel), ("initrd", desc.initrd)):
         if member is not None:
             p = reference(directory, "", member, f"{DESCRIPTOR_NAME}.{role}")
-            check_regular(p, f"{directory.name}: {role}")
+            check_regular(p, f"{role} {directory.name}/{member}")
             out.append(ImageRef(p, role))
     if desc.disk is not None:
         p = reference(directory, "", desc.disk, f"{DESCRIPTOR_NAME}.disk")
