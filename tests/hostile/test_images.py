@@ -261,6 +261,7 @@ PACKAGE_REFUSALS: list[tuple[str, Build, str]] = [
     ("fifo-qcow2", fifo("x.qcow2"), r"x\.qcow2 is a FIFO, not a regular file"),
     ("fifo-raw", fifo("x.img"), r"x\.img is a FIFO, not a regular file"),
     ("fifo-vmdk", fifo("x.vmdk"), r"x\.vmdk is a FIFO, not a regular file"),
+    ("fifo-no-suffix", fifo("vmlinuz"), r"vmlinuz is a FIFO, not a regular file"),
     ("text-as-qcow2", file_of("x.qcow2", TEXT), r"x\.qcow2 is not a qcow2 image \(its header shows raw\)"),
     ("text-as-raw", file_of("x.img", (TEXT * 2)[: 4 * MIB]), r"x\.img is a text file"),
     ("text-as-vmdk", file_of("x.vmdk", TEXT), r"x\.vmdk is not a vmdk image"),
@@ -484,3 +485,10 @@ def test_validate_accepts_a_backing_file_inside_the_directory(sandbox: Sandbox) 
     outcome, errors = validate(sandbox, "top.qcow2")
     assert outcome.code == 0 and not errors, outcome
     assert not sandbox.changes()
+
+
+def test_validate_does_not_wait_on_a_fifo_it_cannot_place(sandbox: Sandbox) -> None:
+    """A FIFO named like a kernel: telling what it is must not open it for reading (that blocks)."""
+    os.mkfifo(sandbox.work / "vmlinuz")
+    outcome = sandbox.run(["validate", "vmlinuz"])
+    sandbox.assert_refused(outcome, 3, r"vmlinuz: boincvm does not know what this file is")
