@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 from boincvm.atomicdir import building
 from boincvm.errors import InputError
 from boincvm.findings import Finding, error, has_errors, info, warning
+from boincvm.image.refs import declared_format, inspect_disk
 from boincvm.job import (
     DEFAULTS_OPEN_NAME,
     BackendOption,
@@ -49,6 +50,7 @@ from boincvm.job import (
     validate_job,
 )
 from boincvm.names import check_identifier, logical_name_problem
+from boincvm.paths import check_regular, open_regular, refuse_output_overlapping
 from boincvm.xmlio import parse_xml, read_bytes, text_of
 
 SUMMARY_NAME = "boincvm-app-version.json"
@@ -143,9 +145,9 @@ class AppVersion:
 def looks_like_kernel(path: Path) -> bool:
     """A Linux kernel: an ELF vmlinux or a bzImage (``HdrS`` at 0x202)."""
     try:
-        with path.open("rb") as f:
+        with open_regular(path, f"image {path}") as f:  # a FIFO or a link is no kernel (and must not hang us)
             head = f.read(0x210)
-    except OSError:
+    except (OSError, InputError):
         return False
     return head[:4] == b"\x7fELF" or head[0x202:0x206] == b"HdrS"
 
@@ -181,38 +183,71 @@ def _gzip_helps(path: Path) -> bool:
     return size > 4096 and out < size * (1 - GZIP_MIN_SAVING)
 
 
-def _qemu_img_info(path: Path) -> dict[str, object]:
-    done = proc.run(["qemu-img", "info", "--output=json", path], timeout=60)
-    try:
-        data = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        raise InputError(f"qemu-img could not read {path.name} as a disk image") from None
-    if not isinstance(data, dict):
-        raise InputError(f"qemu-img could not read {path.name} as a disk image")
-    return data
-
-
 def _convert_disk(src: Path, dst: Path, *, compress: bool) -> None:
-    info_ = _qemu_img_info(src)
-    if info_.get("backing-filename"):
+    """Convert a disk to a (compressed) qcow2, once its whole reference chain has been checked.
+
+    Raises:
+        PathEscapeError: the disk refers to a file outside its directory, or through a symbolic link.
+        InputError: not a readable image of its declared format, too small, or with a backing file.
+    """
+    disk = inspect_disk(src, what=src.name, declared=declared_format(src))
+    if disk.backing is not None:
         raise InputError(
-            f"{src.name} has a backing file ({info_['backing-filename']})",
+            f"{src.name} has a backing file ({disk.backing.name})",
             hint="flatten it first: qemu-img convert -O qcow2 IMAGE flat.qcow2",
         )
-    fmt = str(info_.get("format", "raw"))
-    expected = {".qcow2": "qcow2", ".vmdk": "vmdk", ".vdi": "vdi", ".vhdx": "vhdx"}.get(src.suffix.lower())
-    if expected and fmt != expected:
+    fmt = disk.format
+    size = src.stat().st_size
+    if fmt == "raw" and size < 1024 * 1024:
         raise InputError(
-            f"{src.name} is not a {expected} image (qemu-img reads it as {fmt})",
-            hint="check the file; it may be truncated or not an image at all",
+            f"{src.name} is {size} bytes: too small to be a disk image",
+            hint="give a disk image (qcow2, raw, vmdk) of at least 1 MiB",
         )
-    if fmt == "raw" and src.stat().st_size < 1024 * 1024:
-        raise InputError(f"{src.name} is {src.stat().st_size} bytes: too small to be a disk image")
-    # -m/-W: parallel, out-of-order cluster writes; compression then uses both cores.
+    # -m/-W: parallel, out-of-order cluster writes; compression then uses both cores. The
+    # format is the one checked (-f), never probed again, and the path absolute, so no
+    # "proto:" prefix of a file name can make qemu-img read anything else.
     cmd: list[str | os.PathLike[str]] = ["qemu-img", "convert", "-m", "8", "-W", "-f", fmt, "-O", "qcow2"]
     if compress:
         cmd.append("-c")
-    proc.run([*cmd, src, dst], timeout=3600)
+    proc.run([*cmd, src.resolve(), dst.resolve()], timeout=3600)
+
+
+def image_inputs(req: AppVersionRequest) -> list[Path]:
+    """Every file ``package-image`` would read for ``req``, each checked (see :mod:`boincvm.image.refs`).
+
+    Raises:
+        PathEscapeError: a reference leaves its image's directory or goes through a symbolic link.
+        InputError: a file is missing, not a regular file, or not a readable image.
+    """
+    from boincvm.appversion_vmware import is_vmware_vm
+    from boincvm.image.refs import inspect_image_dir
+
+    found: list[Path] = []
+    if is_vmware_vm(req.image):
+        from boincvm.appversion_vmware import base_snapshot
+        from boincvm.hypervisor.vmware_files import collect_vm
+
+        vm = collect_vm(req.image, snapshot=base_snapshot(dict(req.backend_options)))
+        found += [vm.root, *(f.path for f in vm.files)]
+    elif req.image.is_dir() and not req.image.is_symlink():
+        found += [req.image, *(r.path for r in inspect_image_dir(req.image))]
+    elif looks_like_kernel(req.image):
+        check_regular(req.image, f"kernel {req.image}")
+        found.append(req.image)
+    else:
+        found += [
+            r.path
+            for r in inspect_disk(req.image, what=req.image.name, declared=declared_format(req.image)).files
+        ]
+    if req.initrd is not None:
+        check_regular(req.initrd, f"initrd {req.initrd}")
+        found.append(req.initrd)
+    if req.disk is not None:
+        found += [
+            r.path
+            for r in inspect_disk(req.disk, what=req.disk.name, declared=declared_format(req.disk)).files
+        ]
+    return found
 
 
 def package_image(req: AppVersionRequest, progress: Progress | None = None) -> AppVersion:
@@ -239,15 +274,17 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
         check_identifier(req.plan_class, "plan class")
     for what, path in (("image", req.image), ("initrd", req.initrd), ("disk", req.disk)):
         if path is not None and not path.exists():
-            raise InputError(f"{what} {path} does not exist")
+            raise InputError(
+                f"{what} {path} does not exist", hint="check the name and that the file is there"
+            )
     from boincvm.appversion_vmware import is_vmware_vm
 
-    if is_vmware_vm(req.image):
-        from boincvm.appversion_vmware import base_snapshot
-        from boincvm.hypervisor.vmware_files import collect_vm
-
-        # Refuse an unshippable VM before anything is written.
-        collect_vm(req.image, snapshot=base_snapshot(dict(req.backend_options)))
+    # Every file the image will cause to be read is checked before anything is written
+    # (no reference out of its directory, no symbolic link, no FIFO, a readable image), and
+    # the output may not overlap any of them: --force replaces the output whole.
+    inputs = image_inputs(req)
+    reads = [("the input", p) for p in inputs] + ([("the signing key", req.sign_key)] if req.sign_key else [])
+    refuse_output_overlapping(req.output_dir, reads, option="--output-dir")
     if req.backend_options:
         from boincvm.hypervisor.base import backend_class
 
@@ -283,7 +320,8 @@ def _package_into(
         note(f"adding {logical}")
         staging = tmp / f".{logical}.part"
         if copy:
-            shutil.copyfile(src, staging)
+            with open_regular(src, f"{logical} source {src}") as fi, staging.open("wb") as fo:
+                shutil.copyfileobj(fi, fo, 1 << 20)
         else:
             staging = src
         md5, size = _md5(staging)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from boincvm.errors import InputError
 from boincvm.findings import Finding, error, info
 from boincvm.job import DEFAULTS_OPEN_NAME, ImageFile, VmJob
+from boincvm.paths import open_regular
 
 if TYPE_CHECKING:
     from boincvm.appversion import AppVersionFile, AppVersionRequest
@@ -63,7 +64,7 @@ def copy_hashed(src: Path, dst: Path, *, estimate_gzip: bool) -> tuple[str, int,
     md5 = hashlib.md5(usedforsecurity=False)
     comp = zlib.compressobj(6, zlib.DEFLATED, 31) if estimate_gzip else None
     size = packed = 0
-    with src.open("rb") as fi, dst.open("wb") as fo:
+    with open_regular(src, f"VM file {src}") as fi, dst.open("wb") as fo:
         while block := fi.read(_BLOCK):
             md5.update(block)
             size += len(block)
@@ -176,8 +177,11 @@ def check_vmware_app_version(directory: Path, job: VmJob, logical: dict[str, str
             target.parent.mkdir(parents=True, exist_ok=True)
             target.symlink_to((directory / logical[f.open_name]).resolve())
         try:
+            # The links are ours, to the app version's own files: follow them.
             vm = collect_vm(
-                root / vmx, snapshot=base_snapshot(dict((o.name, o.value) for o in job.backend_options))
+                root / vmx,
+                snapshot=base_snapshot(dict((o.name, o.value) for o in job.backend_options)),
+                follow_links=True,
             )
         except BoincvmError as exc:
             return [*out, error(f"{place}.image_file", f"the shipped VM: {exc.message}", exc.hint)]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from boincvm.errors import InputError, PathEscapeError
 from boincvm.hypervisor.vmware_vmx import VmxFile, read_vmdk_descriptor
+from boincvm.paths import check_regular
 
 #: The snapshot every task's linked clone starts from (vmrun clone ... -snapshot=NAME).
 BASE_SNAPSHOT = "boincvm-base"
@@ -100,7 +101,8 @@ def find_vmx(path: Path) -> Path:
         InputError: not a .vmx, or a directory with none or several.
     """
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".vmx" and p.is_file())
+        # lexists, not is_file: a .vmx that is a link is found here and refused by collect_vm
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".vmx" and not p.is_dir())
         if len(found) != 1:
             what = "no .vmx file" if not found else f"{len(found)} .vmx files"
             raise InputError(f"{path} holds {what}", hint="name the VM's .vmx file itself")
@@ -110,8 +112,12 @@ def find_vmx(path: Path) -> Path:
     return path
 
 
-def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT) -> VmDirectory:
+def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT, follow_links: bool = False) -> VmDirectory:
     """Every file the VM at ``path`` (a VM directory or its .vmx) needs, checked for shipping.
+
+    Every file must be a regular file inside the VM directory: a symbolic link could name any
+    host file (``-flat.vmdk -> /etc/shadow``) and a FIFO would hang the copy. Only
+    ``follow_links`` (for a VM directory boincvm itself laid out as links) accepts links.
 
     Raises:
         InputError: the VM is in use, suspended, encrypted, has an independent disk or a
@@ -122,9 +128,11 @@ def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT) -> VmDirectory:
 
     vmx_path = find_vmx(path)
     root = vmx_path.parent
+    if not follow_links:
+        check_regular(vmx_path, f"the VM's .vmx file {vmx_path.name}")
     refuse_in_use(root)
     vmx = VmxFile.load(vmx_path)
-    for f in check_vmware(vmx_path):
+    for f in check_vmware(vmx_path, follow_links=follow_links):
         # Missing files are left to the walk below, which follows every reference (and
         # refuses one that leaves the directory before asking whether it exists).
         if f.severity == "error" and not re.search(
@@ -144,11 +152,19 @@ def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT) -> VmDirectory:
     def add(name: str, role: str) -> Path:
         p = root / name
         if name not in files:
-            if not p.is_file():
+            if not p.is_file() and (follow_links or not p.is_symlink()):
                 raise InputError(
                     f"{vmx_path.name}: {role} file {name} does not exist",
                     hint="the VM directory is incomplete: copy it whole (power it on in VMware to check)",
                 )
+            if not follow_links:
+                if not p.resolve().is_relative_to(root.resolve()):
+                    raise PathEscapeError(
+                        f"{vmx_path.name}: {role} file {name} resolves outside the VM directory"
+                        " through a symbolic link",
+                        hint="keep the VM's files in its own directory, without links",
+                    )
+                check_regular(p, f"{vmx_path.name}: {role} file {name}")
             files[name] = VmFile(name, p, role)
         return p
 
@@ -171,14 +187,14 @@ def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT) -> VmDirectory:
         ref = vmx.get(key, default)
         if ref:
             name = _reference(root, "", ref, f"vmx.{key}")
-            if (root / name).is_file():
+            if (root / name).is_file() or (not follow_links and (root / name).is_symlink()):
                 add(name, role)
     vmsd_name = f"{vmx_path.stem}.vmsd"  # VMware keeps the snapshot dictionary beside the .vmx, by its name
     hint = (
         f'power the VM off and take it: vmrun -T ws snapshot "{vmx_path.name}" {snapshot}'
         " (Fusion: -T fusion; or Snapshot > Take Snapshot in Workstation)"
     )
-    if not (root / vmsd_name).is_file():
+    if not (root / vmsd_name).is_file() and (follow_links or not (root / vmsd_name).is_symlink()):
         raise InputError(f"{vmx_path.name}: no snapshots; the VM needs one named {snapshot!r}", hint=hint)
     add(vmsd_name, "vmsd")
     snapshots = parse_vmsd((root / vmsd_name).read_text(encoding="utf-8", errors="replace"))
@@ -200,7 +216,7 @@ def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT) -> VmDirectory:
             state = _reference(root, "", snap.state_file, f"{place}.filename")
             add(state, "snapshot-state")
             memory = posixpath.splitext(state)[0] + ".vmem"
-            if (root / memory).is_file():
+            if (root / memory).is_file() or (not follow_links and (root / memory).is_symlink()):
                 add(memory, "snapshot-memory")
         for disk in snap.disks:
             _add_disk(root, _reference(root, "", disk, f"{place}.disk.fileName"), add)

@@ -13,9 +13,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from boincvm.errors import InputError
+from boincvm.errors import BoincvmError, InputError
 from boincvm.findings import Finding, error, info, warning
 from boincvm.hypervisor.vmware_vmx import VmdkDescriptor, VmxFile, read_vmdk_descriptor
+from boincvm.paths import check_regular, reference
+
+_INSIDE = "the VM directory"
 
 #: ddb.toolsInstallType values (open-vm-tools vm_tools_version.h, enum ToolsInstallType).
 TOOLS_INSTALL_TYPES = {
@@ -52,13 +55,46 @@ _BREAKERS: dict[str, tuple[str, str, bool]] = {
 _DISK = re.compile(r"^((?:scsi|sata|ide|nvme)\d+:\d+)\.filename$", re.IGNORECASE)
 
 
-def check_vmware(path: Path) -> list[Finding]:
-    """Check a ``.vmx`` (with the disks it names) or a ``.vmdk``, statically.
+def _file(
+    root: Path, base: str, value: str, place: str, follow_links: bool
+) -> tuple[Path | None, Finding | None]:
+    """The file a reference names once it is safe to read, or why it is not (both None: missing).
 
-    Returns findings; an unreadable file is an error finding, not an exception.
+    A reference that is absolute or leaves the VM directory, and a file that is a symbolic
+    link (to any host file) or a FIFO (which would hang the read), is an error and is not read.
     """
+    try:
+        p = reference(root, base, value, place, inside=_INSIDE, resolve=not follow_links)
+        if not p.exists() and (follow_links or not p.is_symlink()):
+            return None, None  # missing (a dangling link of ours too); a dangling link of theirs is refused
+        if not follow_links:
+            check_regular(p, f"{place} {value}")
+    except BoincvmError as exc:
+        return None, error(place, exc.message, exc.hint)
+    return p, None
+
+
+def check_vmware(path: Path, *, follow_links: bool = False) -> list[Finding]:
+    """Check a ``.vmx`` (with the files it names), a VM directory or a ``.vmdk``, statically.
+
+    Returns findings; an unreadable file is an error finding, not an exception. No file is
+    read before it is known to be a regular file inside the VM's directory (``follow_links``:
+    except links boincvm laid out itself).
+    """
+    if path.is_dir():
+        from boincvm.hypervisor.vmware_files import find_vmx
+
+        try:
+            path = find_vmx(path)
+        except InputError as exc:
+            return [error(path.name, exc.message, exc.hint)]
+    if not follow_links:
+        try:
+            check_regular(path, path.name)
+        except BoincvmError as exc:
+            return [error(path.name, exc.message, exc.hint)]
     if path.suffix.lower() == ".vmdk":
-        found, evidence = _check_vmdk(path, "vmdk")
+        found, evidence = _check_vmdk(path, "vmdk", path.parent, follow_links)
         if not evidence and not any(f.place == "vmdk" for f in found):
             found.append(
                 warning(
@@ -74,10 +110,41 @@ def check_vmware(path: Path) -> list[Finding]:
         vmx = VmxFile.load(path)
     except InputError as exc:
         return [error(path.name, exc.message)]
-    return _check_vmx(path, vmx)
+    return _check_vmx(path, vmx, follow_links) + _check_vm_files(path, vmx, follow_links)
 
 
-def _check_vmx(path: Path, vmx: VmxFile) -> list[Finding]:
+def _check_vm_files(path: Path, vmx: VmxFile, follow_links: bool) -> list[Finding]:
+    """Errors for the VM's other files (nvram, .vmxf, .vmsd and its snapshots) that are unsafe to ship."""
+    from boincvm.hypervisor.vmware_files import parse_vmsd
+
+    root = path.parent
+    out: list[Finding] = []
+    for key, default in (("nvram", f"{path.stem}.nvram"), ("extendedConfigFile", None)):
+        ref = vmx.get(key, default)
+        if ref:
+            out += [p for p in [_file(root, "", ref, f"vmx.{key}", follow_links)[1]] if p]
+    vmsd, problem = _file(root, "", f"{path.stem}.vmsd", f"{path.stem}.vmsd", follow_links)
+    out += [problem] if problem else []
+    if vmsd is None:
+        return out
+    for snap in parse_vmsd(vmsd.read_text(encoding="utf-8", errors="replace")):
+        place = f"{vmsd.name}.snapshot{snap.index}"
+        if snap.state_file:
+            out += [p for p in [_file(root, "", snap.state_file, f"{place}.filename", follow_links)[1]] if p]
+        for disk in snap.disks:
+            found, problem = _file(root, "", disk, f"{place}.disk.fileName", follow_links)
+            out += [problem] if problem else []
+            if found is not None and found.suffix.lower() == ".vmdk":
+                rel = str(found.parent.relative_to(root))
+                out += [
+                    f
+                    for f in _check_vmdk(found, place, root, follow_links, base=rel)[0]
+                    if f.severity == "error"
+                ]
+    return out
+
+
+def _check_vmx(path: Path, vmx: VmxFile, follow_links: bool = False) -> list[Finding]:
     out: list[Finding] = []
     settings = vmx.as_dict()
     spelled = {k.lower(): k for k, _ in vmx.items()}
@@ -139,12 +206,18 @@ def _check_vmx(path: Path, vmx: VmxFile) -> list[Finding]:
                     hint='remove the mode (or set "persistent")',
                 )
             )
-        disk = Path(value) if Path(value).is_absolute() else path.parent / value
-        if not disk.is_file():
+        disk, problem = _file(path.parent, "", value, f"vmx.{key}", follow_links)
+        if problem is not None:
+            out.append(problem)
+            continue
+        if disk is None:
             out.append(error(f"vmx.{key}", f"the disk file {value} does not exist"))
             continue
         if disk.suffix.lower() == ".vmdk":
-            disk_findings, disk_evidence = _check_vmdk(disk, f"vmx.{key}")
+            rel = str(disk.parent.relative_to(path.parent))
+            disk_findings, disk_evidence = _check_vmdk(
+                disk, f"vmx.{key}", path.parent, follow_links, base=rel
+            )
             out += disk_findings
             evidence += disk_evidence
     if evidence:
@@ -167,9 +240,19 @@ MAX_CHAIN = 128
 
 
 def _check_vmdk(
-    path: Path, where: str, seen: frozenset[Path] = frozenset()
+    path: Path,
+    where: str,
+    root: Path,
+    follow_links: bool,
+    seen: frozenset[Path] = frozenset(),
+    *,
+    base: str = "",
 ) -> tuple[list[Finding], list[str]]:
-    """Findings about one disk and its whole parent chain, and the Tools evidence their DDBs hold."""
+    """Findings about one disk and its whole parent chain, and the Tools evidence their DDBs hold.
+
+    ``root`` is the VM directory every reference must stay in; ``base`` the disk's own
+    directory relative to it, which its references are relative to.
+    """
     try:
         desc = read_vmdk_descriptor(path)
     except InputError as exc:
@@ -183,19 +266,35 @@ def _check_vmdk(
                 hint="convert it: vmware-vdiskmanager -r in.vmdk -t 0 out.vmdk",
             )
         )
-    if not desc.embedded:
-        missing = [
-            e.filename for e in desc.extents if e.filename and not (path.parent / e.filename).is_file()
-        ]
-        if missing:
-            files = ", ".join(missing)
-            out.append(error(f"{where}.extent", f"the extent file(s) {files} do not exist"))
+    if not desc.embedded and not any(e.filename for e in desc.extents):
+        out.append(
+            error(
+                f"{where}.extent",
+                "the descriptor names no extents: the disk has no data",
+                "make the disk again",
+            )
+        )
+    missing: list[str] = []
+    for e in desc.extents:
+        if e.filename and e.kind != "ZERO":
+            found, problem = _file(root, base, e.filename, f"{where}.extent", follow_links)
+            if problem is not None:
+                out.append(problem)
+            elif found is None and not desc.embedded:
+                missing.append(e.filename)
+    if missing:
+        files = ", ".join(missing)
+        out.append(error(f"{where}.extent", f"the extent file(s) {files} do not exist"))
     tools, evidence = _tools_from_ddb(desc, where)
     out += tools
     if desc.is_delta:
         hint = desc.parent_hint
-        parent = path.parent / hint if hint else None
-        if parent is None or not parent.is_file():
+        parent, problem = (
+            _file(root, base, hint, f"{where}.parentFileNameHint", follow_links) if hint else (None, None)
+        )
+        if problem is not None:
+            out.append(problem)
+        elif parent is None:
             out.append(
                 error(
                     f"{where}.parentFileNameHint",
@@ -212,7 +311,14 @@ def _check_vmdk(
         else:
             # The base of a chain usually carries the Tools evidence, and a missing extent of a
             # grandparent breaks the VM as surely as one of the disk the .vmx names.
-            parent_findings, parent_evidence = _check_vmdk(parent, f"{where}.parent", seen | {path.resolve()})
+            parent_findings, parent_evidence = _check_vmdk(
+                parent,
+                f"{where}.parent",
+                root,
+                follow_links,
+                seen | {path.resolve()},
+                base=str(parent.parent.relative_to(root)),
+            )
             out += parent_findings
             evidence += parent_evidence
     return out, evidence

@@ -7,54 +7,120 @@ the check that matters most before an image ships to volunteers.
 from __future__ import annotations
 
 import gzip
-import json
 import lzma
 import tempfile
 import time
+import zlib
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from boincvm import proc
 from boincvm.errors import BoincvmError, InputError
 from boincvm.findings import Finding, error, info, warning
-from boincvm.image.descriptor import DESCRIPTOR_NAME, ImageDescriptor, ImageFormat
+from boincvm.image.descriptor import ImageDescriptor, ImageFormat
+from boincvm.image.refs import declared_format, inspect_disk, inspect_image_dir
+from boincvm.paths import check_regular, open_regular
 
 #: Where the guest tools live in the images we know of.
 QEMU_GA_PATHS = ("usr/sbin/qemu-ga", "usr/bin/qemu-ga", "sbin/qemu-ga", "bin/qemu-ga")
 VMTOOLS_PATHS = ("usr/bin/vmtoolsd", "usr/sbin/vmtoolsd", "usr/local/bin/vmtoolsd")
 
 
-def cpio_names(data: bytes) -> list[str]:
-    """Member names of a newc cpio archive (gzip or xz compressed, or plain).
+#: An initramfs is read as a stream and given up on past this many (uncompressed) bytes:
+#: a few MB of gzip can inflate to many GB (a "gzip bomb").
+CPIO_MAX_BYTES = 1 << 30
+_CHUNK = 1 << 20
+
+
+class _Inflated:
+    """A bounded, streaming reader of a plain, gzip or xz file (never the whole of it in memory)."""
+
+    def __init__(self, raw: BinaryIO, limit: int) -> None:
+        head = raw.read(6)
+        raw.seek(0)
+        self._stream: BinaryIO
+        if head[:2] == b"\x1f\x8b":
+            self._stream = cast(BinaryIO, gzip.GzipFile(fileobj=raw))
+        elif head == b"\xfd7zXZ\x00":
+            self._stream = cast(BinaryIO, lzma.LZMAFile(raw))
+        else:
+            self._stream = raw
+        self.pos = 0
+        self._limit = limit
+
+    def read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes, or fewer at the end of the stream."""
+        if self.pos + n > self._limit:
+            raise InputError(
+                f"the initramfs inflates to more than {self._limit >> 20} MiB: "
+                "it is corrupt or a decompression bomb",
+                hint="build the initramfs again (boincvm build-image) and check what went into it",
+            )
+        out = b""
+        while len(out) < n and (block := self._stream.read(min(n - len(out), _CHUNK))):
+            out += block
+        self.pos += len(out)
+        return out
+
+    def skip(self, n: int) -> None:
+        """Skip ``n`` bytes (in bounded chunks)."""
+        while n > 0:
+            step = min(n, _CHUNK)
+            if len(self.read(step)) < step:
+                return
+            n -= step
+
+
+def cpio_names(raw: BinaryIO, *, limit: int | None = None) -> list[str]:
+    """Member names of a newc cpio archive (gzip or xz compressed, or plain), read as a stream.
 
     Raises:
-        InputError: the data is not a newc archive.
+        InputError: the data is not a newc archive, is cut off, or inflates past ``limit``
+            bytes (default :data:`CPIO_MAX_BYTES`).
+        OSError, EOFError, lzma.LZMAError, zlib.error: the compressed stream is corrupt.
     """
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    elif data[:6] == b"\xfd7zXZ\x00":
-        data = lzma.decompress(data)
+    data = _Inflated(raw, CPIO_MAX_BYTES if limit is None else limit)
     names: list[str] = []
-    pos = 0
-    while pos + 110 <= len(data):
-        if data[pos : pos + 6] not in (b"070701", b"070702"):
-            raise InputError(f"not a newc cpio archive (bad magic at byte {pos})")
-        filesize = int(data[pos + 54 : pos + 62], 16)
-        namesize = int(data[pos + 94 : pos + 102], 16)
-        name = data[pos + 110 : pos + 110 + namesize - 1].decode(errors="replace")
+    while True:
+        at = data.pos
+        header = data.read(110)
+        if not header:
+            break  # no trailer: the kernel accepts that
+        if len(header) < 110 or header[:6] not in (b"070701", b"070702"):
+            raise InputError(f"not a newc cpio archive (bad header at byte {at})")
+        try:
+            filesize = int(header[54:62], 16)
+            namesize = int(header[94:102], 16)
+        except ValueError:
+            raise InputError(f"not a newc cpio archive (bad header at byte {at})") from None
+        if not 1 <= namesize <= 4096:
+            raise InputError(f"not a newc cpio archive (a name of {namesize} bytes at byte {at})")
+        raw_name = data.read(namesize)
+        if len(raw_name) < namesize:
+            raise InputError(f"the cpio archive is cut off in the header at byte {at}")
+        name = raw_name[:-1].decode(errors="replace")
+        data.skip(-(110 + namesize) % 4)
         if name == "TRAILER!!!":
             break
         names.append(name.lstrip("./"))
-        pos = (pos + 110 + namesize + 3) & ~3
-        pos = (pos + filesize + 3) & ~3
+        data.skip(filesize + (-filesize % 4))
     return names
 
 
 def _static_initrd(initrd: Path, place: str) -> list[Finding]:
     try:
-        names = set(cpio_names(initrd.read_bytes()))
-    except (InputError, OSError, EOFError, lzma.LZMAError) as exc:
+        with open_regular(initrd, f"initramfs {initrd.name}") as f:
+            names = set(cpio_names(f))
+    except InputError as exc:
+        hint = exc.hint or "build the initramfs again; the kernel cannot unpack it either"
+        return [error(place, f"the initramfs is unreadable: {exc.message}", hint)]
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
         return [
-            warning(place, f"cannot list the initramfs ({exc})", "check with boot=True (validate --boot)")
+            error(
+                place,
+                f"the initramfs is unreadable: its compressed stream is corrupt ({exc})",
+                "build the initramfs again; the kernel cannot unpack it either",
+            )
         ]
     found = [p for p in QEMU_GA_PATHS if p in names]
     if not found:
@@ -142,24 +208,39 @@ def check_guest_tools(image: Path, *, boot: bool = False, timeout: float = 60.0)
     findings, never as exceptions.
     """
     findings: list[Finding] = []
+    # First the whole reference chain: nothing (not qemu-img, not a guest) reads a file
+    # before it is known to be a regular file inside the image's own directory.
+    try:
+        if image.is_dir() and not image.is_symlink():
+            inspect_image_dir(image)
+        elif image.name.lower().endswith(_INITRD_SUFFIXES):
+            check_regular(image, image.name)
+            return _static_initrd(image, image.name)
+        elif looks_like_kernel(image):
+            check_regular(image, image.name)
+            return [info(image.name, "a kernel: give its image directory to check the guest tools")]
+        else:
+            disk = inspect_disk(image, what=image.name, declared=declared_format(image))
+    except BoincvmError as exc:
+        return [error(image.name, exc.message, exc.hint)]
     if image.is_dir():
-        try:
-            desc = ImageDescriptor.load(image)
-        except InputError as exc:
-            return [error(f"{image.name}/{DESCRIPTOR_NAME}", exc.message, exc.hint)]
+        desc = ImageDescriptor.load(image)
         if desc.format is ImageFormat.KERNEL_INITRD and desc.initrd:
             findings += _static_initrd(image / desc.initrd, f"{image.name}/{desc.initrd}")
         elif desc.disk:
             findings += _static_disk(image / desc.disk, desc.disk_format, f"{image.name}/{desc.disk}")
-    elif image.is_file():
-        try:
-            text = proc.run(["qemu-img", "info", "-U", "--output=json", image], timeout=60).text
-            disk_format = str(json.loads(text)["format"])
-        except BoincvmError as exc:
-            return [error(image.name, exc.message, exc.hint)]
-        findings += _static_disk(image, disk_format, image.name)
     else:
-        return [error(str(image), "no such image file or directory")]
+        findings += _static_disk(image, disk.format, image.name)
     if boot:
         findings += _boot(image, timeout, f"{image.name}.boot")
     return findings
+
+
+_INITRD_SUFFIXES = (".cpio", ".cpio.gz", ".cpio.xz")
+
+
+def looks_like_kernel(path: Path) -> bool:
+    """A Linux kernel (see :func:`boincvm.appversion.looks_like_kernel`)."""
+    from boincvm.appversion import looks_like_kernel as kernel
+
+    return path.suffix == "" and kernel(path)
