@@ -60,6 +60,9 @@ from boincvm.hypervisor.base import (
 from boincvm.job import OutputFile, Task, VmJob, render_job, resolve
 from boincvm.wrapper import Wrapper, WrapperInputs
 from boincvm.wrapper_main import main as wrapper_main
+from tests.integration.test_run_local import app_version, data_dir, run
+
+__all__ = ["app_version", "data_dir"]  # module fixtures reused from the run-local tests
 
 # --------------------------------------------------------------------------------------
 # 1. The readers of the contract files, on crafted bytes
@@ -607,3 +610,65 @@ def test_the_wrapper_command_writes_no_traceback_for_a_hostile_slot(tmp_path: Pa
     assert proc.returncode == 206
     assert "Traceback" not in proc.stderr
     assert "declares an encoding boincvm cannot read" in proc.stderr and "hint: " in proc.stderr
+
+
+# --------------------------------------------------------------------------------------
+# 4. End to end through run-local with a real QEMU guest (slow under TCG: run by name, -k)
+
+
+def _e2e_wu(tmp_path: Path, script: str) -> Path:
+    from boincvm.workunit import Resources, WorkunitRequest, make_workunits
+
+    task = Task(
+        application="/bin/sh",
+        fraction_done_filename="fraction_done",
+        credit_report_filename="credit_report",
+        completion_trigger_file="done",
+        temporary_exit_trigger_file="later",
+    )
+    job = VmJob(task=task, output_files=(OutputFile("out", 100_000),), minimum_checkpoint_interval=0)
+    wu = tmp_path / "wu"
+    make_workunits(
+        WorkunitRequest(
+            app_name="itest",
+            job=job,
+            output_dir=wu,
+            command_line=f"-c {script!r}",
+            resources=Resources(rsc_memory_bound=1e9, rsc_fpops_bound=86400e9),
+        )
+    )
+    return wu
+
+
+@pytest.mark.integration
+def test_e2e_inf_in_both_triggers(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+    """``inf`` as the temporary-exit delay (clamped to a day; run-local restarts at once) and
+    then as the completion code (taken as 0): two starts, a success, both reasons logged."""
+    script = "echo ok > out; sleep 1; echo inf > later; sleep 4; echo inf > done; sleep 30"
+    summary = run(_e2e_wu(tmp_path, script), app_version, data_dir, tmp_path)
+    assert summary.outcome == "success", summary.message + summary.stderr_tail
+    assert summary.starts == 2, summary.events
+    assert "clamped to 86400 s" in summary.stderr_tail
+    assert "exit code 'inf' is not a number; taken as 0" in summary.stderr_tail
+    assert "Traceback" not in summary.stderr_tail
+    assert (tmp_path / "results/out").read_text() == "ok\n"
+
+
+@pytest.mark.integration
+def test_e2e_a_1e300_credit_report_is_clamped(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+    script = "echo 1e300 > credit_report; echo 0.5 > fraction_done; sleep 5; echo ok > out"
+    summary = run(_e2e_wu(tmp_path, script), app_version, data_dir, tmp_path)
+    assert summary.outcome == "success", summary.message + summary.stderr_tail
+    assert summary.ops == 86400e9  # the workunit's rsc_fpops_bound: run-local's host has no p_fpops
+    assert summary.credit_claimed == pytest.approx(200.0)
+    assert "more than the host could have done" in summary.stderr_tail
+
+
+@pytest.mark.integration
+def test_e2e_a_fifo_output_is_refused_once(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+    summary = run(_e2e_wu(tmp_path, "mkfifo out"), app_version, data_dir, tmp_path)
+    assert summary.outcome == "compute_error", summary.message + summary.stderr_tail
+    assert summary.starts == 1, summary.events
+    assert "is a FIFO (named pipe), not a regular file" in summary.message
+    assert "VM problem" not in summary.stderr_tail
+    assert not (tmp_path / "results/out").exists()
