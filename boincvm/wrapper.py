@@ -26,7 +26,6 @@ import enum
 import json
 import logging
 import os
-import re
 import secrets
 import shlex
 import time
@@ -48,6 +47,17 @@ from boincvm.errors import (
     PathEscapeError,
     ToolError,
 )
+from boincvm.guest_contract import (
+    GuestFileKind,
+    completion_trigger,
+    credit_report,
+    fraction_done,
+    kind_problem,
+    kinds_argv,
+    ops_bound,
+    parse_kinds,
+    temporary_exit_trigger,
+)
 from boincvm.hypervisor.base import Backend, GuestProcess, ProcessStatus, VmSpec
 from boincvm.job import CpuTimeSource, ResolvedJob
 
@@ -65,6 +75,12 @@ VM_DIED_RETRY = 120.0
 INSTALL_TIMEOUT = 600.0
 #: Seconds between reads of the guest's fraction-done and credit files.
 PROGRESS_PERIOD = 2.0
+#: At most this much of the fraction-done and credit files is read (the last number counts).
+PROGRESS_MAX_BYTES = 4096
+#: At most this much of a trigger file is read (its first lines count).
+TRIGGER_MAX_BYTES = 65536
+#: Seconds the guest's shell may take to say what the guest files are.
+KIND_TIMEOUT = 60.0
 
 
 class Phase(enum.StrEnum):
@@ -209,6 +225,7 @@ class Wrapper:
         self._last_checkpoint_at = clock()
         self._elapsed_before = 0.0
         self._started_at = clock()
+        self._notes: dict[str, str] = {}  # the last note logged about each guest file
 
     # -- small helpers --------------------------------------------------------
     @contextlib.contextmanager
@@ -423,13 +440,15 @@ class Wrapper:
                 # Poll fast at first (short programs end sooner), then once per poll period.
                 next_poll = now + (0.1 if now - run_t0 < 2.0 else self.poll_period)
                 status = self.vm.poll_program(proc)
-                if now >= next_progress or not status.running:
+                progress_due = now >= next_progress or not status.running
+                kinds = self._contract_kinds(progress=progress_due, triggers=status.running)
+                if progress_due:
                     next_progress = now + PROGRESS_PERIOD
-                    self._report_progress(status)
+                    self._report_progress(status, kinds)
                 if not status.running:
                     self.status.timings[Phase.RUN.value] = self.clock() - run_t0
                     return self._complete(status, record)
-                trigger = self._check_triggers()
+                trigger = self._check_triggers(kinds)
                 if trigger is not None:
                     kind, code, message, delay = trigger
                     if kind == "completion":
@@ -452,49 +471,105 @@ class Wrapper:
             return False
         return self.app.time_to_checkpoint()
 
-    def _report_progress(self, status: ProcessStatus) -> None:
+    # -- what the guest hands us ---------------------------------------------
+    def _note(self, key: str, note: str | None) -> None:
+        """Log why a guest file's value was clamped or ignored, once until the reason changes."""
+        if note is not None and self._notes.get(key) != note:
+            log.warning("%s", note)
+        if note is not None:
+            self._notes[key] = note
+
+    def _guest_kinds(self, paths: list[str]) -> dict[str, GuestFileKind]:
+        """What each guest path is, from the guest's shell, before anything opens one.
+
+        Raises:
+            GuestError: the guest's shell did not answer as the script prints.
+        """
+        if not paths:
+            return {}
+        status = self.vm.run_program(kinds_argv(self.job.exec_dir, paths), timeout=KIND_TIMEOUT)
+        kinds = parse_kinds(status.stdout_tail, paths) if status.succeeded else None
+        if kinds is None:
+            err = (status.stderr_tail or status.stdout_tail).decode("utf-8", "replace").strip()
+            raise GuestError(
+                f"the guest's shell could not say what the job's files are (exit {status.exit_code}): "
+                f"{err[-300:]}"
+            )
+        return kinds
+
+    def _contract_kinds(self, *, progress: bool, triggers: bool) -> dict[str, GuestFileKind]:
+        """The kinds of the contract files due for reading now, in one guest command."""
+        names = []
+        if progress:
+            names += [self.job.fraction_done_filename, self.job.credit_report_filename]
+        if triggers:
+            names += [self.job.completion_trigger_file, self.job.temporary_exit_trigger_file]
+        return self._guest_kinds(sorted({self._guest(n) for n in names if n}))
+
+    def _read_contract_file(
+        self, name: str | None, what: str, kinds: dict[str, GuestFileKind], max_bytes: int
+    ) -> bytes | None:
+        """A contract file's first ``max_bytes``, or None when it is absent or not a regular file."""
+        if not name:
+            return None
+        path = self._guest(name)
+        kind = kinds.get(path, GuestFileKind.MISSING)
+        if problem := kind_problem(kind):
+            self._note(what, f"the {what} file {path} {problem}; ignored")
+            return None
+        if kind is not GuestFileKind.FILE:
+            return None
+        return self.vm.read_guest_file(path, max_bytes=max_bytes)
+
+    def _report_progress(self, status: ProcessStatus, kinds: dict[str, GuestFileKind]) -> None:
         fraction: float | None = None
         ops: float | None = None
-        if self.job.fraction_done_filename:
-            fraction = _last_number(
-                self.vm.read_guest_file(self._guest(self.job.fraction_done_filename), max_bytes=4096)
-            )
-        if self.job.credit_report_filename:
-            ops = _last_number(
-                self.vm.read_guest_file(self._guest(self.job.credit_report_filename), max_bytes=4096)
-            )
-        cpu = self._run_cpu()
-        self.app.report(
-            min(max(fraction, 0.0), 1.0) if fraction is not None else None,
-            cpu_time=cpu,
-            fpops_cumulative=ops,
+        job = self.job
+        data = self._read_contract_file(
+            job.fraction_done_filename, "fraction done", kinds, PROGRESS_MAX_BYTES
         )
+        if data is not None:
+            got = fraction_done(data, f"fraction done file {job.fraction_done_filename}:")
+            self._note("fraction done", got.note)
+            fraction = got.value
+        cpu = self._run_cpu()
+        data = self._read_contract_file(
+            job.credit_report_filename, "credit report", kinds, PROGRESS_MAX_BYTES
+        )
+        if data is not None:
+            init = self.app.init_data
+            bound = ops_bound(
+                rsc_fpops_bound=init.rsc_fpops_bound,
+                p_fpops=init.host_info.p_fpops,
+                cpu_time=init.wu_cpu_time + cpu,
+            )
+            got = credit_report(data, bound, f"credit report file {job.credit_report_filename}:")
+            self._note("credit report", got.note)
+            ops = got.value
+        self.app.report(fraction, cpu_time=cpu, fpops_cumulative=ops)
         if fraction is not None:
-            self.status.fraction_done = min(max(fraction, 0.0), 1.0)
+            self.status.fraction_done = fraction
         self.status.cpu_time = self.app.last_status.current_cpu_time
         tail = (status.stdout_tail or status.stderr_tail)[-200:].decode("utf-8", "replace").strip()
         if tail:
             self.status.last_output = tail.splitlines()[-1]
         self._write_status()
 
-    def _check_triggers(self) -> tuple[str, int, str, float] | None:
+    def _check_triggers(self, kinds: dict[str, GuestFileKind]) -> tuple[str, int, str, float] | None:
         for kind, name in (
             ("completion", self.job.completion_trigger_file),
             ("temporary_exit", self.job.temporary_exit_trigger_file),
         ):
-            if not name:
+            what = kind.replace("_", "-") + " trigger"
+            data = self._read_contract_file(name, what, kinds, TRIGGER_MAX_BYTES)
+            if data is None or name is None:
                 continue
-            data = self.vm.read_guest_file(self._guest(name), max_bytes=65536)
-            if data is None:
-                continue
-            lines = data.decode("utf-8", "replace").splitlines()
-            first = lines[0].strip() if lines else ""
-            message = "\n".join(lines[2:]).strip()
             with contextlib.suppress(GuestError):
                 self.vm.run_program(["/bin/rm", "-f", self._guest(name)], timeout=30)
-            if kind == "completion":
-                return kind, _int_or(first, 0), message, 0.0
-            return kind, 0, message, float(_int_or(first, 300))
+            parse = completion_trigger if kind == "completion" else temporary_exit_trigger
+            trigger = parse(data, f"{what} file {name}:")
+            self._note(what, trigger.note)
+            return kind, trigger.exit_code, trigger.message, trigger.delay
         return None
 
     def _checkpoint(self, proc: GuestProcess, record: CheckpointRecord | None) -> CheckpointRecord | None:
@@ -549,11 +624,19 @@ class Wrapper:
         return self.app.finish(0, message or None)
 
     def _copy_out(self) -> None:
+        # One look at every output first: copying a FIFO, a device or a symlink out of the
+        # job's directory would hang the guest agent or read what the job does not own.
+        kinds = self._guest_kinds(sorted({self._guest(o.guest_path) for o in self.job.output_files}))
         for out in self.job.output_files:
             target = self.app.resolve(out.open_name)
             project = Path(self.app.init_data.project_dir) if self.app.init_data.project_dir else None
             _check_inside(target, (self.slot, project))
             guest = self._guest(out.guest_path)
+            if problem := kind_problem(kinds.get(guest, GuestFileKind.MISSING)):
+                raise OutputError(
+                    f"output {out.open_name}: guest file {guest} {problem}",
+                    hint="the program must leave each output as a regular file inside the job's directory",
+                )
             part = self.slot / f".boincvm-{out.open_name}.part"
             try:
                 self.vm.copy_from_guest(guest, part, max_bytes=out.max_nbytes)
@@ -586,25 +669,6 @@ class Wrapper:
         if record is not None:
             with contextlib.suppress(BoincvmError):
                 self.vm.snapshot_delete(record.snapshot)
-
-
-def _last_number(data: bytes | None) -> float | None:
-    if not data:
-        return None
-    found = re.findall(rb"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", data[-256:])
-    if not found:
-        return None
-    try:
-        return float(found[-1])
-    except ValueError:
-        return None
-
-
-def _int_or(text: str, default: int) -> int:
-    try:
-        return int(float(text))
-    except ValueError:
-        return default
 
 
 def _check_inside(path: Path, roots: Sequence[Path | None]) -> None:

@@ -18,6 +18,7 @@ from types import FrameType
 from boincvm.boinc.api import BoincApp, slot_locked_exit
 from boincvm.boinc.errors import SlotLocked
 from boincvm.boinc.files import ExitCode, write_finish_file
+from boincvm.bounds import parse_number
 from boincvm.errors import BoincvmError, InputError
 from boincvm.job import DEFAULTS_OPEN_NAME, JOB_OPEN_NAME, VmJob, load_job, resolve
 from boincvm.wrapper import Wrapper, WrapperInputs
@@ -26,6 +27,9 @@ log = logging.getLogger("boincvm.wrapper")
 
 #: Options the client or a plan class may put before the workunit's arguments.
 _OWN_OPTIONS = ("--nthreads", "--device", "--memory_size_mb")
+#: Bounds of ``--nthreads`` and ``--memory_size_mb`` (a VM larger than this is a typo).
+MAX_NCPUS = 1024
+MAX_MEMORY_MB = 16 * 1024 * 1024
 
 
 def split_args(argv: Sequence[str]) -> tuple[dict[str, str], tuple[str, ...]]:
@@ -59,10 +63,13 @@ def load_inputs(app: BoincApp, wu_args: tuple[str, ...], own: dict[str, str]) ->
             f"the workunit has no {JOB_OPEN_NAME}", hint="make workunits with boincvm make-workunit"
         )
     job = job.merged(load_job(wu_job_path))
+    # The client or a plan class puts these on the command line: untrusted numbers.
     if "nthreads" in own:
-        job = VmJob(**{**job.__dict__, "ncpus": max(1, int(float(own["nthreads"])))})
+        ncpus = parse_number(own["nthreads"], "--nthreads", low=1, high=MAX_NCPUS)
+        job = VmJob(**{**job.__dict__, "ncpus": int(ncpus)})
     if "memory_size_mb" in own:
-        job = VmJob(**{**job.__dict__, "memory_size_mb": int(float(own["memory_size_mb"]))})
+        memory = parse_number(own["memory_size_mb"], "--memory_size_mb", low=1, high=MAX_MEMORY_MB)
+        job = VmJob(**{**job.__dict__, "memory_size_mb": int(memory)})
     resolved = resolve(job)
 
     def existing(logical: str | None, what: str) -> Path | None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import threading
 import time
@@ -92,6 +93,10 @@ def process_cpu_time() -> float:
     """CPU seconds of this process and its reaped children (user + system)."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def slot_locked_exit(slot_dir: Path, err: SlotLocked) -> int:
@@ -403,6 +408,19 @@ class BoincApp:
             bytes_sent: network bytes sent in this run.
             bytes_received: network bytes received in this run.
         """
+        # The last boundary before the client: a NaN or an infinity would reach its
+        # scheduler and credit as is (every comparison with NaN is false), so drop them.
+        fraction_done = _finite_or_none(fraction_done)
+        cpu_time = _finite_or_none(cpu_time)
+        fpops_cumulative, intops_cumulative = (
+            _finite_or_none(fpops_cumulative),
+            _finite_or_none(intops_cumulative),
+        )
+        fpops_per_cpu_sec, intops_per_cpu_sec = (
+            _finite_or_none(fpops_per_cpu_sec),
+            _finite_or_none(intops_per_cpu_sec),
+        )
+        bytes_sent, bytes_received = _finite_or_none(bytes_sent), _finite_or_none(bytes_received)
         with self._mutex:
             changes: dict[str, object] = {}
             if fraction_done is not None:

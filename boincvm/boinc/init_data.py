@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from boincvm.boinc.files import INIT_DATA_FILE
+from boincvm.bounds import number_problem
 from boincvm.errors import XmlError
 from boincvm.xmlio import escape_text, is_flag_true, parse_xml, read_bytes, text_of
 
@@ -179,9 +180,17 @@ def _as_float(text: str, place: str) -> float:
     if text == "":
         return 0.0
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise XmlError(f"{place} must be a number, not {text!r}") from None
+    # The client writes doubles with %f, which never gives nan or inf; such a value would
+    # pass every range check the wrapper makes (each comparison with NaN is false).
+    if problem := number_problem(value):
+        raise XmlError(
+            f"{place} {text[:40]!r} {problem}",
+            hint="the client writes init_data.xml before each start; let it rewrite this slot's file",
+        )
+    return value
 
 
 def _as_bool(text: str, place: str) -> bool:

@@ -1,0 +1,298 @@
+"""What a guest hands the wrapper, read as untrusted input (the guest's side of :mod:`boincvm.bounds`).
+
+The guest program's contract names files the wrapper reads while the program runs (fraction
+done, credit report, the completion and temporary-exit triggers) and the outputs it copies
+out at the end. Whatever is in them, the wrapper never dies on it and never loses the task:
+
+* every number is checked finite (:func:`boincvm.bounds.number_problem`) and clamped into
+  its range, and each change is described in a ``note`` the wrapper logs;
+* reads are bounded by the caller (``read_guest_file(max_bytes=...)``) and only the tail or
+  the first lines are parsed; undecodable bytes are replaced, control characters escaped;
+* a file is opened only once the guest's shell has said it is a regular file that stays
+  inside the job's directory (:data:`KIND_SCRIPT`). qemu-ga opens files with a blocking
+  ``open(2)``: opening a FIFO would wedge the agent for good, and a silent agent looks like a
+  dead VM, so the job would be restarted from scratch again and again.
+
+This module is pure (no I/O): the wrapper runs the script and reads the files.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from boincvm.bounds import number_problem
+
+#: A temporary exit asks for at most this long a pause (the client would otherwise
+#: park the task for ever on ``inf``); BOINC's own API has no bound.
+MAX_TEMPORARY_EXIT_DELAY = 86400.0
+#: The delay vboxwrapper uses when the trigger file gives none.
+DEFAULT_TEMPORARY_EXIT_DELAY = 300.0
+#: Whetstone (``p_fpops``) measures scalar code; vector units do up to 16 times more per
+#: core and second (AVX-512: 8 doubles, fused multiply-add). A credit report above what
+#: the host could have done even so is not believed.
+VECTOR_SLACK = 16.0
+#: A trigger's message is cut to this many characters (it ends up in one line of a file).
+MAX_MESSAGE_CHARS = 1024
+#: BOINC's exit status is a C int.
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+
+_NUMBER = re.compile(rb"[-+]?(?:inf(?:inity)?|nan|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)", re.IGNORECASE)
+#: C0 and C1 controls except tab and newline: a message must not drive a terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A number read from a guest file.
+
+    Attributes:
+        value: the value to use, or None to keep the last one (nothing usable was there).
+        note: why the raw value was clamped or ignored, for the log; None when it was used as is.
+    """
+
+    value: float | None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """What a completion or temporary-exit trigger file says (vboxwrapper's format:
+    the exit code or delay on the first line, a notice flag on the second, then a message).
+
+    Attributes:
+        kind: ``completion`` or ``temporary_exit``.
+        exit_code: the program's exit code (completion only).
+        delay: seconds until the client restarts the task (temporary exit only).
+        message: the message, control characters escaped and cut to :data:`MAX_MESSAGE_CHARS`.
+        note: why the first line was not used as written, for the log; None when it was.
+    """
+
+    kind: str
+    exit_code: int = 0
+    delay: float = 0.0
+    message: str = ""
+    note: str | None = None
+
+
+def last_number(data: bytes | None) -> tuple[float, bytes] | None:
+    """The last number written in ``data`` (``inf`` and ``nan`` count) and its text, or None."""
+    if not data:
+        return None
+    found = _NUMBER.findall(data[-256:])
+    if not found:
+        return None
+    text: bytes = found[-1]
+    return float(text), text
+
+
+def _shown(text: bytes) -> str:
+    return text.decode("ascii", "replace")[:40]
+
+
+def fraction_done(data: bytes | None, what: str = "fraction done") -> Reading:
+    """The fraction done a guest file reports: clamped into [0, 1]; NaN and infinities ignored."""
+    got = last_number(data)
+    if got is None:
+        return Reading(None)
+    value, text = got
+    if problem := number_problem(value):
+        return Reading(None, f"{what} {_shown(text)!r} {problem}; ignored")
+    if not 0.0 <= value <= 1.0:
+        clamped = min(max(value, 0.0), 1.0)
+        return Reading(clamped, f"{what} {_shown(text)!r} is outside [0, 1]; clamped to {clamped:g}")
+    return Reading(value)
+
+
+def ops_bound(*, rsc_fpops_bound: float, p_fpops: float, cpu_time: float) -> float | None:
+    """The most operations a credit report may claim: the workunit's ``rsc_fpops_bound``
+    (the client aborts a task that needs more) and what the host could have done in
+    ``cpu_time`` (its measured ``p_fpops`` per CPU second, times :data:`VECTOR_SLACK`);
+    None when neither is known."""
+    bounds = []
+    if number_problem(rsc_fpops_bound, low=0, low_open=True) is None:
+        bounds.append(rsc_fpops_bound)
+    if number_problem(p_fpops, low=0, low_open=True) is None and number_problem(cpu_time, low=0) is None:
+        bounds.append(p_fpops * cpu_time * VECTOR_SLACK)
+    return min(bounds) if bounds else None
+
+
+def credit_report(data: bytes | None, bound: float | None, what: str = "credit report") -> Reading:
+    """The operations a guest file claims: NaN, infinite and negative claims ignored, and
+    a claim above ``bound`` (see :func:`ops_bound`) clamped to it."""
+    got = last_number(data)
+    if got is None:
+        return Reading(None)
+    value, text = got
+    if problem := number_problem(value, low=0):
+        return Reading(None, f"{what} {_shown(text)!r} {problem}; ignored")
+    if bound is not None and value > bound:
+        return Reading(
+            bound,
+            f"{what} claims {value:g} operations, more than the host could have done ({bound:g}); "
+            f"clamped to {bound:g}",
+        )
+    return Reading(value)
+
+
+def _lines(data: bytes) -> tuple[str, str]:
+    text = data.decode("utf-8", "replace")
+    lines = text.splitlines()
+    first = lines[0].strip() if lines else ""
+    message = _CONTROL.sub("?", "\n".join(lines[2:]).strip())
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "..."
+    return first, message
+
+
+def _number_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def completion_trigger(data: bytes, what: str = "completion trigger") -> Trigger:
+    """Read a completion trigger. A first line that is not a number, or is NaN or infinite,
+    counts as exit code 0 (vboxwrapper reads it with ``atoi``); a number outside a C int
+    counts as 1 (a failure, never a success by overflow)."""
+    first, message = _lines(data)
+    shown = _CONTROL.sub("?", first[:40])
+    value = _number_or_none(first) if first else 0.0
+    if value is None or number_problem(value) is not None:
+        note = f"{what} exit code {shown!r} is not a number; taken as 0"
+        return Trigger("completion", 0, message=message, note=note)
+    if not _INT_MIN <= value <= _INT_MAX:
+        note = f"{what} exit code {shown!r} is outside the range of an exit code; taken as 1"
+        return Trigger("completion", 1, message=message, note=note)
+    return Trigger("completion", int(value), message=message)
+
+
+def temporary_exit_trigger(data: bytes, what: str = "temporary-exit trigger") -> Trigger:
+    """Read a temporary-exit trigger: the delay is clamped into [0, one day]; no number or
+    NaN gives vboxwrapper's default of 300 s."""
+    first, message = _lines(data)
+    shown = _CONTROL.sub("?", first[:40])
+    value = _number_or_none(first) if first else None
+    if value is None or value != value:  # noqa: PLR0124 - NaN is the one value unequal to itself
+        note = (
+            None
+            if not first
+            else f"{what} delay {shown!r} is not a number; using {DEFAULT_TEMPORARY_EXIT_DELAY:g} s"
+        )
+        return Trigger("temporary_exit", delay=DEFAULT_TEMPORARY_EXIT_DELAY, message=message, note=note)
+    clamped = min(max(value, 0.0), MAX_TEMPORARY_EXIT_DELAY)
+    note = None
+    if clamped != value:
+        note = (
+            f"{what} delay {shown!r} is outside [0, {MAX_TEMPORARY_EXIT_DELAY:g}] s; clamped to {clamped:g} s"
+        )
+    return Trigger("temporary_exit", delay=clamped, message=message, note=note)
+
+
+# --------------------------------------------------------------------------------------
+# What a guest path is, asked of the guest's own shell before anything opens it
+
+
+class GuestFileKind(enum.StrEnum):
+    """What the guest's shell says a path is (one word per path from :data:`KIND_SCRIPT`)."""
+
+    FILE = "file"
+    MISSING = "missing"
+    DIRECTORY = "directory"
+    FIFO = "fifo"
+    CHARACTER_DEVICE = "chardev"
+    BLOCK_DEVICE = "blockdev"
+    SOCKET = "socket"
+    OUTSIDE = "outside"
+    OTHER = "other"
+
+
+_KIND_PROBLEMS = {
+    GuestFileKind.DIRECTORY: "is a directory, not a regular file",
+    GuestFileKind.FIFO: "is a FIFO (named pipe), not a regular file",
+    GuestFileKind.CHARACTER_DEVICE: "is a character device, not a regular file",
+    GuestFileKind.BLOCK_DEVICE: "is a block device, not a regular file",
+    GuestFileKind.SOCKET: "is a socket, not a regular file",
+    GuestFileKind.OUTSIDE: "is a symbolic link that leads out of the job's directory",
+    GuestFileKind.OTHER: "is not a regular file",
+}
+
+#: Run by ``/bin/sh -c`` in the guest: ``$1`` the job's directory, then the paths. It prints
+#: one kind per path, one line each, in order; it only ``stat``\\ s (``test``), never opens.
+#: A path below the job's directory must resolve inside it; a path the job names outside
+#: it (an absolute guest name) may not be a symlink that leads out of the directory either.
+#: Without ``readlink`` only the final component is checked for being a link.
+KIND_SCRIPT = r"""
+root=$1; shift
+rr=$(readlink -f -- "$root" 2>/dev/null) || rr=$root
+# "/" as the job's directory: every absolute path is inside it.
+[ "$root" = / ] && root=
+[ "$rr" = / ] && rr=
+command -v readlink >/dev/null 2>&1 && haverl=1 || haverl=
+for p do
+  if [ ! -e "$p" ] && [ ! -L "$p" ]; then echo missing; continue; fi
+  out=
+  if [ -n "$haverl" ]; then
+    r=$(readlink -f -- "$p" 2>/dev/null) || r=
+    case "$p" in "$root"/*) lex=1 ;; *) lex= ;; esac
+    case "$r" in "$rr"/*) ;; *) { [ -n "$lex" ] || [ -L "$p" ]; } && out=1 ;; esac
+  elif [ -L "$p" ]; then
+    out=1
+  fi
+  if [ -n "$out" ]; then echo outside
+  elif [ -f "$p" ]; then echo file
+  elif [ -d "$p" ]; then echo directory
+  elif [ -p "$p" ]; then echo fifo
+  elif [ -c "$p" ]; then echo chardev
+  elif [ -b "$p" ]; then echo blockdev
+  elif [ -S "$p" ]; then echo socket
+  elif [ -L "$p" ]; then echo missing
+  else echo other
+  fi
+done
+"""
+
+
+def kinds_argv(root: str, paths: list[str]) -> list[str]:
+    """The guest command that prints the kind of each of ``paths`` (``root``: the job's directory)."""
+    return ["/bin/sh", "-c", KIND_SCRIPT, "boincvm-kind", root.rstrip("/") or "/", *paths]
+
+
+def parse_kinds(stdout: bytes, paths: list[str]) -> dict[str, GuestFileKind] | None:
+    """The kinds :data:`KIND_SCRIPT` printed, by path; None when its output does not fit."""
+    words = stdout.decode("ascii", "replace").split()
+    if len(words) != len(paths):
+        return None
+    kinds: dict[str, GuestFileKind] = {}
+    for path, word in zip(paths, words, strict=True):
+        try:
+            kinds[path] = GuestFileKind(word)
+        except ValueError:
+            return None
+    return kinds
+
+
+def kind_problem(kind: GuestFileKind) -> str | None:
+    """Why a path of this kind must not be read (None for a regular file or a missing one)."""
+    return _KIND_PROBLEMS.get(kind)
+
+
+__all__ = [
+    "DEFAULT_TEMPORARY_EXIT_DELAY",
+    "KIND_SCRIPT",
+    "MAX_TEMPORARY_EXIT_DELAY",
+    "GuestFileKind",
+    "Reading",
+    "Trigger",
+    "completion_trigger",
+    "credit_report",
+    "fraction_done",
+    "kind_problem",
+    "kinds_argv",
+    "last_number",
+    "ops_bound",
+    "parse_kinds",
+    "temporary_exit_trigger",
+]
