@@ -104,6 +104,13 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
     required=True,
     help="Directory to create.",
 )
+@click.option(
+    "--app-version",
+    "app_version",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="The app version the workunits are for: its defaults may name the program (a container image's do).",
+)
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def command(
@@ -136,6 +143,7 @@ def command(
     name_template: str,
     batch: Path | None,
     output_dir: Path,
+    app_version: Path | None,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -204,6 +212,10 @@ def command(
             if path is not None
         ),
     )
+    if app_version is not None:
+        from boincvm.appversion import app_version_defaults
+
+        request = replace(request, defaults=app_version_defaults(app_version))
     if package is not None and program_dir is not None:
         raise click.UsageError("give --package or --program, not both")
     with tempfile.TemporaryDirectory(prefix="boincvm-package-") as scratch:
