@@ -291,12 +291,14 @@ def build_container_image(
         ChecksumError: a blob does not match its digest.
         ToolError: mkfs.ext4, debugfs or qemu-img is missing or failed.
     """
-    from boincvm.image.guest import AGENT_PORT, RECIPES, build_guest_image
+    from boincvm.image.guest import AGENT_PORT, RECIPES, build_guest_image, find_cached_image
 
     say = progress or log.debug
     say(f"reading {source}")
     image = load_image(source)
-    base_dir = build_guest_image("minimal", progress=say)
+    # The kernel and agent come from the bundled guest: the cached one if there is one
+    # (no apt call), else built now.
+    base_dir = find_cached_image("minimal") or build_guest_image("minimal", progress=say)
     base = ImageDescriptor.load(base_dir)
     assert base.kernel is not None and base.initrd is not None
     digest = _input_hash(image.identity, base, free_mb)
