@@ -179,3 +179,25 @@ def umoci_layout(layout: Path, layer: Path, *config_args: str) -> Path:
     umoci("raw", "add-layer", "--image", f"{layout}:latest", str(layer))
     umoci("config", "--image", f"{layout}:latest", "--os", "linux", "--architecture", "amd64", *config_args)
     return layout
+
+
+def debian_rootfs_tar() -> Path:
+    """A Debian root file system with python3 (``mmdebstrap --variant=essential --format=tar``),
+    made once and cached under the boincvm cache, named by the command that made it."""
+    from boincvm.cache import cache_root
+
+    args = [
+        "--variant=essential",
+        "--include=python3-minimal",
+        "--skip=output/dev",
+        "--format=tar",
+        "bookworm",
+    ]
+    name = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:16]
+    out = cache_root() / "test-images" / f"debian-python-{name}.tar"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        part = out.with_suffix(".part")
+        subprocess.run(["mmdebstrap", "-q", *args, str(part)], check=True, capture_output=True, timeout=1800)
+        part.rename(out)
+    return out
