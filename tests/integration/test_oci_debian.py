@@ -6,6 +6,7 @@ resumes from it with a byte-identical result.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -51,8 +52,6 @@ def debian_app_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     job_layer = work / "job.tar"
     job_layer.write_bytes(layer_tar([M("app", "dir", mode=0o755), M("app/job.py", data=JOB)]))
-    import subprocess
-
     subprocess.run(
         ["umoci", "raw", "add-layer", "--image", f"{layout}:latest", str(job_layer)],
         check=True,
