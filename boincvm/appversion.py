@@ -335,6 +335,7 @@ def _package_into(
 
     job = VmJob(backend="qemu", memory_size_mb=req.memory_mb)
     exec_dir = req.exec_dir
+    container_task: Task | None = None
     if is_vmware_vm(req.image):
         vm_files, job = package_vmware(req, tmp, prefix, note)
         files += vm_files
@@ -360,6 +361,10 @@ def _package_into(
             add(tmp / f".{DISK_OPEN_NAME}.part", DISK_OPEN_NAME, copy=False, gzip_ok=False)
             job = VmJob(**{**job.__dict__, "vm_image": DISK_OPEN_NAME})
         exec_dir = exec_dir or desc.exec_dir
+        # A guest made from a container image: its program, environment and user (issue 16).
+        from boincvm.image.container import image_task
+
+        container_task = image_task(req.image)
     elif looks_like_kernel(req.image):
         add(req.image, KERNEL_OPEN_NAME, copy=True, gzip_ok=True)
         if req.initrd is not None:
@@ -387,7 +392,10 @@ def _package_into(
         add(tmp / f".{DISK_OPEN_NAME}.part", DISK_OPEN_NAME, copy=False, gzip_ok=False)
         job = VmJob(backend="qemu", vm_image=DISK_OPEN_NAME, memory_size_mb=req.memory_mb)
     options = tuple(BackendOption(n, v) for n, v in req.backend_options)
-    job = replace(job, task=Task(exec_dir=exec_dir) if exec_dir else None, backend_options=options)
+    task = Task(exec_dir=exec_dir) if exec_dir else None
+    if container_task is not None:
+        task = replace(container_task, exec_dir=exec_dir or container_task.exec_dir)
+    job = replace(job, task=task, backend_options=options)
     defaults_xml = render_job(job).encode("utf-8")
     defaults_md5 = hashlib.md5(defaults_xml, usedforsecurity=False).hexdigest()
     defaults_name = f"{prefix}_{defaults_md5[:12]}_vm_job_defaults.xml"
@@ -591,3 +599,22 @@ def check_app_version(path: Path) -> list[Finding]:
                         )
                     )
     return out
+
+
+def app_version_defaults(directory: Path) -> VmJob:
+    """The job defaults (``vm_job_defaults.xml``) of an app version directory.
+
+    Raises:
+        InputError: no version.xml, or it names no such file.
+        XmlError: the defaults are not a valid vm job.
+    """
+    from boincvm.job import load_job
+
+    vx, _ = parse_version_xml(read_bytes(directory / "version.xml", what="version.xml"))
+    for f in vx.files:
+        if f.logical_name == DEFAULTS_OPEN_NAME:
+            return load_job(directory / f.physical_name)
+    raise InputError(
+        f"{directory} has no {DEFAULTS_OPEN_NAME}",
+        hint="give the directory package-image made (--app-version)",
+    )

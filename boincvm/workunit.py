@@ -105,6 +105,9 @@ class WorkunitRequest:
         force: replace an existing output directory.
         also_reads: other files the command read (the job file, the program directory),
             which the output directory must not overlap either.
+        defaults: the job defaults of the app version the workunits are for (``--app-version``),
+            against which the job is checked for a program: a container image's app version
+            names it, so its workunits need none.
     """
 
     app_name: str
@@ -118,6 +121,7 @@ class WorkunitRequest:
     batch: Path | None = None
     force: bool = False
     also_reads: tuple[tuple[str, Path], ...] = ()
+    defaults: VmJob | None = None
 
 
 @dataclass(frozen=True)
@@ -400,8 +404,12 @@ def _check_request(req: WorkunitRequest) -> None:
     findings = [f for f in validate_job(req.job) if f.severity == "error"]
     if findings:
         raise InputError(f"{findings[0]}", hint=findings[0].hint)
-    if req.job.task is None or not req.job.task.application:
-        raise InputError("vm_job.task.application: must not be empty", hint="give --application")
+    task = (req.defaults.merged(req.job) if req.defaults is not None else req.job).task
+    if task is None or not task.application:
+        raise InputError(
+            "vm_job.task.application: must not be empty",
+            hint="give --application, or --app-version of an app version whose defaults name the program",
+        )
     seen = {JOB_OPEN_NAME}
     for spec in req.inputs:
         check_logical_name(spec.open_name, f"input {spec.open_name!r}")

@@ -12,6 +12,8 @@ APT_PACKAGES=(
   python3-venv python3-pip
   boinc-client                 # the real BOINC client, the judge in tests/integration/test_real_client.py
   openssl                      # cross-checks code signatures in the tests
+  umoci mmdebstrap             # the container-image tests make real OCI images (no daemon, no registry)
+  podman skopeo                # benchmarks/bench_oci.py: BUDA's runtime side by side (it says why where podman cannot run)
 )
 
 missing=()

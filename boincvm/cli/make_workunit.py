@@ -104,6 +104,20 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
     required=True,
     help="Directory to create.",
 )
+@click.option(
+    "--buda-batch",
+    "buda_batch",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="A BUDA job batch (zip or directory): one workunit per job directory, shared_input_files/ once.",
+)
+@click.option(
+    "--app-version",
+    "app_version",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="The app version the workunits are for: its defaults may name the program (a container image's do).",
+)
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def command(
@@ -136,6 +150,8 @@ def command(
     name_template: str,
     batch: Path | None,
     output_dir: Path,
+    buda_batch: Path | None,
+    app_version: Path | None,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -204,9 +220,27 @@ def command(
             if path is not None
         ),
     )
+    if app_version is not None:
+        from boincvm.appversion import app_version_defaults
+
+        request = replace(request, defaults=app_version_defaults(app_version))
     if package is not None and program_dir is not None:
         raise click.UsageError("give --package or --program, not both")
+    if buda_batch is not None and batch is not None:
+        raise click.UsageError("give --batch or --buda-batch, not both")
     with tempfile.TemporaryDirectory(prefix="boincvm-package-") as scratch:
+        if buda_batch is not None:
+            from boincvm.buda import read_buda_batch
+
+            buda = read_buda_batch(buda_batch, Path(scratch))
+            request = replace(
+                request,
+                batch=buda.rows,
+                inputs=request.inputs + buda.inputs,
+                command_line=" ".join(w for w in (command_line or "", "{{ cmdline }}") if w),
+                name="{{ app }}_{{ job }}" if name_template == "{{ app }}_{{ index }}" else name_template,
+                also_reads=(*request.also_reads, ("--buda-batch", buda_batch)),
+            )
         if program_dir is not None:
             from boincvm.package import PackageRequest, build_package
 
