@@ -12,6 +12,7 @@ APT_PACKAGES=(
   python3-venv python3-pip
   boinc-client                 # the real BOINC client, the judge in tests/integration/test_real_client.py
   openssl                      # cross-checks code signatures in the tests
+  binutils libpython3-dev      # PyInstaller (the frozen wrapper): objdump and strip, the shared libpython it bundles
 )
 
 missing=()
