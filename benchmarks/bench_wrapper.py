@@ -91,7 +91,7 @@ def main() -> None:
             sizes[kind] = _size(package_image(req))
             avs[kind] = out
             took = time.perf_counter() - t0
-            print(f"  package-image --wrapper {kind.value}: {took:5.1f} s (frozen: from the cache)")
+            print(f"  package-image --wrapper {kind.value}: {took:5.1f} s")
         wu = _wu(root)
         times: dict[WrapperKind, list[tuple[float, float]]] = {k: [] for k in WrapperKind}
         for run in range(RUNS):
