@@ -129,15 +129,23 @@ def _follow_bootloader() -> None:
     orphaned. With it, killing the main program kills the wrapper (and QEMU follows through
     its own pdeathsig) exactly as it does for the zip application.
     """
-    if not getattr(sys, "frozen", False) or not sys.platform.startswith("linux"):
+    unpacked = getattr(sys, "_MEIPASS", None)
+    if not getattr(sys, "frozen", False) or unpacked is None or not sys.platform.startswith("linux"):
         return
+    if not Path(unpacked).name.startswith("_MEI"):
+        return  # not a one-file build: no bootloader process above us
     import ctypes
     import os
 
-    parent = os.getppid()
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent:  # the bootloader died before prctl took effect
+    # The parent must still be the bootloader (the same executable): if it died before
+    # prctl took effect, we were already handed to another process and nobody waits for us.
+    try:
+        alive = Path(f"/proc/{os.getppid()}/exe").resolve() == Path(sys.executable).resolve()
+    except OSError:
+        alive = False
+    if not alive:
         os._exit(int(ExitCode.INIT_FAILURE))
 
 
