@@ -9,7 +9,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-BENCHES = ("bench_workunits", "bench_qemu", "bench_package_image", "bench_run_local", "bench_oci")
+BENCHES = (
+    "bench_workunits",
+    "bench_qemu",
+    "bench_package_image",
+    "bench_run_local",
+    "bench_wrapper",
+    "bench_oci",
+)
 
 
 def main() -> None:

@@ -6,7 +6,8 @@ directory, or a VMware VM directory (see :mod:`boincvm.appversion_vmware`).
 The directory made by :func:`package_image` is the platform directory of an app version
 (``apps/APP/VERSION/PLATFORM[__PLAN_CLASS]/`` in a project)::
 
-    APP_VERSION_<md5>_wrapper.pyz      main program: the wrapper (a Python zip application)
+    APP_VERSION_<md5>_boincvm-wrapper  main program: the wrapper, an ELF executable (frozen), or
+                                       APP_VERSION_<md5>_wrapper.pyz, a Python zip application
     APP_VERSION_vm_job_defaults.xml    logical name vm_job_defaults.xml: image, memory, guest dirs
     APP_VERSION_<md5>_vmlinux ...      the image files, logical names vm_kernel, vm_initrd, vm_disk.qcow2
     version.xml                        files, logical names, <is_wrapper/>, <dont_throttle/>, api_version
@@ -29,6 +30,7 @@ import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,6 +67,21 @@ GZIP_MIN_SAVING = 0.10
 Progress = Callable[[str, int, int | None], None]
 
 
+class WrapperKind(StrEnum):
+    """The form of the app version's main program."""
+
+    #: An ELF executable that needs no Python on the host (:mod:`boincvm.frozen`).
+    FROZEN = "frozen"
+    #: A Python zip application (:mod:`boincvm.zipapp`): needs Python 3.11+ on the host's PATH.
+    PYZ = "pyz"
+
+
+#: The main program's physical name ends with these (no logical name: the client runs it by path).
+WRAPPER_FILE_NAMES = {WrapperKind.FROZEN: "boincvm-wrapper", WrapperKind.PYZ: "wrapper.pyz"}
+#: The platform the frozen wrapper is built for (the machine package-image runs on).
+FROZEN_PLATFORM = "x86_64-pc-linux-gnu"
+
+
 @dataclass(frozen=True)
 class AppVersionFile:
     """One file of an app version."""
@@ -99,6 +116,7 @@ class AppVersionRequest:
         sign_key: a BOINC code-signing private key: every file gets a ``FILE.sig``.
         backend_options: (name, value) settings for the backend, checked here, written into
             the job defaults (e.g. QEMU's machine, VMware's guest_user).
+        wrapper: the main program's form: frozen (no Python on the host) or a zip application.
     """
 
     image: Path
@@ -117,6 +135,7 @@ class AppVersionRequest:
     disk: Path | None = None
     sign_key: Path | None = None
     backend_options: tuple[tuple[str, str], ...] = ()
+    wrapper: WrapperKind = WrapperKind.FROZEN
 
 
 @dataclass(frozen=True)
@@ -272,6 +291,11 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
     check_identifier(req.platform, "platform")
     if req.plan_class is not None:
         check_identifier(req.plan_class, "plan class")
+    if req.wrapper is WrapperKind.FROZEN and req.platform != FROZEN_PLATFORM:
+        raise InputError(
+            f"the frozen wrapper runs on {FROZEN_PLATFORM} only, not {req.platform}",
+            hint="package with --wrapper pyz for other platforms (the host then needs Python 3.11+)",
+        )
     for what, path in (("image", req.image), ("initrd", req.initrd), ("disk", req.disk)):
         if path is not None and not path.exists():
             raise InputError(
@@ -292,10 +316,13 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
         backend_class(kind).check_options(dict(req.backend_options))
     out = req.output_dir
     with building(out, force=req.force) as tmp, ThreadPoolExecutor(1) as pool:
-        from boincvm.zipapp import build_wrapper_zipapp
+        if req.wrapper is WrapperKind.FROZEN:
+            from boincvm.frozen import build_frozen_wrapper as build_wrapper
+        else:
+            from boincvm.zipapp import build_wrapper_zipapp as build_wrapper
 
-        # The wrapper is built while qemu-img converts the disk (another process).
-        wrapper = pool.submit(build_wrapper_zipapp, tmp / ".wrapper.part")
+        # The wrapper is built (or taken from the cache) while qemu-img converts the disk.
+        wrapper = pool.submit(build_wrapper, tmp / ".wrapper.part")
         return _package_into(req, tmp, vnum, progress, wrapper, key)
 
 
@@ -405,7 +432,7 @@ def _package_into(
     note("adding the wrapper")
     wrapper.result()
     md5, size = _md5(tmp / ".wrapper.part")
-    wrapper_name = f"{prefix}_{md5[:12]}_wrapper.pyz"
+    wrapper_name = f"{prefix}_{md5[:12]}_{WRAPPER_FILE_NAMES[req.wrapper]}"
     (tmp / ".wrapper.part").rename(tmp / wrapper_name)
     files.insert(0, AppVersionFile(wrapper_name, None, md5, size, main_program=True))
 

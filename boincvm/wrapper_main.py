@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from boincvm import __version__
 from boincvm.boinc.api import BoincApp, slot_locked_exit
 from boincvm.boinc.errors import SlotLocked
 from boincvm.boinc.files import ExitCode, write_finish_file
@@ -122,8 +123,50 @@ def _log_init_failure(exc: BoincvmError) -> None:
     log.error("%s%s", exc.message, f" (hint: {exc.hint})" if exc.hint else "")
 
 
+#: What ``MAIN --version`` prints (the first word names the program, as the frozen file does).
+VERSION_LINE = f"boincvm-wrapper {__version__}"
+
+
+def _follow_bootloader() -> None:
+    """In the frozen wrapper, die with the process the client started.
+
+    PyInstaller's one-file bootloader unpacks the bundle and runs Python in a child process;
+    the client (and run-local) know only the bootloader's pid. A SIGKILL of the bootloader
+    cannot be forwarded, so without this the child, and the VM it drives, would run on
+    orphaned. With it, killing the main program kills the wrapper (and QEMU follows through
+    its own pdeathsig) exactly as it does for the zip application.
+    """
+    unpacked = getattr(sys, "_MEIPASS", None)
+    if not getattr(sys, "frozen", False) or unpacked is None or not sys.platform.startswith("linux"):
+        return
+    if not Path(unpacked).name.startswith("_MEI"):
+        return  # not a one-file build: no bootloader process above us
+    import ctypes
+    import os
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    # The parent must still be the bootloader (the same executable): if it died before
+    # prctl took effect, we were already handed to another process and nobody waits for us.
+    try:
+        alive = Path(f"/proc/{os.getppid()}/exe").resolve() == Path(sys.executable).resolve()
+    except OSError:
+        alive = False
+    if not alive:
+        os._exit(int(ExitCode.INIT_FAILURE))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the wrapper in the current directory (a BOINC slot); return the exit code."""
+    """Run the wrapper in the current directory (a BOINC slot); return the exit code.
+
+    ``--version`` as the only argument prints :data:`VERSION_LINE` on stdout and returns 0
+    before anything reads or writes the current directory.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["--version"]:
+        sys.stdout.write(VERSION_LINE + "\n")
+        return 0
+    _follow_bootloader()
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
@@ -131,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%Y-%m-%d %H:%M:%S",
     )
     signal.signal(signal.SIGTERM, _sigterm)
-    own, wu_args = split_args(list(sys.argv[1:] if argv is None else argv))
+    own, wu_args = split_args(args)
     slot = Path.cwd()
     try:
         app = BoincApp.start(slot)

@@ -57,8 +57,12 @@ def _pyc(source: bytes, name: str) -> bytes:
     )
 
 
-def build_wrapper_zipapp(target: Path) -> Path:
-    """Write the wrapper zip application to ``target`` (atomically) and return it."""
+def wrapper_sources() -> tuple[list[tuple[str, Path]], list[tuple[str, bytes]]]:
+    """The files the wrapper is made of: (archive name, source file) pairs, sorted, and the
+    generated ``__init__.py`` files that turn namespace packages into regular ones.
+
+    The zip application and the frozen wrapper (:mod:`boincvm.frozen`) are both built from these.
+    """
     entries: list[tuple[str, Path]] = []
     extra: list[tuple[str, bytes]] = []
     for name in BUNDLED:
@@ -74,6 +78,12 @@ def build_wrapper_zipapp(target: Path) -> Path:
             if any(rel.startswith(part) for part in EXCLUDED_PARTS):
                 continue
             entries.append((rel, path))
+    return entries, extra
+
+
+def build_wrapper_zipapp(target: Path) -> Path:
+    """Write the wrapper zip application to ``target`` (atomically) and return it."""
+    entries, extra = wrapper_sources()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     tmp = Path(tmp_name)
     try:

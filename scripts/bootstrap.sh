@@ -14,6 +14,7 @@ APT_PACKAGES=(
   openssl                      # cross-checks code signatures in the tests
   umoci mmdebstrap             # the container-image tests make real OCI images (no daemon, no registry)
   podman skopeo                # benchmarks/bench_oci.py: BUDA's runtime side by side (it says why where podman cannot run)
+  binutils libpython3-dev      # PyInstaller (the frozen wrapper): objdump and strip, the shared libpython it bundles
 )
 
 missing=()

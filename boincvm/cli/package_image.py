@@ -36,6 +36,13 @@ from boincvm.cli.params import backend_option
     help="code_sign_private: write FILE.sig for every file (the key itself is never copied).",
 )
 @backend_option("Written into the job defaults of every task.")
+@click.option(
+    "--wrapper",
+    type=click.Choice(["frozen", "pyz"]),
+    default="frozen",
+    help="Main program: an ELF executable that needs no Python on the host (frozen, built once "
+    "and cached), or a zip application for hosts with Python 3.11+ (pyz).",
+)
 @click.option("--compress/--no-compress", default=True, help="Compress qcow2 clusters.")
 @click.option(
     "--gzip/--no-gzip",
@@ -64,6 +71,7 @@ def command(
     disk: Path | None,
     sign_key: Path | None,
     backend_options: tuple[tuple[str, str], ...],
+    wrapper: str,
     compress: bool,
     gzip_downloads: bool,
     output_dir: Path | None,
@@ -75,7 +83,7 @@ def command(
 
     Copy the result to apps/APP/VERSION/PLATFORM in the project and run update_versions.
     """
-    from boincvm.appversion import AppVersionRequest, package_image
+    from boincvm.appversion import AppVersionRequest, WrapperKind, package_image
 
     dirname = f"{platform}__{plan_class}" if plan_class else platform
     out = output_dir or Path(f"{app_name}_{version}_{dirname}")
@@ -96,6 +104,7 @@ def command(
         disk=disk,
         sign_key=sign_key,
         backend_options=backend_options,
+        wrapper=WrapperKind(wrapper),
     )
     result = package_image(req, lambda step, *_: console.info(step))
     console.success(f"app version {app_name} {version} ({result.version_num}) in {result.directory}")

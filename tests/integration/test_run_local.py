@@ -1,8 +1,8 @@
 """The wrapper end to end under run-local: real QEMU guests, real processes, real faults.
 
 Every test makes a workunit with make_workunits, runs the app version's own wrapper (the
-zip application package-image built) through the client emulator, and checks the BOINC
-outcome, the results and that no QEMU process is left.
+frozen executable package-image built; one test the zip application) through the client
+emulator, and checks the BOINC outcome, the results and that no QEMU process is left.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from boincvm.appversion import AppVersionRequest, package_image
+from boincvm.appversion import AppVersionRequest, WrapperKind, package_image
 from boincvm.job import BackendOption, OutputFile, Task, VmJob
 from boincvm.runlocal import Fault, FaultKind, LiveState, RunLocalRequest, RunSummary, run_local
 from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
@@ -122,7 +122,27 @@ def longjob_wu(tmp_path: Path, job: LongJob = LONG) -> Path:
     return make_wu(tmp_path, job.command_line, inputs=job.inputs, outputs=outputs)
 
 
-def test_hello(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
+def _main_program(app_version: Path) -> Path:
+    from boincvm.appversion import parse_version_xml
+
+    vx, _ = parse_version_xml((app_version / "version.xml").read_bytes())
+    (main,) = [f for f in vx.files if f.main_program]
+    return app_version / main.physical_name
+
+
+@pytest.mark.parametrize("wrapper", [WrapperKind.FROZEN, WrapperKind.PYZ])
+def test_hello(
+    wrapper: WrapperKind, app_version: Path, guest_image: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    if wrapper is WrapperKind.PYZ:
+        app_version = tmp_path / "av-pyz"
+        package_image(
+            AppVersionRequest(
+                image=guest_image, app_name="itest", version="1.00", output_dir=app_version, wrapper=wrapper
+            )
+        )
+    head = _main_program(app_version).read_bytes()[:4]
+    assert head == (b"\x7fELF" if wrapper is WrapperKind.FROZEN else b"#!/u")
     (tmp_path / "world.txt").write_text("world\n")
     wu = make_wu(
         tmp_path, '-c "tr a-z A-Z < in > out"', inputs=(InputSpec("in", str(tmp_path / "world.txt")),)

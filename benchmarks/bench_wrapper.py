@@ -1,0 +1,117 @@
+"""The wrapper's start-up, frozen executable against zip application, and the app version's size.
+
+Each run starts the app version's own main program in a fresh slot through the client
+emulator (init_data.xml, shared memory, heartbeats once per poll) and times, from the
+process start: the first heartbeat the wrapper read (the client could deliver a second
+one) and the first status message it wrote. The wrapper is then killed (its VM has not
+got far). Runs of the two forms alternate, so a busy host slows both alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from boincvm.appversion import AppVersion, AppVersionRequest, WrapperKind, package_image
+from boincvm.boinc.client import ClientOptions, LocalClient
+from boincvm.image.guest import build_guest_image
+from boincvm.job import OutputFile, Task, VmJob
+from boincvm.runlocal import RunLocalRequest, build_task
+from boincvm.workunit import Resources, WorkunitRequest, make_workunits
+
+RUNS = 7
+POLL = 0.002
+TIMEOUT = 60.0
+
+
+def _wu(root: Path) -> Path:
+    task = Task(application="/bin/sh")
+    out = root / "wu"
+    make_workunits(
+        WorkunitRequest(
+            app_name="bench",
+            job=VmJob(task=task, output_files=(OutputFile("out", 1_000_000),)),
+            output_dir=out,
+            command_line="-c 'echo hi > out'",
+            resources=Resources(rsc_memory_bound=1e9),
+        )
+    )
+    return out
+
+
+def _start_once(root: Path, wu: Path, av: Path, run: int) -> tuple[float, float]:
+    """Seconds from the start to the first heartbeat read and to the first status message."""
+    data = root / f"client-{av.name}-{run}"
+    task = build_task(RunLocalRequest(workunit_dir=wu, app_version_dir=av, results_dir=root, data_dir=data))
+    heartbeat = status = None
+    with LocalClient(data, task, slot=0, options=ClientOptions(clean_slot=False)) as client:
+        client.start()
+        t0 = time.perf_counter()
+        while heartbeat is None or status is None:
+            if client.poll() is not None:
+                raise RuntimeError(f"the wrapper exited during start-up: {client.status}")
+            now = time.perf_counter() - t0
+            s = client.status
+            # The second heartbeat goes in only once the wrapper has read the first.
+            if heartbeat is None and s.heartbeats_sent >= 2:
+                heartbeat = now
+            if status is None and s.status_messages >= 1:
+                status = now
+            if now > TIMEOUT:
+                raise RuntimeError("no heartbeat read or status within a minute")
+            time.sleep(POLL)
+        client.kill()
+        client.wait(30)
+    return heartbeat, status
+
+
+def _fmt(values: list[float]) -> str:
+    return f"{min(values):6.3f} {statistics.median(values):6.3f} {max(values):6.3f}"
+
+
+def _size(av: AppVersion) -> tuple[int, int]:
+    main = next(f for f in av.files if f.main_program)
+    return main.nbytes, sum(f.nbytes for f in av.files)
+
+
+def main() -> None:
+    """Print min/median/max start-up times of both forms, their ratio and the app version sizes."""
+    print(f"== wrapper start-up, frozen ELF vs zip application ({RUNS} runs each, alternating)")
+    image = build_guest_image("minimal")
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        avs: dict[WrapperKind, Path] = {}
+        sizes: dict[WrapperKind, tuple[int, int]] = {}
+        for kind in WrapperKind:
+            t0 = time.perf_counter()
+            out = root / f"av-{kind.value}"
+            req = AppVersionRequest(image=image, app_name="bench", version="1", output_dir=out, wrapper=kind)
+            sizes[kind] = _size(package_image(req))
+            avs[kind] = out
+            took = time.perf_counter() - t0
+            print(f"  package-image --wrapper {kind.value}: {took:5.1f} s")
+        wu = _wu(root)
+        times: dict[WrapperKind, list[tuple[float, float]]] = {k: [] for k in WrapperKind}
+        for run in range(RUNS):
+            for kind in WrapperKind:
+                times[kind].append(_start_once(root, wu, avs[kind], run))
+        print("                                 min    median max (s)")
+        for kind in WrapperKind:
+            print(f"  {kind.value:6} first heartbeat read: {_fmt([t[0] for t in times[kind]])}")
+            print(f"  {kind.value:6} first status:         {_fmt([t[1] for t in times[kind]])}")
+        for i, what in enumerate(("first heartbeat read", "first status")):
+            frozen = statistics.median(t[i] for t in times[WrapperKind.FROZEN])
+            pyz = statistics.median(t[i] for t in times[WrapperKind.PYZ])
+            print(f"  ratio frozen/pyz, median {what}: {frozen / pyz:.2f}")
+        for kind in WrapperKind:
+            main_bytes, total = sizes[kind]
+            print(
+                f"  app version with {kind.value:6}: {total / 1e6:6.1f} MB "
+                f"(main program {main_bytes / 1e6:5.2f} MB; the rest is the guest image)"
+            )
+
+
+if __name__ == "__main__":
+    main()

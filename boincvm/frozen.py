@@ -1,0 +1,268 @@
+"""The wrapper as an ELF executable: the app version's main program on hosts without Python.
+
+PyInstaller freezes exactly the sources the zip application bundles
+(:func:`boincvm.zipapp.wrapper_sources`: boincvm without its CLI, defusedxml, qemu.qmp,
+rpmfile) with this interpreter, its standard library and the shared libraries they load,
+into one file (``--onefile``): a small C bootloader that unpacks the bundle and runs the
+wrapper. The host needs glibc and nothing else: no Python, no pip package.
+
+Why PyInstaller: it freezes the interpreter we test with, as it is, in seconds (Nuitka
+compiles to C, needs a C compiler and takes minutes per build, and its bytecode-free build
+is a second implementation of the wrapper to trust); a shipped interpreter with its
+standard library would need a relocatable Python build, which Debian does not package.
+
+Where it runs: the bootloader needs glibc 2.14, but the bundled ``libpython`` and extension
+modules need about the glibc of the machine that built them (2.35 for Debian 12's): build
+on the oldest glibc the project wants to reach.
+
+Reproducible: built in a fixed directory with ``PYTHONHASHSEED=0`` and
+``SOURCE_DATE_EPOCH`` set, binaries stripped (``--strip``; debug sections carry build
+paths), the same sources, interpreter and PyInstaller give the same bytes. Built
+executables are cached by content (:func:`frozen_wrapper`) under the boincvm cache.
+
+At run time the bundle unpacks into the current directory (the slot: ``--runtime-tmpdir
+.``), which the client empties when the task ends, so a bootloader killed before it could
+clean up leaves nothing behind on the host (a tmpfs ``/tmp`` would also cost RAM).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from boincvm import proc
+from boincvm.cache import cache_root
+from boincvm.errors import CommandNotFound, ToolError
+from boincvm.zipapp import BUNDLED, ENTRY, wrapper_sources
+
+#: The executable's name (PyInstaller ``--name``) and the app-version file's suffix.
+NAME = "boincvm-wrapper"
+#: Bump when the build recipe changes, so cached executables are rebuilt.
+RECIPE = "1"
+#: Any fixed value: PyInstaller stamps archive members with it.
+SOURCE_DATE_EPOCH = "315532800"
+#: A build seldom takes a minute; the lock wait covers another build in progress.
+BUILD_TIMEOUT = 900.0
+LOCK_TIMEOUT = 1200.0
+
+_ENTRY_SCRIPT = f"""\
+# boincvm wrapper: started by the BOINC client in a slot directory.
+import sys
+from {ENTRY.split(":")[0]} import {ENTRY.split(":")[1]}
+sys.exit({ENTRY.split(":")[1]}())
+"""
+
+
+@dataclass(frozen=True)
+class FrozenWrapper:
+    """A built frozen wrapper.
+
+    Attributes:
+        path: the executable (in the cache unless built elsewhere on purpose).
+        key: the content key: sources, interpreter, PyInstaller version and recipe.
+        cached: it was already there (nothing was built).
+    """
+
+    path: Path
+    key: str
+    cached: bool
+
+
+def _pyinstaller_version() -> str:
+    """The installed PyInstaller's version.
+
+    Raises:
+        CommandNotFound: PyInstaller is not installed in this environment.
+    """
+    if importlib.util.find_spec("PyInstaller") is None:
+        raise CommandNotFound(
+            "PyInstaller is not installed, so the frozen wrapper cannot be built",
+            hint="pip install pyinstaller (boincvm depends on it), or package with --wrapper pyz",
+        )
+    return importlib.metadata.version("pyinstaller")
+
+
+def _excluded_modules() -> list[str]:
+    """Installed third-party top-level modules the zip application does not bundle either.
+
+    PyInstaller follows every import it sees; a module that imports jinja2 or rich for
+    something the wrapper never does would otherwise drag them in. Excluded, they fail to
+    import in the frozen wrapper exactly as they do in the zip application.
+    """
+    names = {
+        name
+        for name in importlib.metadata.packages_distributions()
+        if name.isidentifier() and name not in sys.stdlib_module_names and name not in BUNDLED
+    }
+    return sorted(names | {"boincvm.cli"})
+
+
+def source_key() -> str:
+    """The content key of the frozen wrapper these sources, this interpreter and PyInstaller give."""
+    h = hashlib.sha256()
+    for part in (RECIPE, _pyinstaller_version(), sys.version, sys.platform, os.path.realpath(sys.executable)):
+        h.update(part.encode() + b"\0")
+    entries, extra = wrapper_sources()
+    for arcname, path in entries:
+        h.update(arcname.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    for arcname, data in extra:
+        h.update(arcname.encode() + b"\0" + hashlib.sha256(data).digest())
+    h.update(_ENTRY_SCRIPT.encode())
+    h.update("\0".join(_excluded_modules()).encode())
+    return h.hexdigest()
+
+
+def _stage(src: Path) -> list[str]:
+    """Copy the wrapper's sources into ``src``; return the modules to freeze (hidden imports).
+
+    Backends are imported by name (``boincvm.hypervisor.<kind>``), so every module is
+    named explicitly rather than left to PyInstaller's import analysis.
+    """
+    entries, extra = wrapper_sources()
+    modules: list[str] = []
+    for arcname, path in entries:
+        dest = src / arcname
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+        if arcname.endswith(".py"):
+            module = arcname[: -len(".py")].replace("/", ".").removesuffix(".__init__")
+            modules.append(module)
+    for arcname, data in extra:
+        (src / arcname).write_bytes(data)
+    return modules
+
+
+def freeze(build_dir: Path) -> Path:
+    """Build the frozen wrapper in ``build_dir`` (emptied first) and return the executable.
+
+    Raises:
+        CommandNotFound: PyInstaller (or the strip/objdump it runs) is missing.
+        CommandFailed: PyInstaller failed or took longer than :data:`BUILD_TIMEOUT`.
+    """
+    _pyinstaller_version()
+    if build_dir.exists():
+        shutil.rmtree(build_dir)
+    src = build_dir / "src"
+    src.mkdir(parents=True)
+    modules = _stage(src)
+    entry = build_dir / "boincvm_wrapper_entry.py"
+    entry.write_text(_ENTRY_SCRIPT, encoding="utf-8")
+    cmd: list[str | os.PathLike[str]] = [
+        sys.executable,
+        "-m",
+        "PyInstaller",
+        "--onefile",
+        "--strip",
+        "--noconfirm",
+        "--clean",
+        "--log-level",
+        "WARN",
+        "--name",
+        NAME,
+        "--runtime-tmpdir",
+        ".",
+        "--distpath",
+        "dist",
+        "--workpath",
+        "work",
+        "--specpath",
+        ".",
+        "--paths",
+        "src",
+    ]
+    for module in modules:
+        cmd += ["--hidden-import", module]
+    for module in _excluded_modules():
+        cmd += ["--exclude-module", module]
+    cmd.append(entry.name)
+    env = {"PYTHONHASHSEED": "0", "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH, "PYTHONDONTWRITEBYTECODE": "1"}
+    proc.run(cmd, timeout=BUILD_TIMEOUT, cwd=build_dir, env=env)
+    return build_dir / "dist" / NAME
+
+
+class _BuildLock:
+    """An exclusive lock on the frozen-wrapper cache, polled up to :data:`LOCK_TIMEOUT`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+
+    def __enter__(self) -> _BuildLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                    os.close(self._fd)
+                    raise ToolError(
+                        f"the frozen-wrapper cache {self.path.parent} stayed locked",
+                        hint="another package-image is building it; wait, or use --wrapper pyz",
+                    ) from exc
+                time.sleep(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)  # closing releases the lock
+
+
+def cache_dir() -> Path:
+    """Where frozen wrappers are cached: ``<boincvm cache>/wrapper``."""
+    return cache_root() / "wrapper"
+
+
+def frozen_wrapper() -> FrozenWrapper:
+    """The frozen wrapper for the current sources: from the cache, or built once and cached.
+
+    The build runs in a fixed directory of the cache (so no build path differs between
+    builds) under a lock, and the executable is moved into place atomically.
+
+    Raises:
+        CommandNotFound: PyInstaller is missing.
+        CommandFailed: the build failed.
+        ToolError: another build held the cache lock too long.
+    """
+    key = source_key()
+    root = cache_dir()
+    final = root / f"{NAME}-{key[:24]}"
+    if final.is_file():
+        return FrozenWrapper(final, key, cached=True)
+    with _BuildLock(root / ".lock"):
+        if final.is_file():
+            return FrozenWrapper(final, key, cached=True)
+        built = freeze(root / "build")
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", dir=root)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            shutil.copyfile(built, tmp)
+            tmp.chmod(0o755)
+            tmp.rename(final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        shutil.rmtree(root / "build", ignore_errors=True)
+    return FrozenWrapper(final, key, cached=False)
+
+
+def build_frozen_wrapper(target: Path) -> Path:
+    """Copy the (cached) frozen wrapper to ``target`` and return it; used by package-image.
+
+    Raises:
+        CommandNotFound, CommandFailed, ToolError: as :func:`frozen_wrapper`.
+    """
+    shutil.copyfile(frozen_wrapper().path, target)
+    target.chmod(0o755)
+    return target
