@@ -1,6 +1,6 @@
 """Container images as boincvm guests, end to end under run-local: a ``FROM scratch`` image made
 with umoci, built by ``build-image --from-oci`` (cached by content), packaged, and run with a
-SIGKILL after the first committed checkpoint; the second start resumes from it and the
+SIGKILL or a quit (preemption) after the first committed checkpoint; the second start resumes from it and the
 result is byte for byte the uninterrupted one.
 """
 
@@ -95,13 +95,15 @@ def test_scratch_image_runs_cmd_as_its_user_in_its_workdir(scratch_app_version: 
     assert (tmp_path / "results/whoami").read_text() == "1000\n1000\n/work\nhello from the image\n"
 
 
-def test_scratch_image_killed_after_a_checkpoint_resumes_byte_identical(
-    scratch_app_version: Path, tmp_path: Path
+@pytest.mark.parametrize("kind", [FaultKind.KILL, FaultKind.QUIT])
+def test_scratch_image_interrupted_after_a_checkpoint_resumes_byte_identical(
+    scratch_app_version: Path, tmp_path: Path, kind: FaultKind
 ) -> None:
     args = " ".join(FAULTED.command_line.split()[1:])  # replaces the image's Cmd
     wu = _workunit(tmp_path, scratch_app_version, args)
-    summary = _run(tmp_path, wu, scratch_app_version, Fault.parse(FaultKind.KILL, "checkpoint:1"))
+    summary = _run(tmp_path, wu, scratch_app_version, Fault.parse(kind, "checkpoint:1"))
     assert summary.ok, summary.message + summary.stderr_tail
     assert summary.starts == 2, summary.events
+    assert any(f"injected {kind.value}" in e for e in summary.events), summary.events
     assert "resuming from checkpoint" in summary.stderr_tail
     assert (tmp_path / "results/out").read_text() == FAULTED.expected_out
