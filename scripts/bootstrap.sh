@@ -13,7 +13,7 @@ APT_PACKAGES=(
   boinc-client                 # the real BOINC client, the judge in tests/integration/test_real_client.py
   openssl                      # cross-checks code signatures in the tests
   umoci mmdebstrap             # the container-image tests make real OCI images (no daemon, no registry)
-  podman skopeo                # benchmarks/bench_oci.py: BUDA's runtime side by side (it says why where podman cannot run)
+  podman skopeo runc           # benchmarks/bench_oci.py: BUDA's runtime side by side (runc: crun refuses cgroup v1 hosts)
   binutils libpython3-dev      # PyInstaller (the frozen wrapper): objdump and strip, the shared libpython it bundles
 )
 
