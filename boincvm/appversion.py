@@ -225,7 +225,7 @@ def image_inputs(req: AppVersionRequest) -> list[Path]:
     found: list[Path] = []
     if is_vmware_vm(req.image):
         from boincvm.appversion_vmware import base_snapshot
-        from boincvm.hypervisor.vmware_files import collect_vm
+        from boincvm.hypervisor.vmware.files import collect_vm
 
         vm = collect_vm(req.image, snapshot=base_snapshot(dict(req.backend_options)))
         found += [vm.root, *(f.path for f in vm.files)]

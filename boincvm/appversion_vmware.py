@@ -2,7 +2,7 @@
 
 The VM (its directory or its ``.vmx``) must be powered off and carry the snapshot
 ``boincvm-base``, from which every task makes a linked clone (see
-:mod:`boincvm.hypervisor.vmware_files` for what is collected and refused). Each file gets
+:mod:`boincvm.hypervisor.vmware.files` for what is collected and refused). Each file gets
 
 * a physical name ``APP_VERSION_<md5>_<name>`` (the name made safe for a URL: characters
   other than letters, digits, ``_ . -`` become ``_``), and
@@ -82,7 +82,7 @@ def copy_hashed(src: Path, dst: Path, *, estimate_gzip: bool) -> tuple[str, int,
 
 def base_snapshot(options: dict[str, str]) -> str:
     """The snapshot tasks clone from: the ``base_snapshot`` backend option, else ``boincvm-base``."""
-    from boincvm.hypervisor.vmware_files import BASE_SNAPSHOT
+    from boincvm.hypervisor.vmware.files import BASE_SNAPSHOT
 
     return options.get("base_snapshot", BASE_SNAPSHOT)
 
@@ -94,11 +94,11 @@ def package_vmware(
 
     Raises:
         InputError: options that do not apply to a VMware VM, or a VM that cannot be shipped
-            (see :func:`~boincvm.hypervisor.vmware_files.collect_vm`).
+            (see :func:`~boincvm.hypervisor.vmware.files.collect_vm`).
         PathEscapeError: a file reference is absolute or leaves the VM directory.
     """
     from boincvm.appversion import GZIP_MIN_SAVING, AppVersionFile
-    from boincvm.hypervisor.vmware_files import collect_vm, refuse_in_use
+    from boincvm.hypervisor.vmware.files import collect_vm, refuse_in_use
 
     for option, value in (
         ("--initrd", req.initrd),
@@ -148,7 +148,7 @@ def check_vmware_app_version(directory: Path, job: VmJob, logical: dict[str, str
     import tempfile
 
     from boincvm.errors import BoincvmError
-    from boincvm.hypervisor.vmware_files import collect_vm
+    from boincvm.hypervisor.vmware.files import collect_vm
 
     place = f"{DEFAULTS_OPEN_NAME}:vm_job"
     out: list[Finding] = []

@@ -93,7 +93,7 @@ def validate_path(path: Path, *, boot: bool = False) -> Report:
 
         findings = list(check_package(path))
     elif kind is PathKind.VMWARE:
-        from boincvm.hypervisor.vmware_inspect import check_vmware
+        from boincvm.hypervisor.vmware.inspect import check_vmware
 
         findings = list(check_vmware(path))
     else:

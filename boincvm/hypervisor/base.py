@@ -303,7 +303,7 @@ def backend_class(kind: BackendKind | str) -> type[Backend]:
     try:
         backend_kind = BackendKind(kind)
         # A backend registers itself when its module is imported; import only the one asked for.
-        importlib.import_module(f"boincvm.hypervisor.{backend_kind.value}")
+        importlib.import_module(f"boincvm.hypervisor.{backend_kind.value}.backend")
         return Backend._registry[backend_kind]
     except (ValueError, KeyError):
         known = ", ".join(sorted(k.value for k in Backend._registry))

@@ -173,7 +173,7 @@ def _verdict(present: set[str], place: str) -> list[Finding]:
 
 def _boot(image: Path, timeout: float, place: str) -> list[Finding]:
     from boincvm.hypervisor.base import VmSpec
-    from boincvm.hypervisor.qemu import QemuBackend
+    from boincvm.hypervisor.qemu.backend import QemuBackend
     from boincvm.image.descriptor import spec_for_image
 
     with tempfile.TemporaryDirectory(prefix="boincvm-inspect-") as tmp:

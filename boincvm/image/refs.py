@@ -255,7 +255,7 @@ def _level(
 
 def _vmdk_refs(root: Path, base: str, path: Path, name: str, refs: list[ImageRef]) -> str | None:
     """Add a VMDK's extents to ``refs``; return its parent disk's name (for a delta disk)."""
-    from boincvm.hypervisor.vmware_vmx import read_vmdk_descriptor
+    from boincvm.hypervisor.vmware.vmx import read_vmdk_descriptor
 
     try:
         desc = read_vmdk_descriptor(path)

@@ -16,8 +16,8 @@ import pytest
 
 from boincvm.appversion import AppVersionRequest, check_app_version, package_image
 from boincvm.findings import has_errors
-from boincvm.hypervisor.vmware import BASE_DIR
-from boincvm.hypervisor.vmware_config import AGENT_SCRIPT
+from boincvm.hypervisor.vmware.backend import BASE_DIR
+from boincvm.hypervisor.vmware.config import AGENT_SCRIPT
 from boincvm.job import OutputFile, Task, VmJob
 from boincvm.runlocal import RunLocalRequest, run_local
 from boincvm.workunit import InputSpec, WorkunitRequest, make_workunits, md5_file

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from boincvm.errors import GuestError, HypervisorError, OutputError, VmTimeout
-from boincvm.hypervisor import qemu_cmdline as cl
-from boincvm.hypervisor.qemu_options import DEFAULT_TRANSFER_MIN_BYTES, QemuOptions
+from boincvm.hypervisor.qemu import cmdline as cl
+from boincvm.hypervisor.qemu.options import DEFAULT_TRANSFER_MIN_BYTES, QemuOptions
 
 if TYPE_CHECKING:
-    from boincvm.hypervisor.qemu import QemuBackend
+    from boincvm.hypervisor.qemu.backend import QemuBackend
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Settings:
 
 
 class TransferDisk:
-    """Copies through hot-plugged disks for one :class:`~boincvm.hypervisor.qemu.QemuBackend`.
+    """Copies through hot-plugged disks for one :class:`~boincvm.hypervisor.qemu.backend.QemuBackend`.
 
     After a guest has shown it cannot use one (no hot-plug, no ``dd``), it is not
     tried again for that VM: :meth:`wanted` says False from then on.

@@ -49,9 +49,6 @@ from boincvm.errors import (
     OutputError,
     VmTimeout,
 )
-from boincvm.hypervisor import qemu_cmdline as cl
-from boincvm.hypervisor import qemu_golden, qemu_xfer
-from boincvm.hypervisor.aio import shared_loop
 from boincvm.hypervisor.base import (
     Availability,
     Backend,
@@ -61,9 +58,13 @@ from boincvm.hypervisor.base import (
     SnapshotInfo,
     VmSpec,
 )
-from boincvm.hypervisor.qemu_accel import AccelChoice, choose_accel, kvm_device, qemu_identity
-from boincvm.hypervisor.qemu_options import QemuOptions
-from boincvm.hypervisor.qga import CHUNK, GuestAgent, connect_unix, is_missing_file
+from boincvm.hypervisor.qemu import cmdline as cl
+from boincvm.hypervisor.qemu import golden as qemu_golden
+from boincvm.hypervisor.qemu import xfer as qemu_xfer
+from boincvm.hypervisor.qemu.accel import AccelChoice, choose_accel, kvm_device, qemu_identity
+from boincvm.hypervisor.qemu.aio import shared_loop
+from boincvm.hypervisor.qemu.options import QemuOptions
+from boincvm.hypervisor.qemu.qga import CHUNK, GuestAgent, connect_unix, is_missing_file
 
 log = logging.getLogger(__name__)
 

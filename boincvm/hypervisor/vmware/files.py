@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm.errors import InputError, PathEscapeError
-from boincvm.hypervisor.vmware_vmx import VmxFile, read_vmdk_descriptor
+from boincvm.hypervisor.vmware.vmx import VmxFile, read_vmdk_descriptor
 from boincvm.paths import check_regular
 
 #: The snapshot every task's linked clone starts from (vmrun clone ... -snapshot=NAME).
@@ -124,7 +124,7 @@ def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT, follow_links: bool 
             missing file, or lacks the snapshot ``snapshot`` (or has it twice).
         PathEscapeError: a file reference is absolute or leaves the VM directory.
     """
-    from boincvm.hypervisor.vmware_inspect import check_vmware
+    from boincvm.hypervisor.vmware.inspect import check_vmware
 
     vmx_path = find_vmx(path)
     root = vmx_path.parent

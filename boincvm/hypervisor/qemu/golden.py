@@ -97,7 +97,7 @@ def build(spec: VmSpec, key: str, accel: str) -> Golden:
         HypervisorError: the boot or the migration failed.
         GuestToolsMissing: the guest agent never answered.
     """
-    from boincvm.hypervisor.qemu import QemuBackend
+    from boincvm.hypervisor.qemu.backend import QemuBackend
 
     root = cache_root() / "golden"
     root.mkdir(parents=True, exist_ok=True)
