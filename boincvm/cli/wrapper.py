@@ -11,7 +11,7 @@ def command(args: tuple[str, ...]) -> None:
     """Run the wrapper as the BOINC client would start it (for debugging; the app version ships its own)."""
     import signal
 
-    from boincvm.wrapper_main import main
+    from boincvm.wrapper.main import main
 
     # The wrapper handles its own signals (SIGTERM stops the VM); the CLI's do not apply.
     signal.signal(signal.SIGHUP, signal.SIG_DFL)

@@ -2,9 +2,9 @@
 
 Three layers:
 
-* the pure readers of the guest program's contract files (:mod:`boincvm.guest_contract`)
+* the pure readers of the guest program's contract files (:mod:`boincvm.wrapper.guest_contract`)
   on crafted bytes: every value is clamped or ignored with a logged reason, never raised;
-* the whole :class:`~boincvm.wrapper.Wrapper` on a stand-in backend whose "guest" is a
+* the whole :class:`~boincvm.wrapper.steps.Wrapper` on a stand-in backend whose "guest" is a
   host directory and whose programs are host shell scripts (so the guest's shell really
   runs the kind check), and whose agent fails the test if it is asked to open anything
   but a regular file, as qemu-ga would hang on it;
@@ -41,14 +41,6 @@ from boincvm.boinc.files import (
     read_temporary_exit,
 )
 from boincvm.boinc.init_data import HostInfo, InitData
-from boincvm.guest_contract import (
-    MAX_TEMPORARY_EXIT_DELAY,
-    completion_trigger,
-    credit_report,
-    fraction_done,
-    ops_bound,
-    temporary_exit_trigger,
-)
 from boincvm.hypervisor.base import (
     Availability,
     Backend,
@@ -58,8 +50,16 @@ from boincvm.hypervisor.base import (
     VmSpec,
 )
 from boincvm.job import OutputFile, Task, VmJob, render_job, resolve
-from boincvm.wrapper import Wrapper, WrapperInputs
-from boincvm.wrapper_main import main as wrapper_main
+from boincvm.wrapper.guest_contract import (
+    MAX_TEMPORARY_EXIT_DELAY,
+    completion_trigger,
+    credit_report,
+    fraction_done,
+    ops_bound,
+    temporary_exit_trigger,
+)
+from boincvm.wrapper.main import main as wrapper_main
+from boincvm.wrapper.steps import Wrapper, WrapperInputs
 from tests.integration.test_run_local import app_version, data_dir, run
 
 __all__ = ["app_version", "data_dir"]  # module fixtures reused from the run-local tests

@@ -348,7 +348,7 @@ def test_unrestorable_checkpoint_starts_the_job_afresh(
 
     from boincvm.boinc.client import ClientOptions, LocalClient
     from boincvm.runlocal import build_task
-    from boincvm.wrapper import CHECKPOINT_FILE
+    from boincvm.wrapper.steps import CHECKPOINT_FILE
 
     wu = longjob_wu(tmp_path)
     req = RunLocalRequest(

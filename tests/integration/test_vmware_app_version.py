@@ -21,7 +21,7 @@ from boincvm.hypervisor.vmware.config import AGENT_SCRIPT
 from boincvm.job import OutputFile, Task, VmJob
 from boincvm.runlocal import RunLocalRequest, run_local
 from boincvm.workunit import InputSpec, WorkunitRequest, make_workunits, md5_file
-from boincvm.wrapper import VM_DIR
+from boincvm.wrapper.steps import VM_DIR
 from tests.fakes.vmware_vm import VM_FILES, make_vm
 from tests.unit.test_vmware_backend import install_fake, stop_everything
 

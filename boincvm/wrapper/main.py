@@ -1,7 +1,7 @@
 """The wrapper's entry point: what the BOINC client starts in a slot directory.
 
 ``main`` reads the slot (init_data.xml, the vm job files through their soft links), runs
-:class:`~boincvm.wrapper.Wrapper` and returns the exit code. It logs to stderr, which the
+:class:`~boincvm.wrapper.steps.Wrapper` and returns the exit code. It logs to stderr, which the
 client keeps as ``stderr.txt``; it never needs a terminal. It is the ``__main__`` of the
 wrapper zip application that ``package-image`` ships, and ``boincvm wrapper`` runs it too.
 """
@@ -21,7 +21,7 @@ from boincvm.boinc.files import ExitCode, write_finish_file
 from boincvm.bounds import parse_number
 from boincvm.errors import BoincvmError, InputError
 from boincvm.job import DEFAULTS_OPEN_NAME, JOB_OPEN_NAME, VmJob, load_job, resolve
-from boincvm.wrapper import Wrapper, WrapperInputs
+from boincvm.wrapper.steps import Wrapper, WrapperInputs
 
 log = logging.getLogger("boincvm.wrapper")
 

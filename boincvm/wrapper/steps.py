@@ -47,7 +47,9 @@ from boincvm.errors import (
     PathEscapeError,
     ToolError,
 )
-from boincvm.guest_contract import (
+from boincvm.hypervisor.base import Backend, GuestProcess, ProcessStatus, VmSpec
+from boincvm.job import CpuTimeSource, ResolvedJob
+from boincvm.wrapper.guest_contract import (
     GuestFileKind,
     completion_trigger,
     credit_report,
@@ -58,8 +60,6 @@ from boincvm.guest_contract import (
     parse_kinds,
     temporary_exit_trigger,
 )
-from boincvm.hypervisor.base import Backend, GuestProcess, ProcessStatus, VmSpec
-from boincvm.job import CpuTimeSource, ResolvedJob
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +382,7 @@ class Wrapper:
         for host, guest in self.inputs.inputs:
             self.vm.copy_to_guest(host, self._guest(guest))
         if self.inputs.package is not None and self.job.package is not None:
-            from boincvm.guest_install import install_script, package_guest_path
+            from boincvm.wrapper.guest_install import install_script, package_guest_path
 
             kind = self.job.package.resolved_kind
             assert kind is not None
@@ -656,7 +656,7 @@ class Wrapper:
 
     def _cleanup(self, record: CheckpointRecord | None) -> None:
         if self.inputs.package is not None and self.job.package is not None:
-            from boincvm.guest_install import uninstall_script
+            from boincvm.wrapper.guest_install import uninstall_script
 
             kind = self.job.package.resolved_kind
             assert kind is not None
