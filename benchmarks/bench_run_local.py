@@ -14,7 +14,7 @@ from pathlib import Path
 from boincvm.appversion import AppVersionRequest, package_image
 from boincvm.image.guest import build_guest_image
 from boincvm.job import OutputFile, Task, VmJob
-from boincvm.runlocal import LiveState, RunLocalRequest, RunSummary, run_local
+from boincvm.runlocal.emulator import LiveState, RunLocalRequest, RunSummary, run_local
 from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
 
 LONGJOB = Path(__file__).resolve().parent.parent / "examples/longjob/program/bin/longjob"

@@ -11,7 +11,7 @@ import click
 from boincvm.cli import console
 
 if TYPE_CHECKING:
-    from boincvm.runlocal import LiveState
+    from boincvm.runlocal.emulator import LiveState
 
 
 @click.command("run-local")
@@ -95,7 +95,7 @@ def command(
     --suspend-at appends :SECONDS of suspension (run+2:20, progress:0.3:5).
     """
     from boincvm.errors import WorkunitFailed
-    from boincvm.runlocal import Fault, FaultKind, RunLocalRequest, default_data_dir, run_local
+    from boincvm.runlocal.emulator import Fault, FaultKind, RunLocalRequest, default_data_dir, run_local
 
     faults = tuple(
         Fault.parse(kind, spec)
@@ -128,7 +128,7 @@ def command(
         if client == "boinc":
             if faults:
                 raise click.UsageError("fault injection needs the emulator; drop --client boinc")
-            from boincvm.boinc.loopback import run_with_boinc_client
+            from boincvm.runlocal.real_client import run_with_boinc_client
 
             summary = run_with_boinc_client(req, view.update)
         else:
@@ -201,7 +201,7 @@ class _View:
 def _show_summary(summary: object) -> None:
     from rich.table import Table
 
-    from boincvm.runlocal import RunSummary
+    from boincvm.runlocal.emulator import RunSummary
 
     assert isinstance(summary, RunSummary)
     table = Table(title=f"workunit {summary.workunit}", show_header=False)

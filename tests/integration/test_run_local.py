@@ -17,7 +17,7 @@ import pytest
 
 from boincvm.appversion import AppVersionRequest, package_image
 from boincvm.job import BackendOption, OutputFile, Task, VmJob
-from boincvm.runlocal import Fault, FaultKind, LiveState, RunLocalRequest, RunSummary, run_local
+from boincvm.runlocal.emulator import Fault, FaultKind, LiveState, RunLocalRequest, RunSummary, run_local
 from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
 from tests.integration.jobs import LongJob, bound
 
@@ -347,7 +347,7 @@ def test_unrestorable_checkpoint_starts_the_job_afresh(
     import json
 
     from boincvm.boinc.client import ClientOptions, LocalClient
-    from boincvm.runlocal import build_task
+    from boincvm.runlocal.emulator import build_task
     from boincvm.wrapper.steps import CHECKPOINT_FILE
 
     wu = longjob_wu(tmp_path)

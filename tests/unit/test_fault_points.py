@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from boincvm.errors import InputError
-from boincvm.runlocal import Fault, FaultKind, LiveState
+from boincvm.runlocal.emulator import Fault, FaultKind, LiveState
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ from boincvm.workunit import open_workunit_dir
 from boincvm.xmlio import escape_text, parse_xml, text_of
 
 if TYPE_CHECKING:
-    from boincvm.runlocal import LiveState, RunLocalRequest, RunSummary
+    from boincvm.runlocal.emulator import LiveState, RunLocalRequest, RunSummary
 
 
 @dataclass
@@ -88,7 +88,7 @@ class LoopbackProject:
         self.outputs = [
             (f"{self.result_name}_{i}", name, int(size or 0)) for i, (name, size) in enumerate(sizes.items())
         ]
-        from boincvm.runlocal import optional_outputs
+        from boincvm.runlocal.emulator import optional_outputs
         from boincvm.workunit import Resources
 
         # The bounds our input template gives create_work (its defaults where it gives none),
@@ -448,7 +448,7 @@ def run_with_boinc_client(
     """
     from boincvm.boinc.errors import ClientError
     from boincvm.errors import CommandNotFound
-    from boincvm.runlocal import CREDIT_PER_FLOP, LiveState, RunSummary
+    from boincvm.runlocal.emulator import CREDIT_PER_FLOP, LiveState, RunSummary
     from boincvm.signing import load_private_key, sign_file, write_key_pair
 
     for tool in ("boinc", "boinccmd"):
