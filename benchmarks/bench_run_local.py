@@ -11,11 +11,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from boincvm.appversion import AppVersionRequest, package_image
+from boincvm.appversion.build import AppVersionRequest, package_image
 from boincvm.image.guest import build_guest_image
 from boincvm.job import OutputFile, Task, VmJob
 from boincvm.runlocal.emulator import LiveState, RunLocalRequest, RunSummary, run_local
-from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
+from boincvm.workunit.make import InputSpec, Resources, WorkunitRequest, make_workunits
 
 LONGJOB = Path(__file__).resolve().parent.parent / "examples/longjob/program/bin/longjob"
 

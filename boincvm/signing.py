@@ -191,7 +191,7 @@ MAX_KEY_BYTES = 64 * 1024
 
 
 def _md5_hex(path: Path) -> bytes:
-    from boincvm.workunit import md5_file
+    from boincvm.workunit.make import md5_file
 
     return md5_file(path)[0].encode("ascii")
 

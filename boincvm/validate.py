@@ -79,7 +79,7 @@ def validate_path(path: Path, *, boot: bool = False) -> Report:
     if kind is PathKind.WORKUNIT_DIR:
         findings = check_workunit_dir(path)
     elif kind is PathKind.APP_VERSION:
-        from boincvm.appversion import check_app_version
+        from boincvm.appversion.build import check_app_version
 
         findings = check_app_version(path)
     elif kind is PathKind.VM_JOB:
@@ -113,7 +113,7 @@ def detect_kind(path: Path) -> PathKind:
     Raises:
         InputError: nothing boincvm knows.
     """
-    from boincvm.workunit import SUMMARY_NAME
+    from boincvm.workunit.make import SUMMARY_NAME
 
     name = path.name.lower()
     if path.is_dir():
@@ -148,7 +148,7 @@ def detect_kind(path: Path) -> PathKind:
             if tag in head:
                 return kind
         return PathKind.VM_JOB  # an XML file we cannot place is judged as a job, with clear errors
-    from boincvm.appversion import looks_like_kernel
+    from boincvm.appversion.build import looks_like_kernel
 
     if path.suffix == "" and looks_like_kernel(path):
         return PathKind.IMAGE
@@ -313,7 +313,7 @@ def _name_key(elem: ET.Element | None) -> str:
 
 def check_workunit_dir(path: Path) -> list[Finding]:
     """Findings for a directory made by ``make-workunit``: templates, records, staged files, jobs."""
-    from boincvm.workunit import md5_file, open_workunit_dir
+    from boincvm.workunit.make import md5_file, open_workunit_dir
 
     try:
         wud = open_workunit_dir(path)

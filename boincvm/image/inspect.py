@@ -240,7 +240,7 @@ _INITRD_SUFFIXES = (".cpio", ".cpio.gz", ".cpio.xz")
 
 
 def looks_like_kernel(path: Path) -> bool:
-    """A Linux kernel (see :func:`boincvm.appversion.looks_like_kernel`)."""
-    from boincvm.appversion import looks_like_kernel as kernel
+    """A Linux kernel (see :func:`boincvm.appversion.build.looks_like_kernel`)."""
+    from boincvm.appversion.build import looks_like_kernel as kernel
 
     return path.suffix == "" and kernel(path)

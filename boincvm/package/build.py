@@ -212,7 +212,7 @@ def build_package(req: PackageRequest, output_dir: Path) -> BuiltPackage:
         InputError: bad request or program directory.
         CommandNotFound, CommandFailed: rpmbuild is missing or failed.
     """
-    from boincvm.workunit import md5_file
+    from boincvm.workunit.make import md5_file
 
     _check(req)
     arch = _arch(req.program_dir)

@@ -20,12 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from boincvm.appversion import parse_version_xml
+from boincvm.appversion.build import parse_version_xml
 from boincvm.boinc.client import ClientOptions, LocalClient, Outcome, OutcomeKind
 from boincvm.boinc.slot import LocalTask, OutputFile, TaskFile, clean_slot
 from boincvm.errors import InputError
 from boincvm.validate import check_output_template
-from boincvm.workunit import open_workunit_dir
+from boincvm.workunit.make import open_workunit_dir
 from boincvm.xmlio import parse_xml, read_bytes, text_of
 
 STATUS_FILE = "boincvm_status.json"

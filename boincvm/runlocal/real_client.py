@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from boincvm import proc
-from boincvm.appversion import parse_version_xml
+from boincvm.appversion.build import parse_version_xml
 from boincvm.boinc.slot import escape_project_url
 from boincvm.validate import check_output_template
-from boincvm.workunit import open_workunit_dir
+from boincvm.workunit.make import open_workunit_dir
 from boincvm.xmlio import escape_text, parse_xml, text_of
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class LoopbackProject:
             (f"{self.result_name}_{i}", name, int(size or 0)) for i, (name, size) in enumerate(sizes.items())
         ]
         from boincvm.runlocal.emulator import optional_outputs
-        from boincvm.workunit import Resources
+        from boincvm.workunit.make import Resources
 
         # The bounds our input template gives create_work (its defaults where it gives none),
         # so the client's time, memory and disk limits are the ones a real project would set.

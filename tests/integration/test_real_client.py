@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from boincvm.appversion import AppVersionRequest, package_image
+from boincvm.appversion.build import AppVersionRequest, package_image
 from boincvm.job import OutputFile, Task, VmJob
 from boincvm.runlocal.emulator import RunLocalRequest, run_local
 from boincvm.runlocal.real_client import Client, LoopbackProject
 from boincvm.signing import write_key_pair
-from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
+from boincvm.workunit.make import InputSpec, Resources, WorkunitRequest, make_workunits
 from tests.integration.jobs import SCALE, LongJob, bound
 from tests.integration.test_run_local import qemu_pids_under
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from boincvm.appversion import AppVersionRequest, package_image
+from boincvm.appversion.build import AppVersionRequest, package_image
 from boincvm.job import BackendOption, OutputFile, Task, VmJob
 from boincvm.runlocal.emulator import Fault, FaultKind, LiveState, RunLocalRequest, RunSummary, run_local
-from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
+from boincvm.workunit.make import InputSpec, Resources, WorkunitRequest, make_workunits
 from tests.integration.jobs import LongJob, bound
 
 pytestmark = pytest.mark.integration

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from boincvm.appversion import AppVersionRequest, check_app_version, package_image
+from boincvm.appversion.build import AppVersionRequest, check_app_version, package_image
 from boincvm.findings import has_errors
 from boincvm.hypervisor.vmware.backend import BASE_DIR
 from boincvm.hypervisor.vmware.config import AGENT_SCRIPT
 from boincvm.job import OutputFile, Task, VmJob
 from boincvm.runlocal.emulator import RunLocalRequest, run_local
-from boincvm.workunit import InputSpec, WorkunitRequest, make_workunits, md5_file
+from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits, md5_file
 from boincvm.wrapper.steps import VM_DIR
 from tests.fakes.vmware_vm import VM_FILES, make_vm
 from tests.unit.test_vmware_backend import install_fake, stop_everything

@@ -10,7 +10,7 @@ import pytest
 from boincvm.errors import InputError
 from boincvm.job import OutputFile, Task, VmJob, parse_job
 from boincvm.validate import PathKind, check_workunit_dir, validate_path
-from boincvm.workunit import (
+from boincvm.workunit.make import (
     InputSpec,
     Resources,
     WorkunitRequest,

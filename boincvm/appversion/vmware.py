@@ -33,7 +33,7 @@ from boincvm.job import DEFAULTS_OPEN_NAME, ImageFile, VmJob
 from boincvm.paths import open_regular
 
 if TYPE_CHECKING:
-    from boincvm.appversion import AppVersionFile, AppVersionRequest
+    from boincvm.appversion.build import AppVersionFile, AppVersionRequest
 
 LOGICAL_PREFIX = "vmware_"
 _BLOCK = 1 << 20
@@ -97,7 +97,7 @@ def package_vmware(
             (see :func:`~boincvm.hypervisor.vmware.files.collect_vm`).
         PathEscapeError: a file reference is absolute or leaves the VM directory.
     """
-    from boincvm.appversion import GZIP_MIN_SAVING, AppVersionFile
+    from boincvm.appversion.build import GZIP_MIN_SAVING, AppVersionFile
     from boincvm.hypervisor.vmware.files import collect_vm, refuse_in_use
 
     for option, value in (

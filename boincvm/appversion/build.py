@@ -1,7 +1,7 @@
 """App versions: a base image -> a BOINC app version directory ready for ``update_versions``.
 
 The image is a disk (qcow2, raw, vmdk), a kernel (+ initramfs), a ``build-image``
-directory, or a VMware VM directory (see :mod:`boincvm.appversion_vmware`).
+directory, or a VMware VM directory (see :mod:`boincvm.appversion.vmware`).
 
 The directory made by :func:`package_image` is the platform directory of an app version
 (``apps/APP/VERSION/PLATFORM[__PLAN_CLASS]/`` in a project)::
@@ -166,7 +166,7 @@ def version_num(version: str) -> int:
 
 
 def _md5(path: Path) -> tuple[str, int]:
-    from boincvm.workunit import md5_file
+    from boincvm.workunit.make import md5_file
 
     return md5_file(path)
 
@@ -219,12 +219,12 @@ def image_inputs(req: AppVersionRequest) -> list[Path]:
         PathEscapeError: a reference leaves its image's directory or goes through a symbolic link.
         InputError: a file is missing, not a regular file, or not a readable image.
     """
-    from boincvm.appversion_vmware import is_vmware_vm
+    from boincvm.appversion.vmware import is_vmware_vm
     from boincvm.image.refs import inspect_image_dir
 
     found: list[Path] = []
     if is_vmware_vm(req.image):
-        from boincvm.appversion_vmware import base_snapshot
+        from boincvm.appversion.vmware import base_snapshot
         from boincvm.hypervisor.vmware.files import collect_vm
 
         vm = collect_vm(req.image, snapshot=base_snapshot(dict(req.backend_options)))
@@ -277,7 +277,7 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
             raise InputError(
                 f"{what} {path} does not exist", hint="check the name and that the file is there"
             )
-    from boincvm.appversion_vmware import is_vmware_vm
+    from boincvm.appversion.vmware import is_vmware_vm
 
     # Every file the image will cause to be read is checked before anything is written
     # (no reference out of its directory, no symbolic link, no FIFO, a readable image), and
@@ -292,7 +292,7 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
         backend_class(kind).check_options(dict(req.backend_options))
     out = req.output_dir
     with building(out, force=req.force) as tmp, ThreadPoolExecutor(1) as pool:
-        from boincvm.zipapp import build_wrapper_zipapp
+        from boincvm.appversion.zipapp import build_wrapper_zipapp
 
         # The wrapper is built while qemu-img converts the disk (another process).
         wrapper = pool.submit(build_wrapper_zipapp, tmp / ".wrapper.part")
@@ -331,7 +331,7 @@ def _package_into(
         gz = req.gzip_downloads and gzip_ok and _gzip_helps(tmp / physical)
         files.append(AppVersionFile(physical, logical, md5, size, gzip=gz))
 
-    from boincvm.appversion_vmware import is_vmware_vm, package_vmware
+    from boincvm.appversion.vmware import is_vmware_vm, package_vmware
 
     job = VmJob(backend="qemu", memory_size_mb=req.memory_mb)
     exec_dir = req.exec_dir
@@ -568,7 +568,7 @@ def check_app_version(path: Path) -> list[Finding]:
         if not job.vm_image and not job.vm_kernel:
             out.append(error(f"{DEFAULTS_OPEN_NAME}:vm_job.vm_image", "the defaults name no image"))
         if job.image_files or job.backend == "vmware":
-            from boincvm.appversion_vmware import check_vmware_app_version
+            from boincvm.appversion.vmware import check_vmware_app_version
 
             out += check_vmware_app_version(directory, job, logical)
     summary = directory / SUMMARY_NAME
