@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
 
-from boincvm.errors import HypervisorUnavailable, InputError, UnsupportedOperation
+from boincvm.errors import HypervisorUnavailable, InputError, UnsupportedOperation, VmTimeout
 
 
 class BackendKind(enum.StrEnum):
@@ -213,10 +214,6 @@ class Backend(ABC):
         cwd: str | None = None,
     ) -> ProcessStatus:
         """Run a program in the guest and wait for it (bounded by ``timeout``)."""
-        import time
-
-        from boincvm.errors import VmTimeout
-
         proc = self.start_program(argv, env=env, cwd=cwd)
         deadline = time.monotonic() + timeout
         delay = 0.01

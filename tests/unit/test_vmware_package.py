@@ -14,8 +14,8 @@ from boincvm.errors import HypervisorError, InputError, PathEscapeError
 from boincvm.findings import has_errors
 from boincvm.hypervisor.base import VmSpec
 from boincvm.hypervisor.vmware.backend import BASE_DIR, VmwareBackend
-from boincvm.hypervisor.vmware.files import COPY_MAX_BYTES, VmFile, collect_vm, parse_vmsd, rebuild_vm_dir
-from boincvm.hypervisor.vmware.vmx import VmxFile
+from boincvm.hypervisor.vmware.files import COPY_MAX_BYTES, VmFile, collect_vm, rebuild_vm_dir
+from boincvm.hypervisor.vmware.vmx import VmxFile, parse_vmsd
 from boincvm.job import ImageFile, VmJob, load_job, parse_job, render_job
 from boincvm.workunit.make import md5_file
 from tests.fakes.vmware_vm import VM_FILES, make_vm, write_vmsd

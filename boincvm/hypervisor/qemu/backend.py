@@ -213,6 +213,26 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             self._check_alive()
             raise HypervisorError(f"qemu: {cmd}: the QMP connection broke: {exc}") from exc
 
+    def send_fd(self, name: str, path: Path) -> None:
+        """Open ``path`` for writing and hand the descriptor to QEMU as ``name`` (QMP ``getfd``).
+
+        Raises:
+            HypervisorError: QEMU refused it or the connection broke.
+        """
+        self._check_alive()
+        client = self._qmp_client
+        if client is None:
+            raise HypervisorError(f"qemu: no QMP connection to {self.spec.name}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                client.send_fd_scm(fd)
+            except (QMPError, OSError) as exc:
+                raise HypervisorError(f"qemu: passing {path.name} to QEMU failed: {exc}") from exc
+            self.qmp("getfd", {"fdname": name})
+        finally:
+            os.close(fd)  # QEMU holds its own copy now
+
     def _agent_or_fail(self) -> GuestAgent:
         self._check_alive()
         if self._agent is None:
@@ -419,7 +439,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             log.info("the golden checkpoint %s failed to load before; booting cold", key)
             return None
         try:
-            return qemu_golden.build(self.spec, key, self.accel.accel)
+            return qemu_golden.build(self.spec, key, self.accel.accel, _save_golden)
         except (HypervisorError, GuestError) as exc:
             # Only a speed-up: a cold boot still works, and wait_for_tools reports real trouble.
             log.warning("no golden checkpoint for %s (%s); booting cold", self.spec.name, exc)
@@ -763,3 +783,31 @@ def require_qemu() -> None:
     avail = QemuBackend.probe()
     if not avail.ok:
         raise HypervisorUnavailable(f"qemu: {avail.reason}", hint=avail.detail or None)
+
+
+def _save_golden(boot: VmSpec, state: Path) -> None:
+    """Boot ``boot``, wait for its agent, stop it and migrate its state into ``state``.
+
+    The state goes out through a descriptor handed to QEMU over QMP (``getfd``), the way
+    :meth:`QemuBackend._start_from_golden` reads it back through an inherited one: no shell,
+    no ``cat``, no pipe.
+
+    Raises:
+        HypervisorError: the boot or the migration failed.
+        GuestToolsMissing: the guest agent never answered.
+        VmTimeout: the migration did not finish within 120 s.
+    """
+    with QemuBackend(boot) as vm:
+        vm.power_on()
+        vm.wait_for_tools()
+        vm.qmp("stop")
+        vm.qmp("migrate-set-parameters", {"max-bandwidth": 16 * 1024**3})
+        vm.send_fd("golden-state", state)
+        vm.qmp("migrate", {"uri": "fd:golden-state"})
+        deadline = time.monotonic() + 120
+        while (status := vm.qmp("query-migrate").get("status")) not in ("completed", "failed", "cancelled"):
+            if time.monotonic() > deadline:
+                raise VmTimeout("saving the golden checkpoint did not finish within 120 s")
+            time.sleep(0.01)
+        if status != "completed":
+            raise HypervisorError(f"qemu: saving the golden checkpoint {status}")
