@@ -11,7 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from boincvm.appversion.build import AppVersionRequest, package_image
+from boincvm.appversion.build import package_image
+from boincvm.appversion.model import AppVersionRequest
 from boincvm.image.guest import build_guest_image
 from boincvm.job import OutputFile, Task, VmJob
 from boincvm.runlocal.emulator import LiveState, RunLocalRequest, RunSummary, run_local

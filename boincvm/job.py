@@ -24,8 +24,10 @@ from typing import Any
 
 from boincvm.bounds import number_problem
 from boincvm.errors import BoincvmError, XmlError
-from boincvm.findings import Finding, error, has_errors, warning
+from boincvm.findings import Finding, error, errors_in, has_errors, warning
+from boincvm.hypervisor.base import backend_class  # lazily: backends are heavier than jobs
 from boincvm.names import guest_path_problem, logical_name_problem, relative_path_problem
+from boincvm.render import render
 from boincvm.xmlio import is_flag_true, parse_xml, read_bytes, text_of
 
 ROOT = "vm_job"
@@ -256,7 +258,7 @@ def resolve(job: VmJob) -> ResolvedJob:
         XmlError: the job has errors (the first few are named) or lacks a task or a VM image.
     """
     findings = validate_job(job, complete=True)
-    errors = [f for f in findings if f.severity == "error"]
+    errors = errors_in(findings)
     if errors:
         raise XmlError(
             "the vm job is not complete: " + "; ".join(str(f) for f in errors[:3]),
@@ -526,7 +528,7 @@ def load_job(path: Path) -> VmJob:
     """
     job, findings = parse_job(read_bytes(path, what="vm job file"), what=f"vm job file {path.name}")
     findings += validate_job(job)
-    bad = [f for f in findings if f.severity == "error"]
+    bad = errors_in(findings)
     if bad:
         raise XmlError(f"vm job file {path.name}: {bad[0]}", hint=bad[0].hint)
     return job
@@ -692,8 +694,6 @@ _OPTION_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 def _validate_backend_options(job: VmJob, *, complete: bool) -> list[Finding]:
-    from boincvm.hypervisor.base import backend_class  # lazily: backends are heavier than jobs
-
     out: list[Finding] = []
     names: set[str] = set()
     for i, option in enumerate(job.backend_options):
@@ -739,7 +739,7 @@ def check_complete(job: VmJob) -> None:
     """
     findings = validate_job(job)
     if has_errors(findings):
-        first = next(f for f in findings if f.severity == "error")
+        first = errors_in(findings)[0]
         raise XmlError(f"vm job: {first}", hint=first.hint)
 
 
@@ -748,8 +748,6 @@ def check_complete(job: VmJob) -> None:
 
 def render_job(job: VmJob) -> str:
     """Render a job as a vm job XML document (see ``templates/vm_job.xml.j2``)."""
-    from boincvm.render import render
-
     return render("vm_job.xml.j2", job=job)
 
 

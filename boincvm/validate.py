@@ -13,10 +13,17 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from boincvm.appversion.check import check_app_version
 from boincvm.bounds import require_regular_file
 from boincvm.errors import BoincvmError, InputError
 from boincvm.findings import Finding, error, has_errors, info, warning
+from boincvm.hashing import md5_file
+from boincvm.hypervisor.vmware.inspect import check_vmware
+from boincvm.image.elf import looks_like_kernel
+from boincvm.image.inspect import check_guest_tools
 from boincvm.job import JOB_OPEN_NAME, parse_job, validate_job
+from boincvm.package import check_package
+from boincvm.workunit.make import SUMMARY_NAME, open_workunit_dir
 from boincvm.xmlio import parse_xml, read_bytes, text_of
 
 #: Findings of one kind repeated over many workunits are cut after this many.
@@ -79,8 +86,6 @@ def validate_path(path: Path, *, boot: bool = False) -> Report:
     if kind is PathKind.WORKUNIT_DIR:
         findings = check_workunit_dir(path)
     elif kind is PathKind.APP_VERSION:
-        from boincvm.appversion.build import check_app_version
-
         findings = check_app_version(path)
     elif kind is PathKind.VM_JOB:
         findings = check_job_file(path)
@@ -89,16 +94,10 @@ def validate_path(path: Path, *, boot: bool = False) -> Report:
     elif kind is PathKind.OUTPUT_TEMPLATE:
         findings, _ = check_output_template(read_bytes(path, what="output template"), path.name)
     elif kind is PathKind.PACKAGE:
-        from boincvm.package import check_package
-
         findings = list(check_package(path))
     elif kind is PathKind.VMWARE:
-        from boincvm.hypervisor.vmware.inspect import check_vmware
-
         findings = list(check_vmware(path))
     else:
-        from boincvm.image.inspect import check_guest_tools
-
         findings = list(check_guest_tools(path, boot=boot))
     return Report(path, kind, tuple(findings))
 
@@ -113,8 +112,6 @@ def detect_kind(path: Path) -> PathKind:
     Raises:
         InputError: nothing boincvm knows.
     """
-    from boincvm.workunit.make import SUMMARY_NAME
-
     name = path.name.lower()
     if path.is_dir():
         if (path / SUMMARY_NAME).is_file():
@@ -148,7 +145,6 @@ def detect_kind(path: Path) -> PathKind:
             if tag in head:
                 return kind
         return PathKind.VM_JOB  # an XML file we cannot place is judged as a job, with clear errors
-    from boincvm.appversion.build import looks_like_kernel
 
     if path.suffix == "" and looks_like_kernel(path):
         return PathKind.IMAGE
@@ -313,8 +309,6 @@ def _name_key(elem: ET.Element | None) -> str:
 
 def check_workunit_dir(path: Path) -> list[Finding]:
     """Findings for a directory made by ``make-workunit``: templates, records, staged files, jobs."""
-    from boincvm.workunit.make import md5_file, open_workunit_dir
-
     try:
         wud = open_workunit_dir(path)
     except BoincvmError as exc:

@@ -23,12 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import zlib
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,138 +34,43 @@ from boincvm import proc
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import rsa
+from boincvm.appversion.model import (
+    API_VERSION,
+    DISK_OPEN_NAME,
+    GZIP_MIN_SAVING,
+    INITRD_OPEN_NAME,
+    KERNEL_OPEN_NAME,
+    SUMMARY_NAME,
+    AppVersion,
+    AppVersionFile,
+    AppVersionRequest,
+    Progress,
+    version_num,
+)
+from boincvm.appversion.vmware import base_snapshot, is_vmware_vm, package_vmware
+from boincvm.appversion.zipapp import build_wrapper_zipapp
 from boincvm.atomicdir import building
 from boincvm.errors import InputError
-from boincvm.findings import Finding, error, has_errors, info, warning
-from boincvm.image.refs import declared_format, inspect_disk
+from boincvm.hashing import md5_file
+from boincvm.hypervisor.base import backend_class
+from boincvm.hypervisor.vmware.files import collect_vm
+from boincvm.image.descriptor import DESCRIPTOR_NAME, ImageDescriptor, ImageFormat
+from boincvm.image.elf import looks_like_kernel
+from boincvm.image.refs import declared_format, inspect_disk, inspect_image_dir
 from boincvm.job import (
     DEFAULTS_OPEN_NAME,
     BackendOption,
     Task,
     VmJob,
-    parse_job,
     render_job,
-    validate_job,
 )
-from boincvm.names import check_identifier, logical_name_problem
+from boincvm.names import check_identifier
 from boincvm.paths import check_regular, open_regular, refuse_output_overlapping
-from boincvm.xmlio import parse_xml, read_bytes, text_of
-
-SUMMARY_NAME = "boincvm-app-version.json"
-KERNEL_OPEN_NAME = "vm_kernel"
-INITRD_OPEN_NAME = "vm_initrd"
-DISK_OPEN_NAME = "vm_disk.qcow2"
-#: BOINC API version declared so the client uses the memory-mapped channel (>= 7).
-API_VERSION = "7.20.0"
-#: Use <gzip/> only when it saves at least this fraction of the download.
-GZIP_MIN_SAVING = 0.10
-
-Progress = Callable[[str, int, int | None], None]
-
-
-@dataclass(frozen=True)
-class AppVersionFile:
-    """One file of an app version."""
-
-    physical_name: str
-    logical_name: str | None
-    md5: str
-    nbytes: int
-    main_program: bool = False
-    gzip: bool = False
-
-
-@dataclass(frozen=True)
-class AppVersionRequest:
-    """What ``package-image`` was asked to make.
-
-    Attributes:
-        image: a disk image (qcow2, raw, vmdk) or a directory with ``boincvm-image.json``.
-        app_name: BOINC application name.
-        version: app version ("1.00" -> version_num 100).
-        output_dir: the platform directory to create.
-        platform: BOINC platform name.
-        plan_class: optional plan class.
-        memory_mb: guest memory (default: what the image suggests).
-        exec_dir: guest working directory (default: what the image suggests).
-        compress: compress qcow2 clusters.
-        gzip_downloads: mark files that compress well with <gzip/>.
-        force: replace an existing output directory.
-        initrd: with a kernel as ``image``: its initramfs.
-        kernel_cmdline: with a kernel as ``image``: its command line.
-        disk: with a kernel as ``image``: a disk to attach (converted like any disk image).
-        sign_key: a BOINC code-signing private key: every file gets a ``FILE.sig``.
-        backend_options: (name, value) settings for the backend, checked here, written into
-            the job defaults (e.g. QEMU's machine, VMware's guest_user).
-    """
-
-    image: Path
-    app_name: str
-    version: str
-    output_dir: Path
-    platform: str = "x86_64-pc-linux-gnu"
-    plan_class: str | None = None
-    memory_mb: int | None = None
-    exec_dir: str | None = None
-    compress: bool = True
-    gzip_downloads: bool = True
-    force: bool = False
-    initrd: Path | None = None
-    kernel_cmdline: str | None = None
-    disk: Path | None = None
-    sign_key: Path | None = None
-    backend_options: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class AppVersion:
-    """The result of ``package_image``."""
-
-    directory: Path
-    app_name: str
-    version: str
-    version_num: int
-    platform: str
-    files: tuple[AppVersionFile, ...] = field(default_factory=tuple)
-
-    def as_dict(self) -> dict[str, object]:
-        """JSON-ready summary."""
-        return {
-            "directory": str(self.directory),
-            "app_name": self.app_name,
-            "version": self.version,
-            "version_num": self.version_num,
-            "platform": self.platform,
-            "files": [f.__dict__ for f in self.files],
-        }
-
-
-def looks_like_kernel(path: Path) -> bool:
-    """A Linux kernel: an ELF vmlinux or a bzImage (``HdrS`` at 0x202)."""
-    try:
-        with open_regular(path, f"image {path}") as f:  # a FIFO or a link is no kernel (and must not hang us)
-            head = f.read(0x210)
-    except (OSError, InputError):
-        return False
-    return head[:4] == b"\x7fELF" or head[0x202:0x206] == b"HdrS"
-
-
-def version_num(version: str) -> int:
-    """BOINC's ``parse_version``: "X.Y" -> 100*X + Y; "7" -> 7.
-
-    Raises:
-        InputError: not of that form.
-    """
-    m = re.fullmatch(r"(\d+)(?:\.(\d{1,2}))?", version)
-    if not m:
-        raise InputError(f"version {version!r} is not of the form X.YY", hint="use e.g. 1.00 or 1.5")
-    major, minor = int(m.group(1)), int(m.group(2) or 0)
-    return 100 * major + minor if m.group(2) is not None else major
+from boincvm.render import render
+from boincvm.signing import load_private_key, sign_file
 
 
 def _md5(path: Path) -> tuple[str, int]:
-    from boincvm.workunit.make import md5_file
-
     return md5_file(path)
 
 
@@ -219,14 +122,8 @@ def image_inputs(req: AppVersionRequest) -> list[Path]:
         PathEscapeError: a reference leaves its image's directory or goes through a symbolic link.
         InputError: a file is missing, not a regular file, or not a readable image.
     """
-    from boincvm.appversion.vmware import is_vmware_vm
-    from boincvm.image.refs import inspect_image_dir
-
     found: list[Path] = []
     if is_vmware_vm(req.image):
-        from boincvm.appversion.vmware import base_snapshot
-        from boincvm.hypervisor.vmware.files import collect_vm
-
         vm = collect_vm(req.image, snapshot=base_snapshot(dict(req.backend_options)))
         found += [vm.root, *(f.path for f in vm.files)]
     elif req.image.is_dir() and not req.image.is_symlink():
@@ -262,8 +159,6 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
     vnum = version_num(req.version)
     key = None
     if req.sign_key is not None:
-        from boincvm.signing import load_private_key
-
         key = load_private_key(req.sign_key)  # fail before any work if the key is unusable
         if req.sign_key.resolve().parent == req.output_dir.resolve():
             raise InputError("the private key may not live in the app version directory")
@@ -277,7 +172,6 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
             raise InputError(
                 f"{what} {path} does not exist", hint="check the name and that the file is there"
             )
-    from boincvm.appversion.vmware import is_vmware_vm
 
     # Every file the image will cause to be read is checked before anything is written
     # (no reference out of its directory, no symbolic link, no FIFO, a readable image), and
@@ -286,14 +180,10 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
     reads = [("the input", p) for p in inputs] + ([("the signing key", req.sign_key)] if req.sign_key else [])
     refuse_output_overlapping(req.output_dir, reads, option="--output-dir")
     if req.backend_options:
-        from boincvm.hypervisor.base import backend_class
-
         kind = "vmware" if is_vmware_vm(req.image) else "qemu"
         backend_class(kind).check_options(dict(req.backend_options))
     out = req.output_dir
     with building(out, force=req.force) as tmp, ThreadPoolExecutor(1) as pool:
-        from boincvm.appversion.zipapp import build_wrapper_zipapp
-
         # The wrapper is built while qemu-img converts the disk (another process).
         wrapper = pool.submit(build_wrapper_zipapp, tmp / ".wrapper.part")
         return _package_into(req, tmp, vnum, progress, wrapper, key)
@@ -307,8 +197,6 @@ def _package_into(
     wrapper: Future[Path],
     key: rsa.RSAPrivateKey | None,
 ) -> AppVersion:
-    from boincvm.image.descriptor import DESCRIPTOR_NAME, ImageDescriptor, ImageFormat
-
     prefix = f"{req.app_name}_{req.version}"
     files: list[AppVersionFile] = []
 
@@ -330,8 +218,6 @@ def _package_into(
         staging.rename(tmp / physical)
         gz = req.gzip_downloads and gzip_ok and _gzip_helps(tmp / physical)
         files.append(AppVersionFile(physical, logical, md5, size, gzip=gz))
-
-    from boincvm.appversion.vmware import is_vmware_vm, package_vmware
 
     job = VmJob(backend="qemu", memory_size_mb=req.memory_mb)
     exec_dir = req.exec_dir
@@ -402,15 +288,11 @@ def _package_into(
     files.insert(0, AppVersionFile(wrapper_name, None, md5, size, main_program=True))
 
     if key is not None:
-        from boincvm.signing import sign_file
-
         note("signing the files")
         for f in files:
             (tmp / f"{f.physical_name}.sig").write_text(
                 sign_file(tmp / f.physical_name, key), encoding="ascii"
             )
-
-    from boincvm.render import render
 
     (tmp / "version.xml").write_text(
         render("version.xml.j2", files=files, api_version=API_VERSION), encoding="utf-8"
@@ -423,171 +305,3 @@ def _package_into(
 
 
 # -- reading and checking ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VersionXml:
-    """What a ``version.xml`` says."""
-
-    files: tuple[AppVersionFile, ...]
-    api_version: str | None
-    is_wrapper: bool
-
-
-def parse_version_xml(data: bytes, what: str = "version.xml") -> tuple[VersionXml, list[Finding]]:
-    """Parse a version.xml into its files and flags, with findings.
-
-    Raises:
-        XmlError: not well-formed or unsafe.
-    """
-    root = parse_xml(data, what=what)
-    out: list[Finding] = []
-    if root.tag != "version":
-        out.append(error("version", f"root element is <{root.tag}>, expected <version>"))
-    files: list[AppVersionFile] = []
-    for i, f in enumerate(root.findall("file")):
-        phys = f.find("physical_name")
-        if phys is None or not text_of(phys):
-            out.append(error(f"version.file[{i}].physical_name", "is missing"))
-            continue
-        logical = f.find("logical_name")
-        # Both names are joined to the app version and the slot directories: one component each.
-        bad = [
-            (tag, problem)
-            for tag, elem in (("physical_name", phys), ("logical_name", logical))
-            if elem is not None and (problem := logical_name_problem(text_of(elem)))
-        ]
-        if bad:
-            out += [
-                error(f"version.file[{i}].{tag}", problem, hint="give a plain file name: no '/', no '..'")
-                for tag, problem in bad
-            ]
-            continue
-        files.append(
-            AppVersionFile(
-                physical_name=text_of(phys),
-                logical_name=text_of(logical) if logical is not None else None,
-                md5="",
-                nbytes=0,
-                main_program=f.find("main_program") is not None,
-                gzip=f.find("gzip") is not None,
-            )
-        )
-    api = root.find("api_version")
-    return VersionXml(
-        tuple(files), text_of(api) if api is not None else None, root.find("is_wrapper") is not None
-    ), out
-
-
-def check_app_version(path: Path) -> list[Finding]:
-    """Findings for an app version directory (or its version.xml)."""
-    directory = path if path.is_dir() else path.parent
-    vx_path = directory / "version.xml"
-    try:
-        vx, out = parse_version_xml(read_bytes(vx_path, what="version.xml"))
-    except Exception as exc:  # noqa: BLE001 - every boincvm error becomes a finding here
-        from boincvm.errors import BoincvmError
-
-        if isinstance(exc, BoincvmError):
-            return [error("version.xml", exc.message, exc.hint)]
-        raise
-    mains = [f for f in vx.files if f.main_program]
-    if len(vx.files) > 1 and len(mains) != 1:
-        out.append(
-            error(
-                "version.file.main_program",
-                f"{len(mains)} files are marked <main_program/>; exactly one must be",
-            )
-        )
-    if vx.api_version is None:
-        out.append(
-            error(
-                "version.api_version",
-                "is missing",
-                hint=f"add <api_version>{API_VERSION}</api_version> so the client uses the mmap channel",
-            )
-        )
-    else:
-        try:
-            major = int(vx.api_version.split(".")[0])
-        except ValueError:
-            major = 0
-        if major < 7:
-            out.append(
-                error(
-                    "version.api_version",
-                    f"{vx.api_version} is below 7",
-                    hint="the client uses the memory-mapped channel only with api_version >= 7",
-                )
-            )
-    logical: dict[str, str] = {}
-    for f in vx.files:
-        if not (directory / f.physical_name).is_file():
-            out.append(error(f"version.file.{f.physical_name}", "the file is not in the directory"))
-        if f.logical_name:
-            if f.logical_name in logical:
-                out.append(
-                    error(f"version.file.{f.physical_name}.logical_name", f"{f.logical_name!r} is used twice")
-                )
-            logical[f.logical_name] = f.physical_name
-        sig = directory / f"{f.physical_name}.sig"
-        if not sig.exists():
-            out.append(info(f"version.file.{f.physical_name}", "no .sig file; update_versions will sign it"))
-    if not vx.is_wrapper:
-        out.append(
-            warning(
-                "version.is_wrapper",
-                "is missing",
-                hint="add <is_wrapper/> so the client runs the wrapper at normal priority",
-            )
-        )
-    if DEFAULTS_OPEN_NAME not in logical:
-        out.append(
-            error(
-                f"version.file[{DEFAULTS_OPEN_NAME}]",
-                "no file has this logical name",
-                hint="the wrapper reads the image and VM settings from it",
-            )
-        )
-    elif (directory / logical[DEFAULTS_OPEN_NAME]).is_file():
-        defaults_path = directory / logical[DEFAULTS_OPEN_NAME]
-        job, findings = parse_job(defaults_path.read_bytes(), what=defaults_path.name)
-        out += [
-            Finding(f"{DEFAULTS_OPEN_NAME}:{f.place}", f.message, f.severity, f.hint)
-            for f in findings + validate_job(job)
-        ]
-        for name in ("vm_image", "vm_kernel", "vm_initrd"):
-            value = getattr(job, name)
-            if value is not None and value not in logical:
-                out.append(
-                    error(
-                        f"{DEFAULTS_OPEN_NAME}:vm_job.{name}",
-                        f"{value!r} is not a logical name of this app version",
-                    )
-                )
-        if not job.vm_image and not job.vm_kernel:
-            out.append(error(f"{DEFAULTS_OPEN_NAME}:vm_job.vm_image", "the defaults name no image"))
-        if job.image_files or job.backend == "vmware":
-            from boincvm.appversion.vmware import check_vmware_app_version
-
-            out += check_vmware_app_version(directory, job, logical)
-    summary = directory / SUMMARY_NAME
-    if summary.is_file() and not has_errors(out):
-        try:
-            recorded = {f["physical_name"]: f for f in json.loads(summary.read_text())["files"]}
-        except (ValueError, KeyError, TypeError):
-            out.append(warning(SUMMARY_NAME, "is not readable"))
-            recorded = {}
-        for phys, rec in recorded.items():
-            p = directory / phys
-            if p.is_file():
-                md5, size = _md5(p)
-                if (md5, size) != (rec.get("md5"), rec.get("nbytes")):
-                    out.append(
-                        error(
-                            f"version.file.{phys}",
-                            "md5 or size differs from what package-image recorded",
-                            hint="app version files are immutable: make a new version instead",
-                        )
-                    )
-    return out

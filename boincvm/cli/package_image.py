@@ -75,7 +75,8 @@ def command(
 
     Copy the result to apps/APP/VERSION/PLATFORM in the project and run update_versions.
     """
-    from boincvm.appversion.build import AppVersionRequest, package_image
+    from boincvm.appversion.build import package_image
+    from boincvm.appversion.model import AppVersionRequest
 
     dirname = f"{platform}__{plan_class}" if plan_class else platform
     out = output_dir or Path(f"{app_name}_{version}_{dirname}")

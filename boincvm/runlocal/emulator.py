@@ -20,10 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from boincvm.appversion.build import parse_version_xml
+from boincvm.appversion.model import parse_version_xml
 from boincvm.boinc.client import ClientOptions, LocalClient, Outcome, OutcomeKind
 from boincvm.boinc.slot import LocalTask, OutputFile, TaskFile, clean_slot
 from boincvm.errors import InputError
+from boincvm.findings import errors_in
 from boincvm.validate import check_output_template
 from boincvm.workunit.make import open_workunit_dir
 from boincvm.xmlio import parse_xml, read_bytes, text_of
@@ -221,7 +222,7 @@ def build_task(req: RunLocalRequest) -> LocalTask:
     tpl_findings, sizes = check_output_template(
         read_bytes(wud.output_template, what="output template"), wud.output_template.name
     )
-    errors = [f for f in tpl_findings if f.severity == "error"]
+    errors = errors_in(tpl_findings)
     if errors:
         raise InputError(f"{wud.output_template.name}: {errors[0]}")
     optional = optional_outputs(read_bytes(wud.output_template, what="output template"))

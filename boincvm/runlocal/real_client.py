@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from boincvm import proc
-from boincvm.appversion.build import parse_version_xml
+from boincvm.appversion.model import parse_version_xml
 from boincvm.boinc.slot import escape_project_url
 from boincvm.validate import check_output_template
 from boincvm.workunit.make import open_workunit_dir

@@ -33,7 +33,9 @@ from typing import Any
 
 from boincvm.atomicdir import building
 from boincvm.bounds import decode_text, finite, os_hint, require_regular_file
-from boincvm.errors import InputError, PathEscapeError
+from boincvm.errors import InputError, PackageError, PathEscapeError
+from boincvm.findings import errors_in, has_errors
+from boincvm.hashing import md5_file
 from boincvm.job import (
     JOB_OPEN_NAME,
     InputFile,
@@ -51,6 +53,7 @@ from boincvm.names import (
     relative_path_problem,
     sanitize_wu_name,
 )
+from boincvm.package.inspect import check_package
 from boincvm.paths import inside, refuse_output_overlapping
 from boincvm.render import compile_user_template, render, render_user_template
 
@@ -191,17 +194,6 @@ class WorkunitSet:
 
 
 # -- hashing and staging ---------------------------------------------------------------------
-
-
-def md5_file(path: str | Path) -> tuple[str, int]:
-    """md5 (hex) and size of a file, read in 1 MiB blocks."""
-    h = hashlib.md5(usedforsecurity=False)
-    size = 0
-    with open(path, "rb") as f:  # noqa: PTH123 - called once per staged file
-        while block := f.read(1 << 20):
-            h.update(block)
-            size += len(block)
-    return h.hexdigest(), size
 
 
 #: Files at least this big are hashed once per run, however many workunits share them.
@@ -397,7 +389,7 @@ def read_batch(path: Path) -> Iterator[dict[str, Any]]:
 
 def _check_request(req: WorkunitRequest) -> None:
     check_identifier(req.app_name, "app name")
-    findings = [f for f in validate_job(req.job) if f.severity == "error"]
+    findings = errors_in(validate_job(req.job))
     if findings:
         raise InputError(f"{findings[0]}", hint=findings[0].hint)
     if req.job.task is None or not req.job.task.application:
@@ -479,13 +471,9 @@ def _check_package(path: Path) -> None:
     Raises:
         PackageError: the first problem found (a member with '..', absolute, setuid, a device...).
     """
-    from boincvm.errors import PackageError
-    from boincvm.findings import has_errors
-    from boincvm.package.inspect import check_package
-
     findings = check_package(path)
     if has_errors(findings):
-        bad = next(f for f in findings if f.severity == "error")
+        bad = errors_in(findings)[0]
         raise PackageError(
             f"package {path.name} was refused: {bad.place}: {bad.message}",
             hint=bad.hint or "rebuild it with 'boincvm package-rpm'; 'boincvm validate' lists every problem",

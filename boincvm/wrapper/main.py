@@ -20,6 +20,8 @@ from boincvm.boinc.errors import SlotLocked
 from boincvm.boinc.files import ExitCode, write_finish_file
 from boincvm.bounds import parse_number
 from boincvm.errors import BoincvmError, InputError
+from boincvm.findings import errors_in, has_errors
+from boincvm.hypervisor.base import backend_class
 from boincvm.job import DEFAULTS_OPEN_NAME, JOB_OPEN_NAME, VmJob, load_job, resolve
 from boincvm.wrapper.steps import Wrapper, WrapperInputs
 
@@ -101,14 +103,15 @@ def load_inputs(app: BoincApp, wu_args: tuple[str, ...], own: dict[str, str]) ->
 def _check_package(path: Path) -> None:
     """Refuse a hostile package before anything reaches the guest (when the checker is available)."""
     try:
+        # An optional part: a wrapper built without the package checker (and its rpmfile)
+        # still runs; this is no circle, main is the top of the wrapper.
         from boincvm.package import check_package
     except ImportError:
         return
-    from boincvm.findings import has_errors
 
     findings = list(check_package(path))
     if has_errors(findings):
-        bad = next(f for f in findings if f.severity == "error")
+        bad = errors_in(findings)[0]
         raise InputError(f"the package was refused: {bad}", hint=bad.hint)
 
 
@@ -149,7 +152,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BoincvmError as exc:
             _log_init_failure(exc)
             return app.finish(int(ExitCode.INIT_FAILURE), exc.message)
-        from boincvm.hypervisor.base import backend_class
 
         try:
             factory = backend_class(inputs.job.backend)

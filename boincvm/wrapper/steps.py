@@ -60,6 +60,7 @@ from boincvm.wrapper.guest_contract import (
     parse_kinds,
     temporary_exit_trigger,
 )
+from boincvm.wrapper.guest_install import install_script, package_guest_path, uninstall_script
 
 log = logging.getLogger(__name__)
 
@@ -382,8 +383,6 @@ class Wrapper:
         for host, guest in self.inputs.inputs:
             self.vm.copy_to_guest(host, self._guest(guest))
         if self.inputs.package is not None and self.job.package is not None:
-            from boincvm.wrapper.guest_install import install_script, package_guest_path
-
             kind = self.job.package.resolved_kind
             assert kind is not None
             guest_pkg = package_guest_path(kind, exec_dir)
@@ -656,8 +655,6 @@ class Wrapper:
 
     def _cleanup(self, record: CheckpointRecord | None) -> None:
         if self.inputs.package is not None and self.job.package is not None:
-            from boincvm.wrapper.guest_install import uninstall_script
-
             kind = self.job.package.resolved_kind
             assert kind is not None
             try:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from boincvm.appversion.build import AppVersionRequest, package_image
+from boincvm.appversion.build import package_image
+from boincvm.appversion.model import AppVersionRequest
 from boincvm.job import OutputFile, Task, VmJob
 from boincvm.runlocal.emulator import RunLocalRequest, run_local
 from boincvm.runlocal.real_client import Client, LoopbackProject

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from boincvm.appversion.build import AppVersionRequest, package_image
+from boincvm.appversion.build import package_image
+from boincvm.appversion.model import AppVersionRequest
 from boincvm.job import BackendOption, OutputFile, Task, VmJob
 from boincvm.runlocal.emulator import Fault, FaultKind, LiveState, RunLocalRequest, RunSummary, run_local
 from boincvm.workunit.make import InputSpec, Resources, WorkunitRequest, make_workunits

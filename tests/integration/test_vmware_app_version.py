@@ -14,13 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from boincvm.appversion.build import AppVersionRequest, check_app_version, package_image
+from boincvm.appversion.build import package_image
+from boincvm.appversion.check import check_app_version
+from boincvm.appversion.model import AppVersionRequest
 from boincvm.findings import has_errors
+from boincvm.hashing import md5_file
 from boincvm.hypervisor.vmware.backend import BASE_DIR
 from boincvm.hypervisor.vmware.config import AGENT_SCRIPT
 from boincvm.job import OutputFile, Task, VmJob
 from boincvm.runlocal.emulator import RunLocalRequest, run_local
-from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits, md5_file
+from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
 from boincvm.wrapper.steps import VM_DIR
 from tests.fakes.vmware_vm import VM_FILES, make_vm
 from tests.unit.test_vmware_backend import install_fake, stop_everything

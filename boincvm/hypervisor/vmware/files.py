@@ -90,9 +90,7 @@ def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT, follow_links: bool 
     for f in check_vmware(vmx_path, follow_links=follow_links):
         # Missing files are left to the walk below, which follows every reference (and
         # refuses one that leaves the directory before asking whether it exists).
-        if f.severity == "error" and not re.search(
-            r"(\.filename|\.extent|\.parentfilenamehint)$", f.place.lower()
-        ):
+        if f.is_error and not re.search(r"(\.filename|\.extent|\.parentfilenamehint)$", f.place.lower()):
             raise InputError(
                 f"{vmx_path.name}: {f.place}: {f.message}",
                 hint=f.hint or "fix it in VMware with the VM powered off, then take the snapshot again",

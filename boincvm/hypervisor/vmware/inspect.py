@@ -132,11 +132,7 @@ def _check_vm_files(path: Path, vmx: VmxFile, follow_links: bool) -> list[Findin
             out += [problem] if problem else []
             if found is not None and found.suffix.lower() == ".vmdk":
                 rel = str(found.parent.relative_to(root))
-                out += [
-                    f
-                    for f in _check_vmdk(found, place, root, follow_links, base=rel)[0]
-                    if f.severity == "error"
-                ]
+                out += [f for f in _check_vmdk(found, place, root, follow_links, base=rel)[0] if f.is_error]
     return out
 
 
