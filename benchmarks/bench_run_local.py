@@ -15,7 +15,8 @@ from boincvm.appversion.build import package_image
 from boincvm.appversion.model import AppVersionRequest
 from boincvm.image.guest import build_guest_image
 from boincvm.job import OutputFile, Task, VmJob
-from boincvm.runlocal.emulator import LiveState, RunLocalRequest, RunSummary, run_local
+from boincvm.runlocal.emulator import run_local
+from boincvm.runlocal.request import LiveState, RunLocalRequest, RunSummary
 from boincvm.workunit.make import InputSpec, Resources, WorkunitRequest, make_workunits
 
 LONGJOB = Path(__file__).resolve().parent.parent / "examples/longjob/program/bin/longjob"

@@ -11,7 +11,7 @@ import click
 from boincvm.cli import console
 
 if TYPE_CHECKING:
-    from boincvm.runlocal.emulator import LiveState
+    from boincvm.runlocal.request import LiveState
 
 
 @click.command("run-local")
@@ -95,7 +95,9 @@ def command(
     --suspend-at appends :SECONDS of suspension (run+2:20, progress:0.3:5).
     """
     from boincvm.errors import WorkunitFailed
-    from boincvm.runlocal.emulator import Fault, FaultKind, RunLocalRequest, default_data_dir, run_local
+    from boincvm.runlocal.emulator import default_data_dir, run_local
+    from boincvm.runlocal.faults import Fault, FaultKind
+    from boincvm.runlocal.request import RunLocalRequest
 
     faults = tuple(
         Fault.parse(kind, spec)
@@ -201,7 +203,7 @@ class _View:
 def _show_summary(summary: object) -> None:
     from rich.table import Table
 
-    from boincvm.runlocal.emulator import RunSummary
+    from boincvm.runlocal.request import RunSummary
 
     assert isinstance(summary, RunSummary)
     table = Table(title=f"workunit {summary.workunit}", show_header=False)

@@ -28,17 +28,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from boincvm import proc
 from boincvm.appversion.model import parse_version_xml
+from boincvm.boinc.errors import ClientError
 from boincvm.boinc.slot import escape_project_url
+from boincvm.errors import CommandNotFound
+from boincvm.runlocal.request import CREDIT_PER_FLOP, LiveState, RunLocalRequest, RunSummary
+from boincvm.signing import load_private_key, sign_file, write_key_pair
 from boincvm.validate import check_output_template
-from boincvm.workunit.make import open_workunit_dir
+from boincvm.workunit.make import Resources, open_workunit_dir
+from boincvm.workunit.templates import optional_outputs
 from boincvm.xmlio import escape_text, parse_xml, text_of
-
-if TYPE_CHECKING:
-    from boincvm.runlocal.emulator import LiveState, RunLocalRequest, RunSummary
 
 
 @dataclass
@@ -88,8 +89,6 @@ class LoopbackProject:
         self.outputs = [
             (f"{self.result_name}_{i}", name, int(size or 0)) for i, (name, size) in enumerate(sizes.items())
         ]
-        from boincvm.runlocal.emulator import optional_outputs
-        from boincvm.workunit.make import Resources
 
         # The bounds our input template gives create_work (its defaults where it gives none),
         # so the client's time, memory and disk limits are the ones a real project would set.
@@ -446,11 +445,6 @@ def run_with_boinc_client(
         InputError: the workunit or app version cannot be used.
         ClientError: the client did not finish within the request's timeout.
     """
-    from boincvm.boinc.errors import ClientError
-    from boincvm.errors import CommandNotFound
-    from boincvm.runlocal.emulator import CREDIT_PER_FLOP, LiveState, RunSummary
-    from boincvm.signing import load_private_key, sign_file, write_key_pair
-
     for tool in ("boinc", "boinccmd"):
         if shutil.which(tool) is None:
             raise CommandNotFound(

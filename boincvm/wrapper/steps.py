@@ -22,15 +22,13 @@ The wrapper never prints; it logs, and the client keeps its stderr in ``stderr.t
 from __future__ import annotations
 
 import contextlib
-import enum
-import json
 import logging
 import os
 import secrets
 import shlex
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm.boinc.api import BoincApp
@@ -49,6 +47,7 @@ from boincvm.errors import (
 )
 from boincvm.hypervisor.base import Backend, GuestProcess, ProcessStatus, VmSpec
 from boincvm.job import CpuTimeSource, ResolvedJob
+from boincvm.wrapper.checkpoint import CheckpointRecord, CheckpointStore
 from boincvm.wrapper.guest_contract import (
     GuestFileKind,
     completion_trigger,
@@ -61,11 +60,10 @@ from boincvm.wrapper.guest_contract import (
     temporary_exit_trigger,
 )
 from boincvm.wrapper.guest_install import install_script, package_guest_path, uninstall_script
+from boincvm.wrapper.status import Phase, StatusReport
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "boincvm_checkpoint.json"
-STATUS_FILE = "boincvm_status.json"
 VM_DIR = "boincvm_vm"
 #: Seconds between polls of the guest program (and of its progress files).
 POLL_PERIOD = 1.0
@@ -82,83 +80,6 @@ PROGRESS_MAX_BYTES = 4096
 TRIGGER_MAX_BYTES = 65536
 #: Seconds the guest's shell may take to say what the guest files are.
 KIND_TIMEOUT = 60.0
-
-
-class Phase(enum.StrEnum):
-    """Where the wrapper is; written to the status file for run-local's live view."""
-
-    BOOT = "boot"
-    RESTORE = "restore"
-    INSTALL = "install"
-    RUN = "run"
-    CHECKPOINT = "checkpoint"
-    SUSPENDED = "suspended"
-    COPY_OUT = "copy-out"
-    CLEANUP = "cleanup"
-    DONE = "done"
-
-
-@dataclass(frozen=True)
-class CheckpointRecord:
-    """What ``boincvm_checkpoint.json`` says: the last committed checkpoint of this slot."""
-
-    snapshot: str
-    guest_pid: int
-    sequence: int
-    cpu_time: float
-    elapsed: float
-    checkpoints: int = 1
-
-
-class CheckpointStore:
-    """Reads and atomically commits the checkpoint record of a slot."""
-
-    def __init__(self, slot_dir: Path) -> None:
-        self.path = slot_dir / CHECKPOINT_FILE
-
-    def load(self) -> CheckpointRecord | None:
-        """The committed record, or None (none yet, or an unreadable one: start afresh)."""
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            return CheckpointRecord(**data)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, TypeError) as exc:
-            log.warning("ignoring unreadable %s (%s); starting the job afresh", self.path.name, exc)
-            return None
-
-    def commit(self, record: CheckpointRecord) -> None:
-        """Write the record durably: temp file, fsync, rename, fsync of the directory."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            json.dump(asdict(record), f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def clear(self) -> None:
-        """Forget the checkpoint (the job is over)."""
-        self.path.unlink(missing_ok=True)
-
-
-@dataclass
-class StatusReport:
-    """What the wrapper tells run-local through ``boincvm_status.json`` (not part of BOINC's protocol)."""
-
-    phase: str = Phase.BOOT.value
-    fraction_done: float = 0.0
-    cpu_time: float = 0.0
-    checkpoints: int = 0
-    restored_from: str | None = None
-    last_output: str = ""
-    accel: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
-    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -243,11 +164,8 @@ class Wrapper:
             self._write_status()
 
     def _write_status(self) -> None:
-        path = self.slot / STATUS_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            tmp.write_text(json.dumps(asdict(self.status)), encoding="utf-8")
-            tmp.replace(path)
+            self.status.write(self.slot)
         except OSError as exc:  # only run-local reads it; never fail the job for it
             log.debug("status file: %s", exc)
 

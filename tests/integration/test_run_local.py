@@ -18,7 +18,9 @@ import pytest
 from boincvm.appversion.build import package_image
 from boincvm.appversion.model import AppVersionRequest
 from boincvm.job import BackendOption, OutputFile, Task, VmJob
-from boincvm.runlocal.emulator import Fault, FaultKind, LiveState, RunLocalRequest, RunSummary, run_local
+from boincvm.runlocal.emulator import run_local
+from boincvm.runlocal.faults import Fault, FaultKind
+from boincvm.runlocal.request import LiveState, RunLocalRequest, RunSummary
 from boincvm.workunit.make import InputSpec, Resources, WorkunitRequest, make_workunits
 from tests.integration.jobs import LongJob, bound
 
@@ -348,8 +350,8 @@ def test_unrestorable_checkpoint_starts_the_job_afresh(
     import json
 
     from boincvm.boinc.client import ClientOptions, LocalClient
-    from boincvm.runlocal.emulator import build_task
-    from boincvm.wrapper.steps import CHECKPOINT_FILE
+    from boincvm.runlocal.task import build_task
+    from boincvm.wrapper.checkpoint import CHECKPOINT_FILE
 
     wu = longjob_wu(tmp_path)
     req = RunLocalRequest(

@@ -22,7 +22,8 @@ from boincvm.hashing import md5_file
 from boincvm.hypervisor.vmware.backend import BASE_DIR
 from boincvm.hypervisor.vmware.config import AGENT_SCRIPT
 from boincvm.job import OutputFile, Task, VmJob
-from boincvm.runlocal.emulator import RunLocalRequest, run_local
+from boincvm.runlocal.emulator import run_local
+from boincvm.runlocal.request import RunLocalRequest
 from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
 from boincvm.wrapper.steps import VM_DIR
 from tests.fakes.vmware_vm import VM_FILES, make_vm
