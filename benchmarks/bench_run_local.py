@@ -17,7 +17,8 @@ from boincvm.image.guest import build_guest_image
 from boincvm.job import OutputFile, Task, VmJob
 from boincvm.runlocal.emulator import run_local
 from boincvm.runlocal.request import LiveState, RunLocalRequest, RunSummary
-from boincvm.workunit.make import InputSpec, Resources, WorkunitRequest, make_workunits
+from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
+from boincvm.workunit.templates import Resources
 
 LONGJOB = Path(__file__).resolve().parent.parent / "examples/longjob/program/bin/longjob"
 

@@ -147,7 +147,8 @@ def command(
     from dataclasses import replace
 
     from boincvm.job import BackendOption, CpuTimeSource, OutputFile, Task, VmJob, load_job
-    from boincvm.workunit.make import InputSpec, Resources, WorkunitRequest, make_workunits
+    from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
+    from boincvm.workunit.templates import Resources
 
     job = load_job(job_file) if job_file else VmJob()
     task = job.task or Task()

@@ -36,10 +36,10 @@ from boincvm.boinc.slot import escape_project_url
 from boincvm.errors import CommandNotFound
 from boincvm.runlocal.request import CREDIT_PER_FLOP, LiveState, RunLocalRequest, RunSummary
 from boincvm.signing import load_private_key, sign_file, write_key_pair
-from boincvm.validate import check_output_template
-from boincvm.workunit.make import Resources, open_workunit_dir
-from boincvm.workunit.templates import optional_outputs
-from boincvm.xmlio import escape_text, parse_xml, text_of
+from boincvm.workunit.directory import open_workunit_dir
+from boincvm.workunit.templates import check_output_template, optional_outputs, resources_of
+from boincvm.wrapper.status import StatusReport
+from boincvm.xmlio import escape_text
 
 
 @dataclass
@@ -92,11 +92,9 @@ class LoopbackProject:
 
         # The bounds our input template gives create_work (its defaults where it gives none),
         # so the client's time, memory and disk limits are the ones a real project would set.
-        found = parse_xml(self.wud.input_template.read_bytes(), what="input template").find("workunit")
-        given = {c.tag: text_of(c) for c in (found if found is not None else [])}
-        defaults = Resources()
+        res = resources_of(self.wud.input_template.read_bytes())
         self.bounds = {
-            tag: float(given.get(tag) or getattr(defaults, tag))
+            tag: float(getattr(res, tag))
             for tag in ("rsc_fpops_est", "rsc_fpops_bound", "rsc_memory_bound", "rsc_disk_bound")
         }
 
@@ -483,6 +481,12 @@ def run_with_boinc_client(
                     pass
             elif project.seen.uploads:
                 live.phase = "uploaded"
+            # The wrapper's typed status in the client's slot counts the committed checkpoints
+            # (cumulative across restarts); the slot is gone once the task has finished.
+            for slot in sorted((client.dir / "slots").glob("*")):
+                status = StatusReport.read(slot)
+                if status is not None:
+                    live.checkpoints = max(live.checkpoints, status.checkpoints)
             live.elapsed = time.monotonic() - t0
             if on_update is not None:
                 on_update(live)
@@ -523,7 +527,7 @@ def run_with_boinc_client(
         cpu_time=cpu,
         credit_claimed=cpu * 1e9 * CREDIT_PER_FLOP,
         ops=None,
-        checkpoints=stderr.count("committed ("),
+        checkpoints=live.checkpoints,
         starts=max(1, stderr.count("boincvm: starting") + stderr.count("resuming from checkpoint")),
         timings={},
         outputs=outputs,

@@ -8,10 +8,9 @@ from boincvm.boinc.slot import LocalTask, OutputFile, TaskFile
 from boincvm.errors import InputError
 from boincvm.findings import errors_in
 from boincvm.runlocal.request import RunLocalRequest
-from boincvm.validate import check_output_template
-from boincvm.workunit.make import open_workunit_dir
-from boincvm.workunit.templates import optional_outputs
-from boincvm.xmlio import parse_xml, read_bytes, text_of
+from boincvm.workunit.directory import open_workunit_dir
+from boincvm.workunit.templates import check_output_template, optional_outputs, resources_of
+from boincvm.xmlio import read_bytes
 
 
 def build_task(req: RunLocalRequest) -> LocalTask:
@@ -58,14 +57,7 @@ def build_task(req: RunLocalRequest) -> LocalTask:
         OutputFile(f"{result}_r0_{i}", open_name, optional=open_name in optional, max_nbytes=int(size or 0))
         for i, (open_name, size) in enumerate(sizes.items())
     )
-    wu_tpl = parse_xml(read_bytes(wud.input_template, what="input template"), what="input template")
-    res = {c.tag: text_of(c) for c in (wu_tpl.find("workunit") or [])}
-
-    def num(tag: str, default: float) -> float:
-        try:
-            return float(res.get(tag, default))
-        except ValueError:
-            return default
+    res = resources_of(read_bytes(wud.input_template, what="input template"))
 
     return LocalTask(
         app_name=wud.app_name,
@@ -75,11 +67,11 @@ def build_task(req: RunLocalRequest) -> LocalTask:
         input_files=inputs,
         output_files=outputs,
         command_line=_quote_for_client(record.command_line),
-        rsc_fpops_est=num("rsc_fpops_est", 1e12),
-        rsc_fpops_bound=num("rsc_fpops_bound", 1e13),
-        rsc_memory_bound=num("rsc_memory_bound", 5e8),
-        rsc_disk_bound=num("rsc_disk_bound", 1e9),
-        delay_bound=num("delay_bound", 7 * 86400),
+        rsc_fpops_est=res.rsc_fpops_est,
+        rsc_fpops_bound=res.rsc_fpops_bound,
+        rsc_memory_bound=res.rsc_memory_bound,
+        rsc_disk_bound=res.rsc_disk_bound,
+        delay_bound=res.delay_bound,
     )
 
 

@@ -617,7 +617,8 @@ def test_the_wrapper_command_writes_no_traceback_for_a_hostile_slot(tmp_path: Pa
 
 
 def _e2e_wu(tmp_path: Path, script: str) -> Path:
-    from boincvm.workunit.make import Resources, WorkunitRequest, make_workunits
+    from boincvm.workunit.make import WorkunitRequest, make_workunits
+    from boincvm.workunit.templates import Resources
 
     task = Task(
         application="/bin/sh",

@@ -21,7 +21,8 @@ from boincvm.runlocal.emulator import run_local
 from boincvm.runlocal.real_client import Client, LoopbackProject
 from boincvm.runlocal.request import RunLocalRequest
 from boincvm.signing import write_key_pair
-from boincvm.workunit.make import InputSpec, Resources, WorkunitRequest, make_workunits
+from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
+from boincvm.workunit.templates import Resources
 from tests.integration.jobs import SCALE, LongJob, bound
 from tests.integration.test_run_local import qemu_pids_under
 

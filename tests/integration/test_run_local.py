@@ -21,7 +21,8 @@ from boincvm.job import BackendOption, OutputFile, Task, VmJob
 from boincvm.runlocal.emulator import run_local
 from boincvm.runlocal.faults import Fault, FaultKind
 from boincvm.runlocal.request import LiveState, RunLocalRequest, RunSummary
-from boincvm.workunit.make import InputSpec, Resources, WorkunitRequest, make_workunits
+from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
+from boincvm.workunit.templates import Resources
 from tests.integration.jobs import LongJob, bound
 
 pytestmark = pytest.mark.integration
