@@ -10,6 +10,9 @@ import click
 from boincvm.cli import console
 from boincvm.cli.params import backend_option
 
+# The core is imported inside the command, not here: the group imports this module to list
+# the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
+
 
 @click.command("package-image", context_settings={"show_default": True})
 @click.argument("image", type=click.Path(path_type=Path, exists=True))

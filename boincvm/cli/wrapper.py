@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+# The core is imported inside the command, not here: the group imports this module to list
+# the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
+
 
 @click.command("wrapper", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)

@@ -269,6 +269,17 @@ class Backend(ABC):
         """CPU seconds the guest says it has used, or None if the backend cannot tell."""
         return None
 
+    # -- acceleration ---------------------------------------------------------
+    @property
+    def accel_name(self) -> str:
+        """The accelerator the VM runs under (``kvm``, ``tcg``), or "" where there is no choice."""
+        return ""
+
+    @property
+    def accel_note(self) -> str | None:
+        """A sentence for the user when the VM runs slower than it could (no KVM), else None."""
+        return None
+
     # -- context manager ------------------------------------------------------
     def __enter__(self) -> Self:
         return self

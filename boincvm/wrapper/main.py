@@ -8,6 +8,7 @@ wrapper zip application that ``package-image`` ships, and ``boincvm wrapper`` ru
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -68,10 +69,10 @@ def load_inputs(app: BoincApp, wu_args: tuple[str, ...], own: dict[str, str]) ->
     # The client or a plan class puts these on the command line: untrusted numbers.
     if "nthreads" in own:
         ncpus = parse_number(own["nthreads"], "--nthreads", low=1, high=MAX_NCPUS)
-        job = VmJob(**{**job.__dict__, "ncpus": int(ncpus)})
+        job = dataclasses.replace(job, ncpus=int(ncpus))
     if "memory_size_mb" in own:
         memory = parse_number(own["memory_size_mb"], "--memory_size_mb", low=1, high=MAX_MEMORY_MB)
-        job = VmJob(**{**job.__dict__, "memory_size_mb": int(memory)})
+        job = dataclasses.replace(job, memory_size_mb=int(memory))
     resolved = resolve(job)
 
     def existing(logical: str | None, what: str) -> Path | None:

@@ -42,6 +42,7 @@ from boincvm.errors import (
     HypervisorUnavailable,
     InputError,
     OutputError,
+    OutputMissing,
     PathEscapeError,
     ToolError,
 )
@@ -50,6 +51,7 @@ from boincvm.job import CpuTimeSource, ResolvedJob
 from boincvm.wrapper.checkpoint import CheckpointRecord, CheckpointStore
 from boincvm.wrapper.guest_contract import (
     GuestFileKind,
+    Trigger,
     completion_trigger,
     credit_report,
     fraction_done,
@@ -106,6 +108,32 @@ class WrapperInputs:
 
 
 BackendFactory = Callable[[VmSpec], Backend]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How an error ends the task: the exit code the client reports, and the reason given."""
+
+    errors: tuple[type[BoincvmError], ...]
+    exit_code: ExitCode
+    tell_hint: bool = False
+
+    def reason(self, exc: BoincvmError) -> str:
+        """The reason written to the finish file (with the hint where it says what to do)."""
+        return exc.message + (f" ({exc.hint})" if self.tell_hint and exc.hint else "")
+
+
+#: The errors that end the task for good, most specific first (the first that matches counts).
+#: Any other HypervisorError or GuestError is a VM that died or misbehaved: a temporary exit,
+#: and the next start resumes from the last checkpoint.
+FAILURES: tuple[Failure, ...] = (
+    Failure((HypervisorUnavailable,), ExitCode.INIT_FAILURE, tell_hint=True),
+    Failure((GuestToolsMissing,), ExitCode.INIT_FAILURE),
+    Failure((InputError, PathEscapeError), ExitCode.INIT_FAILURE),
+    Failure((OutputError, GuestProgramFailed), ExitCode.CHILD_FAILED),
+    Failure((ToolError,), ExitCode.INIT_FAILURE, tell_hint=True),
+)
+FINAL_ERRORS: tuple[type[BoincvmError], ...] = tuple(e for f in FAILURES for e in f.errors)
 
 
 class Wrapper:
@@ -221,20 +249,9 @@ class Wrapper:
                 if proc is None:
                     proc = self._fresh_start()
                 return self._main_loop(proc, record)
-            except HypervisorUnavailable as exc:
-                return self._fail(
-                    ExitCode.INIT_FAILURE, f"{exc.message}" + (f" ({exc.hint})" if exc.hint else "")
-                )
-            except GuestToolsMissing as exc:
-                return self._fail(ExitCode.INIT_FAILURE, exc.message)
-            except (InputError, PathEscapeError) as exc:
-                return self._fail(ExitCode.INIT_FAILURE, exc.message)
-            except OutputError as exc:
-                return self._fail(ExitCode.CHILD_FAILED, exc.message)
-            except GuestProgramFailed as exc:
-                return self._fail(ExitCode.CHILD_FAILED, exc.message)
-            except ToolError as exc:
-                return self._fail(ExitCode.INIT_FAILURE, exc.message + (f" ({exc.hint})" if exc.hint else ""))
+            except FINAL_ERRORS as exc:
+                failure = next(f for f in FAILURES if isinstance(exc, f.errors))
+                return self._fail(failure.exit_code, failure.reason(exc))
             except (HypervisorError, GuestError) as exc:
                 # The VM died or misbehaved: come back later and resume from the last checkpoint.
                 log.error("%s", exc.message)
@@ -266,9 +283,8 @@ class Wrapper:
         return GuestProcess(pid=record.guest_pid, argv=(self.job.application,))
 
     def _note_accel(self) -> None:
-        note = getattr(self.vm, "accel_note", None)
-        accel = getattr(self.vm, "accel", None)
-        self.status.accel = str(getattr(accel, "accel", "")) if accel is not None else ""
+        note = self.vm.accel_note
+        self.status.accel = self.vm.accel_name
         if note:
             log.warning("%s", note)
 
@@ -367,12 +383,14 @@ class Wrapper:
                     return self._complete(status, record)
                 trigger = self._check_triggers(kinds)
                 if trigger is not None:
-                    kind, code, message, delay = trigger
-                    if kind == "completion":
-                        return self._complete(ProcessStatus(running=False, exit_code=code), record, message)
+                    if trigger.kind == "completion":
+                        done = ProcessStatus(running=False, exit_code=trigger.exit_code)
+                        return self._complete(done, record, trigger.message)
                     record = self._checkpoint(proc, record)
                     self.vm.power_off(soft_timeout=2.0)
-                    return app.temporary_exit(delay, message or "the guest asked for a temporary exit")
+                    return app.temporary_exit(
+                        trigger.delay, trigger.message or "the guest asked for a temporary exit"
+                    )
                 if (
                     self.job.time_limit is not None
                     and now - run_t0 + self._elapsed_before > self.job.time_limit
@@ -472,7 +490,7 @@ class Wrapper:
             self.status.last_output = tail.splitlines()[-1]
         self._write_status()
 
-    def _check_triggers(self, kinds: dict[str, GuestFileKind]) -> tuple[str, int, str, float] | None:
+    def _check_triggers(self, kinds: dict[str, GuestFileKind]) -> Trigger | None:
         for kind, name in (
             ("completion", self.job.completion_trigger_file),
             ("temporary_exit", self.job.temporary_exit_trigger_file),
@@ -486,7 +504,7 @@ class Wrapper:
             parse = completion_trigger if kind == "completion" else temporary_exit_trigger
             trigger = parse(data, f"{what} file {name}:")
             self._note(what, trigger.note)
-            return kind, trigger.exit_code, trigger.message, trigger.delay
+            return trigger
         return None
 
     def _checkpoint(self, proc: GuestProcess, record: CheckpointRecord | None) -> CheckpointRecord | None:
@@ -557,16 +575,14 @@ class Wrapper:
             part = self.slot / f".boincvm-{out.open_name}.part"
             try:
                 self.vm.copy_from_guest(guest, part, max_bytes=out.max_nbytes)
-            except OutputError as exc:
+            except OutputMissing as exc:
                 part.unlink(missing_ok=True)
-                if (
-                    out.optional
-                    and "does not exist" in exc.message
-                    or out.optional
-                    and "missing" in exc.message
-                ):
+                if out.optional:
                     log.info("optional output %s is absent", out.open_name)
                     continue
+                raise OutputMissing(f"output {out.open_name}: {exc.message}") from exc
+            except OutputError as exc:
+                part.unlink(missing_ok=True)
                 raise OutputError(f"output {out.open_name}: {exc.message}") from exc
             part.replace(target)
             log.info("output %s: %d bytes", out.open_name, target.stat().st_size)

@@ -249,12 +249,12 @@ class LocalBackend(Backend):
         Path(guest_path).write_bytes(host_path.read_bytes())
 
     def copy_from_guest(self, guest_path: str, host_path: Path, *, max_bytes: int | None = None) -> int:
-        from boincvm.errors import OutputError
+        from boincvm.errors import OutputError, OutputMissing
 
         self._open_check(guest_path)
         src = Path(guest_path)
         if not src.exists():
-            raise OutputError(f"guest file {guest_path} does not exist")
+            raise OutputMissing(f"guest file {guest_path} does not exist")
         data = src.read_bytes()
         if max_bytes is not None and len(data) > max_bytes:
             raise OutputError(

@@ -47,6 +47,7 @@ from boincvm.errors import (
     HypervisorUnavailable,
     InputError,
     OutputError,
+    OutputMissing,
     VmTimeout,
 )
 from boincvm.hypervisor.base import (
@@ -167,6 +168,11 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         return Availability(True, "QEMU is installed", kvm or "/dev/kvm is usable (a trial boot decides)")
 
     # -- helpers --------------------------------------------------------------
+    @property
+    def accel_name(self) -> str:
+        """``kvm`` or ``tcg`` once the VM was started, else ""."""
+        return self.accel.accel if self.accel is not None else ""
+
     @property
     def accel_note(self) -> str | None:
         """A sentence for the user when the VM runs without KVM, else None."""
@@ -617,7 +623,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             handle = agent.open(guest_path, "rb")
         except GuestError as exc:
             if is_missing_file(exc):
-                raise OutputError(f"guest file {guest_path} does not exist") from exc
+                raise OutputMissing(f"guest file {guest_path} does not exist") from exc
             raise
         tmp = host_path.with_name(f".{host_path.name}.{uuid.uuid4().hex[:8]}.part")
         try:

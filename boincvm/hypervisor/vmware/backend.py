@@ -90,6 +90,7 @@ from boincvm.errors import (
     HypervisorUnavailable,
     InputError,
     OutputError,
+    OutputMissing,
     UnsupportedOperation,
 )
 from boincvm.hypervisor.base import (
@@ -501,7 +502,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         try:
             fetched = self.channel.fetch(guest_path)
             if fetched is None:
-                raise OutputError(f"vmware: guest file {guest_path} does not exist")
+                raise OutputMissing(f"vmware: guest file {guest_path} does not exist")
             shutil.move(fetched, part)
             size = part.stat().st_size
             if max_bytes is not None and size > max_bytes:
