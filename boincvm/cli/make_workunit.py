@@ -178,18 +178,15 @@ def command(
     )
     job = job.merged(VmJob(backend_options=tuple(BackendOption(n, v) for n, v in backend_options)))
     specs = tuple(InputSpec(o, p, g) for o, p, g in map(_parse_input, inputs))
-    vm_bytes = (job.memory_size_mb or 512) * 1024 * 1024
-    resources = Resources(
-        rsc_fpops_est=fpops_est,
-        rsc_fpops_bound=fpops_bound,
-        rsc_memory_bound=memory_bound if memory_bound is not None else vm_bytes * 1.25,
-        rsc_disk_bound=disk_bound,
+    resources = Resources.for_job(
+        job,
+        fpops_est=fpops_est,
+        fpops_bound=fpops_bound,
+        memory_bound=memory_bound,
+        disk_bound=disk_bound,
         delay_bound=delay_bound,
         target_nresults=target_nresults,
         min_quorum=min_quorum,
-        max_success_results=max(1, target_nresults),
-        max_total_results=max(5, 2 * target_nresults),
-        max_error_results=max(3, target_nresults),
     )
     request = WorkunitRequest(
         app_name=app_name,

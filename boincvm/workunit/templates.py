@@ -13,6 +13,7 @@ from xml.etree import ElementTree as ET
 
 from boincvm.errors import BoincvmError
 from boincvm.findings import Finding, error, info
+from boincvm.job import VmJob
 from boincvm.xmlio import parse_xml, text_of
 
 
@@ -42,6 +43,36 @@ class Resources:
     max_error_results: int = 3
     max_total_results: int = 5
     max_success_results: int = 1
+
+    @classmethod
+    def for_job(
+        cls,
+        job: VmJob,
+        *,
+        fpops_est: float,
+        fpops_bound: float,
+        memory_bound: float | None,
+        disk_bound: float,
+        delay_bound: float,
+        target_nresults: int,
+        min_quorum: int,
+    ) -> Resources:
+        """make-workunit's rules: the memory bound covers the VM (a quarter more than its
+        memory, 512 MB when the job names none) unless given; the result limits grow with
+        ``target_nresults``."""
+        vm_bytes = (job.memory_size_mb or 512) * 1024 * 1024
+        return cls(
+            rsc_fpops_est=fpops_est,
+            rsc_fpops_bound=fpops_bound,
+            rsc_memory_bound=memory_bound if memory_bound is not None else vm_bytes * 1.25,
+            rsc_disk_bound=disk_bound,
+            delay_bound=delay_bound,
+            target_nresults=target_nresults,
+            min_quorum=min_quorum,
+            max_success_results=max(1, target_nresults),
+            max_total_results=max(5, 2 * target_nresults),
+            max_error_results=max(3, target_nresults),
+        )
 
 
 def resources_of(data: bytes) -> Resources:

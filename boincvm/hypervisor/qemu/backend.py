@@ -115,8 +115,8 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
 
     ``spec.options`` are :class:`~.qemu_options.QemuOptions`: the machine (q35 by default,
     whose PCIe hot-plug of transfer disks costs a quarter of pc's ACPI one), the
-    accelerator, golden checkpoints (:mod:`.qemu_golden`), the snapshot timeout and the
-    transfer disk (:mod:`.qemu_xfer`).
+    accelerator, golden checkpoints (:mod:`.golden`), the snapshot timeout and the
+    transfer disk (:mod:`.xfer`).
     After :meth:`power_on`, :attr:`accel` says which accelerator runs the VM and why,
     for the CLI to show.
 
@@ -578,7 +578,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         """Write a host file into the guest: a large one through a transfer disk, else the agent.
 
         Files of ``transfer_disk_min_bytes`` (4 MiB) or more go through a hot-plugged disk
-        (:mod:`.qemu_xfer`) when the machine can hot-plug; smaller ones, and every file
+        (:mod:`.xfer`) when the machine can hot-plug; smaller ones, and every file
         of a guest that cannot take a disk, through ``guest-file-write`` in 4 MiB chunks.
 
         Raises:

@@ -20,7 +20,7 @@ checkpoint taken while the guest still held the device would not restore
 snapshot for the case where an unplug timed out.
 
 Hot-plug needs ACPI PCI hot-plug (machine ``pc``, or ``q35`` through the root port
-:mod:`.qemu_cmdline` adds); ``microvm`` has none, and those guests use the agent.
+:mod:`.cmdline` adds); ``microvm`` has none, and those guests use the agent.
 """
 
 from __future__ import annotations
