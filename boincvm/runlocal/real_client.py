@@ -37,7 +37,7 @@ from boincvm.errors import CommandNotFound
 from boincvm.runlocal.request import CREDIT_PER_FLOP, LiveState, RunLocalRequest, RunSummary
 from boincvm.signing import load_private_key, sign_file, write_key_pair
 from boincvm.workunit.directory import open_workunit_dir
-from boincvm.workunit.templates import check_output_template, optional_outputs, resources_of
+from boincvm.workunit.templates import read_output_template, resources_of
 from boincvm.wrapper.status import StatusReport
 from boincvm.xmlio import escape_text
 
@@ -85,10 +85,12 @@ class LoopbackProject:
             for f in self.app_files
             if f.gzip
         }
-        _, sizes = check_output_template(self.wud.output_template.read_bytes(), "out")
+        _, result_files = read_output_template(self.wud.output_template.read_bytes(), "out")
         self.outputs = [
-            (f"{self.result_name}_{i}", name, int(size or 0)) for i, (name, size) in enumerate(sizes.items())
+            (f"{self.result_name}_{i}", f.open_name, int(f.max_nbytes or 0))
+            for i, f in enumerate(result_files)
         ]
+        self.optional = {f.open_name for f in result_files if f.optional}
 
         # The bounds our input template gives create_work (its defaults where it gives none),
         # so the client's time, memory and disk limits are the ones a real project would set.
@@ -98,7 +100,6 @@ class LoopbackProject:
             for tag in ("rsc_fpops_est", "rsc_fpops_bound", "rsc_memory_bound", "rsc_disk_bound")
         }
 
-        self.optional = optional_outputs(self.wud.output_template.read_bytes())
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

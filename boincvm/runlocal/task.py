@@ -9,7 +9,7 @@ from boincvm.errors import InputError
 from boincvm.findings import errors_in
 from boincvm.runlocal.request import RunLocalRequest
 from boincvm.workunit.directory import open_workunit_dir
-from boincvm.workunit.templates import check_output_template, optional_outputs, resources_of
+from boincvm.workunit.templates import read_output_template, resources_of
 from boincvm.xmlio import read_bytes
 
 
@@ -45,17 +45,16 @@ def build_task(req: RunLocalRequest) -> LocalTask:
             raise InputError(
                 f"workunit file {t.source} is missing", hint="run boincvm validate on the workunit"
             )
-    tpl_findings, sizes = check_output_template(
+    tpl_findings, result_files = read_output_template(
         read_bytes(wud.output_template, what="output template"), wud.output_template.name
     )
     errors = errors_in(tpl_findings)
     if errors:
         raise InputError(f"{wud.output_template.name}: {errors[0]}")
-    optional = optional_outputs(read_bytes(wud.output_template, what="output template"))
     result = f"{record.name}_0"
     outputs = tuple(
-        OutputFile(f"{result}_r0_{i}", open_name, optional=open_name in optional, max_nbytes=int(size or 0))
-        for i, (open_name, size) in enumerate(sizes.items())
+        OutputFile(f"{result}_r0_{i}", f.open_name, optional=f.optional, max_nbytes=int(f.max_nbytes or 0))
+        for i, f in enumerate(result_files)
     )
     res = resources_of(read_bytes(wud.input_template, what="input template"))
 

@@ -17,18 +17,6 @@ from boincvm.job import VmJob
 from boincvm.xmlio import parse_xml, text_of
 
 
-def optional_outputs(data: bytes) -> set[str]:
-    """The open names an output template marks ``<optional/>``."""
-    root = parse_xml(data, what="output template")
-    result = root.find("result")
-    names: set[str] = set()
-    for ref in result.findall("file_ref") if result is not None else []:
-        on = ref.find("open_name")
-        if on is not None and ref.find("optional") is not None:
-            names.add(text_of(on))
-    return names
-
-
 @dataclass(frozen=True)
 class Resources:
     """The BOINC workunit parameters of the input template (``create_work`` defaults otherwise)."""
@@ -160,15 +148,31 @@ def check_input_template(data: bytes, what: str) -> tuple[list[Finding], list[st
     return out, names
 
 
+@dataclass(frozen=True)
+class ResultFile:
+    """One file a task uploads, as the output template says: its open name, ``max_nbytes``
+    (None when the template gives none) and whether it is ``<optional/>``."""
+
+    open_name: str
+    max_nbytes: float | None
+    optional: bool = False
+
+
 def check_output_template(data: bytes, what: str) -> tuple[list[Finding], dict[str, float | None]]:
     """Findings for an output template, and its open names with their max_nbytes."""
+    findings, files = read_output_template(data, what)
+    return findings, {f.open_name: f.max_nbytes for f in files}
+
+
+def read_output_template(data: bytes, what: str) -> tuple[list[Finding], tuple[ResultFile, ...]]:
+    """Findings for an output template, and the result files it names (in order)."""
     try:
         root = parse_xml(data, what=f"output template {what}")
     except BoincvmError as exc:
-        return [error(what, exc.message, exc.hint)], {}
+        return [error(what, exc.message, exc.hint)], ()
     p = "output_template"
     if root.tag != p:
-        return [error(what, f"root element is <{root.tag}>, expected <{p}>")], {}
+        return [error(what, f"root element is <{root.tag}>, expected <{p}>")], ()
     out: list[Finding] = []
     sizes: dict[str, float | None] = {}
     by_name: dict[str, ET.Element] = {}
@@ -191,8 +195,9 @@ def check_output_template(data: bytes, what: str) -> tuple[list[Finding], dict[s
             out.append(error(f"{p}.file_info[{i}].url", "is missing", hint="add <url><UPLOAD_URL/></url>"))
     result = root.find("result")
     if result is None:
-        return out + [error(f"{p}.result", "is missing")], {}
+        return out + [error(f"{p}.result", "is missing")], ()
     names: list[str] = []
+    refs: dict[str, ET.Element] = {}
     for i, ref in enumerate(result.findall("file_ref")):
         key = _name_key(ref.find("file_name"))
         open_name = ref.find("open_name")
@@ -200,6 +205,7 @@ def check_output_template(data: bytes, what: str) -> tuple[list[Finding], dict[s
             out.append(error(f"{p}.result.file_ref[{i}].open_name", "is missing"))
             continue
         names.append(text_of(open_name))
+        refs[text_of(open_name)] = ref
         info_elem = by_name.get(key)
         if info_elem is None:
             out.append(error(f"{p}.result.file_ref[{i}].file_name", "names no file_info"))
@@ -219,7 +225,8 @@ def check_output_template(data: bytes, what: str) -> tuple[list[Finding], dict[s
                     f"{p}.result.file_ref.open_name", f"{name!r} appears {n} times; open names must be unique"
                 )
             )
-    return out, sizes
+    optional = {name for name, ref in refs.items() if ref.find("optional") is not None}
+    return out, tuple(ResultFile(name, size, name in optional) for name, size in sizes.items())
 
 
 def _name_key(elem: ET.Element | None) -> str:
