@@ -25,11 +25,13 @@ from typing import Any
 from boincvm.bounds import number_problem
 from boincvm.errors import BoincvmError, XmlError
 from boincvm.findings import Finding, error, errors_in, has_errors, warning
-from boincvm.hypervisor.base import backend_class  # lazily: backends are heavier than jobs
+from boincvm.hypervisor.base import BackendKind, backend_class
 from boincvm.names import guest_path_problem, logical_name_problem, relative_path_problem
 from boincvm.render import render
 from boincvm.xmlio import is_flag_true, parse_xml, read_bytes, text_of
 
+#: The backend names a job may give (BackendKind's values, in its order).
+_BACKENDS = tuple(k.value for k in BackendKind)
 ROOT = "vm_job"
 
 #: Logical name of the workunit's job file in the slot.
@@ -267,7 +269,7 @@ def resolve(job: VmJob) -> ResolvedJob:
     task = job.task or Task()
     assert task.application is not None
     return ResolvedJob(
-        backend=job.backend or "qemu",
+        backend=job.backend or BackendKind.QEMU.value,
         vm_image=job.vm_image,
         vm_kernel=job.vm_kernel,
         vm_initrd=job.vm_initrd,
@@ -544,8 +546,10 @@ def validate_job(job: VmJob, *, complete: bool = False) -> list[Finding]:
     """
     out: list[Finding] = []
     p = ROOT
-    if job.backend is not None and job.backend not in ("qemu", "vmware"):
-        out.append(error(f"{p}.backend", f"{job.backend!r} is not a backend", hint="use qemu or vmware"))
+    if job.backend is not None and job.backend not in _BACKENDS:
+        out.append(
+            error(f"{p}.backend", f"{job.backend!r} is not a backend", hint=f"use {' or '.join(_BACKENDS)}")
+        )
     for name in ("vm_image", "vm_kernel", "vm_initrd"):
         value = getattr(job, name)
         if value is not None and (problem := logical_name_problem(value)):
@@ -707,9 +711,9 @@ def _validate_backend_options(job: VmJob, *, complete: bool) -> list[Finding]:
         return out
     # Which backend reads them is known once the job is complete or says so itself; until
     # then an option only has to suit one of the backends.
-    backend = job.backend or ("qemu" if complete else None)
-    candidates = [backend] if backend is not None else ["qemu", "vmware"]
-    if any(c not in ("qemu", "vmware") for c in candidates):
+    backend = job.backend or (BackendKind.QEMU.value if complete else None)
+    candidates = [backend] if backend is not None else list(_BACKENDS)
+    if any(c not in _BACKENDS for c in candidates):
         return out  # an unknown backend is reported above
     for index, option in enumerate(job.backend_options):
         problems: list[tuple[str, BoincvmError]] = []

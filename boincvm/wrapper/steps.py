@@ -610,4 +610,4 @@ def _check_inside(path: Path, roots: Sequence[Path | None]) -> None:
     raise PathEscapeError(f"output path {path} resolves outside the slot and project directories")
 
 
-__all__ = ["CheckpointRecord", "CheckpointStore", "Phase", "StatusReport", "Wrapper", "WrapperInputs"]
+__all__ = ["FAILURES", "Failure", "Wrapper", "WrapperInputs"]
