@@ -17,12 +17,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from boincvm import proc  # noqa: E402
-from boincvm.appversion import AppVersionRequest, app_version_defaults, package_image  # noqa: E402
+from boincvm.appversion.build import package_image  # noqa: E402
+from boincvm.appversion.model import AppVersionRequest, app_version_defaults  # noqa: E402
 from boincvm.errors import CommandFailed, CommandNotFound  # noqa: E402
 from boincvm.image.container import build_container_image  # noqa: E402
 from boincvm.job import OutputFile, Task, VmJob  # noqa: E402
-from boincvm.runlocal import Fault, FaultKind, RunLocalRequest, run_local  # noqa: E402
-from boincvm.workunit import Resources, WorkunitRequest, make_workunits  # noqa: E402
+from boincvm.runlocal.emulator import run_local  # noqa: E402
+from boincvm.runlocal.faults import Fault, FaultKind  # noqa: E402
+from boincvm.runlocal.request import RunLocalRequest  # noqa: E402
+from boincvm.workunit.make import WorkunitRequest, make_workunits  # noqa: E402
+from boincvm.workunit.templates import Resources  # noqa: E402
 from tests.oci_images import M, busybox_members, layer_tar, umoci_layout  # noqa: E402
 
 STEPS, STEP = 20, 1.0

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from boincvm.hypervisor.qemu import QemuBackend
+from boincvm.hypervisor.qemu.backend import QemuBackend
 from boincvm.image.descriptor import spec_for_image
 from boincvm.image.guest import build_guest_image
 

@@ -11,11 +11,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from boincvm.appversion import AppVersionRequest, package_image
+from boincvm.appversion.build import package_image
+from boincvm.appversion.model import AppVersionRequest
 from boincvm.image.guest import build_guest_image
 from boincvm.job import OutputFile, Task, VmJob
-from boincvm.runlocal import LiveState, RunLocalRequest, RunSummary, run_local
-from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
+from boincvm.runlocal.emulator import run_local
+from boincvm.runlocal.request import LiveState, RunLocalRequest, RunSummary
+from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
+from boincvm.workunit.templates import Resources
 
 LONGJOB = Path(__file__).resolve().parent.parent / "examples/longjob/program/bin/longjob"
 

@@ -14,12 +14,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from boincvm.appversion import AppVersion, AppVersionRequest, WrapperKind, package_image
+from boincvm.appversion.build import package_image
+from boincvm.appversion.model import AppVersion, AppVersionRequest, WrapperKind
 from boincvm.boinc.client import ClientOptions, LocalClient
 from boincvm.image.guest import build_guest_image
 from boincvm.job import OutputFile, Task, VmJob
-from boincvm.runlocal import RunLocalRequest, build_task
-from boincvm.workunit import Resources, WorkunitRequest, make_workunits
+from boincvm.runlocal.request import RunLocalRequest
+from boincvm.runlocal.task import build_task
+from boincvm.workunit.make import WorkunitRequest, make_workunits
+from boincvm.workunit.templates import Resources
 
 RUNS = 7
 POLL = 0.002

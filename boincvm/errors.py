@@ -25,6 +25,8 @@ code  meaning
 7     guest error: guest tools missing or silent, install failed, program
       failed, output missing or too big
 8     the workunit failed under run-local (BOINC outcome in the summary)
+9     run-local's client could not set up or run the task: a missing task file,
+      a client time-out (``ClientError``, :mod:`boincvm.boinc.errors`)
 130   interrupted (Ctrl-C)
 143   terminated by SIGTERM (129 SIGHUP); partial artefacts were removed
 ====  ======================================================================
@@ -184,6 +186,10 @@ class OutputError(GuestError):
     default_hint = (
         "make the program write its results where the job's output_file names say, within max_nbytes"
     )
+
+
+class OutputMissing(OutputError):
+    """A result file the program never wrote (the wrapper skips an optional one)."""
 
 
 class WorkunitFailed(BoincvmError):

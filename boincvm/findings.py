@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 
@@ -36,6 +37,11 @@ class Finding:
         d["severity"] = self.severity.value
         return d
 
+    @property
+    def is_error(self) -> bool:
+        """True for an error (not a warning or a note)."""
+        return self.severity is Severity.ERROR
+
     def __str__(self) -> str:
         return f"{self.place}: {self.message}"
 
@@ -55,6 +61,11 @@ def info(place: str, message: str) -> Finding:
     return Finding(place, message, Severity.INFO)
 
 
-def has_errors(findings: list[Finding]) -> bool:
+def has_errors(findings: Iterable[Finding]) -> bool:
     """True when any finding is an error."""
     return any(f.severity is Severity.ERROR for f in findings)
+
+
+def errors_in(findings: Iterable[Finding]) -> list[Finding]:
+    """The findings that are errors, in order."""
+    return [f for f in findings if f.severity is Severity.ERROR]

@@ -24,10 +24,13 @@ from typing import Any
 
 from boincvm.bounds import number_problem
 from boincvm.errors import BoincvmError, XmlError
-from boincvm.findings import Finding, error, has_errors, warning
+from boincvm.findings import Finding, error, errors_in, has_errors, warning
+from boincvm.hypervisor.base import BackendKind, backend_class
 from boincvm.names import guest_path_problem, logical_name_problem, relative_path_problem
 from boincvm.xmlio import is_flag_true, parse_xml, read_bytes, text_of
 
+#: The backend names a job may give (BackendKind's values, in its order).
+_BACKENDS = tuple(k.value for k in BackendKind)
 ROOT = "vm_job"
 
 #: Logical name of the workunit's job file in the slot.
@@ -256,7 +259,7 @@ def resolve(job: VmJob) -> ResolvedJob:
         XmlError: the job has errors (the first few are named) or lacks a task or a VM image.
     """
     findings = validate_job(job, complete=True)
-    errors = [f for f in findings if f.severity == "error"]
+    errors = errors_in(findings)
     if errors:
         raise XmlError(
             "the vm job is not complete: " + "; ".join(str(f) for f in errors[:3]),
@@ -265,7 +268,7 @@ def resolve(job: VmJob) -> ResolvedJob:
     task = job.task or Task()
     assert task.application is not None
     return ResolvedJob(
-        backend=job.backend or "qemu",
+        backend=job.backend or BackendKind.QEMU.value,
         vm_image=job.vm_image,
         vm_kernel=job.vm_kernel,
         vm_initrd=job.vm_initrd,
@@ -526,7 +529,7 @@ def load_job(path: Path) -> VmJob:
     """
     job, findings = parse_job(read_bytes(path, what="vm job file"), what=f"vm job file {path.name}")
     findings += validate_job(job)
-    bad = [f for f in findings if f.severity == "error"]
+    bad = errors_in(findings)
     if bad:
         raise XmlError(f"vm job file {path.name}: {bad[0]}", hint=bad[0].hint)
     return job
@@ -542,8 +545,10 @@ def validate_job(job: VmJob, *, complete: bool = False) -> list[Finding]:
     """
     out: list[Finding] = []
     p = ROOT
-    if job.backend is not None and job.backend not in ("qemu", "vmware"):
-        out.append(error(f"{p}.backend", f"{job.backend!r} is not a backend", hint="use qemu or vmware"))
+    if job.backend is not None and job.backend not in _BACKENDS:
+        out.append(
+            error(f"{p}.backend", f"{job.backend!r} is not a backend", hint=f"use {' or '.join(_BACKENDS)}")
+        )
     for name in ("vm_image", "vm_kernel", "vm_initrd"):
         value = getattr(job, name)
         if value is not None and (problem := logical_name_problem(value)):
@@ -692,8 +697,6 @@ _OPTION_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 def _validate_backend_options(job: VmJob, *, complete: bool) -> list[Finding]:
-    from boincvm.hypervisor.base import backend_class  # lazily: backends are heavier than jobs
-
     out: list[Finding] = []
     names: set[str] = set()
     for i, option in enumerate(job.backend_options):
@@ -707,9 +710,9 @@ def _validate_backend_options(job: VmJob, *, complete: bool) -> list[Finding]:
         return out
     # Which backend reads them is known once the job is complete or says so itself; until
     # then an option only has to suit one of the backends.
-    backend = job.backend or ("qemu" if complete else None)
-    candidates = [backend] if backend is not None else ["qemu", "vmware"]
-    if any(c not in ("qemu", "vmware") for c in candidates):
+    backend = job.backend or (BackendKind.QEMU.value if complete else None)
+    candidates = [backend] if backend is not None else list(_BACKENDS)
+    if any(c not in _BACKENDS for c in candidates):
         return out  # an unknown backend is reported above
     for index, option in enumerate(job.backend_options):
         problems: list[tuple[str, BoincvmError]] = []
@@ -739,7 +742,7 @@ def check_complete(job: VmJob) -> None:
     """
     findings = validate_job(job)
     if has_errors(findings):
-        first = next(f for f in findings if f.severity == "error")
+        first = errors_in(findings)[0]
         raise XmlError(f"vm job: {first}", hint=first.hint)
 
 
@@ -748,6 +751,8 @@ def check_complete(job: VmJob) -> None:
 
 def render_job(job: VmJob) -> str:
     """Render a job as a vm job XML document (see ``templates/vm_job.xml.j2``)."""
+    # Imported here: the wrapper parses jobs but never renders one, and jinja2 is not part of
+    # the wrapper (zip application or frozen executable); tests/unit/test_layout.py allows it.
     from boincvm.render import render
 
     return render("vm_job.xml.j2", job=job)

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from boincvm.bounds import read_text
 from boincvm.errors import InputError
+from boincvm.hashing import md5_file
 from boincvm.paths import refuse_symlinks_in
 
 KEY_BITS = 1024
@@ -191,8 +192,6 @@ MAX_KEY_BYTES = 64 * 1024
 
 
 def _md5_hex(path: Path) -> bytes:
-    from boincvm.workunit import md5_file
-
     return md5_file(path)[0].encode("ascii")
 
 

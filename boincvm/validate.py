@@ -8,16 +8,23 @@ VMware VM, and returns a :class:`Report` whose findings each name their place.
 from __future__ import annotations
 
 import enum
-import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from boincvm.appversion.check import check_app_version
 from boincvm.bounds import require_regular_file
 from boincvm.errors import BoincvmError, InputError
 from boincvm.findings import Finding, error, has_errors, info, warning
+from boincvm.hashing import md5_file
+from boincvm.hypervisor.vmware.inspect import check_vmware
+from boincvm.image.elf import looks_like_kernel
+from boincvm.image.inspect import check_guest_tools
 from boincvm.job import JOB_OPEN_NAME, parse_job, validate_job
-from boincvm.xmlio import parse_xml, read_bytes, text_of
+from boincvm.package import check_package
+from boincvm.workunit.directory import SUMMARY_NAME, open_workunit_dir
+from boincvm.workunit.templates import check_input_template, check_output_template
+from boincvm.xmlio import read_bytes
 
 #: Findings of one kind repeated over many workunits are cut after this many.
 MAX_REPEATS = 20
@@ -79,8 +86,6 @@ def validate_path(path: Path, *, boot: bool = False) -> Report:
     if kind is PathKind.WORKUNIT_DIR:
         findings = check_workunit_dir(path)
     elif kind is PathKind.APP_VERSION:
-        from boincvm.appversion import check_app_version
-
         findings = check_app_version(path)
     elif kind is PathKind.VM_JOB:
         findings = check_job_file(path)
@@ -89,16 +94,10 @@ def validate_path(path: Path, *, boot: bool = False) -> Report:
     elif kind is PathKind.OUTPUT_TEMPLATE:
         findings, _ = check_output_template(read_bytes(path, what="output template"), path.name)
     elif kind is PathKind.PACKAGE:
-        from boincvm.package import check_package
-
         findings = list(check_package(path))
     elif kind is PathKind.VMWARE:
-        from boincvm.hypervisor.vmware_inspect import check_vmware
-
         findings = list(check_vmware(path))
     else:
-        from boincvm.image.inspect import check_guest_tools
-
         findings = list(check_guest_tools(path, boot=boot))
     return Report(path, kind, tuple(findings))
 
@@ -113,8 +112,6 @@ def detect_kind(path: Path) -> PathKind:
     Raises:
         InputError: nothing boincvm knows.
     """
-    from boincvm.workunit import SUMMARY_NAME
-
     name = path.name.lower()
     if path.is_dir():
         if (path / SUMMARY_NAME).is_file():
@@ -148,7 +145,6 @@ def detect_kind(path: Path) -> PathKind:
             if tag in head:
                 return kind
         return PathKind.VM_JOB  # an XML file we cannot place is judged as a job, with clear errors
-    from boincvm.appversion import looks_like_kernel
 
     if path.suffix == "" and looks_like_kernel(path):
         return PathKind.IMAGE
@@ -173,148 +169,11 @@ def check_job_file(path: Path) -> list[Finding]:
 
 # -- templates ------------------------------------------------------------------------------
 
-_RESOURCE_PAIRS = (("rsc_fpops_est", "rsc_fpops_bound"),)
-
-
-def check_input_template(data: bytes, what: str) -> tuple[list[Finding], list[str]]:
-    """Findings for an input template, and its open names in order."""
-    try:
-        root = parse_xml(data, what=f"input template {what}")
-    except BoincvmError as exc:
-        return [error(what, exc.message, exc.hint)], []
-    p = "input_template"
-    if root.tag != p:
-        return [error(what, f"root element is <{root.tag}>, expected <{p}>")], []
-    out: list[Finding] = []
-    infos = root.findall("file_info")
-    wu = root.find("workunit")
-    if wu is None:
-        return [error(f"{p}.workunit", "is missing")], []
-    refs = wu.findall("file_ref")
-    if len(refs) != len(infos):
-        out.append(
-            error(
-                f"{p}.workunit.file_ref", f"{len(refs)} file_ref for {len(infos)} file_info; they must match"
-            )
-        )
-    names: list[str] = []
-    for i, ref in enumerate(refs):
-        elem = ref.find("open_name")
-        if elem is None and ref.find("copy_file") is None:
-            out.append(error(f"{p}.workunit.file_ref[{i}].open_name", "is missing"))
-        elif elem is not None:
-            names.append(text_of(elem))
-    for name, n in Counter(names).items():
-        if n > 1:
-            out.append(
-                error(
-                    f"{p}.workunit.file_ref.open_name",
-                    f"{name!r} appears {n} times; open names must be unique",
-                )
-            )
-    values: dict[str, float] = {}
-    for child in wu:
-        if child.tag.startswith("rsc_") or child.tag in ("delay_bound",):
-            try:
-                values[child.tag] = float(text_of(child))
-            except ValueError:
-                out.append(error(f"{p}.workunit.{child.tag}", f"{text_of(child)!r} is not a number"))
-                continue
-            if values[child.tag] <= 0:
-                out.append(error(f"{p}.workunit.{child.tag}", "must be more than 0"))
-    for est, bound in _RESOURCE_PAIRS:
-        if est in values and bound in values and values[bound] < values[est]:
-            out.append(
-                error(
-                    f"{p}.workunit.{bound}",
-                    f"{values[bound]:g} is below {est} {values[est]:g}",
-                    hint="the bound must be at least the estimate",
-                )
-            )
-    for name in ("rsc_fpops_est", "rsc_fpops_bound", "rsc_memory_bound", "rsc_disk_bound"):
-        if name not in values:
-            out.append(info(f"{p}.workunit.{name}", "not set; create_work's default applies"))
-    return out, names
-
-
-def check_output_template(data: bytes, what: str) -> tuple[list[Finding], dict[str, float | None]]:
-    """Findings for an output template, and its open names with their max_nbytes."""
-    try:
-        root = parse_xml(data, what=f"output template {what}")
-    except BoincvmError as exc:
-        return [error(what, exc.message, exc.hint)], {}
-    p = "output_template"
-    if root.tag != p:
-        return [error(what, f"root element is <{root.tag}>, expected <{p}>")], {}
-    out: list[Finding] = []
-    sizes: dict[str, float | None] = {}
-    by_name: dict[str, ET.Element] = {}
-    for i, fi in enumerate(root.findall("file_info")):
-        key = _name_key(fi.find("name"))
-        if not key:
-            out.append(error(f"{p}.file_info[{i}].name", "is missing"))
-        by_name[key] = fi
-        max_nbytes = fi.find("max_nbytes")
-        if max_nbytes is None:
-            out.append(
-                error(
-                    f"{p}.file_info[{i}].max_nbytes",
-                    "is missing",
-                    hint="every output needs <max_nbytes>; the client and upload handler enforce it",
-                )
-            )
-        url = fi.find("url")
-        if url is None and fi.find("upload_url") is None:
-            out.append(error(f"{p}.file_info[{i}].url", "is missing", hint="add <url><UPLOAD_URL/></url>"))
-    result = root.find("result")
-    if result is None:
-        return out + [error(f"{p}.result", "is missing")], {}
-    names: list[str] = []
-    for i, ref in enumerate(result.findall("file_ref")):
-        key = _name_key(ref.find("file_name"))
-        open_name = ref.find("open_name")
-        if open_name is None:
-            out.append(error(f"{p}.result.file_ref[{i}].open_name", "is missing"))
-            continue
-        names.append(text_of(open_name))
-        info_elem = by_name.get(key)
-        if info_elem is None:
-            out.append(error(f"{p}.result.file_ref[{i}].file_name", "names no file_info"))
-            continue
-        mx = info_elem.find("max_nbytes")
-        if mx is None:
-            sizes[text_of(open_name)] = None
-            continue
-        try:
-            sizes[text_of(open_name)] = float(text_of(mx))
-        except ValueError:
-            out.append(error(f"{p}.file_info.max_nbytes", f"{text_of(mx)!r} is not a number"))
-    for name, n in Counter(names).items():
-        if n > 1:
-            out.append(
-                error(
-                    f"{p}.result.file_ref.open_name", f"{name!r} appears {n} times; open names must be unique"
-                )
-            )
-    return out, sizes
-
-
-def _name_key(elem: ET.Element | None) -> str:
-    """A file name in a template: its text, or the placeholder element (``<OUTFILE_0/>``) it holds."""
-    if elem is None:
-        return ""
-    if len(elem):
-        return ET.tostring(elem[0]).decode().strip()
-    return text_of(elem)
-
-
 # -- workunit directories ---------------------------------------------------------------------
 
 
 def check_workunit_dir(path: Path) -> list[Finding]:
     """Findings for a directory made by ``make-workunit``: templates, records, staged files, jobs."""
-    from boincvm.workunit import md5_file, open_workunit_dir
-
     try:
         wud = open_workunit_dir(path)
     except BoincvmError as exc:

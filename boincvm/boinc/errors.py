@@ -28,7 +28,11 @@ class SlotLocked(BoincApiError):
 
 
 class ClientError(BoincvmError):
-    """The local client emulator cannot set up or run the task."""
+    """run-local's client (the emulator or the real one) cannot set up or run the task: a file
+    of the task is missing, the task is not running, the client timed out (exit code 9)."""
+
+    exit_code = 9
+    default_hint = "check the workunit and app version with 'boincvm validate'; --debug shows more"
 
 
 class ClientTimeout(ClientError):

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import click
 
+# The core is imported inside the command, not here: the group imports this module to list
+# the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
+
 
 @click.command("build-image")
 @click.option("--recipe", "recipe_name", default="minimal", show_default=True, help="Which guest to build.")

@@ -8,6 +8,9 @@ import click
 
 from boincvm.cli import console
 
+# The core is imported inside the command, not here: the group imports this module to list
+# the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
+
 
 @click.group("keys")
 def command() -> None:

@@ -10,6 +10,9 @@ import click
 from boincvm.cli import console
 from boincvm.cli.params import backend_option
 
+# The core is imported inside the command, not here: the group imports this module to list
+# the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
+
 
 def _parse_input(value: str) -> tuple[str, str, str | None]:
     open_name, eq, rest = value.partition("=")
@@ -163,7 +166,8 @@ def command(
     from dataclasses import replace
 
     from boincvm.job import BackendOption, CpuTimeSource, OutputFile, Task, VmJob, load_job
-    from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
+    from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
+    from boincvm.workunit.templates import Resources
 
     job = load_job(job_file) if job_file else VmJob()
     task = job.task or Task()
@@ -190,18 +194,15 @@ def command(
     )
     job = job.merged(VmJob(backend_options=tuple(BackendOption(n, v) for n, v in backend_options)))
     specs = tuple(InputSpec(o, p, g) for o, p, g in map(_parse_input, inputs))
-    vm_bytes = (job.memory_size_mb or 512) * 1024 * 1024
-    resources = Resources(
-        rsc_fpops_est=fpops_est,
-        rsc_fpops_bound=fpops_bound,
-        rsc_memory_bound=memory_bound if memory_bound is not None else vm_bytes * 1.25,
-        rsc_disk_bound=disk_bound,
+    resources = Resources.for_job(
+        job,
+        fpops_est=fpops_est,
+        fpops_bound=fpops_bound,
+        memory_bound=memory_bound,
+        disk_bound=disk_bound,
         delay_bound=delay_bound,
         target_nresults=target_nresults,
         min_quorum=min_quorum,
-        max_success_results=max(1, target_nresults),
-        max_total_results=max(5, 2 * target_nresults),
-        max_error_results=max(3, target_nresults),
     )
     request = WorkunitRequest(
         app_name=app_name,
@@ -221,7 +222,7 @@ def command(
         ),
     )
     if app_version is not None:
-        from boincvm.appversion import app_version_defaults
+        from boincvm.appversion.model import app_version_defaults
 
         request = replace(request, defaults=app_version_defaults(app_version))
     if package is not None and program_dir is not None:
@@ -230,7 +231,7 @@ def command(
         raise click.UsageError("give --batch or --buda-batch, not both")
     with tempfile.TemporaryDirectory(prefix="boincvm-package-") as scratch:
         if buda_batch is not None:
-            from boincvm.buda import read_buda_batch
+            from boincvm.workunit.buda import read_buda_batch
 
             buda = read_buda_batch(buda_batch, Path(scratch))
             request = replace(

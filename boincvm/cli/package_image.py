@@ -10,6 +10,9 @@ import click
 from boincvm.cli import console
 from boincvm.cli.params import backend_option
 
+# The core is imported inside the command, not here: the group imports this module to list
+# the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
+
 
 @click.command("package-image", context_settings={"show_default": True})
 @click.argument("image", type=click.Path(path_type=Path, exists=True))
@@ -83,7 +86,8 @@ def command(
 
     Copy the result to apps/APP/VERSION/PLATFORM in the project and run update_versions.
     """
-    from boincvm.appversion import AppVersionRequest, WrapperKind, package_image
+    from boincvm.appversion.build import package_image
+    from boincvm.appversion.model import AppVersionRequest, WrapperKind
 
     dirname = f"{platform}__{plan_class}" if plan_class else platform
     out = output_dir or Path(f"{app_name}_{version}_{dirname}")

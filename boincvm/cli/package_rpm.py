@@ -9,6 +9,9 @@ import click
 
 from boincvm.cli import console
 
+# The core is imported inside the command, not here: the group imports this module to list
+# the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
+
 
 @click.command("package-rpm", context_settings={"show_default": True})
 @click.argument("program_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))

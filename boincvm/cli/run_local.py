@@ -10,8 +10,12 @@ import click
 
 from boincvm.cli import console
 
+# The core is imported inside the command, not here: the group imports this module to list
+# the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
+
+
 if TYPE_CHECKING:
-    from boincvm.runlocal import LiveState
+    from boincvm.runlocal.request import LiveState
 
 
 @click.command("run-local")
@@ -95,7 +99,9 @@ def command(
     --suspend-at appends :SECONDS of suspension (run+2:20, progress:0.3:5).
     """
     from boincvm.errors import WorkunitFailed
-    from boincvm.runlocal import Fault, FaultKind, RunLocalRequest, default_data_dir, run_local
+    from boincvm.runlocal.emulator import default_data_dir, run_local
+    from boincvm.runlocal.faults import Fault, FaultKind
+    from boincvm.runlocal.request import RunLocalRequest
 
     faults = tuple(
         Fault.parse(kind, spec)
@@ -128,7 +134,7 @@ def command(
         if client == "boinc":
             if faults:
                 raise click.UsageError("fault injection needs the emulator; drop --client boinc")
-            from boincvm.boinc.loopback import run_with_boinc_client
+            from boincvm.runlocal.real_client import run_with_boinc_client
 
             summary = run_with_boinc_client(req, view.update)
         else:
@@ -201,7 +207,7 @@ class _View:
 def _show_summary(summary: object) -> None:
     from rich.table import Table
 
-    from boincvm.runlocal import RunSummary
+    from boincvm.runlocal.request import RunSummary
 
     assert isinstance(summary, RunSummary)
     table = Table(title=f"workunit {summary.workunit}", show_header=False)

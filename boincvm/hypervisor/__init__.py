@@ -1,4 +1,4 @@
-"""Hypervisor backends: one interface (:mod:`.base`), one module per backend."""
+"""Hypervisor backends: one interface (:mod:`.base`), one folder per backend."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
 
-from boincvm.errors import HypervisorUnavailable, InputError, UnsupportedOperation
+from boincvm.errors import HypervisorUnavailable, InputError, UnsupportedOperation, VmTimeout
 
 
 class BackendKind(enum.StrEnum):
@@ -213,10 +214,6 @@ class Backend(ABC):
         cwd: str | None = None,
     ) -> ProcessStatus:
         """Run a program in the guest and wait for it (bounded by ``timeout``)."""
-        import time
-
-        from boincvm.errors import VmTimeout
-
         proc = self.start_program(argv, env=env, cwd=cwd)
         deadline = time.monotonic() + timeout
         delay = 0.01
@@ -272,6 +269,17 @@ class Backend(ABC):
         """CPU seconds the guest says it has used, or None if the backend cannot tell."""
         return None
 
+    # -- acceleration ---------------------------------------------------------
+    @property
+    def accel_name(self) -> str:
+        """The accelerator the VM runs under (``kvm``, ``tcg``), or "" where there is no choice."""
+        return ""
+
+    @property
+    def accel_note(self) -> str | None:
+        """A sentence for the user when the VM runs slower than it could (no KVM), else None."""
+        return None
+
     # -- context manager ------------------------------------------------------
     def __enter__(self) -> Self:
         return self
@@ -303,7 +311,7 @@ def backend_class(kind: BackendKind | str) -> type[Backend]:
     try:
         backend_kind = BackendKind(kind)
         # A backend registers itself when its module is imported; import only the one asked for.
-        importlib.import_module(f"boincvm.hypervisor.{backend_kind.value}")
+        importlib.import_module(f"boincvm.hypervisor.{backend_kind.value}.backend")
         return Backend._registry[backend_kind]
     except (ValueError, KeyError):
         known = ", ".join(sorted(k.value for k in Backend._registry))

@@ -48,6 +48,7 @@ from boincvm.cache import cache_root
 from boincvm.errors import InputError, ToolError
 from boincvm.image.cpio import Entry, write_newc
 from boincvm.image.descriptor import ImageDescriptor, ImageFormat
+from boincvm.image.guest import AGENT_PORT, RECIPES, build_guest_image, find_cached_image
 from boincvm.image.oci import DEFAULT_MAX_ROOT_BYTES, ImageConfig, RootTree, apply_layers, load_image
 from boincvm.job import Task, VmJob, load_job, render_job
 from boincvm.render import render, templates_dir
@@ -291,8 +292,6 @@ def build_container_image(
         ChecksumError: a blob does not match its digest.
         ToolError: mkfs.ext4, debugfs or qemu-img is missing or failed.
     """
-    from boincvm.image.guest import AGENT_PORT, RECIPES, build_guest_image, find_cached_image
-
     say = progress or log.debug
     say(f"reading {source}")
     image = load_image(source)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from boincvm.errors import InputError
+from boincvm.hypervisor.base import VmSpec
 
 if TYPE_CHECKING:
     from boincvm.hypervisor.base import VmSpec
@@ -196,8 +197,6 @@ def spec_for_image(image_dir: Path, *, name: str, workdir: Path, **overrides: An
     Raises:
         InputError: the directory has no valid descriptor.
     """
-    from boincvm.hypervisor.base import VmSpec
-
     desc = ImageDescriptor.load(image_dir)
     fields: dict[str, Any] = {
         "name": name,

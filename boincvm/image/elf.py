@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 from boincvm.errors import InputError
+from boincvm.paths import open_regular
 
 _ELF_MAGIC = b"\x7fELF"
 _SHT_NOTE = 7
@@ -93,3 +94,13 @@ def elf_size(data: bytes) -> int:
         )
         end = max(end, p_offset + p_filesz)
     return end
+
+
+def looks_like_kernel(path: Path) -> bool:
+    """A Linux kernel: an ELF vmlinux or a bzImage (``HdrS`` at 0x202)."""
+    try:
+        with open_regular(path, f"image {path}") as f:  # a FIFO or a link is no kernel (and must not hang us)
+            head = f.read(0x210)
+    except (OSError, InputError):
+        return False
+    return head[:4] == b"\x7fELF" or head[0x202:0x206] == b"HdrS"

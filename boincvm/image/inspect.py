@@ -17,7 +17,10 @@ from typing import BinaryIO, cast
 from boincvm import proc
 from boincvm.errors import BoincvmError, InputError
 from boincvm.findings import Finding, error, info, warning
-from boincvm.image.descriptor import ImageDescriptor, ImageFormat
+from boincvm.hypervisor.base import VmSpec
+from boincvm.hypervisor.qemu.backend import QemuBackend
+from boincvm.image.descriptor import ImageDescriptor, ImageFormat, spec_for_image
+from boincvm.image.elf import looks_like_kernel as kernel
 from boincvm.image.refs import declared_format, inspect_disk, inspect_image_dir
 from boincvm.paths import check_regular, open_regular
 
@@ -172,10 +175,6 @@ def _verdict(present: set[str], place: str) -> list[Finding]:
 
 
 def _boot(image: Path, timeout: float, place: str) -> list[Finding]:
-    from boincvm.hypervisor.base import VmSpec
-    from boincvm.hypervisor.qemu import QemuBackend
-    from boincvm.image.descriptor import spec_for_image
-
     with tempfile.TemporaryDirectory(prefix="boincvm-inspect-") as tmp:
         workdir = Path(tmp)
         if image.is_dir():
@@ -240,7 +239,5 @@ _INITRD_SUFFIXES = (".cpio", ".cpio.gz", ".cpio.xz")
 
 
 def looks_like_kernel(path: Path) -> bool:
-    """A Linux kernel (see :func:`boincvm.appversion.looks_like_kernel`)."""
-    from boincvm.appversion import looks_like_kernel as kernel
-
+    """A Linux kernel (see :func:`boincvm.image.elf.looks_like_kernel`)."""
     return path.suffix == "" and kernel(path)

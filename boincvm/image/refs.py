@@ -23,6 +23,8 @@ from typing import BinaryIO
 
 from boincvm import proc
 from boincvm.errors import CommandFailed, InputError
+from boincvm.hypervisor.vmware.vmx import read_vmdk_descriptor
+from boincvm.image.descriptor import DESCRIPTOR_NAME, ImageDescriptor
 from boincvm.paths import check_regular, open_regular, reference
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -255,8 +257,6 @@ def _level(
 
 def _vmdk_refs(root: Path, base: str, path: Path, name: str, refs: list[ImageRef]) -> str | None:
     """Add a VMDK's extents to ``refs``; return its parent disk's name (for a delta disk)."""
-    from boincvm.hypervisor.vmware_vmx import read_vmdk_descriptor
-
     try:
         desc = read_vmdk_descriptor(path)
     except InputError as exc:
@@ -308,8 +308,6 @@ def inspect_image_dir(directory: Path, *, check: bool = True) -> list[ImageRef]:
         PathEscapeError, InputError: as :func:`inspect_disk`, for the kernel, the initramfs,
             the disk and the descriptor itself.
     """
-    from boincvm.image.descriptor import DESCRIPTOR_NAME, ImageDescriptor
-
     descriptor = directory / DESCRIPTOR_NAME
     check_regular(descriptor, f"image descriptor {directory.name}/{DESCRIPTOR_NAME}")
     desc = ImageDescriptor.load(directory)

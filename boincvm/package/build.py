@@ -23,6 +23,8 @@ from pathlib import Path
 
 from boincvm import proc
 from boincvm.errors import InputError, PackageError
+from boincvm.hashing import md5_file
+from boincvm.package.inspect import DEFAULT_PREFIXES
 from boincvm.render import render
 
 #: Time stamp of every built package (1980-01-01): reproducible builds.
@@ -128,7 +130,6 @@ def _check(req: PackageRequest) -> None:
         or not re.fullmatch(r"[A-Za-z0-9/._+-]+", prefix)
     ):
         raise InputError(f"prefix {prefix!r}: an absolute path of letters, digits and / . _ + -")
-    from boincvm.package.inspect import DEFAULT_PREFIXES
 
     if not any(prefix.startswith(p) and len(prefix) > len(p) for p in DEFAULT_PREFIXES):
         # The wrapper and validate refuse packages installing elsewhere: say so now, not later.
@@ -212,8 +213,6 @@ def build_package(req: PackageRequest, output_dir: Path) -> BuiltPackage:
         InputError: bad request or program directory.
         CommandNotFound, CommandFailed: rpmbuild is missing or failed.
     """
-    from boincvm.workunit import md5_file
-
     _check(req)
     arch = _arch(req.program_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

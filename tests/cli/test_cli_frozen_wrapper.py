@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from boincvm import __version__
-from boincvm.appversion import parse_version_xml
-from boincvm.frozen import freeze, frozen_wrapper
-from boincvm.wrapper_main import main
+from boincvm.appversion.frozen import freeze, frozen_wrapper
+from boincvm.appversion.model import parse_version_xml
+from boincvm.wrapper.main import main
 from tests.cli.conftest import RunFn
 
 VERSION_LINE = f"boincvm-wrapper {__version__}\n"

@@ -2,9 +2,9 @@
 
 Three layers:
 
-* the pure readers of the guest program's contract files (:mod:`boincvm.guest_contract`)
+* the pure readers of the guest program's contract files (:mod:`boincvm.wrapper.guest_contract`)
   on crafted bytes: every value is clamped or ignored with a logged reason, never raised;
-* the whole :class:`~boincvm.wrapper.Wrapper` on a stand-in backend whose "guest" is a
+* the whole :class:`~boincvm.wrapper.steps.Wrapper` on a stand-in backend whose "guest" is a
   host directory and whose programs are host shell scripts (so the guest's shell really
   runs the kind check), and whose agent fails the test if it is asked to open anything
   but a regular file, as qemu-ga would hang on it;
@@ -41,14 +41,6 @@ from boincvm.boinc.files import (
     read_temporary_exit,
 )
 from boincvm.boinc.init_data import HostInfo, InitData
-from boincvm.guest_contract import (
-    MAX_TEMPORARY_EXIT_DELAY,
-    completion_trigger,
-    credit_report,
-    fraction_done,
-    ops_bound,
-    temporary_exit_trigger,
-)
 from boincvm.hypervisor.base import (
     Availability,
     Backend,
@@ -58,8 +50,16 @@ from boincvm.hypervisor.base import (
     VmSpec,
 )
 from boincvm.job import OutputFile, Task, VmJob, render_job, resolve
-from boincvm.wrapper import Wrapper, WrapperInputs
-from boincvm.wrapper_main import main as wrapper_main
+from boincvm.wrapper.guest_contract import (
+    MAX_TEMPORARY_EXIT_DELAY,
+    completion_trigger,
+    credit_report,
+    fraction_done,
+    ops_bound,
+    temporary_exit_trigger,
+)
+from boincvm.wrapper.main import main as wrapper_main
+from boincvm.wrapper.steps import Wrapper, WrapperInputs
 from tests.integration.test_run_local import app_version, data_dir, run
 
 __all__ = ["app_version", "data_dir"]  # module fixtures reused from the run-local tests
@@ -249,12 +249,12 @@ class LocalBackend(Backend):
         Path(guest_path).write_bytes(host_path.read_bytes())
 
     def copy_from_guest(self, guest_path: str, host_path: Path, *, max_bytes: int | None = None) -> int:
-        from boincvm.errors import OutputError
+        from boincvm.errors import OutputError, OutputMissing
 
         self._open_check(guest_path)
         src = Path(guest_path)
         if not src.exists():
-            raise OutputError(f"guest file {guest_path} does not exist")
+            raise OutputMissing(f"guest file {guest_path} does not exist")
         data = src.read_bytes()
         if max_bytes is not None and len(data) > max_bytes:
             raise OutputError(
@@ -617,7 +617,8 @@ def test_the_wrapper_command_writes_no_traceback_for_a_hostile_slot(tmp_path: Pa
 
 
 def _e2e_wu(tmp_path: Path, script: str) -> Path:
-    from boincvm.workunit import Resources, WorkunitRequest, make_workunits
+    from boincvm.workunit.make import WorkunitRequest, make_workunits
+    from boincvm.workunit.templates import Resources
 
     task = Task(
         application="/bin/sh",

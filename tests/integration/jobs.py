@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from boincvm.workunit import InputSpec
+from boincvm.workunit.make import InputSpec
 
 LONGJOB = Path(__file__).resolve().parents[2] / "examples/longjob/program/bin/longjob"
 

@@ -23,7 +23,7 @@ GUEST_DIR = "/tmp/contract"
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     tmp = tmp_path_factory.mktemp(str(request.param))
     if request.param == "qemu":
-        from boincvm.hypervisor.qemu import QemuBackend
+        from boincvm.hypervisor.qemu.backend import QemuBackend
         from boincvm.image.descriptor import spec_for_image
 
         guest_image: Path = request.getfixturevalue("guest_image")
@@ -34,7 +34,7 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
             vm.run_program(["/bin/mkdir", "-p", GUEST_DIR], timeout=30)
             yield vm
         return
-    from boincvm.hypervisor.vmware import VmwareBackend
+    from boincvm.hypervisor.vmware.backend import VmwareBackend
 
     with pytest.MonkeyPatch.context() as mp:
         install_fake(tmp / "bin", tmp / "state", mp)

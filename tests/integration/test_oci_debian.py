@@ -11,11 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from boincvm.appversion import AppVersionRequest, app_version_defaults, package_image
+from boincvm.appversion.build import package_image
+from boincvm.appversion.model import AppVersionRequest, app_version_defaults
 from boincvm.image.container import build_container_image
 from boincvm.job import OutputFile, Task, VmJob
-from boincvm.runlocal import Fault, FaultKind, RunLocalRequest, run_local
-from boincvm.workunit import Resources, WorkunitRequest, make_workunits
+from boincvm.runlocal.emulator import run_local
+from boincvm.runlocal.faults import Fault, FaultKind
+from boincvm.runlocal.request import RunLocalRequest
+from boincvm.workunit.make import WorkunitRequest, make_workunits
+from boincvm.workunit.templates import Resources
 from tests.integration.jobs import SCALE, bound
 from tests.oci_images import M, debian_rootfs_tar, layer_tar, umoci_layout
 

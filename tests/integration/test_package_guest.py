@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from boincvm.guest_install import install_script, package_guest_path, uninstall_script
-from boincvm.hypervisor.qemu import QemuBackend
+from boincvm.hypervisor.qemu.backend import QemuBackend
 from boincvm.image.descriptor import spec_for_image
 from boincvm.job import PackageKind
 from boincvm.package import PackageFormat, PackageRequest, build_package
+from boincvm.wrapper.guest_install import install_script, package_guest_path, uninstall_script
 
 pytestmark = pytest.mark.integration
 

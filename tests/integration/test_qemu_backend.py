@@ -17,7 +17,7 @@ import pytest
 from boincvm import proc
 from boincvm.errors import GuestToolsMissing, OutputError
 from boincvm.hypervisor.base import GuestProcess, VmSpec
-from boincvm.hypervisor.qemu import QemuBackend
+from boincvm.hypervisor.qemu.backend import QemuBackend
 from boincvm.image.descriptor import spec_for_image
 
 pytestmark = pytest.mark.integration
@@ -194,7 +194,7 @@ def test_revert_in_the_same_process(guest_image: Path, tmp_path: Path) -> None:
 OWNER = """
 import sys, time
 from pathlib import Path
-from boincvm.hypervisor.qemu import QemuBackend
+from boincvm.hypervisor.qemu.backend import QemuBackend
 from boincvm.image.descriptor import spec_for_image
 vm = QemuBackend(spec_for_image(Path(sys.argv[1]), name="owner", workdir=Path(sys.argv[2])))
 vm.power_on()
@@ -249,7 +249,7 @@ def test_guest_tools_inspection(guest_image: Path, tmp_path: Path) -> None:
 def test_golden_start_sets_the_clock_and_a_broken_golden_is_set_aside(
     guest_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from boincvm.hypervisor import qemu_golden
+    from boincvm.hypervisor.qemu import golden as qemu_golden
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 

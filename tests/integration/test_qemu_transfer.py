@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from boincvm.errors import OutputError
-from boincvm.hypervisor import qemu_xfer
-from boincvm.hypervisor.qemu import QemuBackend
+from boincvm.hypervisor.qemu import xfer as qemu_xfer
+from boincvm.hypervisor.qemu.backend import QemuBackend
 from boincvm.image.descriptor import spec_for_image
 
 pytestmark = pytest.mark.integration

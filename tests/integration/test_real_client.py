@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from boincvm.appversion import AppVersionRequest, package_image
-from boincvm.boinc.loopback import Client, LoopbackProject
+from boincvm.appversion.build import package_image
+from boincvm.appversion.model import AppVersionRequest
 from boincvm.job import OutputFile, Task, VmJob
-from boincvm.runlocal import RunLocalRequest, run_local
+from boincvm.runlocal.emulator import run_local
+from boincvm.runlocal.real_client import Client, LoopbackProject
+from boincvm.runlocal.request import RunLocalRequest
 from boincvm.signing import write_key_pair
-from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
+from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
+from boincvm.workunit.templates import Resources
 from tests.integration.jobs import SCALE, LongJob, bound
 from tests.integration.test_run_local import qemu_pids_under
 
@@ -236,8 +239,9 @@ def test_leave_apps_in_memory_suspends_the_vm(signed_app_version: tuple[Path, Pa
 def test_run_local_with_the_real_client_matches_the_emulator(
     signed_app_version: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from boincvm.boinc.loopback import run_with_boinc_client
-    from boincvm.runlocal import RunLocalRequest, run_local
+    from boincvm.runlocal.emulator import run_local
+    from boincvm.runlocal.real_client import run_with_boinc_client
+    from boincvm.runlocal.request import RunLocalRequest
 
     av, _ = signed_app_version
     wu = _workunit(tmp_path, *LONG)

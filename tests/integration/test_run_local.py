@@ -15,10 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from boincvm.appversion import AppVersionRequest, WrapperKind, package_image
+from boincvm.appversion.build import package_image
+from boincvm.appversion.model import AppVersionRequest, WrapperKind
 from boincvm.job import BackendOption, OutputFile, Task, VmJob
-from boincvm.runlocal import Fault, FaultKind, LiveState, RunLocalRequest, RunSummary, run_local
-from boincvm.workunit import InputSpec, Resources, WorkunitRequest, make_workunits
+from boincvm.runlocal.emulator import run_local
+from boincvm.runlocal.faults import Fault, FaultKind
+from boincvm.runlocal.request import LiveState, RunLocalRequest, RunSummary
+from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
+from boincvm.workunit.templates import Resources
 from tests.integration.jobs import LongJob, bound
 
 pytestmark = pytest.mark.integration
@@ -123,7 +127,7 @@ def longjob_wu(tmp_path: Path, job: LongJob = LONG) -> Path:
 
 
 def _main_program(app_version: Path) -> Path:
-    from boincvm.appversion import parse_version_xml
+    from boincvm.appversion.model import parse_version_xml
 
     vx, _ = parse_version_xml((app_version / "version.xml").read_bytes())
     (main,) = [f for f in vx.files if f.main_program]
@@ -367,8 +371,8 @@ def test_unrestorable_checkpoint_starts_the_job_afresh(
     import json
 
     from boincvm.boinc.client import ClientOptions, LocalClient
-    from boincvm.runlocal import build_task
-    from boincvm.wrapper import CHECKPOINT_FILE
+    from boincvm.runlocal.task import build_task
+    from boincvm.wrapper.checkpoint import CHECKPOINT_FILE
 
     wu = longjob_wu(tmp_path)
     req = RunLocalRequest(

@@ -14,14 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from boincvm.appversion import AppVersionRequest, check_app_version, package_image
+from boincvm.appversion.build import package_image
+from boincvm.appversion.check import check_app_version
+from boincvm.appversion.model import AppVersionRequest
 from boincvm.findings import has_errors
-from boincvm.hypervisor.vmware import BASE_DIR
-from boincvm.hypervisor.vmware_config import AGENT_SCRIPT
+from boincvm.hashing import md5_file
+from boincvm.hypervisor.vmware.backend import BASE_DIR
+from boincvm.hypervisor.vmware.config import AGENT_SCRIPT
 from boincvm.job import OutputFile, Task, VmJob
-from boincvm.runlocal import RunLocalRequest, run_local
-from boincvm.workunit import InputSpec, WorkunitRequest, make_workunits, md5_file
-from boincvm.wrapper import VM_DIR
+from boincvm.runlocal.emulator import run_local
+from boincvm.runlocal.request import RunLocalRequest
+from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
+from boincvm.wrapper.steps import VM_DIR
 from tests.fakes.vmware_vm import VM_FILES, make_vm
 from tests.unit.test_vmware_backend import install_fake, stop_everything
 

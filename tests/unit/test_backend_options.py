@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from boincvm.errors import InputError
-from boincvm.hypervisor.qemu_options import DEFAULT_MACHINE, QemuOptions
+from boincvm.hypervisor.qemu.options import DEFAULT_MACHINE, QemuOptions
 from boincvm.job import BackendOption, Task, VmJob, parse_job, render_job, resolve, validate_job
 
 OPTION_XML = (

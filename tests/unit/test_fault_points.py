@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from boincvm.errors import InputError
-from boincvm.runlocal import Fault, FaultKind, LiveState
+from boincvm.runlocal.faults import Fault, FaultKind
+from boincvm.runlocal.request import LiveState
 
 
 @pytest.mark.parametrize(

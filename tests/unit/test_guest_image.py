@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from boincvm.errors import InputError
-from boincvm.hypervisor import qemu_cmdline as cl
+from boincvm.hypervisor.qemu import cmdline as cl
 from boincvm.image import elf
 from boincvm.image.cpio import Entry, write_newc
 from boincvm.image.descriptor import DESCRIPTOR_NAME, ImageDescriptor, ImageFormat, spec_for_image

@@ -16,11 +16,17 @@ import pytest
 
 from boincvm import proc
 from boincvm.errors import GuestToolsMissing, InputError, OutputError, UnsupportedOperation
-from boincvm.hypervisor import BackendKind, VmSpec, backend_class, vmware_guestops
-from boincvm.hypervisor.vmrun import GuestCredentialsRejected, HostType, SnapshotNotFound, WrongHostType
-from boincvm.hypervisor.vmware import VmwareBackend
-from boincvm.hypervisor.vmware_config import AGENT_SCRIPT
-from boincvm.hypervisor.vmware_vmx import VmxFile
+from boincvm.hypervisor import BackendKind, VmSpec, backend_class
+from boincvm.hypervisor.vmware import guestops as vmware_guestops
+from boincvm.hypervisor.vmware.backend import VmwareBackend
+from boincvm.hypervisor.vmware.config import AGENT_SCRIPT
+from boincvm.hypervisor.vmware.vmrun import (
+    GuestCredentialsRejected,
+    HostType,
+    SnapshotNotFound,
+    WrongHostType,
+)
+from boincvm.hypervisor.vmware.vmx import VmxFile
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "vmrun.py"
 PASSWORD = "pw-Zq8#x y"  # a space and a shell metacharacter, to catch quoting mistakes

@@ -9,15 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from boincvm.appversion import AppVersionRequest, check_app_version, package_image, parse_version_xml
+from boincvm.appversion.build import package_image
+from boincvm.appversion.check import check_app_version
+from boincvm.appversion.model import AppVersionRequest, parse_version_xml
 from boincvm.errors import HypervisorError, InputError, PathEscapeError
 from boincvm.findings import has_errors
+from boincvm.hashing import md5_file
 from boincvm.hypervisor.base import VmSpec
-from boincvm.hypervisor.vmware import BASE_DIR, VmwareBackend
-from boincvm.hypervisor.vmware_files import COPY_MAX_BYTES, VmFile, collect_vm, parse_vmsd, rebuild_vm_dir
-from boincvm.hypervisor.vmware_vmx import VmxFile
+from boincvm.hypervisor.vmware.backend import BASE_DIR, VmwareBackend
+from boincvm.hypervisor.vmware.files import COPY_MAX_BYTES, VmFile, collect_vm, rebuild_vm_dir
+from boincvm.hypervisor.vmware.vmx import VmxFile, parse_vmsd
 from boincvm.job import ImageFile, VmJob, load_job, parse_job, render_job
-from boincvm.workunit import md5_file
 from tests.fakes.vmware_vm import VM_FILES, make_vm, write_vmsd
 from tests.unit.test_vmware_backend import calls, install_fake, stop_everything
 

@@ -12,7 +12,7 @@ from boincvm.errors import (
     HypervisorUnavailable,
     UnsupportedOperation,
 )
-from boincvm.hypervisor import vmrun as vr
+from boincvm.hypervisor.vmware import vmrun as vr
 
 # (vmrun's stdout, the error class it must become); texts as vmrun 1.17 prints them (reference §1.4).
 MESSAGES: list[tuple[str, type[BoincvmError]]] = [

@@ -11,9 +11,9 @@ import pytest
 from boincvm.errors import InputError
 from boincvm.findings import Finding, Severity, has_errors
 from boincvm.hypervisor.base import VmSpec
-from boincvm.hypervisor.vmware_config import job_settings, wrapper_script
-from boincvm.hypervisor.vmware_inspect import check_vmware
-from boincvm.hypervisor.vmware_vmx import VmxFile, parse_vmdk_descriptor, read_vmdk_descriptor
+from boincvm.hypervisor.vmware.config import job_settings, wrapper_script
+from boincvm.hypervisor.vmware.inspect import check_vmware
+from boincvm.hypervisor.vmware.vmx import VmxFile, parse_vmdk_descriptor, read_vmdk_descriptor
 
 VMX = """\
 #!/usr/bin/vmware

@@ -8,16 +8,12 @@ from pathlib import Path
 import pytest
 
 from boincvm.errors import InputError
+from boincvm.hashing import md5_file
 from boincvm.job import OutputFile, Task, VmJob, parse_job
 from boincvm.validate import PathKind, check_workunit_dir, validate_path
-from boincvm.workunit import (
-    InputSpec,
-    Resources,
-    WorkunitRequest,
-    make_workunits,
-    md5_file,
-    open_workunit_dir,
-)
+from boincvm.workunit.directory import open_workunit_dir
+from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
+from boincvm.workunit.templates import Resources
 
 GOLDEN = Path(__file__).parent / "golden"
 JOB = VmJob(task=Task(application="/opt/hello/bin/hello"), output_files=(OutputFile("out", 100_000_000),))

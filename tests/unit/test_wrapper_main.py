@@ -9,7 +9,7 @@ import pytest
 
 from boincvm.boinc.files import FINISH_FILE, ExitCode
 from boincvm.boinc.init_data import InitData, write_init_data
-from boincvm.wrapper_main import main
+from boincvm.wrapper.main import main
 
 
 def test_init_failure_writes_reason_and_hint_to_stderr(

@@ -33,7 +33,9 @@ from typing import Any
 
 from boincvm.atomicdir import building
 from boincvm.bounds import decode_text, finite, os_hint, require_regular_file
-from boincvm.errors import InputError, PathEscapeError
+from boincvm.errors import InputError, PackageError
+from boincvm.findings import errors_in, has_errors
+from boincvm.hashing import md5_file
 from boincvm.job import (
     JOB_OPEN_NAME,
     InputFile,
@@ -47,17 +49,20 @@ from boincvm.names import (
     check_identifier,
     check_logical_name,
     check_relative_path,
-    logical_name_problem,
-    relative_path_problem,
     sanitize_wu_name,
 )
+from boincvm.package.inspect import check_package
 from boincvm.paths import inside, refuse_output_overlapping
 from boincvm.render import compile_user_template, render, render_user_template
-
-SUMMARY_NAME = "boincvm-workunits.json"
-RECORDS_NAME = "workunits.jsonl"
-JOBS_NAME = "jobs.txt"
-FORMAT_VERSION = 1
+from boincvm.workunit.directory import (
+    FORMAT_VERSION,
+    JOBS_NAME,
+    RECORDS_NAME,
+    SUMMARY_NAME,
+    StagedFile,
+    WorkunitRecord,
+)
+from boincvm.workunit.templates import Resources
 
 Progress = Callable[[int, int | None], None]
 
@@ -69,22 +74,6 @@ class InputSpec:
     open_name: str
     path: str
     guest_name: str | None = None
-
-
-@dataclass(frozen=True)
-class Resources:
-    """The BOINC workunit parameters of the input template (``create_work`` defaults otherwise)."""
-
-    rsc_fpops_est: float = 3600e9
-    rsc_fpops_bound: float = 86400e9
-    rsc_memory_bound: float = 5e8
-    rsc_disk_bound: float = 1e9
-    delay_bound: float = 7 * 86400
-    min_quorum: int = 1
-    target_nresults: int = 1
-    max_error_results: int = 3
-    max_total_results: int = 5
-    max_success_results: int = 1
 
 
 @dataclass(frozen=True)
@@ -125,51 +114,6 @@ class WorkunitRequest:
 
 
 @dataclass(frozen=True)
-class StagedFile:
-    """A file of a workunit: logical name, physical (staged) name, md5 and size."""
-
-    open_name: str
-    physical_name: str
-    md5: str
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class WorkunitRecord:
-    """One workunit as recorded in ``workunits.jsonl``."""
-
-    name: str
-    files: tuple[StagedFile, ...]
-    command_line: str = ""
-
-    def to_json(self) -> str:
-        """One JSON line."""
-        return json.dumps(
-            {
-                "name": self.name,
-                "command_line": self.command_line,
-                "files": [[f.open_name, f.physical_name, f.md5, f.nbytes] for f in self.files],
-            },
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
-
-    @classmethod
-    def from_json(cls, line: str) -> WorkunitRecord:
-        """Parse one JSON line.
-
-        Raises:
-            ValueError, KeyError, TypeError: not a record.
-        """
-        d = json.loads(line)
-        return cls(
-            name=str(d["name"]),
-            files=tuple(StagedFile(str(a), str(b), str(c), int(n)) for a, b, c, n in d["files"]),
-            command_line=str(d.get("command_line", "")),
-        )
-
-
-@dataclass(frozen=True)
 class WorkunitSet:
     """The result of ``make_workunits``."""
 
@@ -195,17 +139,6 @@ class WorkunitSet:
 
 
 # -- hashing and staging ---------------------------------------------------------------------
-
-
-def md5_file(path: str | Path) -> tuple[str, int]:
-    """md5 (hex) and size of a file, read in 1 MiB blocks."""
-    h = hashlib.md5(usedforsecurity=False)
-    size = 0
-    with open(path, "rb") as f:  # noqa: PTH123 - called once per staged file
-        while block := f.read(1 << 20):
-            h.update(block)
-            size += len(block)
-    return h.hexdigest(), size
 
 
 #: Files at least this big are hashed once per run, however many workunits share them.
@@ -401,7 +334,7 @@ def read_batch(path: Path) -> Iterator[dict[str, Any]]:
 
 def _check_request(req: WorkunitRequest) -> None:
     check_identifier(req.app_name, "app name")
-    findings = [f for f in validate_job(req.job) if f.severity == "error"]
+    findings = errors_in(validate_job(req.job))
     if findings:
         raise InputError(f"{findings[0]}", hint=findings[0].hint)
     task = (req.defaults.merged(req.job) if req.defaults is not None else req.job).task
@@ -487,13 +420,9 @@ def _check_package(path: Path) -> None:
     Raises:
         PackageError: the first problem found (a member with '..', absolute, setuid, a device...).
     """
-    from boincvm.errors import PackageError
-    from boincvm.findings import has_errors
-    from boincvm.package.inspect import check_package
-
     findings = check_package(path)
     if has_errors(findings):
-        bad = next(f for f in findings if f.severity == "error")
+        bad = errors_in(findings)[0]
         raise PackageError(
             f"package {path.name} was refused: {bad.place}: {bad.message}",
             hint=bad.hint or "rebuild it with 'boincvm package-rpm'; 'boincvm validate' lists every problem",
@@ -607,94 +536,3 @@ def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> Workun
 
 
 # -- reading a workunit directory back -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkunitDir:
-    """A workunit directory made by ``make_workunits``, opened for reading."""
-
-    path: Path
-    app_name: str
-    count: int
-    input_template: Path
-    output_template: Path
-    open_names: tuple[str, ...]
-
-    @property
-    def download(self) -> Path:
-        """Where the staged files are."""
-        return self.path / "download"
-
-    def records(self) -> Iterator[WorkunitRecord]:
-        """Stream the workunit records.
-
-        Raises:
-            InputError: a line is not a record.
-        """
-        with (self.path / RECORDS_NAME).open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                line = decode_text(raw, what=f"{RECORDS_NAME}, line {lineno}")
-                try:
-                    record = WorkunitRecord.from_json(line)
-                except (ValueError, KeyError, TypeError):
-                    raise InputError(
-                        f"{RECORDS_NAME}, line {lineno}: not a workunit record",
-                        hint="make the workunits again with 'boincvm make-workunit'",
-                    ) from None
-                # The names are joined to download/ and to a slot: a '..' would leave them.
-                for sf in record.files:
-                    for kind, value in (("logical", sf.open_name), ("physical", sf.physical_name)):
-                        if problem := logical_name_problem(value):
-                            raise PathEscapeError(
-                                f"{RECORDS_NAME}, line {lineno}: {kind} name {problem}",
-                                hint="make the workunits again with 'boincvm make-workunit'",
-                            )
-                yield record
-
-    def record(self, name: str | None = None) -> WorkunitRecord:
-        """The workunit called ``name`` (or the only/first one).
-
-        Raises:
-            InputError: no such workunit.
-        """
-        for rec in self.records():
-            if name is None or rec.name == name:
-                return rec
-        raise InputError(f"{self.path}: no workunit named {name!r}", hint=f"the names are in {RECORDS_NAME}")
-
-
-def open_workunit_dir(path: Path) -> WorkunitDir:
-    """Open a workunit directory.
-
-    Raises:
-        InputError: not a workunit directory (no summary) or an unreadable summary.
-    """
-    summary_path = path / SUMMARY_NAME
-    if not summary_path.is_file():
-        raise InputError(
-            f"{path} is not a workunit directory (no {SUMMARY_NAME})",
-            hint="make one with 'boincvm make-workunit'",
-        )
-    try:
-        d = json.loads(summary_path.read_text(encoding="utf-8"))
-        templates = {key: str(d[key]) for key in ("input_template", "output_template")}
-        wud = WorkunitDir(
-            path=path,
-            app_name=str(d["app_name"]),
-            count=int(d["count"]),
-            input_template=path / templates["input_template"],
-            output_template=path / templates["output_template"],
-            open_names=tuple(str(n) for n in d["open_names"]),
-        )
-    except (ValueError, KeyError, TypeError):
-        raise InputError(
-            f"{summary_path} is not a boincvm workunit summary",
-            hint="make the workunits again with 'boincvm make-workunit'",
-        ) from None
-    for key, value in templates.items():
-        if problem := relative_path_problem(value):
-            raise PathEscapeError(
-                f"{summary_path}: {key} {problem}",
-                hint="make the workunits again with 'boincvm make-workunit'",
-            )
-    return wud

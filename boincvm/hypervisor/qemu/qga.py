@@ -22,7 +22,7 @@ from typing import Any
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from boincvm.errors import GuestError, GuestToolsMissing, HypervisorError, VmTimeout
-from boincvm.hypervisor.aio import LoopThread
+from boincvm.hypervisor.qemu.aio import LoopThread
 
 log = logging.getLogger(__name__)
 

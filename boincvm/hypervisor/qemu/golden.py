@@ -5,7 +5,7 @@ So the first fresh start of an image (per accelerator, machine, memory, CPUs and
 network setting) boots it, waits for the agent, stops the VM and migrates its state to
 ``golden.mig``; the disk it had at that instant is kept as ``golden.qcow2``. Later jobs
 get an overlay on ``golden.qcow2`` and ``-incoming fd:N``, N an inherited descriptor of
-``golden.mig``.
+``golden.mig``; it was written the same way, through a descriptor handed to QEMU (``getfd``).
 
 Golden checkpoints live in ``<cache>/golden/<key>/``, built in a temporary directory and
 renamed into place; the key covers every input that the saved state depends on.
@@ -19,13 +19,13 @@ import json
 import logging
 import shutil
 import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from boincvm.cache import cache_root
-from boincvm.errors import HypervisorError, VmTimeout
+from boincvm.errors import HypervisorError
 
 if TYPE_CHECKING:
     from boincvm.hypervisor.base import VmSpec
@@ -90,38 +90,24 @@ def mark_broken(golden: Golden, reason: str) -> None:
         log.warning("cannot mark the golden checkpoint %s broken: %s", golden.state.parent, exc)
 
 
-def build(spec: VmSpec, key: str, accel: str) -> Golden:
+def build(spec: VmSpec, key: str, accel: str, save: Callable[[VmSpec, Path], None]) -> Golden:
     """Boot ``spec`` once, save the running guest and freeze its disk; return the result.
+
+    ``save(boot, state)`` boots ``boot`` (its work directory under the build directory),
+    waits for the agent and writes the stopped guest's state to ``state``; the QEMU backend
+    passes its own (this module knows the cache, the backend knows QEMU).
 
     Raises:
         HypervisorError: the boot or the migration failed.
         GuestToolsMissing: the guest agent never answered.
     """
-    from boincvm.hypervisor.qemu import QemuBackend
-
     root = cache_root() / "golden"
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}.build-"))
     try:
         options = {**spec.options, "golden": "no", "accel": accel}
         boot = dataclasses.replace(spec, name=f"golden-{key[:8]}", workdir=work / "vm", options=options)
-        with QemuBackend(boot) as vm:
-            vm.power_on()
-            vm.wait_for_tools()
-            vm.qmp("stop")
-            vm.qmp("migrate-set-parameters", {"max-bandwidth": 16 * 1024**3})
-            vm.qmp("migrate", {"uri": f"exec:cat > {GOLDEN_STATE}"})  # relative to QEMU's cwd
-            deadline = time.monotonic() + 120
-            while (status := vm.qmp("query-migrate").get("status")) not in (
-                "completed",
-                "failed",
-                "cancelled",
-            ):
-                if time.monotonic() > deadline:
-                    raise VmTimeout("saving the golden checkpoint did not finish within 120 s")
-                time.sleep(0.01)
-            if status != "completed":
-                raise HypervisorError(f"qemu: saving the golden checkpoint {status}")
+        save(boot, work / "vm" / GOLDEN_STATE)
         out = work / "golden"
         out.mkdir()
         (work / "vm" / "disk.qcow2").rename(out / GOLDEN_DISK)

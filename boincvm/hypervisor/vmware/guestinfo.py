@@ -3,9 +3,9 @@
 No guest login is involved: ``vmrun readVariable/writeVariable VMX guestVar NAME`` reach the
 guest's ``guestinfo.*`` namespace without one, and a shared folder (``.host:/boinc``, mounted by
 open-vm-tools at ``/mnt/hgfs/boinc``) carries files and job results. The guest side is
-:data:`~boincvm.hypervisor.vmware_config.AGENT_SCRIPT`, installed in the image as a boot service.
+:data:`~boincvm.hypervisor.vmware.config.AGENT_SCRIPT`, installed in the image as a boot service.
 
-A job is a :func:`~boincvm.hypervisor.vmware_config.wrapper_script` line whose job directory is
+A job is a :func:`~boincvm.hypervisor.vmware.config.wrapper_script` line whose job directory is
 on the share, so polling reads host files and costs no vmrun call at all. Files move through
 ``<share>/xfer``: the host copies a file there and a job ``cp`` puts it in place, and the reverse.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 from boincvm import proc
 from boincvm.errors import GuestToolsMissing, OutputError, VmTimeout
 from boincvm.hypervisor.base import GuestProcess, ProcessStatus
-from boincvm.hypervisor.vmware_config import SHARE_MOUNT, wrapper_script
-from boincvm.hypervisor.vmware_guestops import status_from
+from boincvm.hypervisor.vmware.config import SHARE_MOUNT, wrapper_script
+from boincvm.hypervisor.vmware.guestops import status_from
 
 Call = Callable[[str, Sequence[str]], proc.Completed]
 OUTPUT_TAIL = 64 * 1024

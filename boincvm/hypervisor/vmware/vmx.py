@@ -265,3 +265,49 @@ def read_vmdk_descriptor(path: Path) -> VmdkDescriptor:
     if len(data) > DESCRIPTOR_MAX_BYTES or b"\x00" in data[:SECTOR]:
         raise InputError(f"{path.name}: neither a sparse VMDK nor a VMDK descriptor file")
     return parse_vmdk_descriptor(data.decode("utf-8", "replace"))
+
+
+_SNAP_KEY = re.compile(r"^snapshot(\d+)\.(.+)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class VmsdSnapshot:
+    """One snapshot of a ``.vmsd``: ``snapshotN.displayName``, ``.filename`` (.vmsn), ``.diskM.fileName``."""
+
+    index: int
+    display_name: str
+    state_file: str | None
+    disks: tuple[str, ...]
+
+
+def parse_vmsd(text: str) -> tuple[VmsdSnapshot, ...]:
+    """The snapshots a ``.vmsd`` lists, in index order."""
+    keys: dict[int, dict[str, str]] = {}
+    for key, value in VmxFile.parse(text).items():
+        m = _SNAP_KEY.match(key)
+        if m:
+            keys.setdefault(int(m.group(1)), {})[m.group(2).lower()] = value
+    out = []
+    for index in sorted(keys):
+        k = keys[index]
+        disks = [v for sub, v in k.items() if re.fullmatch(r"disk\d+\.filename", sub)]
+        out.append(VmsdSnapshot(index, k.get("displayname", ""), k.get("filename") or None, tuple(disks)))
+    return tuple(out)
+
+
+def find_vmx(path: Path) -> Path:
+    """The ``.vmx`` of a VM: ``path`` itself, or the only ``.vmx`` in the directory ``path``.
+
+    Raises:
+        InputError: not a .vmx, or a directory with none or several.
+    """
+    if path.is_dir():
+        # lexists, not is_file: a .vmx that is a link is found here and refused by collect_vm
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".vmx" and not p.is_dir())
+        if len(found) != 1:
+            what = "no .vmx file" if not found else f"{len(found)} .vmx files"
+            raise InputError(f"{path} holds {what}", hint="name the VM's .vmx file itself")
+        return found[0]
+    if path.suffix.lower() != ".vmx":
+        raise InputError(f"{path.name} is not a VMware .vmx file")
+    return path

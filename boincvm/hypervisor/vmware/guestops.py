@@ -1,7 +1,7 @@
 """The VIX guest-operations channel of the VMware backend (``-gu/-gp`` on every vmrun call).
 
 A program is started with ``runProgramInGuest -noWait /bin/sh -c SCRIPT``, where SCRIPT is a
-:func:`~boincvm.hypervisor.vmware_config.wrapper_script` that leaves ``pid``, ``stdout``,
+:func:`~boincvm.hypervisor.vmware.config.wrapper_script` that leaves ``pid``, ``stdout``,
 ``stderr`` and ``rc`` in ``<guest_tmp>/job-<n>``: neither vmrun nor VIX can report the exit
 code of a program started without waiting. Polls copy ``rc`` out; while it is absent they
 look, every :data:`LIVENESS_INTERVAL` seconds, for the shell's PID in ``listProcessesInGuest``.
@@ -17,9 +17,9 @@ from pathlib import Path
 
 from boincvm import proc
 from boincvm.errors import GuestToolsMissing
-from boincvm.hypervisor import vmrun as vr
 from boincvm.hypervisor.base import GuestProcess, ProcessStatus
-from boincvm.hypervisor.vmware_config import wrapper_script
+from boincvm.hypervisor.vmware import vmrun as vr
+from boincvm.hypervisor.vmware.config import wrapper_script
 
 #: Runs one vmrun command on this VM with the guest credentials.
 Call = Callable[[str, Sequence[str]], proc.Completed]

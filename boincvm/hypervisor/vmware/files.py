@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm.errors import InputError, PathEscapeError
-from boincvm.hypervisor.vmware_vmx import VmxFile, read_vmdk_descriptor
+from boincvm.hypervisor.vmware.inspect import check_vmware
+from boincvm.hypervisor.vmware.vmx import VmxFile, find_vmx, parse_vmsd, read_vmdk_descriptor
 from boincvm.paths import check_regular
 
 #: The snapshot every task's linked clone starts from (vmrun clone ... -snapshot=NAME).
@@ -35,32 +36,6 @@ BASE_SNAPSHOT = "boincvm-base"
 COPY_MAX_BYTES = 1 << 20
 
 _DISK_KEY = re.compile(r"^((?:scsi|sata|ide|nvme)\d+:\d+)\.filename$", re.IGNORECASE)
-_SNAP_KEY = re.compile(r"^snapshot(\d+)\.(.+)$", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class VmsdSnapshot:
-    """One snapshot of a ``.vmsd``: ``snapshotN.displayName``, ``.filename`` (.vmsn), ``.diskM.fileName``."""
-
-    index: int
-    display_name: str
-    state_file: str | None
-    disks: tuple[str, ...]
-
-
-def parse_vmsd(text: str) -> tuple[VmsdSnapshot, ...]:
-    """The snapshots a ``.vmsd`` lists, in index order."""
-    keys: dict[int, dict[str, str]] = {}
-    for key, value in VmxFile.parse(text).items():
-        m = _SNAP_KEY.match(key)
-        if m:
-            keys.setdefault(int(m.group(1)), {})[m.group(2).lower()] = value
-    out = []
-    for index in sorted(keys):
-        k = keys[index]
-        disks = [v for sub, v in k.items() if re.fullmatch(r"disk\d+\.filename", sub)]
-        out.append(VmsdSnapshot(index, k.get("displayname", ""), k.get("filename") or None, tuple(disks)))
-    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -94,24 +69,6 @@ class VmDirectory:
         return self.files[0]
 
 
-def find_vmx(path: Path) -> Path:
-    """The ``.vmx`` of a VM: ``path`` itself, or the only ``.vmx`` in the directory ``path``.
-
-    Raises:
-        InputError: not a .vmx, or a directory with none or several.
-    """
-    if path.is_dir():
-        # lexists, not is_file: a .vmx that is a link is found here and refused by collect_vm
-        found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".vmx" and not p.is_dir())
-        if len(found) != 1:
-            what = "no .vmx file" if not found else f"{len(found)} .vmx files"
-            raise InputError(f"{path} holds {what}", hint="name the VM's .vmx file itself")
-        return found[0]
-    if path.suffix.lower() != ".vmx":
-        raise InputError(f"{path.name} is not a VMware .vmx file")
-    return path
-
-
 def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT, follow_links: bool = False) -> VmDirectory:
     """Every file the VM at ``path`` (a VM directory or its .vmx) needs, checked for shipping.
 
@@ -124,8 +81,6 @@ def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT, follow_links: bool 
             missing file, or lacks the snapshot ``snapshot`` (or has it twice).
         PathEscapeError: a file reference is absolute or leaves the VM directory.
     """
-    from boincvm.hypervisor.vmware_inspect import check_vmware
-
     vmx_path = find_vmx(path)
     root = vmx_path.parent
     if not follow_links:
@@ -135,9 +90,7 @@ def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT, follow_links: bool 
     for f in check_vmware(vmx_path, follow_links=follow_links):
         # Missing files are left to the walk below, which follows every reference (and
         # refuses one that leaves the directory before asking whether it exists).
-        if f.severity == "error" and not re.search(
-            r"(\.filename|\.extent|\.parentfilenamehint)$", f.place.lower()
-        ):
+        if f.is_error and not re.search(r"(\.filename|\.extent|\.parentfilenamehint)$", f.place.lower()):
             raise InputError(
                 f"{vmx_path.name}: {f.place}: {f.message}",
                 hint=f.hint or "fix it in VMware with the VM powered off, then take the snapshot again",

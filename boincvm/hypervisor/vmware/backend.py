@@ -14,7 +14,7 @@ App versions (``spec.image_files``)
     ``package-image`` ships a VM directory as app-version files, which BOINC keeps immutable
     in the project directory. The backend rebuilds the directory in ``workdir/base`` under the
     original names (small files copied, large ones linked, see
-    :func:`~boincvm.hypervisor.vmware_files.rebuild_vm_dir`) and clones from there. Such a VM
+    :func:`~boincvm.hypervisor.vmware.files.rebuild_vm_dir`) and clones from there. Such a VM
     must already have the base snapshot: without it the task fails instead of snapshotting.
 
 Settings the job controls are written into the clone's .vmx before power-on (memory,
@@ -28,12 +28,12 @@ Two guest channels (option ``channel``: ``auto``, ``guestinfo``, ``guestops``)
     ``workdir/share`` is shared as ``.host:/boinc`` (``sharedFolder0.*`` keys written before
     power-on, ``enableSharedFolders`` after every start and revert, since a revert restores the
     snapshot's shared-folder state). A small agent in the image
-    (:data:`~boincvm.hypervisor.vmware_config.AGENT_SCRIPT`, POSIX sh over open-vm-tools'
+    (:data:`~boincvm.hypervisor.vmware.config.AGENT_SCRIPT`, POSIX sh over open-vm-tools'
     ``vmware-rpctool``, run as a boot service) announces itself in ``guestinfo.boinc.agent``,
     runs each job the host writes to ``guestinfo.boinc.job`` (``"<n> <shell line>"``) and
     acknowledges it in ``guestinfo.boinc.ack``. Job results (pid, stdout, stderr, exit code)
     are files on the share, so polling costs no vmrun call; file copies are ``cp`` jobs
-    through ``share/xfer``. See :mod:`boincvm.hypervisor.vmware_guestinfo`.
+    through ``share/xfer``. See :mod:`boincvm.hypervisor.vmware.guestinfo`.
 
     **guestops, the default when ``guest_user`` is set: VIX guest operations.**
     ``runProgramInGuest``, the file copies and ``listProcessesInGuest`` need
@@ -90,9 +90,9 @@ from boincvm.errors import (
     HypervisorUnavailable,
     InputError,
     OutputError,
+    OutputMissing,
     UnsupportedOperation,
 )
-from boincvm.hypervisor import vmrun as vr
 from boincvm.hypervisor.base import (
     Availability,
     Backend,
@@ -102,18 +102,19 @@ from boincvm.hypervisor.base import (
     SnapshotInfo,
     VmSpec,
 )
-from boincvm.hypervisor.vmware_config import (
+from boincvm.hypervisor.vmware import vmrun as vr
+from boincvm.hypervisor.vmware.config import (
     VmwareOptions,
     check_var,
     job_settings,
     read_secret,
     share_settings,
 )
-from boincvm.hypervisor.vmware_files import rebuild_vm_dir
-from boincvm.hypervisor.vmware_guestinfo import GuestinfoChannel
-from boincvm.hypervisor.vmware_guestops import GuestopsChannel
-from boincvm.hypervisor.vmware_host import LockFile, Pyvix, bounded, norm, vmx_process_cpu_seconds
-from boincvm.hypervisor.vmware_vmx import VmxFile
+from boincvm.hypervisor.vmware.files import rebuild_vm_dir
+from boincvm.hypervisor.vmware.guestinfo import GuestinfoChannel
+from boincvm.hypervisor.vmware.guestops import GuestopsChannel
+from boincvm.hypervisor.vmware.host import LockFile, Pyvix, bounded, norm, vmx_process_cpu_seconds
+from boincvm.hypervisor.vmware.vmx import VmxFile
 
 log = logging.getLogger(__name__)
 
@@ -501,7 +502,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         try:
             fetched = self.channel.fetch(guest_path)
             if fetched is None:
-                raise OutputError(f"vmware: guest file {guest_path} does not exist")
+                raise OutputMissing(f"vmware: guest file {guest_path} does not exist")
             shutil.move(fetched, part)
             size = part.stat().st_size
             if max_bytes is not None and size > max_bytes:

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm.errors import InputError
-from boincvm.hypervisor import vmrun as vr
 from boincvm.hypervisor.base import VmSpec
-from boincvm.hypervisor.vmware_vmx import VmxFile
+from boincvm.hypervisor.vmware import vmrun as vr
+from boincvm.hypervisor.vmware.vmx import VmxFile
 
 _KNOWN_OPTIONS = frozenset(
     {

@@ -2,7 +2,7 @@
 
 The VM (its directory or its ``.vmx``) must be powered off and carry the snapshot
 ``boincvm-base``, from which every task makes a linked clone (see
-:mod:`boincvm.hypervisor.vmware_files` for what is collected and refused). Each file gets
+:mod:`boincvm.hypervisor.vmware.files` for what is collected and refused). Each file gets
 
 * a physical name ``APP_VERSION_<md5>_<name>`` (the name made safe for a URL: characters
   other than letters, digits, ``_ . -`` become ``_``), and
@@ -27,13 +27,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from boincvm.errors import InputError
+from boincvm.appversion.model import (
+    GZIP_MIN_SAVING,
+    AppVersionFile,
+    AppVersionRequest,
+)
+from boincvm.errors import BoincvmError, InputError
 from boincvm.findings import Finding, error, info
+from boincvm.hypervisor.vmware.files import BASE_SNAPSHOT, collect_vm, refuse_in_use
+from boincvm.image.descriptor import DESCRIPTOR_NAME
 from boincvm.job import DEFAULTS_OPEN_NAME, ImageFile, VmJob
 from boincvm.paths import open_regular
 
 if TYPE_CHECKING:
-    from boincvm.appversion import AppVersionFile, AppVersionRequest
+    from boincvm.appversion.model import AppVersionFile, AppVersionRequest
 
 LOGICAL_PREFIX = "vmware_"
 _BLOCK = 1 << 20
@@ -42,8 +49,6 @@ _ZEROS = bytes(_BLOCK)
 
 def is_vmware_vm(path: Path) -> bool:
     """True for a ``.vmx`` file or a directory holding one (and no ``boincvm-image.json``)."""
-    from boincvm.image.descriptor import DESCRIPTOR_NAME
-
     if path.is_dir():
         has_vmx = any(p.suffix.lower() == ".vmx" for p in path.iterdir())
         return has_vmx and not (path / DESCRIPTOR_NAME).exists()
@@ -82,8 +87,6 @@ def copy_hashed(src: Path, dst: Path, *, estimate_gzip: bool) -> tuple[str, int,
 
 def base_snapshot(options: dict[str, str]) -> str:
     """The snapshot tasks clone from: the ``base_snapshot`` backend option, else ``boincvm-base``."""
-    from boincvm.hypervisor.vmware_files import BASE_SNAPSHOT
-
     return options.get("base_snapshot", BASE_SNAPSHOT)
 
 
@@ -94,12 +97,9 @@ def package_vmware(
 
     Raises:
         InputError: options that do not apply to a VMware VM, or a VM that cannot be shipped
-            (see :func:`~boincvm.hypervisor.vmware_files.collect_vm`).
+            (see :func:`~boincvm.hypervisor.vmware.files.collect_vm`).
         PathEscapeError: a file reference is absolute or leaves the VM directory.
     """
-    from boincvm.appversion import GZIP_MIN_SAVING, AppVersionFile
-    from boincvm.hypervisor.vmware_files import collect_vm, refuse_in_use
-
     for option, value in (
         ("--initrd", req.initrd),
         ("--kernel-cmdline", req.kernel_cmdline),
@@ -146,9 +146,6 @@ def check_vmware_app_version(directory: Path, job: VmJob, logical: dict[str, str
     as ``package-image`` checks a VM: every file present, the base snapshot there.
     """
     import tempfile
-
-    from boincvm.errors import BoincvmError
-    from boincvm.hypervisor.vmware_files import collect_vm
 
     place = f"{DEFAULTS_OPEN_NAME}:vm_job"
     out: list[Finding] = []

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 
 from boincvm.errors import InputError, PathEscapeError
 from boincvm.names import check_logical_name
-from boincvm.workunit import InputSpec
+from boincvm.workunit.make import InputSpec
 
 SHARED_DIR = "shared_input_files"
 CMDLINE = "cmdline"

@@ -28,17 +28,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from boincvm import proc
-from boincvm.appversion import parse_version_xml
+from boincvm.appversion.model import parse_version_xml
+from boincvm.boinc.errors import ClientError
 from boincvm.boinc.slot import escape_project_url
-from boincvm.validate import check_output_template
-from boincvm.workunit import open_workunit_dir
-from boincvm.xmlio import escape_text, parse_xml, text_of
-
-if TYPE_CHECKING:
-    from boincvm.runlocal import LiveState, RunLocalRequest, RunSummary
+from boincvm.errors import CommandNotFound
+from boincvm.runlocal.request import CREDIT_PER_FLOP, LiveState, RunLocalRequest, RunSummary
+from boincvm.signing import load_private_key, sign_file, write_key_pair
+from boincvm.workunit.directory import open_workunit_dir
+from boincvm.workunit.templates import read_output_template, resources_of
+from boincvm.wrapper.status import StatusReport
+from boincvm.xmlio import escape_text
 
 
 @dataclass
@@ -84,24 +85,21 @@ class LoopbackProject:
             for f in self.app_files
             if f.gzip
         }
-        _, sizes = check_output_template(self.wud.output_template.read_bytes(), "out")
+        _, result_files = read_output_template(self.wud.output_template.read_bytes(), "out")
         self.outputs = [
-            (f"{self.result_name}_{i}", name, int(size or 0)) for i, (name, size) in enumerate(sizes.items())
+            (f"{self.result_name}_{i}", f.open_name, int(f.max_nbytes or 0))
+            for i, f in enumerate(result_files)
         ]
-        from boincvm.runlocal import optional_outputs
-        from boincvm.workunit import Resources
+        self.optional = {f.open_name for f in result_files if f.optional}
 
         # The bounds our input template gives create_work (its defaults where it gives none),
         # so the client's time, memory and disk limits are the ones a real project would set.
-        found = parse_xml(self.wud.input_template.read_bytes(), what="input template").find("workunit")
-        given = {c.tag: text_of(c) for c in (found if found is not None else [])}
-        defaults = Resources()
+        res = resources_of(self.wud.input_template.read_bytes())
         self.bounds = {
-            tag: float(given.get(tag) or getattr(defaults, tag))
+            tag: float(getattr(res, tag))
             for tag in ("rsc_fpops_est", "rsc_fpops_bound", "rsc_memory_bound", "rsc_disk_bound")
         }
 
-        self.optional = optional_outputs(self.wud.output_template.read_bytes())
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -446,11 +444,6 @@ def run_with_boinc_client(
         InputError: the workunit or app version cannot be used.
         ClientError: the client did not finish within the request's timeout.
     """
-    from boincvm.boinc.errors import ClientError
-    from boincvm.errors import CommandNotFound
-    from boincvm.runlocal import CREDIT_PER_FLOP, LiveState, RunSummary
-    from boincvm.signing import load_private_key, sign_file, write_key_pair
-
     for tool in ("boinc", "boinccmd"):
         if shutil.which(tool) is None:
             raise CommandNotFound(
@@ -489,6 +482,12 @@ def run_with_boinc_client(
                     pass
             elif project.seen.uploads:
                 live.phase = "uploaded"
+            # The wrapper's typed status in the client's slot counts the committed checkpoints
+            # (cumulative across restarts); the slot is gone once the task has finished.
+            for slot in sorted((client.dir / "slots").glob("*")):
+                status = StatusReport.read(slot)
+                if status is not None:
+                    live.checkpoints = max(live.checkpoints, status.checkpoints)
             live.elapsed = time.monotonic() - t0
             if on_update is not None:
                 on_update(live)
@@ -529,7 +528,7 @@ def run_with_boinc_client(
         cpu_time=cpu,
         credit_claimed=cpu * 1e9 * CREDIT_PER_FLOP,
         ops=None,
-        checkpoints=stderr.count("committed ("),
+        checkpoints=live.checkpoints,
         starts=max(1, stderr.count("boincvm: starting") + stderr.count("resuming from checkpoint")),
         timings={},
         outputs=outputs,

@@ -47,11 +47,9 @@ from boincvm.errors import (
     HypervisorUnavailable,
     InputError,
     OutputError,
+    OutputMissing,
     VmTimeout,
 )
-from boincvm.hypervisor import qemu_cmdline as cl
-from boincvm.hypervisor import qemu_golden, qemu_xfer
-from boincvm.hypervisor.aio import shared_loop
 from boincvm.hypervisor.base import (
     Availability,
     Backend,
@@ -61,9 +59,13 @@ from boincvm.hypervisor.base import (
     SnapshotInfo,
     VmSpec,
 )
-from boincvm.hypervisor.qemu_accel import AccelChoice, choose_accel, kvm_device, qemu_identity
-from boincvm.hypervisor.qemu_options import QemuOptions
-from boincvm.hypervisor.qga import CHUNK, GuestAgent, connect_unix, is_missing_file
+from boincvm.hypervisor.qemu import cmdline as cl
+from boincvm.hypervisor.qemu import golden as qemu_golden
+from boincvm.hypervisor.qemu import xfer as qemu_xfer
+from boincvm.hypervisor.qemu.accel import AccelChoice, choose_accel, kvm_device, qemu_identity
+from boincvm.hypervisor.qemu.aio import shared_loop
+from boincvm.hypervisor.qemu.options import QemuOptions
+from boincvm.hypervisor.qemu.qga import CHUNK, GuestAgent, connect_unix, is_missing_file
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +115,8 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
 
     ``spec.options`` are :class:`~.qemu_options.QemuOptions`: the machine (q35 by default,
     whose PCIe hot-plug of transfer disks costs a quarter of pc's ACPI one), the
-    accelerator, golden checkpoints (:mod:`.qemu_golden`), the snapshot timeout and the
-    transfer disk (:mod:`.qemu_xfer`).
+    accelerator, golden checkpoints (:mod:`.golden`), the snapshot timeout and the
+    transfer disk (:mod:`.xfer`).
     After :meth:`power_on`, :attr:`accel` says which accelerator runs the VM and why,
     for the CLI to show.
 
@@ -167,6 +169,11 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
 
     # -- helpers --------------------------------------------------------------
     @property
+    def accel_name(self) -> str:
+        """``kvm`` or ``tcg`` once the VM was started, else ""."""
+        return self.accel.accel if self.accel is not None else ""
+
+    @property
     def accel_note(self) -> str | None:
         """A sentence for the user when the VM runs without KVM, else None."""
         if self.accel is None or self.accel.is_kvm:
@@ -211,6 +218,26 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         except QMPError as exc:
             self._check_alive()
             raise HypervisorError(f"qemu: {cmd}: the QMP connection broke: {exc}") from exc
+
+    def send_fd(self, name: str, path: Path) -> None:
+        """Open ``path`` for writing and hand the descriptor to QEMU as ``name`` (QMP ``getfd``).
+
+        Raises:
+            HypervisorError: QEMU refused it or the connection broke.
+        """
+        self._check_alive()
+        client = self._qmp_client
+        if client is None:
+            raise HypervisorError(f"qemu: no QMP connection to {self.spec.name}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                client.send_fd_scm(fd)
+            except (QMPError, OSError) as exc:
+                raise HypervisorError(f"qemu: passing {path.name} to QEMU failed: {exc}") from exc
+            self.qmp("getfd", {"fdname": name})
+        finally:
+            os.close(fd)  # QEMU holds its own copy now
 
     def _agent_or_fail(self) -> GuestAgent:
         self._check_alive()
@@ -418,7 +445,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             log.info("the golden checkpoint %s failed to load before; booting cold", key)
             return None
         try:
-            return qemu_golden.build(self.spec, key, self.accel.accel)
+            return qemu_golden.build(self.spec, key, self.accel.accel, _save_golden)
         except (HypervisorError, GuestError) as exc:
             # Only a speed-up: a cold boot still works, and wait_for_tools reports real trouble.
             log.warning("no golden checkpoint for %s (%s); booting cold", self.spec.name, exc)
@@ -551,7 +578,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         """Write a host file into the guest: a large one through a transfer disk, else the agent.
 
         Files of ``transfer_disk_min_bytes`` (4 MiB) or more go through a hot-plugged disk
-        (:mod:`.qemu_xfer`) when the machine can hot-plug; smaller ones, and every file
+        (:mod:`.xfer`) when the machine can hot-plug; smaller ones, and every file
         of a guest that cannot take a disk, through ``guest-file-write`` in 4 MiB chunks.
 
         Raises:
@@ -596,7 +623,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             handle = agent.open(guest_path, "rb")
         except GuestError as exc:
             if is_missing_file(exc):
-                raise OutputError(f"guest file {guest_path} does not exist") from exc
+                raise OutputMissing(f"guest file {guest_path} does not exist") from exc
             raise
         tmp = host_path.with_name(f".{host_path.name}.{uuid.uuid4().hex[:8]}.part")
         try:
@@ -762,3 +789,31 @@ def require_qemu() -> None:
     avail = QemuBackend.probe()
     if not avail.ok:
         raise HypervisorUnavailable(f"qemu: {avail.reason}", hint=avail.detail or None)
+
+
+def _save_golden(boot: VmSpec, state: Path) -> None:
+    """Boot ``boot``, wait for its agent, stop it and migrate its state into ``state``.
+
+    The state goes out through a descriptor handed to QEMU over QMP (``getfd``), the way
+    :meth:`QemuBackend._start_from_golden` reads it back through an inherited one: no shell,
+    no ``cat``, no pipe.
+
+    Raises:
+        HypervisorError: the boot or the migration failed.
+        GuestToolsMissing: the guest agent never answered.
+        VmTimeout: the migration did not finish within 120 s.
+    """
+    with QemuBackend(boot) as vm:
+        vm.power_on()
+        vm.wait_for_tools()
+        vm.qmp("stop")
+        vm.qmp("migrate-set-parameters", {"max-bandwidth": 16 * 1024**3})
+        vm.send_fd("golden-state", state)
+        vm.qmp("migrate", {"uri": "fd:golden-state"})
+        deadline = time.monotonic() + 120
+        while (status := vm.qmp("query-migrate").get("status")) not in ("completed", "failed", "cancelled"):
+            if time.monotonic() > deadline:
+                raise VmTimeout("saving the golden checkpoint did not finish within 120 s")
+            time.sleep(0.01)
+        if status != "completed":
+            raise HypervisorError(f"qemu: saving the golden checkpoint {status}")

@@ -20,7 +20,7 @@ from pathlib import Path
 BUNDLED = ("boincvm", "defusedxml", "qemu", "rpmfile")
 #: Parts of boincvm the wrapper never imports (the CLI and its rich/click dependencies).
 EXCLUDED_PARTS = ("boincvm/cli/",)
-ENTRY = "boincvm.wrapper_main:main"
+ENTRY = "boincvm.wrapper.main:main"
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 _MAIN = f"""\

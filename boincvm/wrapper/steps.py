@@ -22,15 +22,13 @@ The wrapper never prints; it logs, and the client keeps its stderr in ``stderr.t
 from __future__ import annotations
 
 import contextlib
-import enum
-import json
 import logging
 import os
 import secrets
 import shlex
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm.boinc.api import BoincApp
@@ -44,11 +42,16 @@ from boincvm.errors import (
     HypervisorUnavailable,
     InputError,
     OutputError,
+    OutputMissing,
     PathEscapeError,
     ToolError,
 )
-from boincvm.guest_contract import (
+from boincvm.hypervisor.base import Backend, GuestProcess, ProcessStatus, VmSpec
+from boincvm.job import CpuTimeSource, ResolvedJob
+from boincvm.wrapper.checkpoint import CheckpointRecord, CheckpointStore
+from boincvm.wrapper.guest_contract import (
     GuestFileKind,
+    Trigger,
     completion_trigger,
     credit_report,
     fraction_done,
@@ -58,13 +61,11 @@ from boincvm.guest_contract import (
     parse_kinds,
     temporary_exit_trigger,
 )
-from boincvm.hypervisor.base import Backend, GuestProcess, ProcessStatus, VmSpec
-from boincvm.job import CpuTimeSource, ResolvedJob
+from boincvm.wrapper.guest_install import install_script, package_guest_path, uninstall_script
+from boincvm.wrapper.status import Phase, StatusReport
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "boincvm_checkpoint.json"
-STATUS_FILE = "boincvm_status.json"
 VM_DIR = "boincvm_vm"
 #: Seconds between polls of the guest program (and of its progress files).
 POLL_PERIOD = 1.0
@@ -81,83 +82,6 @@ PROGRESS_MAX_BYTES = 4096
 TRIGGER_MAX_BYTES = 65536
 #: Seconds the guest's shell may take to say what the guest files are.
 KIND_TIMEOUT = 60.0
-
-
-class Phase(enum.StrEnum):
-    """Where the wrapper is; written to the status file for run-local's live view."""
-
-    BOOT = "boot"
-    RESTORE = "restore"
-    INSTALL = "install"
-    RUN = "run"
-    CHECKPOINT = "checkpoint"
-    SUSPENDED = "suspended"
-    COPY_OUT = "copy-out"
-    CLEANUP = "cleanup"
-    DONE = "done"
-
-
-@dataclass(frozen=True)
-class CheckpointRecord:
-    """What ``boincvm_checkpoint.json`` says: the last committed checkpoint of this slot."""
-
-    snapshot: str
-    guest_pid: int
-    sequence: int
-    cpu_time: float
-    elapsed: float
-    checkpoints: int = 1
-
-
-class CheckpointStore:
-    """Reads and atomically commits the checkpoint record of a slot."""
-
-    def __init__(self, slot_dir: Path) -> None:
-        self.path = slot_dir / CHECKPOINT_FILE
-
-    def load(self) -> CheckpointRecord | None:
-        """The committed record, or None (none yet, or an unreadable one: start afresh)."""
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            return CheckpointRecord(**data)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, TypeError) as exc:
-            log.warning("ignoring unreadable %s (%s); starting the job afresh", self.path.name, exc)
-            return None
-
-    def commit(self, record: CheckpointRecord) -> None:
-        """Write the record durably: temp file, fsync, rename, fsync of the directory."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            json.dump(asdict(record), f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def clear(self) -> None:
-        """Forget the checkpoint (the job is over)."""
-        self.path.unlink(missing_ok=True)
-
-
-@dataclass
-class StatusReport:
-    """What the wrapper tells run-local through ``boincvm_status.json`` (not part of BOINC's protocol)."""
-
-    phase: str = Phase.BOOT.value
-    fraction_done: float = 0.0
-    cpu_time: float = 0.0
-    checkpoints: int = 0
-    restored_from: str | None = None
-    last_output: str = ""
-    accel: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
-    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -184,6 +108,32 @@ class WrapperInputs:
 
 
 BackendFactory = Callable[[VmSpec], Backend]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How an error ends the task: the exit code the client reports, and the reason given."""
+
+    errors: tuple[type[BoincvmError], ...]
+    exit_code: ExitCode
+    tell_hint: bool = False
+
+    def reason(self, exc: BoincvmError) -> str:
+        """The reason written to the finish file (with the hint where it says what to do)."""
+        return exc.message + (f" ({exc.hint})" if self.tell_hint and exc.hint else "")
+
+
+#: The errors that end the task for good, most specific first (the first that matches counts).
+#: Any other HypervisorError or GuestError is a VM that died or misbehaved: a temporary exit,
+#: and the next start resumes from the last checkpoint.
+FAILURES: tuple[Failure, ...] = (
+    Failure((HypervisorUnavailable,), ExitCode.INIT_FAILURE, tell_hint=True),
+    Failure((GuestToolsMissing,), ExitCode.INIT_FAILURE),
+    Failure((InputError, PathEscapeError), ExitCode.INIT_FAILURE),
+    Failure((OutputError, GuestProgramFailed), ExitCode.CHILD_FAILED),
+    Failure((ToolError,), ExitCode.INIT_FAILURE, tell_hint=True),
+)
+FINAL_ERRORS: tuple[type[BoincvmError], ...] = tuple(e for f in FAILURES for e in f.errors)
 
 
 class Wrapper:
@@ -242,11 +192,8 @@ class Wrapper:
             self._write_status()
 
     def _write_status(self) -> None:
-        path = self.slot / STATUS_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            tmp.write_text(json.dumps(asdict(self.status)), encoding="utf-8")
-            tmp.replace(path)
+            self.status.write(self.slot)
         except OSError as exc:  # only run-local reads it; never fail the job for it
             log.debug("status file: %s", exc)
 
@@ -302,20 +249,9 @@ class Wrapper:
                 if proc is None:
                     proc = self._fresh_start()
                 return self._main_loop(proc, record)
-            except HypervisorUnavailable as exc:
-                return self._fail(
-                    ExitCode.INIT_FAILURE, f"{exc.message}" + (f" ({exc.hint})" if exc.hint else "")
-                )
-            except GuestToolsMissing as exc:
-                return self._fail(ExitCode.INIT_FAILURE, exc.message)
-            except (InputError, PathEscapeError) as exc:
-                return self._fail(ExitCode.INIT_FAILURE, exc.message)
-            except OutputError as exc:
-                return self._fail(ExitCode.CHILD_FAILED, exc.message)
-            except GuestProgramFailed as exc:
-                return self._fail(ExitCode.CHILD_FAILED, exc.message)
-            except ToolError as exc:
-                return self._fail(ExitCode.INIT_FAILURE, exc.message + (f" ({exc.hint})" if exc.hint else ""))
+            except FINAL_ERRORS as exc:
+                failure = next(f for f in FAILURES if isinstance(exc, f.errors))
+                return self._fail(failure.exit_code, failure.reason(exc))
             except (HypervisorError, GuestError) as exc:
                 # The VM died or misbehaved: come back later and resume from the last checkpoint.
                 log.error("%s", exc.message)
@@ -347,9 +283,8 @@ class Wrapper:
         return GuestProcess(pid=record.guest_pid, argv=(self.job.application,))
 
     def _note_accel(self) -> None:
-        note = getattr(self.vm, "accel_note", None)
-        accel = getattr(self.vm, "accel", None)
-        self.status.accel = str(getattr(accel, "accel", "")) if accel is not None else ""
+        note = self.vm.accel_note
+        self.status.accel = self.vm.accel_name
         if note:
             log.warning("%s", note)
 
@@ -382,8 +317,6 @@ class Wrapper:
         for host, guest in self.inputs.inputs:
             self.vm.copy_to_guest(host, self._guest(guest))
         if self.inputs.package is not None and self.job.package is not None:
-            from boincvm.guest_install import install_script, package_guest_path
-
             kind = self.job.package.resolved_kind
             assert kind is not None
             guest_pkg = package_guest_path(kind, exec_dir)
@@ -450,12 +383,14 @@ class Wrapper:
                     return self._complete(status, record)
                 trigger = self._check_triggers(kinds)
                 if trigger is not None:
-                    kind, code, message, delay = trigger
-                    if kind == "completion":
-                        return self._complete(ProcessStatus(running=False, exit_code=code), record, message)
+                    if trigger.kind == "completion":
+                        done = ProcessStatus(running=False, exit_code=trigger.exit_code)
+                        return self._complete(done, record, trigger.message)
                     record = self._checkpoint(proc, record)
                     self.vm.power_off(soft_timeout=2.0)
-                    return app.temporary_exit(delay, message or "the guest asked for a temporary exit")
+                    return app.temporary_exit(
+                        trigger.delay, trigger.message or "the guest asked for a temporary exit"
+                    )
                 if (
                     self.job.time_limit is not None
                     and now - run_t0 + self._elapsed_before > self.job.time_limit
@@ -555,7 +490,7 @@ class Wrapper:
             self.status.last_output = tail.splitlines()[-1]
         self._write_status()
 
-    def _check_triggers(self, kinds: dict[str, GuestFileKind]) -> tuple[str, int, str, float] | None:
+    def _check_triggers(self, kinds: dict[str, GuestFileKind]) -> Trigger | None:
         for kind, name in (
             ("completion", self.job.completion_trigger_file),
             ("temporary_exit", self.job.temporary_exit_trigger_file),
@@ -569,7 +504,7 @@ class Wrapper:
             parse = completion_trigger if kind == "completion" else temporary_exit_trigger
             trigger = parse(data, f"{what} file {name}:")
             self._note(what, trigger.note)
-            return kind, trigger.exit_code, trigger.message, trigger.delay
+            return trigger
         return None
 
     def _checkpoint(self, proc: GuestProcess, record: CheckpointRecord | None) -> CheckpointRecord | None:
@@ -640,24 +575,20 @@ class Wrapper:
             part = self.slot / f".boincvm-{out.open_name}.part"
             try:
                 self.vm.copy_from_guest(guest, part, max_bytes=out.max_nbytes)
-            except OutputError as exc:
+            except OutputMissing as exc:
                 part.unlink(missing_ok=True)
-                if (
-                    out.optional
-                    and "does not exist" in exc.message
-                    or out.optional
-                    and "missing" in exc.message
-                ):
+                if out.optional:
                     log.info("optional output %s is absent", out.open_name)
                     continue
+                raise OutputMissing(f"output {out.open_name}: {exc.message}") from exc
+            except OutputError as exc:
+                part.unlink(missing_ok=True)
                 raise OutputError(f"output {out.open_name}: {exc.message}") from exc
             part.replace(target)
             log.info("output %s: %d bytes", out.open_name, target.stat().st_size)
 
     def _cleanup(self, record: CheckpointRecord | None) -> None:
         if self.inputs.package is not None and self.job.package is not None:
-            from boincvm.guest_install import uninstall_script
-
             kind = self.job.package.resolved_kind
             assert kind is not None
             try:
@@ -679,4 +610,4 @@ def _check_inside(path: Path, roots: Sequence[Path | None]) -> None:
     raise PathEscapeError(f"output path {path} resolves outside the slot and project directories")
 
 
-__all__ = ["CheckpointRecord", "CheckpointStore", "Phase", "StatusReport", "Wrapper", "WrapperInputs"]
+__all__ = ["FAILURES", "Failure", "Wrapper", "WrapperInputs"]

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from boincvm.errors import InputError
-from boincvm.hypervisor.qemu_cmdline import MACHINES
+from boincvm.hypervisor.qemu.cmdline import MACHINES
 
 #: q35: PCIe hot-plug of a transfer disk takes about 0.25 s under TCG, against about 1 s on pc.
 DEFAULT_MACHINE = "q35"

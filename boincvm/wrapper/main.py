@@ -1,13 +1,14 @@
 """The wrapper's entry point: what the BOINC client starts in a slot directory.
 
 ``main`` reads the slot (init_data.xml, the vm job files through their soft links), runs
-:class:`~boincvm.wrapper.Wrapper` and returns the exit code. It logs to stderr, which the
+:class:`~boincvm.wrapper.steps.Wrapper` and returns the exit code. It logs to stderr, which the
 client keeps as ``stderr.txt``; it never needs a terminal. It is the ``__main__`` of the
 wrapper zip application that ``package-image`` ships, and ``boincvm wrapper`` runs it too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -21,8 +22,10 @@ from boincvm.boinc.errors import SlotLocked
 from boincvm.boinc.files import ExitCode, write_finish_file
 from boincvm.bounds import parse_number
 from boincvm.errors import BoincvmError, InputError
+from boincvm.findings import errors_in, has_errors
+from boincvm.hypervisor.base import backend_class
 from boincvm.job import DEFAULTS_OPEN_NAME, JOB_OPEN_NAME, VmJob, load_job, resolve
-from boincvm.wrapper import Wrapper, WrapperInputs
+from boincvm.wrapper.steps import Wrapper, WrapperInputs
 
 log = logging.getLogger("boincvm.wrapper")
 
@@ -67,10 +70,10 @@ def load_inputs(app: BoincApp, wu_args: tuple[str, ...], own: dict[str, str]) ->
     # The client or a plan class puts these on the command line: untrusted numbers.
     if "nthreads" in own:
         ncpus = parse_number(own["nthreads"], "--nthreads", low=1, high=MAX_NCPUS)
-        job = VmJob(**{**job.__dict__, "ncpus": int(ncpus)})
+        job = dataclasses.replace(job, ncpus=int(ncpus))
     if "memory_size_mb" in own:
         memory = parse_number(own["memory_size_mb"], "--memory_size_mb", low=1, high=MAX_MEMORY_MB)
-        job = VmJob(**{**job.__dict__, "memory_size_mb": int(memory)})
+        job = dataclasses.replace(job, memory_size_mb=int(memory))
     resolved = resolve(job)
 
     def existing(logical: str | None, what: str) -> Path | None:
@@ -102,14 +105,15 @@ def load_inputs(app: BoincApp, wu_args: tuple[str, ...], own: dict[str, str]) ->
 def _check_package(path: Path) -> None:
     """Refuse a hostile package before anything reaches the guest (when the checker is available)."""
     try:
+        # An optional part: a wrapper built without the package checker (and its rpmfile)
+        # still runs; this is no circle, main is the top of the wrapper.
         from boincvm.package import check_package
     except ImportError:
         return
-    from boincvm.findings import has_errors
 
     findings = list(check_package(path))
     if has_errors(findings):
-        bad = next(f for f in findings if f.severity == "error")
+        bad = errors_in(findings)[0]
         raise InputError(f"the package was refused: {bad}", hint=bad.hint)
 
 
@@ -192,7 +196,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BoincvmError as exc:
             _log_init_failure(exc)
             return app.finish(int(ExitCode.INIT_FAILURE), exc.message)
-        from boincvm.hypervisor.base import backend_class
 
         try:
             factory = backend_class(inputs.job.backend)

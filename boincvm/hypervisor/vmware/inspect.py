@@ -15,7 +15,7 @@ from pathlib import Path
 
 from boincvm.errors import BoincvmError, InputError
 from boincvm.findings import Finding, error, info, warning
-from boincvm.hypervisor.vmware_vmx import VmdkDescriptor, VmxFile, read_vmdk_descriptor
+from boincvm.hypervisor.vmware.vmx import VmdkDescriptor, VmxFile, find_vmx, parse_vmsd, read_vmdk_descriptor
 from boincvm.paths import check_regular, reference
 
 _INSIDE = "the VM directory"
@@ -82,8 +82,6 @@ def check_vmware(path: Path, *, follow_links: bool = False) -> list[Finding]:
     except links boincvm laid out itself).
     """
     if path.is_dir():
-        from boincvm.hypervisor.vmware_files import find_vmx
-
         try:
             path = find_vmx(path)
         except InputError as exc:
@@ -115,8 +113,6 @@ def check_vmware(path: Path, *, follow_links: bool = False) -> list[Finding]:
 
 def _check_vm_files(path: Path, vmx: VmxFile, follow_links: bool) -> list[Finding]:
     """Errors for the VM's other files (nvram, .vmxf, .vmsd and its snapshots) that are unsafe to ship."""
-    from boincvm.hypervisor.vmware_files import parse_vmsd
-
     root = path.parent
     out: list[Finding] = []
     for key, default in (("nvram", f"{path.stem}.nvram"), ("extendedConfigFile", None)):
@@ -136,11 +132,7 @@ def _check_vm_files(path: Path, vmx: VmxFile, follow_links: bool) -> list[Findin
             out += [problem] if problem else []
             if found is not None and found.suffix.lower() == ".vmdk":
                 rel = str(found.parent.relative_to(root))
-                out += [
-                    f
-                    for f in _check_vmdk(found, place, root, follow_links, base=rel)[0]
-                    if f.severity == "error"
-                ]
+                out += [f for f in _check_vmdk(found, place, root, follow_links, base=rel)[0] if f.is_error]
     return out
 
 

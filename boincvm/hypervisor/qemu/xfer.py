@@ -20,7 +20,7 @@ checkpoint taken while the guest still held the device would not restore
 snapshot for the case where an unplug timed out.
 
 Hot-plug needs ACPI PCI hot-plug (machine ``pc``, or ``q35`` through the root port
-:mod:`.qemu_cmdline` adds); ``microvm`` has none, and those guests use the agent.
+:mod:`.cmdline` adds); ``microvm`` has none, and those guests use the agent.
 """
 
 from __future__ import annotations
@@ -28,18 +28,46 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from boincvm.errors import GuestError, HypervisorError, OutputError, VmTimeout
-from boincvm.hypervisor import qemu_cmdline as cl
-from boincvm.hypervisor.qemu_options import DEFAULT_TRANSFER_MIN_BYTES, QemuOptions
-
-if TYPE_CHECKING:
-    from boincvm.hypervisor.qemu import QemuBackend
+from boincvm.hypervisor.base import GuestProcess, ProcessStatus, VmSpec
+from boincvm.hypervisor.qemu import cmdline as cl
+from boincvm.hypervisor.qemu.options import DEFAULT_TRANSFER_MIN_BYTES, QemuOptions
 
 log = logging.getLogger(__name__)
+
+
+class QemuVm(Protocol):
+    """What a transfer disk needs of the QEMU backend that owns it (the backend imports this
+    module, not the other way round)."""
+
+    spec: VmSpec
+    machine: str
+    hotplug_port: bool
+
+    def qmp(
+        self, cmd: str, args: Mapping[str, object] | None = None, *, timeout: float | None = None
+    ) -> Any: ...
+
+    def start_program(
+        self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None
+    ) -> GuestProcess: ...
+
+    def poll_program(self, proc: GuestProcess) -> ProcessStatus: ...
+
+    def run_program(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> ProcessStatus: ...
+
 
 #: Files smaller than this go through the agent: a plug and unplug cost about 0.25-1 s.
 MIN_BYTES = DEFAULT_TRANSFER_MIN_BYTES
@@ -112,13 +140,13 @@ class Settings:
 
 
 class TransferDisk:
-    """Copies through hot-plugged disks for one :class:`~boincvm.hypervisor.qemu.QemuBackend`.
+    """Copies through hot-plugged disks for one :class:`~boincvm.hypervisor.qemu.backend.QemuBackend`.
 
     After a guest has shown it cannot use one (no hot-plug, no ``dd``), it is not
     tried again for that VM: :meth:`wanted` says False from then on.
     """
 
-    def __init__(self, vm: QemuBackend, settings: Settings) -> None:
+    def __init__(self, vm: QemuVm, settings: Settings) -> None:
         self.vm = vm
         self.settings = settings
         self.unusable: str | None = None
@@ -255,11 +283,11 @@ class TransferDisk:
             delay = min(delay * 2, 0.1)
 
 
-def _peripherals(vm: QemuBackend) -> list[str]:
+def _peripherals(vm: QemuVm) -> list[str]:
     return [str(p["name"]) for p in vm.qmp("qom-list", {"path": "/machine/peripheral"})]
 
 
-def _unplug(vm: QemuBackend, name: str) -> None:
+def _unplug(vm: QemuVm, name: str) -> None:
     """Unplug device ``name`` and wait until the guest has released it (bounded).
 
     Raises:
@@ -282,7 +310,7 @@ def _unplug(vm: QemuBackend, name: str) -> None:
         time.sleep(0.01)
 
 
-def _blockdev_del(vm: QemuBackend, name: str) -> None:
+def _blockdev_del(vm: QemuVm, name: str) -> None:
     """Delete block node ``name``; the device lets go of it shortly after it leaves the tree.
 
     Raises:
@@ -302,7 +330,7 @@ def _blockdev_del(vm: QemuBackend, name: str) -> None:
         time.sleep(0.01)
 
 
-def release_leftovers(vm: QemuBackend) -> None:
+def release_leftovers(vm: QemuVm) -> None:
     """Unplug and delete any transfer disk an earlier copy left (one whose unplug timed out).
 
     Raises:

@@ -1,7 +1,7 @@
 """The wrapper as an ELF executable: the app version's main program on hosts without Python.
 
 PyInstaller freezes exactly the sources the zip application bundles
-(:func:`boincvm.zipapp.wrapper_sources`: boincvm without its CLI, defusedxml, qemu.qmp,
+(:func:`boincvm.appversion.zipapp.wrapper_sources`: boincvm without its CLI, defusedxml, qemu.qmp,
 rpmfile) with this interpreter, its standard library and the shared libraries they load,
 into one file (``--onefile``): a small C bootloader that unpacks the bundle and runs the
 wrapper. The host needs glibc and nothing else: no Python, no pip package.
@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm import proc
+from boincvm.appversion.zipapp import BUNDLED, ENTRY, wrapper_sources
 from boincvm.cache import cache_root
 from boincvm.errors import CommandNotFound, ToolError
-from boincvm.zipapp import BUNDLED, ENTRY, wrapper_sources
 
 #: The executable's name (PyInstaller ``--name``) and the app-version file's suffix.
 NAME = "boincvm-wrapper"

@@ -1,0 +1,1 @@
+"""The QEMU backend: QMP for power and snapshots, qemu-guest-agent inside the guest."""

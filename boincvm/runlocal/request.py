@@ -1,0 +1,70 @@
+"""What run-local takes (:class:`RunLocalRequest`), shows while it runs (:class:`LiveState`) and
+gives back (:class:`RunSummary`); the emulator and the real-client driver share them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from boincvm.runlocal.faults import Fault
+
+#: Cobblestones: 200 credits per day of a 1 GFLOPS computer.
+CREDIT_PER_FLOP = 200.0 / 86400e9
+
+
+@dataclass(frozen=True)
+class RunLocalRequest:
+    """What run-local was asked to do."""
+
+    workunit_dir: Path
+    app_version_dir: Path
+    results_dir: Path
+    data_dir: Path
+    workunit: str | None = None
+    faults: tuple[Fault, ...] = ()
+    timeout: float = 3600.0
+    checkpoint_period: float = 60.0
+    max_starts: int = 20
+    keep_slot: bool = False
+
+
+@dataclass
+class LiveState:
+    """What the live view shows; updated about once a second."""
+
+    phase: str = "starting"
+    fraction_done: float = 0.0
+    cpu_time: float = 0.0
+    checkpoints: int = 0
+    starts: int = 0
+    elapsed: float = 0.0
+    last_output: str = ""
+    accel: str = ""
+    wrapper_pid: int | None = None
+    events: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The end of a run-local."""
+
+    workunit: str
+    outcome: str
+    ok: bool
+    exit_code: int | None
+    message: str
+    elapsed: float
+    cpu_time: float
+    credit_claimed: float
+    ops: float | None
+    checkpoints: int
+    starts: int
+    timings: dict[str, float]
+    outputs: list[dict[str, object]]
+    results_dir: str
+    events: list[str]
+    stderr_tail: str
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return dict(self.__dict__)

@@ -1,0 +1,79 @@
+"""The slot task for one workunit: a made workunit directory and app version directory turned
+into the :class:`~boincvm.boinc.slot.LocalTask` the client (emulated or real) is given."""
+
+from __future__ import annotations
+
+from boincvm.appversion.model import parse_version_xml
+from boincvm.boinc.slot import LocalTask, OutputFile, TaskFile
+from boincvm.errors import InputError
+from boincvm.findings import errors_in
+from boincvm.runlocal.request import RunLocalRequest
+from boincvm.workunit.directory import open_workunit_dir
+from boincvm.workunit.templates import read_output_template, resources_of
+from boincvm.xmlio import read_bytes
+
+
+def build_task(req: RunLocalRequest) -> LocalTask:
+    """The LocalTask for the workunit and app version directories.
+
+    Raises:
+        InputError: either directory is unusable.
+    """
+    wud = open_workunit_dir(req.workunit_dir)
+    record = wud.record(req.workunit)
+    av = req.app_version_dir
+    vx, findings = parse_version_xml(read_bytes(av / "version.xml", what="version.xml"))
+    if findings:
+        raise InputError(f"{av}/version.xml: {findings[0]}")
+    app_files = []
+    for f in vx.files:
+        src = av / f.physical_name
+        if not src.is_file():
+            raise InputError(f"app version file {src} is missing")
+        app_files.append(
+            TaskFile(
+                src, f.physical_name, f.logical_name, main_program=f.main_program, executable=f.main_program
+            )
+        )
+    if not any(f.main_program for f in app_files):
+        raise InputError(f"{av}/version.xml names no main program")
+    inputs = tuple(
+        TaskFile(wud.download / f.physical_name, f.physical_name, f.open_name) for f in record.files
+    )
+    for t in inputs:
+        if not t.source.is_file():
+            raise InputError(
+                f"workunit file {t.source} is missing", hint="run boincvm validate on the workunit"
+            )
+    tpl_findings, result_files = read_output_template(
+        read_bytes(wud.output_template, what="output template"), wud.output_template.name
+    )
+    errors = errors_in(tpl_findings)
+    if errors:
+        raise InputError(f"{wud.output_template.name}: {errors[0]}")
+    result = f"{record.name}_0"
+    outputs = tuple(
+        OutputFile(f"{result}_r0_{i}", f.open_name, optional=f.optional, max_nbytes=int(f.max_nbytes or 0))
+        for i, f in enumerate(result_files)
+    )
+    res = resources_of(read_bytes(wud.input_template, what="input template"))
+
+    return LocalTask(
+        app_name=wud.app_name,
+        wu_name=record.name,
+        result_name=result,
+        app_files=tuple(app_files),
+        input_files=inputs,
+        output_files=outputs,
+        command_line=_quote_for_client(record.command_line),
+        rsc_fpops_est=res.rsc_fpops_est,
+        rsc_fpops_bound=res.rsc_fpops_bound,
+        rsc_memory_bound=res.rsc_memory_bound,
+        rsc_disk_bound=res.rsc_disk_bound,
+        delay_bound=res.delay_bound,
+    )
+
+
+def _quote_for_client(cmd: str) -> str:
+    # create_work stores the line as given; the client splits it itself.
+    return cmd

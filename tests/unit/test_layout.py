@@ -1,0 +1,250 @@
+"""The layout's import rules (README "Architecture"), read from every module with ``ast``.
+
+Every ``import`` counts, at module level, under ``if TYPE_CHECKING:`` and inside functions:
+a circle hidden in a function or behind ``TYPE_CHECKING`` is still a circle.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2] / "boincvm"
+
+#: Modules that import nothing above them.
+GROUND = {
+    "errors",
+    "proc",
+    "xmlio",
+    "render",
+    "atomicdir",
+    "cache",
+    "names",
+    "findings",
+    "hashing",
+    "bounds",
+    "paths",
+}
+#: Parts that are made, checked and shipped; they never import a runner.
+ARTEFACTS = {"job", "workunit", "appversion", "image", "package", "signing", "validate"}
+#: Parts that run things.
+RUNNERS = {"wrapper", "runlocal"}
+#: Parts that speak to the outside and import only the ground.
+EDGES = {"boinc", "hypervisor"}
+
+
+@dataclass(frozen=True)
+class Import:
+    """One import of a boincvm module by another."""
+
+    source: str
+    target: str
+    line: int
+    local: bool  # inside a function
+
+    def __str__(self) -> str:
+        where = "a function-local import of" if self.local else "imports"
+        return f"{self.source} (line {self.line}) {where} {self.target}"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = ["boincvm", *path.relative_to(ROOT).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _known(name: str) -> str | None:
+    """The longest prefix of ``name`` that is a boincvm module."""
+    while name:
+        if name in MODULES:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def _imports() -> Iterator[Import]:
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        local = {
+            id(node)
+            for fn in ast.walk(tree)
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef)
+            for node in ast.walk(fn)
+        }
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    prefix = ".".join([*base, *([node.module] if node.module else [])])
+                else:
+                    prefix = node.module or ""
+                # ``from boincvm.image import elf`` imports the module boincvm.image.elf
+                names = [
+                    f"{prefix}.{a.name}" if f"{prefix}.{a.name}" in MODULES else prefix for a in node.names
+                ]
+            for name in names:
+                target = _known(name)
+                if target is not None and target != module:
+                    yield Import(module, target, node.lineno, id(node) in local)
+
+
+IMPORTS = list(_imports())
+
+
+def part(module: str) -> str:
+    """The part a module belongs to: ``boincvm.workunit.make`` -> ``workunit``; the root -> ``""``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_every_module_is_in_a_known_part() -> None:
+    known = GROUND | ARTEFACTS | RUNNERS | EDGES | {"cli", "__main__", ""}
+    assert sorted({part(m) for m in MODULES} - known) == []
+
+
+def test_the_ground_imports_nothing_above_it() -> None:
+    bad = [str(i) for i in IMPORTS if part(i.source) in GROUND and part(i.target) not in GROUND | {""}]
+    assert bad == []
+
+
+def test_boinc_and_hypervisor_import_only_the_ground() -> None:
+    bad = [
+        str(i)
+        for i in IMPORTS
+        if part(i.source) in EDGES and part(i.target) not in GROUND | {"", part(i.source)}
+    ]
+    assert bad == []
+
+
+def test_artefacts_never_import_runners() -> None:
+    bad = [str(i) for i in IMPORTS if part(i.source) in ARTEFACTS and part(i.target) in RUNNERS]
+    assert bad == []
+
+
+def test_nothing_imports_the_cli() -> None:
+    bad = [str(i) for i in IMPORTS if part(i.target) == "cli" and part(i.source) not in ("cli", "__main__")]
+    assert bad == []
+
+
+#: Function-local imports outside cli/ that keep a module out of the wrapper, with the reason.
+LAZY = {
+    ("boincvm.job", "boincvm.render"): "the wrapper parses jobs, never renders one; jinja2 is not in it",
+}
+
+
+def test_function_local_imports_only_where_they_say_why() -> None:
+    """Outside cli/ (where commands import their core lazily so ``boincvm --help`` is instant),
+    a function-local import of boincvm must be an optional part guarded by ``except ImportError``
+    or one of :data:`LAZY`, which keep a module out of the wrapper."""
+    guarded = set()
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Try) and any(
+                isinstance(h.type, ast.Name) and h.type.id == "ImportError" for h in node.handlers
+            ):
+                guarded |= {
+                    (module, n.lineno) for n in node.body if isinstance(n, ast.ImportFrom | ast.Import)
+                }
+    bad = [
+        str(i)
+        for i in IMPORTS
+        if i.local
+        and part(i.source) != "cli"
+        and (i.source, i.line) not in guarded
+        and (i.source, i.target) not in LAZY
+    ]
+    assert bad == []
+
+
+def test_the_wrapper_never_loads_the_template_engine() -> None:
+    """The wrapper ships without jinja2: nothing it imports at module level reaches render."""
+    seen, todo = set(), ["boincvm.wrapper.main"]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        todo += [i.target for i in IMPORTS if i.source == module and not i.local]
+    assert "boincvm.render" not in seen, sorted(seen)
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one node (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    counter = 0
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph.get(start, ()))))]
+        index[start] = low[start] = counter
+        counter += 1
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    out.append(sorted(component))
+    return out
+
+
+def test_no_circles_between_modules() -> None:
+    graph: dict[str, set[str]] = defaultdict(set)
+    for i in IMPORTS:
+        graph[i.source].add(i.target)
+    assert _cycles(graph) == []
+
+
+def test_no_circles_between_parts() -> None:
+    graph: dict[str, set[str]] = defaultdict(set)
+    for i in IMPORTS:
+        a, b = part(i.source), part(i.target)
+        if a != b and b:  # the root package (its __version__) is everyone's
+            graph[a].add(b)
+    assert _cycles(graph) == []
+
+
+def test_the_circle_finder_finds_circles() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
