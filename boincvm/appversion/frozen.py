@@ -110,7 +110,10 @@ def _excluded_modules() -> list[str]:
 def source_key() -> str:
     """The content key of the frozen wrapper these sources, this interpreter and PyInstaller give."""
     h = hashlib.sha256()
-    for part in (RECIPE, _pyinstaller_version(), sys.version, sys.platform, os.path.realpath(sys.executable)):
+    # sys.prefix too: the bundled third-party modules come from this environment, and two
+    # environments in other places give other bytes.
+    build_env = (sys.version, sys.platform, os.path.realpath(sys.executable), sys.prefix)
+    for part in (RECIPE, _pyinstaller_version(), *build_env):
         h.update(part.encode() + b"\0")
     entries, extra = wrapper_sources()
     for arcname, path in entries:
