@@ -68,7 +68,10 @@ def debian_app_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_debian_python_image_resumes_byte_identical(debian_app_version: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", [FaultKind.KILL, FaultKind.QUIT])
+def test_debian_python_image_resumes_byte_identical(
+    debian_app_version: Path, tmp_path: Path, kind: FaultKind
+) -> None:
     step = 1.0 * SCALE
     job = VmJob(
         task=Task(fraction_done_filename="fraction_done"),
@@ -92,7 +95,7 @@ def test_debian_python_image_resumes_byte_identical(debian_app_version: Path, tm
             app_version_dir=debian_app_version,
             results_dir=tmp_path / "results",
             data_dir=tmp_path / "client",
-            faults=(Fault.parse(FaultKind.KILL, "checkpoint:1"),),
+            faults=(Fault.parse(kind, "checkpoint:1"),),
             timeout=bound(300),
             checkpoint_period=max(1.0, STEPS * step / 6),
         )
