@@ -64,8 +64,24 @@ def _run(root: Path, wu: Path, av: Path, tag: str, **kw: object) -> tuple[RunSum
 
 
 def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of the wrapper: the main program and its descendants, QEMU left out.
+
+    The frozen wrapper's main program is PyInstaller's loader, whose child runs the wrapper;
+    counting the loader alone would measure an idle process.
+    """
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            if b"qemu-system" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0]:
+                continue
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def main() -> None:
