@@ -29,7 +29,6 @@ WorkingDir become the launcher's fixed arguments, Env becomes ``setenv``, and
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -48,7 +47,14 @@ from boincvm.cache import cache_root
 from boincvm.errors import InputError, ToolError
 from boincvm.image.cpio import Entry, write_newc
 from boincvm.image.descriptor import ImageDescriptor, ImageFormat
-from boincvm.image.guest import AGENT_PORT, RECIPES, build_guest_image, find_cached_image
+from boincvm.image.guest import (
+    AGENT_PORT,
+    RECIPES,
+    build_guest_image,
+    claim_target,
+    find_cached_image,
+    is_built,
+)
 from boincvm.image.oci import DEFAULT_MAX_ROOT_BYTES, ImageConfig, RootTree, apply_layers, load_image
 from boincvm.job import Task, VmJob, load_job, render_job
 from boincvm.render import render, templates_dir
@@ -262,12 +268,6 @@ def _input_hash(identity: str, base: ImageDescriptor, free_mb: int) -> str:
     return h.hexdigest()
 
 
-def _existing(target: Path, digest: str) -> bool:
-    with contextlib.suppress(InputError):
-        return ImageDescriptor.load(target).input_hash == digest
-    return False
-
-
 def build_container_image(
     source: Path,
     *,
@@ -302,12 +302,9 @@ def build_container_image(
     assert base.kernel is not None and base.initrd is not None
     digest = _input_hash(image.identity, base, free_mb)
     target = output if output is not None else cache_root() / "images" / f"oci-{digest[:24]}"
-    if _existing(target, digest):
+    if claim_target(target, digest):
         say(f"cached: {target}")
         return target
-    if target.exists() and any(target.iterdir()):
-        raise InputError(f"{target} exists and holds something else", hint="choose an empty or new --output")
-    target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.build-"))
     try:
         root = work / "rootfs"
@@ -367,7 +364,7 @@ def build_container_image(
         try:
             out_dir.rename(target)
         except OSError:
-            if not _existing(target, digest):
+            if not is_built(target, digest):
                 raise
         say(f"built: {target}")
         return target

@@ -351,9 +351,25 @@ def _scratch_disk(rec: Recipe, work: Path, out_dir: Path) -> str:
     return "scratch.qcow2"
 
 
-def _existing(target: Path, digest: str) -> bool:
+def is_built(target: Path, digest: str) -> bool:
+    """True when ``target`` holds the image whose inputs hash to ``digest``."""
     with contextlib.suppress(InputError):
         return ImageDescriptor.load(target).input_hash == digest
+    return False
+
+
+def claim_target(target: Path, digest: str) -> bool:
+    """True when ``target`` already holds the image ``digest`` names (a cache hit); otherwise
+    False once it can be built there: a new or empty directory whose parent exists.
+
+    Raises:
+        InputError: ``target`` holds something else.
+    """
+    if is_built(target, digest):
+        return True
+    if target.exists() and any(target.iterdir()):
+        raise InputError(f"{target} exists and holds something else", hint="choose an empty or new --output")
+    target.parent.mkdir(parents=True, exist_ok=True)
     return False
 
 
@@ -382,12 +398,9 @@ def build_guest_image(
     packages = resolve_packages(rec)
     digest = input_hash(rec, packages)
     target = output if output is not None else cache_root() / "images" / digest[:24]
-    if _existing(target, digest):
+    if claim_target(target, digest):
         say(f"cached: {target}")
         return target
-    if target.exists() and any(target.iterdir()):
-        raise InputError(f"{target} exists and holds something else", hint="choose an empty or new --output")
-    target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.build-"))
     try:
         out_dir = work / "image"
@@ -428,7 +441,7 @@ def build_guest_image(
         try:
             out_dir.rename(target)
         except OSError:
-            if not _existing(target, digest):  # a concurrent build won the race: fine
+            if not is_built(target, digest):  # a concurrent build won the race: fine
                 raise
         say(f"built: {target}")
         return target
