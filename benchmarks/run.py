@@ -1,8 +1,15 @@
-"""Run every benchmark and print its figures: ``python benchmarks/run.py [NAME ...]``."""
+"""Run the benchmarks and print their figures.
+
+``python benchmarks/run.py [--quick] [--only peers,host_full,checkpoint_scaling] [NAME ...]``:
+names may drop the ``bench_`` prefix; ``--quick`` asks the benchmarks that take it for
+fewer repetitions and shorter jobs.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -16,13 +23,22 @@ BENCHES = (
     "bench_run_local",
     "bench_wrapper",
     "bench_oci",
+    "bench_peers",
+    "bench_host_full",
+    "bench_checkpoint_scaling",
 )
 
 
 def main() -> None:
-    """Import each benchmark module and call its main()."""
-    chosen = sys.argv[1:] or list(BENCHES)
-    for name in chosen:
+    """Import each chosen benchmark module and call its main()."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated benchmarks to run")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions, shorter jobs")
+    args = ap.parse_args()
+    chosen = [*args.names, *(n for n in args.only.split(",") if n)] or list(BENCHES)
+    for raw in chosen:
+        name = raw if raw.startswith("bench_") else f"bench_{raw}"
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -31,7 +47,10 @@ def main() -> None:
                 continue
             raise
         t0 = time.perf_counter()
-        module.main()
+        if "quick" in inspect.signature(module.main).parameters:
+            module.main(quick=args.quick)
+        else:
+            module.main()
         print(f"   ({name} took {time.perf_counter() - t0:.1f} s)\n")
 
 
