@@ -280,3 +280,43 @@ def test_golden_start_sets_the_clock_and_a_broken_golden_is_set_aside(
             assert vm.run_program(["/bin/true"], timeout=30).exit_code == 0
         assert qemu_golden.is_broken(built[0].name) and qemu_golden.find(built[0].name) is None
     assert (built[0] / qemu_golden.GOLDEN_DISK).is_file()  # overlays of running jobs still need it
+
+
+def test_jobs_map_the_golden_ram_privately_and_never_write_it(
+    guest_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from boincvm.hypervisor.qemu import golden as qemu_golden
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def spec(n: int) -> VmSpec:
+        s = make_spec(guest_image, tmp_path / f"vm{n}", f"cow{n}")
+        return spec_for_image(guest_image, name=s.name, workdir=s.workdir, boot_timeout=60,
+                              options={"golden": "yes"})  # fmt: skip
+
+    with QemuBackend(spec(1)) as one:  # builds the golden checkpoint, then starts from it
+        one.power_on()
+        one.wait_for_tools()
+        (built,) = [d for d in (tmp_path / "cache/boincvm/golden").iterdir() if not d.name.startswith(".")]
+        ram = built / qemu_golden.GOLDEN_RAM
+        before = hashlib.sha256(ram.read_bytes()).hexdigest()
+        st = ram.stat()
+        assert st.st_size == one.spec.memory_mb * 1024 * 1024
+        assert st.st_blocks * 512 < st.st_size  # the zero pages are holes again
+        # The stream holds the devices only: the RAM is the file.
+        assert (built / qemu_golden.GOLDEN_STATE).stat().st_size < 4 * 1024 * 1024
+        with QemuBackend(spec(2)) as two:
+            two.power_on()
+            two.wait_for_tools()
+            for vm in (one, two):
+                assert vm._popen is not None
+                maps = Path(f"/proc/{vm._popen.pid}/maps").read_text()
+                assert str(ram) in maps
+            # What one guest writes the other does not see, and the file does not change.
+            assert one.run_program(["/bin/sh", "-c", "echo one > /mark-cow"], timeout=30).exit_code == 0
+            assert two.run_program(["/bin/sh", "-c", "test ! -e /mark-cow"], timeout=30).exit_code == 0
+            one.snapshot_create("ck1")
+            assert one.run_program(["/bin/sh", "-c", "rm /mark-cow"], timeout=30).exit_code == 0
+            one.snapshot_revert("ck1")
+            assert one.run_program(["/bin/cat", "/mark-cow"], timeout=30).stdout_tail.strip() == b"one"
+    assert hashlib.sha256(ram.read_bytes()).hexdigest() == before

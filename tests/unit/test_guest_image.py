@@ -153,6 +153,25 @@ def test_command_line_variants() -> None:
         cl.build_argv(_args(machine="isapc"))
 
 
+def test_command_line_memory_backend_and_translation_cache() -> None:
+    tcg = cl.build_argv(_args())
+    assert tcg[tcg.index("-accel") + 1] == f"tcg,tb-size={cl.TCG_TB_SIZE_MB}"
+    assert tcg[tcg.index("-machine") + 1] == "pc" and "-object" not in tcg
+    kvm = cl.build_argv(_args(accel="kvm"))
+    assert kvm[kvm.index("-accel") + 1] == "kvm"
+    # Golden RAM: mapped shared by the VM that saves it, privately (copy-on-write) by jobs;
+    # the backend keeps the id QEMU gives the RAM of -m, so snapshots stay interchangeable.
+    saver = cl.build_argv(_args(machine="q35", ram_file=Path("/g/golden.ram"), ram_shared=True))
+    assert saver[saver.index("-machine") + 1] == "q35,memory-backend=pc.ram"
+    assert saver[saver.index("-object") + 1] == (
+        "memory-backend-file,id=pc.ram,size=256M,mem-path=/g/golden.ram,share=on"
+    )
+    assert saver[saver.index("-m") + 1] == "256"
+    job = cl.build_argv(_args(machine="microvm", ram_file=Path("/g/golden.ram")))
+    assert job[job.index("-machine") + 1] == "microvm,memory-backend=microvm.ram"
+    assert job[job.index("-object") + 1].endswith(",share=off")
+
+
 def test_host_tsc_khz() -> None:
     assert cl.host_tsc_khz("processor\t: 0\ncpu MHz\t\t: 2100.000\n") == 2100000
     assert cl.host_tsc_khz("nothing") is None

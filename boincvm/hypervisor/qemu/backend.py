@@ -75,6 +75,8 @@ QEMU_LOG = "qemu.log"
 TAIL_BYTES = 64 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 QMP_CLIENT_NAME = "boincvm-qmp"
+#: Migration leaves out RAM mapped shared (the golden RAM file): see :mod:`.golden`.
+IGNORE_SHARED = {"capability": "x-ignore-shared", "state": True}
 # qemu.qmp logs a QEMU that quits (end-of-file) at INFO: for us that is the normal end.
 logging.getLogger(f"qemu.qmp.protocol.{QMP_CLIENT_NAME}").setLevel(logging.WARNING)
 
@@ -155,6 +157,8 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         self._agent: GuestAgent | None = None
         self._finished: dict[int, ProcessStatus] = {}
         self._cpu_before = 0.0  # host CPU of this object's earlier QEMU processes
+        #: Set by the golden build: this VM's RAM goes into that file, mapped shared.
+        self.golden_ram_out: Path | None = None
 
     # -- availability ---------------------------------------------------------
     @classmethod
@@ -364,8 +368,10 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             golden = self._golden()
             attach = self._create_overlay(golden)
             self.hotplug_port = self.machine == "q35"
+            ram_file = golden.ram if golden is not None else self.golden_ram_out
             self._save_state({"accel": self.accel.accel, "machine": self.machine, "attach_disk": attach,
-                              "hotplug_port": self.hotplug_port})  # fmt: skip
+                              "hotplug_port": self.hotplug_port,
+                              "ram_file": str(golden.ram) if golden is not None else None})  # fmt: skip
         else:
             golden = None
             state = self._load_state()
@@ -374,6 +380,11 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             self.machine = str(state["machine"])
             attach = bool(state["attach_disk"])
             self.hotplug_port = bool(state.get("hotplug_port", False))  # older states have none
+            # The snapshot holds all of RAM; mapping the golden RAM under it again keeps the
+            # pages the guest has not written since shared. Gone (cache cleared): plain RAM,
+            # which takes the same snapshot (the backend has the same id).
+            saved_ram = state.get("ram_file")
+            ram_file = Path(saved_ram) if saved_ram and Path(saved_ram).is_file() else None
             names = [s.name for s in self._offline_snapshots()]
             if snapshot not in names:
                 have = ", ".join(names) or "none"
@@ -401,6 +412,8 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             loadvm=snapshot,
             tsc_khz=tsc,
             hotplug_port=self.hotplug_port,
+            ram_file=ram_file,
+            ram_shared=golden is None and snapshot is None and ram_file is not None,
         )
         if golden is None:
             self._spawn(args)
@@ -421,12 +434,17 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
 
     def _start_from_golden(self, args: cl.QemuArgs, golden: qemu_golden.Golden) -> None:
         # The state is read straight from an inherited descriptor: no shell, no cat, no pipe.
+        # It holds no RAM (x-ignore-shared at the save): the RAM is golden.ram, mapped privately.
         fd = os.open(golden.state, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            self._spawn(dataclasses.replace(args, incoming=f"fd:{fd}"), pass_fds=(fd,))
+            self._spawn(dataclasses.replace(args, incoming="defer"), pass_fds=(fd,))
         finally:
-            os.close(fd)
+            os.close(fd)  # QEMU holds its own copy, under the same number
+        self.qmp("migrate-set-capabilities", {"capabilities": [IGNORE_SHARED]})
+        self.qmp("migrate-incoming", {"uri": f"fd:{fd}"})
         self._wait_incoming()
+        # Off again: a snapshot records the capability and would then only load with it on.
+        self.qmp("migrate-set-capabilities", {"capabilities": [{**IGNORE_SHARED, "state": False}]})
         self._ensure_running()
         self._after_restore()
 
@@ -804,9 +822,12 @@ def _save_golden(boot: VmSpec, state: Path) -> None:
         VmTimeout: the migration did not finish within 120 s.
     """
     with QemuBackend(boot) as vm:
+        vm.golden_ram_out = state.with_name(qemu_golden.GOLDEN_RAM)
         vm.power_on()
         vm.wait_for_tools()
         vm.qmp("stop")
+        # The RAM is in golden.ram already (mapped shared): the stream carries the devices.
+        vm.qmp("migrate-set-capabilities", {"capabilities": [IGNORE_SHARED]})
         vm.qmp("migrate-set-parameters", {"max-bandwidth": 16 * 1024**3})
         vm.send_fd("golden-state", state)
         vm.qmp("migrate", {"uri": "fd:golden-state"})

@@ -7,6 +7,15 @@ network setting) boots it, waits for the agent, stops the VM and migrates its st
 get an overlay on ``golden.qcow2`` and ``-incoming fd:N``, N an inherited descriptor of
 ``golden.mig``; it was written the same way, through a descriptor handed to QEMU (``getfd``).
 
+The guest's RAM is not in ``golden.mig``: the VM that saves it runs with its RAM in a
+file mapped shared, ``golden.ram`` (QEMU's ``memory-backend-file,share=on``), and
+migrates with ``x-ignore-shared``, so the stream holds only the devices. Every job maps
+``golden.ram`` privately (``share=off``): pages the guest only reads stay in the host's
+page cache, one copy for all the tasks on the host, and a page it writes becomes that
+task's own (copy-on-write), as Firecracker restores snapshots. A task thus costs the host
+the memory its guest dirtied, not its whole RAM; and a restore reads nothing it does not
+touch.
+
 Golden checkpoints live in ``<cache>/golden/<key>/``, built in a temporary directory and
 renamed into place; the key covers every input that the saved state depends on.
 """
@@ -17,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -24,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from boincvm import proc
 from boincvm.cache import cache_root
-from boincvm.errors import HypervisorError
+from boincvm.errors import HypervisorError, ToolError
 
 if TYPE_CHECKING:
     from boincvm.hypervisor.base import VmSpec
@@ -34,18 +45,21 @@ log = logging.getLogger(__name__)
 
 GOLDEN_DISK = "golden.qcow2"
 GOLDEN_STATE = "golden.mig"
+GOLDEN_RAM = "golden.ram"
 #: Written next to a golden checkpoint whose state failed to load: no job uses it again.
 BROKEN = "broken"
 #: Bumped when the saved state's shape changes (devices, command line).
-GOLDEN_VERSION = 1
+GOLDEN_VERSION = 2
 
 
 @dataclass(frozen=True)
 class Golden:
-    """A prepared checkpoint: the disk to put the job overlay on and the state to load."""
+    """A prepared checkpoint: the disk to put the job overlay on, the device state to load
+    and the guest RAM to map privately."""
 
     disk: Path
     state: Path
+    ram: Path
 
 
 def _identity(path: Path | None) -> list[object]:
@@ -67,8 +81,9 @@ def golden_key(spec: VmSpec, accel: str, machine: str, qemu: str) -> str:
 def find(key: str) -> Golden | None:
     """The golden checkpoint for ``key`` if it is built and has not failed to load."""
     d = cache_root() / "golden" / key
-    g = Golden(d / GOLDEN_DISK, d / GOLDEN_STATE)
-    return g if g.disk.is_file() and g.state.is_file() and not (d / BROKEN).exists() else None
+    g = Golden(d / GOLDEN_DISK, d / GOLDEN_STATE, d / GOLDEN_RAM)
+    complete = g.disk.is_file() and g.state.is_file() and g.ram.is_file()
+    return g if complete and not (d / BROKEN).exists() else None
 
 
 def is_broken(key: str) -> bool:
@@ -93,8 +108,9 @@ def mark_broken(golden: Golden, reason: str) -> None:
 def build(spec: VmSpec, key: str, accel: str, save: Callable[[VmSpec, Path], None]) -> Golden:
     """Boot ``spec`` once, save the running guest and freeze its disk; return the result.
 
-    ``save(boot, state)`` boots ``boot`` (its work directory under the build directory),
-    waits for the agent and writes the stopped guest's state to ``state``; the QEMU backend
+    ``save(boot, state)`` boots ``boot`` (its work directory under the build directory) with
+    its RAM in ``GOLDEN_RAM`` next to ``state``, waits for the agent and writes the stopped
+    guest's device state to ``state``; the QEMU backend
     passes its own (this module knows the cache, the backend knows QEMU).
 
     Raises:
@@ -112,8 +128,21 @@ def build(spec: VmSpec, key: str, accel: str, save: Callable[[VmSpec, Path], Non
         out.mkdir()
         (work / "vm" / "disk.qcow2").rename(out / GOLDEN_DISK)
         (work / "vm" / GOLDEN_STATE).rename(out / GOLDEN_STATE)
-        for f in out.iterdir():
+        ram = work / "vm" / GOLDEN_RAM
+        # A guest booted with init_on_free=1 zeroes every page it frees, so the file is
+        # fully written; its zero blocks become holes again (disk use = what the guest holds).
+        try:
+            proc.run(["fallocate", "--dig-holes", ram], timeout=600)
+        except ToolError as exc:  # only disk space: the checkpoint works as it is
+            log.info("could not make %s sparse: %s", ram, exc.message)
+        with ram.open("rb") as r:  # what the saving QEMU wrote through its shared mapping
+            os.fsync(r.fileno())
+        ram.rename(out / GOLDEN_RAM)
+        for f in (out / GOLDEN_DISK, out / GOLDEN_STATE):
             f.chmod(0o444)
+        # QEMU 7.2 opens a memory-backend-file read-write even to map it privately (it never
+        # writes it then): the owner keeps write permission.
+        (out / GOLDEN_RAM).chmod(0o644)
         try:
             out.rename(root / key)
         except OSError:
