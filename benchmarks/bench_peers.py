@@ -217,7 +217,7 @@ def _report(name: str, runs: dict[str, list[Sample]], loads: list[str]) -> None:
     nat, vm, pod = runs["native"], runs["boincvm"], runs.get("podman", [])
     print(f"  {name}: {len(vm)} pairs, load {min(loads)}-{max(loads)}")
     rows: tuple[tuple[str, Callable[[Sample], float], str], ...] = (
-        ("wall s", lambda s: s.wall, "{:.2f}"),
+        ("wall s", lambda s: s.wall, "{:.3f}"),
         ("cpu s", lambda s: s.cpu, "{:.2f}"),
         ("mem MiB", lambda s: s.mem / MIB, "{:.1f}"),
     )
