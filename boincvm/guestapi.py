@@ -13,7 +13,6 @@ cached by content), the C source, the Python module, the shell command and a usa
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -107,7 +106,7 @@ def static_library() -> tuple[Path, bool]:
         proc.run([gcc, *CFLAGS, "-c", C_SOURCE, "-o", "boinc_api.o"], timeout=300, cwd=Path(tmp))
         proc.run(["ar", "rcsD", LIBRARY, "boinc_api.o"], timeout=60, cwd=Path(tmp))
         lib = Path(tmp) / LIBRARY
-        os.replace(lib, out)
+        lib.replace(out)
     return out, False
 
 
@@ -119,7 +118,9 @@ def write_guest_api(directory: Path, *, force: bool = False) -> GuestApiFiles:
         ToolError: gcc or ar is missing or failed.
     """
     if directory.exists() and not force:
-        raise InputError(f"{directory} already exists", hint="choose a new directory, or add --force to replace it")
+        raise InputError(
+            f"{directory} already exists", hint="choose a new directory, or add --force to replace it"
+        )
     library, cached = static_library()
     with building(directory, force=force) as tmp:
         for name in (HEADER, C_SOURCE, PYTHON_MODULE):
