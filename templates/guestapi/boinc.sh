@@ -63,7 +63,7 @@ checkpoint-completed)
     [ -n "$dir" ] || exit 0
     rm -f "$dir/critical"
     [ -f "$dir/checkpoint_request" ] || exit 0
-    put checkpoint_ready "$(cat "$dir/checkpoint_request")"
+    cat "$dir/checkpoint_request" > "$dir/checkpoint_ready.tmp" && mv -f "$dir/checkpoint_ready.tmp" "$dir/checkpoint_ready"
     while [ -e "$dir/checkpoint_request" ]; do sleep 0.05 2>/dev/null || sleep 1; done
     rm -f "$dir/checkpoint_ready" ;;
 begin-critical) [ -z "$dir" ] || put critical "1
