@@ -394,3 +394,23 @@ def test_python_module_temporary_exit_and_trickle_down(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert (api_dir / "temporary_exit").read_text() == "30\n1\nlater\n"
+
+
+def test_the_bundled_guest_carries_the_python_module_and_the_shell_command(guest_image: Path) -> None:
+    from boincvm.guestapi import GUEST_COMMAND_PATH, GUEST_PYTHON_PATH, SHELL_SCRIPT
+
+    listing = subprocess.run(
+        ["cpio", "-t", "--quiet"],
+        stdin=(guest_image / "initramfs.cpio").open("rb"),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert GUEST_COMMAND_PATH in listing and GUEST_PYTHON_PATH in listing
+    extracted = subprocess.run(
+        ["cpio", "-i", "--quiet", "--to-stdout", GUEST_COMMAND_PATH],
+        stdin=(guest_image / "initramfs.cpio").open("rb"),
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert extracted == source(SHELL_SCRIPT).read_bytes()
