@@ -61,8 +61,17 @@ KNOWN_TAGS = frozenset(
     """.split()
 )
 #: The tags whose value must be a number.
-_NUMERIC = frozenset({"min_ncpus", "max_threads", "min_core_client_version", "mem_usage_base_mb",
-                      "mem_usage_per_cpu_mb", "projected_flops_scale", "avg_ncpus"})  # fmt: skip
+_NUMERIC = frozenset(
+    {
+        "min_ncpus",
+        "max_threads",
+        "min_core_client_version",
+        "mem_usage_base_mb",
+        "mem_usage_per_cpu_mb",
+        "projected_flops_scale",
+        "avg_ncpus",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -109,7 +118,9 @@ def check_plan_class_spec(data: bytes, *, plan_class: str | None, job: VmJob | N
     entries: dict[str, tuple[int, ET.Element]] = {}
     for i, pc in enumerate(root):
         if pc.tag != "plan_class":
-            out.append(error(f"{FILE_NAME}:plan_classes.{pc.tag}", "is not a <plan_class>; the scheduler skips it"))
+            out.append(
+                error(f"{FILE_NAME}:plan_classes.{pc.tag}", "is not a <plan_class>; the scheduler skips it")
+            )
             continue
         names = [text_of(c) for c in pc if c.tag == "name"]
         if len(names) != 1 or not names[0]:
@@ -117,8 +128,13 @@ def check_plan_class_spec(data: bytes, *, plan_class: str | None, job: VmJob | N
             continue
         for child in pc:
             if child.tag not in KNOWN_TAGS:
-                out.append(error(f"{_place(i)}.{child.tag}", "is not a tag BOINC's scheduler reads",
-                                 hint="see sched/plan_class_spec.cpp; a misspelt tag is silently ignored"))  # fmt: skip
+                out.append(
+                    error(
+                        f"{_place(i)}.{child.tag}",
+                        "is not a tag BOINC's scheduler reads",
+                        hint="see sched/plan_class_spec.cpp; a misspelt tag is silently ignored",
+                    )
+                )
             elif child.tag in _NUMERIC:
                 try:
                     float(text_of(child))
@@ -126,13 +142,23 @@ def check_plan_class_spec(data: bytes, *, plan_class: str | None, job: VmJob | N
                     out.append(error(f"{_place(i)}.{child.tag}", f"{text_of(child)!r} is not a number"))
         entries.setdefault(names[0], (i, pc))
     if plan_class is None:
-        out.append(warning(FILE_NAME, "the app version has no plan class, so the scheduler never uses this entry",
-                           hint="package with --plan-class NAME"))  # fmt: skip
+        out.append(
+            warning(
+                FILE_NAME,
+                "the app version has no plan class, so the scheduler never uses this entry",
+                hint="package with --plan-class NAME",
+            )
+        )
         return out
     if plan_class not in entries:
         have = ", ".join(sorted(entries)) or "none"
-        out.append(error(FILE_NAME, f"no <plan_class> is named {plan_class!r}, the app version's plan class",
-                         hint=f"entries: {have}"))  # fmt: skip
+        out.append(
+            error(
+                FILE_NAME,
+                f"no <plan_class> is named {plan_class!r}, the app version's plan class",
+                hint=f"entries: {have}",
+            )
+        )
         return out
     if job is not None:
         i, pc = entries[plan_class]
@@ -149,15 +175,30 @@ def _check_against_job(pc: ET.Element, job: VmJob, place: str) -> list[Finding]:
     except ValueError:
         stated = ncpus  # reported as not a number already
     if stated < ncpus:
-        out.append(error(f"{place}.min_ncpus", f"lets hosts with fewer than the job's {ncpus} CPUs get it",
-                         hint=f"set <min_ncpus>{ncpus}</min_ncpus>"))  # fmt: skip
+        out.append(
+            error(
+                f"{place}.min_ncpus",
+                f"lets hosts with fewer than the job's {ncpus} CPUs get it",
+                hint=f"set <min_ncpus>{ncpus}</min_ncpus>",
+            )
+        )
     features = {text_of(c).lower() for c in pc if c.tag == "cpu_feature"}
     if job.vm_accel_required and not features & set(KVM_CPU_FEATURES):
-        out.append(error(f"{place}.cpu_feature", "the job requires KVM but the entry asks for neither vmx nor svm",
-                         hint="add <cpu_feature>vmx</cpu_feature> (Intel) or svm (AMD)"))  # fmt: skip
+        out.append(
+            error(
+                f"{place}.cpu_feature",
+                "the job requires KVM but the entry asks for neither vmx nor svm",
+                hint="add <cpu_feature>vmx</cpu_feature> (Intel) or svm (AMD)",
+            )
+        )
     if features >= set(KVM_CPU_FEATURES):
-        out.append(error(f"{place}.cpu_feature", "asks for both vmx and svm, which no CPU has (the list is an AND)",
-                         hint="one entry per vendor: vmx for Intel, svm for AMD"))  # fmt: skip
+        out.append(
+            error(
+                f"{place}.cpu_feature",
+                "asks for both vmx and svm, which no CPU has (the list is an AND)",
+                hint="one entry per vendor: vmx for Intel, svm for AMD",
+            )
+        )
     return out
 
 
