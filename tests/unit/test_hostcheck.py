@@ -83,7 +83,8 @@ def test_unusable_kvm_is_tcg_with_one_line_or_a_noticed_temporary_exit(reason: s
 
 
 def test_usable_kvm_says_nothing() -> None:
-    assert hostcheck.check_accel(Availability(True, "trial boot reached root mount"), required=True) == hostcheck.GO
+    usable = Availability(True, "trial boot reached root mount")
+    assert hostcheck.check_accel(usable, required=True) == hostcheck.GO
 
 
 def test_probe_missing_and_not_a_device(tmp_path: Path) -> None:
