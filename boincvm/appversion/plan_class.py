@@ -104,9 +104,16 @@ def _place(i: int) -> str:
     return f"{FILE_NAME}:plan_classes.plan_class[{i}]"
 
 
-def check_plan_class_spec(data: bytes, *, plan_class: str | None, job: VmJob | None) -> list[Finding]:
+def check_plan_class_spec(
+    data: bytes, *, plan_class: str | None, job: VmJob | None, in_app_version: bool = True
+) -> list[Finding]:
     """Findings for a ``plan_class_spec.xml``: well-formed and safe, tags BOINC knows, an entry
-    named ``plan_class`` (when the app version has one), values that agree with ``job``."""
+    named ``plan_class`` (when the app version has one), values that agree with ``job``.
+
+    ``in_app_version`` False: a project's own (merged) file, judged on its own: no entry is
+    expected by name, but every entry must parse (one bad entry makes the scheduler refuse
+    every plan class: ``app_plan`` returns false for all of them after a parse error).
+    """
     try:
         root = parse_xml(data, what=FILE_NAME)
     except XmlError as exc:
@@ -141,6 +148,10 @@ def check_plan_class_spec(data: bytes, *, plan_class: str | None, job: VmJob | N
                 except ValueError:
                     out.append(error(f"{_place(i)}.{child.tag}", f"{text_of(child)!r} is not a number"))
         entries.setdefault(names[0], (i, pc))
+    if not in_app_version:
+        if not entries and not out:
+            out.append(error(FILE_NAME, "has no <plan_class> entry"))
+        return out
     if plan_class is None:
         out.append(
             warning(

@@ -153,3 +153,21 @@ def test_validate_refuses_a_broken_entry(
     assert "Traceback" not in err
     hits = [f for f in findings if f["severity"] == "error" and f["place"] == place and words in f["message"]]
     assert hits, findings
+
+
+def test_validate_a_projects_merged_file(tmp_path: Path, run: RunFn, base_image: Path) -> None:
+    out = tmp_path / "av"
+    _package(run, base_image, out, "--plan-class", "vm_kvm", "--require-kvm")
+    ours = (out / "plan_class_spec.xml").read_text()
+    entry = ours[ours.index("<plan_class>") : ours.index("</plan_classes>")]
+    project = "<plan_classes>\n<plan_class><name>mt</name><max_threads>4</max_threads></plan_class>\n"
+    merged = tmp_path / "project" / "plan_class_spec.xml"
+    merged.parent.mkdir()
+    merged.write_text(project + entry + "</plan_classes>\n")
+    code, findings, err = _validate(run, merged)
+    assert code == 0, (findings, err)
+    # One misspelt tag anywhere makes the scheduler ignore it silently: refused with its place.
+    merged.write_text(project.replace("max_threads>", "max_thread>") + entry + "</plan_classes>\n")
+    code, findings, err = _validate(run, merged)
+    assert code == 4 and "Traceback" not in err
+    assert [f["place"] for f in findings] == ["plan_class_spec.xml:plan_classes.plan_class[0].max_thread"]
