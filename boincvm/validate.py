@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm.appversion.check import check_app_version
+from boincvm.appversion.plan_class import ENTRY_NAME as PLAN_CLASS_ENTRY
 from boincvm.appversion.plan_class import FILE_NAME as PLAN_CLASS_FILE
 from boincvm.appversion.plan_class import check_plan_class_spec
 from boincvm.bounds import require_regular_file
@@ -140,7 +141,7 @@ def detect_kind(path: Path) -> PathKind:
         return PathKind.IMAGE
     if name == "version.xml":
         return PathKind.APP_VERSION
-    if name == PLAN_CLASS_FILE:
+    if name in (PLAN_CLASS_FILE, PLAN_CLASS_ENTRY):
         return PathKind.PLAN_CLASS_SPEC
     if name.endswith(".xml") or name.endswith("_in") or name.endswith("_out"):
         head = read_bytes(path, what="file")[:4096].decode("utf-8", "replace")

@@ -52,7 +52,7 @@ from boincvm.appversion.model import (
     WrapperKind,
     version_num,
 )
-from boincvm.appversion.plan_class import FILE_NAME as PLAN_CLASS_FILE
+from boincvm.appversion.plan_class import ENTRY_NAME as PLAN_CLASS_ENTRY
 from boincvm.appversion.plan_class import KVM_CPU_FEATURES, PlanClassSpec
 from boincvm.appversion.vmware import base_snapshot, is_vmware_vm, package_vmware
 from boincvm.appversion.zipapp import build_wrapper_zipapp
@@ -331,9 +331,10 @@ def _package_into(
         render("version.xml.j2", files=files, api_version=API_VERSION), encoding="utf-8"
     )
     if req.plan_class is not None:
-        # Not an app-version file: the project merges it into its own plan_class_spec.xml.
+        # Not an app-version file (a dot-name update_versions skips): the project merges it
+        # into its own plan_class_spec.xml.
         spec = PlanClassSpec.for_job(req.plan_class, job, kvm_cpu_feature=req.kvm_cpu_feature)
-        (tmp / PLAN_CLASS_FILE).write_text(spec.render(), encoding="utf-8")
+        (tmp / PLAN_CLASS_ENTRY).write_text(spec.render(), encoding="utf-8")
     result = AppVersion(
         req.output_dir, req.app_name, req.version, vnum, req.platform, tuple(files), req.plan_class
     )

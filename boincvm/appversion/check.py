@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     pass
 from boincvm.appversion.model import API_VERSION, SUMMARY_NAME, parse_version_xml
+from boincvm.appversion.plan_class import ENTRY_NAME as PLAN_CLASS_ENTRY
 from boincvm.appversion.plan_class import FILE_NAME as PLAN_CLASS_FILE
 from boincvm.appversion.plan_class import check_plan_class_spec
 from boincvm.appversion.vmware import check_vmware_app_version
@@ -150,22 +151,30 @@ def _plan_class_of(directory: Path) -> str | None:
 
 def _check_plan_class(directory: Path, logical: dict[str, str]) -> list[Finding]:
     """The plan_class_spec.xml entry package-image wrote, against the app version and its job defaults."""
-    spec_path = directory / PLAN_CLASS_FILE
+    spec_path = directory / PLAN_CLASS_ENTRY
     plan_class = _plan_class_of(directory)
     if not spec_path.exists():
         if plan_class is None:
             return []
+        if (directory / PLAN_CLASS_FILE).exists():
+            return [
+                error(
+                    PLAN_CLASS_FILE,
+                    "update_versions would ship it to every volunteer as an app-version file",
+                    hint=f"rename it {PLAN_CLASS_ENTRY} (update_versions skips dot-names) or move it out",
+                )
+            ]
         return [
             warning(
-                PLAN_CLASS_FILE,
+                PLAN_CLASS_ENTRY,
                 f"is missing: the scheduler will not know where plan class {plan_class!r} can run",
                 hint="package-image --plan-class writes it",
             )
         ]
     try:
-        data = read_bytes(spec_path, what=PLAN_CLASS_FILE)
+        data = read_bytes(spec_path, what=PLAN_CLASS_ENTRY)
     except BoincvmError as exc:
-        return [error(PLAN_CLASS_FILE, exc.message, exc.hint)]
+        return [error(PLAN_CLASS_ENTRY, exc.message, exc.hint)]
     job = None
     defaults = directory / logical.get(DEFAULTS_OPEN_NAME, DEFAULTS_OPEN_NAME)
     if DEFAULTS_OPEN_NAME in logical and defaults.is_file():

@@ -33,8 +33,12 @@ from boincvm.job import DEFAULT_NCPUS, VmJob
 from boincvm.render import render
 from boincvm.xmlio import parse_xml, text_of
 
-#: The file the scheduler reads (in the project directory) and the one package-image writes.
+#: The file the scheduler reads (in the project directory).
 FILE_NAME = "plan_class_spec.xml"
+#: Where package-image puts the app version's entry: in the app version directory, with a
+#: dot because ``update_versions`` makes every other file there an app-version file (one
+#: every volunteer would download) and skips names that start with a dot.
+ENTRY_NAME = "." + FILE_NAME
 #: BOINC encodes client versions as major*10000 + minor*100 + release: 7.0.0.
 MIN_CLIENT_VERSION = 70000
 #: The CPU flags that say hardware virtualisation (Intel VT-x, AMD-V), as Linux names them.
@@ -213,4 +217,11 @@ def _check_against_job(pc: ET.Element, job: VmJob, place: str) -> list[Finding]:
     return out
 
 
-__all__ = ["FILE_NAME", "KNOWN_TAGS", "KVM_CPU_FEATURES", "PlanClassSpec", "check_plan_class_spec"]
+__all__ = [
+    "ENTRY_NAME",
+    "FILE_NAME",
+    "KNOWN_TAGS",
+    "KVM_CPU_FEATURES",
+    "PlanClassSpec",
+    "check_plan_class_spec",
+]

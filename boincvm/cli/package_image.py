@@ -141,8 +141,8 @@ def command(
     )
     if plan_class:
         console.info(
-            "and merge its plan_class_spec.xml entry into the project's plan_class_spec.xml "
-            "(the scheduler reads it at each request)"
+            f"and merge the <plan_class> in {result.directory}/.plan_class_spec.xml into the "
+            "project's plan_class_spec.xml (the README says how)"
         )
     if as_json:
         console.out(json.dumps(result.as_dict(), indent=2))

@@ -30,7 +30,7 @@ def _package(run: RunFn, image: Path, out: Path, *extra: str) -> dict[str, objec
 
 
 def _entry(out: Path) -> dict[str, list[str]]:
-    root = parse_xml((out / "plan_class_spec.xml").read_bytes(), what="test")
+    root = parse_xml((out / ".plan_class_spec.xml").read_bytes(), what="test")
     assert root.tag == "plan_classes" and len(root) == 1 and root[0].tag == "plan_class"
     entry: dict[str, list[str]] = {}
     for child in root[0]:
@@ -67,6 +67,11 @@ def test_kvm_plan_class_entry_and_validate(tmp_path: Path, run: RunFn, base_imag
     code, findings, err = _validate(run, out)
     assert code == 0, (findings, err)
     assert not [f for f in findings if f["severity"] == "error"]
+    # Under its scheduler name it would become an app-version file (update_versions takes every
+    # file but dot-names): validate says so.
+    (out / ".plan_class_spec.xml").rename(out / "plan_class_spec.xml")
+    code, findings, err = _validate(run, out)
+    assert code == 4 and any("update_versions would ship it" in f["message"] for f in findings), findings
 
 
 def test_plain_plan_class_has_no_cpu_feature_and_svm_is_chosen(
@@ -91,14 +96,14 @@ def test_plain_plan_class_has_no_cpu_feature_and_svm_is_chosen(
     assert _entry(tmp_path / "amd")["cpu_feature"] == ["svm"]
     # Without a plan class there is no entry to write.
     _package(run, base_image, tmp_path / "none")
-    assert not (tmp_path / "none/plan_class_spec.xml").exists()
+    assert not (tmp_path / "none/.plan_class_spec.xml").exists()
 
 
 def _broken(tmp_path: Path, run: RunFn, base_image: Path, text: str) -> tuple[int, list[dict[str, str]], str]:
     out = tmp_path / "av"
     if not out.exists():
         _package(run, base_image, out, "--plan-class", "vm_kvm", "--ncpus", "2", "--require-kvm")
-    (out / "plan_class_spec.xml").write_text(text)
+    (out / ".plan_class_spec.xml").write_text(text)
     return _validate(run, out)
 
 
@@ -158,7 +163,7 @@ def test_validate_refuses_a_broken_entry(
 def test_validate_a_projects_merged_file(tmp_path: Path, run: RunFn, base_image: Path) -> None:
     out = tmp_path / "av"
     _package(run, base_image, out, "--plan-class", "vm_kvm", "--require-kvm")
-    ours = (out / "plan_class_spec.xml").read_text()
+    ours = (out / ".plan_class_spec.xml").read_text()
     entry = ours[ours.index("<plan_class>") : ours.index("</plan_classes>")]
     project = "<plan_classes>\n<plan_class><name>mt</name><max_threads>4</max_threads></plan_class>\n"
     merged = tmp_path / "project" / "plan_class_spec.xml"
