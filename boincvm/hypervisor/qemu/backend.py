@@ -124,7 +124,8 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
     """
 
     call_timeout: ClassVar[float] = 60.0
-    #: QEMU's own memory beyond the guest's (device models, TCG's translation cache, qemu-img).
+    #: QEMU's own memory beyond the guest's: its peak RSS under TCG (tb-size 32) was 127.5 MiB
+    #: above guest memory at -m 256 and at -m 1024; the rest is the wrapper itself and headroom.
     memory_overhead_mb: ClassVar[int] = 256
 
     @classmethod
