@@ -189,6 +189,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._accel_checked = choose_accel(self.spec.kernel, self.workdir, self.opts.accel)
         choice = self._accel_checked
+        # TCG forced by configuration is reported too: a job that requires KVM must not run on it.
         return Availability(choice.is_kvm, choice.reason, choice.hint)
 
     def _path(self, name: str) -> Path:
