@@ -176,3 +176,15 @@ def test_validate_a_projects_merged_file(tmp_path: Path, run: RunFn, base_image:
     code, findings, err = _validate(run, merged)
     assert code == 4 and "Traceback" not in err
     assert [f["place"] for f in findings] == ["plan_class_spec.xml:plan_classes.plan_class[0].max_thread"]
+
+
+def test_make_workunit_require_kvm(tmp_path: Path, run: RunFn) -> None:
+    base = ["make-workunit", "--app", "a", "--application", "/x", "--output", "out:10"]
+    code, _, err = run([*base, "--require-kvm", "-o", str(tmp_path / "kvm")])
+    assert code == 0, err
+    (job,) = (tmp_path / "kvm/download").glob("a_*.xml")
+    assert load_job(job).vm_accel_required is True
+    code, _, err = run([*base, "-o", str(tmp_path / "plain")])
+    assert code == 0, err
+    (job,) = (tmp_path / "plain/download").glob("a_*.xml")
+    assert load_job(job).vm_accel_required is None
