@@ -197,6 +197,19 @@ def _check_against_job(pc: ET.Element, job: VmJob, place: str) -> list[Finding]:
                 hint=f"set <min_ncpus>{ncpus}</min_ncpus>",
             )
         )
+    max_threads = pc.find("max_threads")
+    try:
+        threads = float(text_of(max_threads)) if max_threads is not None else 1.0
+    except ValueError:
+        threads = ncpus  # reported as not a number already
+    if threads < ncpus:
+        out.append(
+            warning(
+                f"{place}.max_threads",
+                f"the scheduler will count {threads:g} CPU(s) for a VM with {ncpus}",
+                hint=f"set <max_threads>{ncpus}</max_threads> so the client does not overcommit the host",
+            )
+        )
     features = {text_of(c).lower() for c in pc if c.tag == "cpu_feature"}
     if job.vm_accel_required and not features & set(KVM_CPU_FEATURES):
         out.append(

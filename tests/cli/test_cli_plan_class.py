@@ -188,3 +188,15 @@ def test_make_workunit_require_kvm(tmp_path: Path, run: RunFn) -> None:
     assert code == 0, err
     (job,) = (tmp_path / "plain/download").glob("a_*.xml")
     assert load_job(job).vm_accel_required is None
+
+
+def test_too_few_threads_is_a_warning(tmp_path: Path, run: RunFn, base_image: Path) -> None:
+    out = tmp_path / "av"
+    _package(run, base_image, out, "--plan-class", "vm4", "--ncpus", "4")
+    (out / ".plan_class_spec.xml").write_text(
+        "<plan_classes><plan_class><name>vm4</name><min_ncpus>4</min_ncpus></plan_class></plan_classes>"
+    )
+    code, findings, err = _validate(run, out)
+    assert code == 0, (findings, err)  # a warning: the host is overcommitted, the task still runs
+    (hit,) = [f for f in findings if f["place"].endswith(".max_threads")]
+    assert hit["severity"] == "warning" and "count 1 CPU(s) for a VM with 4" in hit["message"]
