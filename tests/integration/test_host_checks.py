@@ -7,6 +7,9 @@ any QEMU process starts.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,6 +90,48 @@ def test_a_job_larger_than_the_host_is_refused_before_qemu_starts(app_version: P
     # which the backend makes first: it was never made, so no QEMU process ever ran.
     assert not (slot / VM_DIR).exists()
     assert "Traceback" not in stderr
+
+
+def test_run_local_shows_the_refusal_and_no_qemu_was_ever_executed(app_version: Path, tmp_path: Path) -> None:
+    # The whole run-local command under strace: every program any process of the run executed
+    # (the wrapper, and anything it started) is in the trace, so "no QEMU ran" is seen, not inferred.
+    total, _ = parse_meminfo(Path("/proc/meminfo").read_text())
+    assert total is not None
+    strace = shutil.which("strace")
+    assert strace is not None, "strace is part of the set-up (scripts/bootstrap.sh)"
+    wu = make_wu(tmp_path, memory_size_mb=total + 1024)
+    trace = tmp_path / "execve.trace"
+    boincvm = Path(sys.executable).with_name("boincvm")
+    done = subprocess.run(
+        [
+            strace,
+            "-f",
+            "-qq",
+            "-e",
+            "trace=execve",
+            "-o",
+            str(trace),
+            str(boincvm),
+            "run-local",
+            str(wu),
+            "--app-version",
+            str(app_version),
+            "--results",
+            str(tmp_path / "results"),
+            "--data-dir",
+            str(tmp_path / "client"),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=bound(300),
+        check=False,
+    )
+    assert done.returncode == 8, done.stderr  # WorkunitFailed: the task ended in an error
+    assert "the job needs" in done.stderr and "MiB in all" in done.stderr
+    assert "Traceback" not in done.stderr
+    execs = [ln for ln in trace.read_text().splitlines() if "execve(" in ln and "= 0" in ln]
+    assert any("wrapper.pyz" in ln for ln in execs), "the wrapper itself must appear in the trace"
+    assert not [ln for ln in execs if "qemu-system" in ln or "qemu-img" in ln]
 
 
 def test_a_job_larger_than_free_memory_is_a_temporary_exit(app_version: Path, tmp_path: Path) -> None:
