@@ -27,6 +27,13 @@ code  meaning
 8     the workunit failed under run-local (BOINC outcome in the summary)
 9     run-local's client could not set up or run the task: a missing task file,
       a client time-out (``ClientError``, :mod:`boincvm.boinc.errors`)
+196   the wrapper (the app version's main program, not the CLI) refused the job before the
+      VM started: the slot's file system is smaller than the job's disk need
+      (``EXIT_DISK_LIMIT_EXCEEDED``, the BOINC task's exit status)
+198   the wrapper refused the job before the VM started: it needs more memory than the
+      host has in all (``EXIT_MEM_LIMIT_EXCEEDED``). A shortage of *free* memory or disk,
+      or a job with ``<vm_accel_required/>`` on a host without usable KVM, is a temporary
+      exit instead (exit 0 and ``boinc_temporary_exit``): the client retries later
 130   interrupted (Ctrl-C)
 143   terminated by SIGTERM (129 SIGHUP); partial artefacts were removed
 ====  ======================================================================

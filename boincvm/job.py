@@ -166,6 +166,8 @@ class VmJob:
     enable_network: bool | None = None
     minimum_checkpoint_interval: float | None = None
     disable_automatic_checkpoints: bool | None = None
+    #: The VM must run with hardware acceleration (KVM for QEMU); BOINC's plan-class name.
+    vm_accel_required: bool | None = None
     boot_timeout: float | None = None
     cpu_time_source: CpuTimeSource | None = None
     package: Package | None = None
@@ -246,6 +248,7 @@ class ResolvedJob:
     output_files: tuple[OutputFile, ...]
     image_files: tuple[ImageFile, ...] = ()
     backend_options: tuple[tuple[str, str], ...] = ()
+    vm_accel_required: bool = False
 
     def guest_path(self, name: str) -> str:
         """A guest path: absolute names stay, relative ones are taken from ``exec_dir``."""
@@ -298,6 +301,7 @@ def resolve(job: VmJob) -> ResolvedJob:
         output_files=job.output_files,
         image_files=job.image_files,
         backend_options=tuple((o.name, o.value) for o in job.backend_options),
+        vm_accel_required=bool(job.vm_accel_required),
     )
 
 
@@ -320,7 +324,7 @@ _SCALARS: dict[str, Callable[[str], Any]] = {
     "boot_timeout": float,
     "cpu_time_source": CpuTimeSource,
 }
-_FLAGS = ("enable_network", "disable_automatic_checkpoints")
+_FLAGS = ("enable_network", "disable_automatic_checkpoints", "vm_accel_required")
 _TASK_SCALARS: dict[str, Callable[[str], Any]] = {
     "application": str,
     "command_line": str,
@@ -583,6 +587,14 @@ def validate_job(job: VmJob, *, complete: bool = False) -> list[Finding]:
     out.extend(_validate_files(job))
     out.extend(_validate_image_files(job))
     out.extend(_validate_backend_options(job, complete=complete))
+    if job.vm_accel_required and any(o.name == "accel" and o.value == "tcg" for o in job.backend_options):
+        out.append(
+            error(
+                f"{p}.vm_accel_required",
+                "contradicts backend_option accel=tcg",
+                hint="drop one of them: KVM is either required or never used",
+            )
+        )
     if complete:
         if job.task is None or not job.task.application:
             out.append(

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm.appversion.check import check_app_version
+from boincvm.appversion.plan_class import ENTRY_NAME as PLAN_CLASS_ENTRY
+from boincvm.appversion.plan_class import FILE_NAME as PLAN_CLASS_FILE
+from boincvm.appversion.plan_class import check_plan_class_spec
 from boincvm.bounds import require_regular_file
 from boincvm.errors import BoincvmError, InputError
 from boincvm.findings import Finding, error, has_errors, info, warning
@@ -41,6 +44,7 @@ class PathKind(enum.StrEnum):
     PACKAGE = "package"
     IMAGE = "image"
     VMWARE = "vmware vm"
+    PLAN_CLASS_SPEC = "plan class spec"
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,9 @@ def validate_path(path: Path, *, boot: bool = False) -> Report:
         findings, _ = check_input_template(read_bytes(path, what="input template"), path.name)
     elif kind is PathKind.OUTPUT_TEMPLATE:
         findings, _ = check_output_template(read_bytes(path, what="output template"), path.name)
+    elif kind is PathKind.PLAN_CLASS_SPEC:
+        data = read_bytes(path, what=PLAN_CLASS_FILE)
+        findings = check_plan_class_spec(data, plan_class=None, job=None, in_app_version=False)
     elif kind is PathKind.PACKAGE:
         findings = list(check_package(path))
     elif kind is PathKind.VMWARE:
@@ -134,6 +141,8 @@ def detect_kind(path: Path) -> PathKind:
         return PathKind.IMAGE
     if name == "version.xml":
         return PathKind.APP_VERSION
+    if name in (PLAN_CLASS_FILE, PLAN_CLASS_ENTRY):
+        return PathKind.PLAN_CLASS_SPEC
     if name.endswith(".xml") or name.endswith("_in") or name.endswith("_out"):
         head = read_bytes(path, what="file")[:4096].decode("utf-8", "replace")
         for tag, kind in (
@@ -141,6 +150,7 @@ def detect_kind(path: Path) -> PathKind:
             ("<input_template", PathKind.INPUT_TEMPLATE),
             ("<output_template", PathKind.OUTPUT_TEMPLATE),
             ("<version", PathKind.APP_VERSION),
+            ("<plan_classes", PathKind.PLAN_CLASS_SPEC),
         ):
             if tag in head:
                 return kind

@@ -52,6 +52,8 @@ from boincvm.appversion.model import (
     WrapperKind,
     version_num,
 )
+from boincvm.appversion.plan_class import ENTRY_NAME as PLAN_CLASS_ENTRY
+from boincvm.appversion.plan_class import KVM_CPU_FEATURES, PlanClassSpec
 from boincvm.appversion.vmware import base_snapshot, is_vmware_vm, package_vmware
 from boincvm.appversion.zipapp import build_wrapper_zipapp
 from boincvm.atomicdir import building
@@ -173,6 +175,13 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
     check_identifier(req.platform, "platform")
     if req.plan_class is not None:
         check_identifier(req.plan_class, "plan class")
+    if req.kvm_cpu_feature not in KVM_CPU_FEATURES:
+        raise InputError(
+            f"--kvm-cpu-feature {req.kvm_cpu_feature!r} is not a hardware-virtualisation flag",
+            hint="use vmx (Intel VT-x) or svm (AMD-V)",
+        )
+    if req.ncpus is not None and not 1 <= req.ncpus <= 256:  # validate_job's range
+        raise InputError(f"--ncpus {req.ncpus} is out of range", hint="give 1 to 256")
     if req.wrapper is WrapperKind.FROZEN and req.platform != FROZEN_PLATFORM:
         raise InputError(
             f"the frozen wrapper runs on {FROZEN_PLATFORM} only, not {req.platform}",
@@ -291,7 +300,13 @@ def _package_into(
     task = Task(exec_dir=exec_dir) if exec_dir else None
     if container_task is not None:
         task = replace(container_task, exec_dir=exec_dir or container_task.exec_dir)
-    job = replace(job, task=task, backend_options=options)
+    job = replace(
+        job,
+        task=task,
+        backend_options=options,
+        ncpus=req.ncpus,
+        vm_accel_required=True if req.require_kvm else None,
+    )
     defaults_xml = render_job(job).encode("utf-8")
     defaults_md5 = hashlib.md5(defaults_xml, usedforsecurity=False).hexdigest()
     defaults_name = f"{prefix}_{defaults_md5[:12]}_vm_job_defaults.xml"
@@ -315,7 +330,14 @@ def _package_into(
     (tmp / "version.xml").write_text(
         render("version.xml.j2", files=files, api_version=API_VERSION), encoding="utf-8"
     )
-    result = AppVersion(req.output_dir, req.app_name, req.version, vnum, req.platform, tuple(files))
+    if req.plan_class is not None:
+        # Not an app-version file (a dot-name update_versions skips): the project merges it
+        # into its own plan_class_spec.xml.
+        spec = PlanClassSpec.for_job(req.plan_class, job, kvm_cpu_feature=req.kvm_cpu_feature)
+        (tmp / PLAN_CLASS_ENTRY).write_text(spec.render(), encoding="utf-8")
+    result = AppVersion(
+        req.output_dir, req.app_name, req.version, vnum, req.platform, tuple(files), req.plan_class
+    )
     (tmp / SUMMARY_NAME).write_text(
         json.dumps(result.as_dict() | {"directory": "."}, indent=2) + "\n", encoding="utf-8"
     )

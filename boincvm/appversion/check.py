@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     pass
 from boincvm.appversion.model import API_VERSION, SUMMARY_NAME, parse_version_xml
+from boincvm.appversion.plan_class import ENTRY_NAME as PLAN_CLASS_ENTRY
+from boincvm.appversion.plan_class import FILE_NAME as PLAN_CLASS_FILE
+from boincvm.appversion.plan_class import check_plan_class_spec
 from boincvm.appversion.vmware import check_vmware_app_version
 from boincvm.errors import BoincvmError
 from boincvm.findings import Finding, error, has_errors, info, warning
@@ -110,6 +113,7 @@ def check_app_version(path: Path) -> list[Finding]:
             out.append(error(f"{DEFAULTS_OPEN_NAME}:vm_job.vm_image", "the defaults name no image"))
         if job.image_files or job.backend == "vmware":
             out += check_vmware_app_version(directory, job, logical)
+    out += _check_plan_class(directory, logical)
     summary = directory / SUMMARY_NAME
     if summary.is_file() and not has_errors(out):
         try:
@@ -130,3 +134,50 @@ def check_app_version(path: Path) -> list[Finding]:
                         )
                     )
     return out
+
+
+def _plan_class_of(directory: Path) -> str | None:
+    """The app version's plan class: package-image's summary says it, else the directory name
+    (BOINC's ``PLATFORM__PLAN_CLASS``)."""
+    try:
+        recorded = json.loads((directory / SUMMARY_NAME).read_text(encoding="utf-8"))
+        if isinstance(recorded, dict) and isinstance(recorded.get("plan_class"), str):
+            return str(recorded["plan_class"])
+    except (OSError, ValueError):
+        pass
+    _, sep, plan_class = directory.name.partition("__")
+    return plan_class if sep and plan_class else None
+
+
+def _check_plan_class(directory: Path, logical: dict[str, str]) -> list[Finding]:
+    """The plan_class_spec.xml entry package-image wrote, against the app version and its job defaults."""
+    spec_path = directory / PLAN_CLASS_ENTRY
+    plan_class = _plan_class_of(directory)
+    if not spec_path.exists():
+        if plan_class is None:
+            return []
+        if (directory / PLAN_CLASS_FILE).exists():
+            return [
+                error(
+                    PLAN_CLASS_FILE,
+                    "update_versions would ship it to every volunteer as an app-version file",
+                    hint=f"rename it {PLAN_CLASS_ENTRY} (update_versions skips dot-names) or move it out",
+                )
+            ]
+        return [
+            warning(
+                PLAN_CLASS_ENTRY,
+                f"is missing: the scheduler will not know where plan class {plan_class!r} can run",
+                hint="package-image --plan-class writes it",
+            )
+        ]
+    try:
+        data = read_bytes(spec_path, what=PLAN_CLASS_ENTRY)
+    except BoincvmError as exc:
+        return [error(PLAN_CLASS_ENTRY, exc.message, exc.hint)]
+    job = None
+    defaults = directory / logical.get(DEFAULTS_OPEN_NAME, DEFAULTS_OPEN_NAME)
+    if DEFAULTS_OPEN_NAME in logical and defaults.is_file():
+        job, findings = parse_job(defaults.read_bytes(), what=defaults.name)
+        job = None if has_errors(findings) else job  # reported above already
+    return check_plan_class_spec(data, plan_class=plan_class, job=job)

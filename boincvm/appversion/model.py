@@ -77,6 +77,11 @@ class AppVersionRequest:
         backend_options: (name, value) settings for the backend, checked here, written into
             the job defaults (e.g. QEMU's machine, VMware's guest_user).
         wrapper: the main program's form: frozen (no Python on the host) or a zip application.
+        ncpus: the VM's CPUs (the job defaults' ``ncpus``; the plan class's ``min_ncpus``).
+        require_kvm: the job defaults say ``<vm_accel_required/>``: the wrapper never falls
+            back to TCG, and the plan class asks for ``kvm_cpu_feature``.
+        kvm_cpu_feature: ``vmx`` (Intel) or ``svm`` (AMD), the flag the plan class requires
+            with ``require_kvm`` (BOINC's feature list is an AND: one vendor per plan class).
     """
 
     image: Path
@@ -96,6 +101,9 @@ class AppVersionRequest:
     sign_key: Path | None = None
     backend_options: tuple[tuple[str, str], ...] = ()
     wrapper: WrapperKind = WrapperKind.FROZEN
+    ncpus: int | None = None
+    require_kvm: bool = False
+    kvm_cpu_feature: str = "vmx"
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,7 @@ class AppVersion:
     version_num: int
     platform: str
     files: tuple[AppVersionFile, ...] = field(default_factory=tuple)
+    plan_class: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready summary."""
@@ -117,6 +126,7 @@ class AppVersion:
             "version": self.version,
             "version_num": self.version_num,
             "platform": self.platform,
+            "plan_class": self.plan_class,
             "files": [f.__dict__ for f in self.files],
         }
 

@@ -540,7 +540,9 @@ class LocalClient:
         elif code is not None:
             temp = read_temporary_exit(self.slot_dir)
             if temp is not None:
-                kind, message = OutcomeKind.TEMPORARY_EXIT, f"postponed for {temp.delay} s: {temp.reason}"
+                notice = " (shown as a notice)" if temp.is_notice else ""
+                kind = OutcomeKind.TEMPORARY_EXIT
+                message = f"postponed for {temp.delay} s{notice}: {temp.reason}"
             elif code != 0:
                 kind, message = OutcomeKind.COMPUTE_ERROR, f"process exited with code {code}"
             elif finish is not None:

@@ -77,6 +77,12 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
 @click.option("--memory-mb", type=int, help="Guest memory (MiB).")
 @click.option("--ncpus", type=int, help="Guest virtual CPUs.")
 @click.option("--network/--no-network", default=None, help="Give the guest a network (off unless asked).")
+@click.option(
+    "--require-kvm",
+    is_flag=True,
+    help="Never fall back to TCG: a host without usable KVM makes a temporary exit with a notice "
+    "(<vm_accel_required/>; ship it with an app version whose plan class asks for vmx or svm).",
+)
 @click.option("--checkpoint-interval", type=float, help="Minimum seconds between checkpoints.")
 @click.option("--fraction-done-file", help="Guest file where the program writes its fraction done.")
 @click.option("--credit-file", help="Guest file where the program writes operations done so far.")
@@ -138,6 +144,7 @@ def command(
     memory_mb: int | None,
     ncpus: int | None,
     network: bool | None,
+    require_kvm: bool,
     checkpoint_interval: float | None,
     fraction_done_file: str | None,
     credit_file: str | None,
@@ -187,6 +194,7 @@ def command(
         memory_size_mb=memory_mb if memory_mb is not None else job.memory_size_mb,
         ncpus=ncpus if ncpus is not None else job.ncpus,
         enable_network=network if network is not None else job.enable_network,
+        vm_accel_required=True if require_kvm else job.vm_accel_required,
         minimum_checkpoint_interval=checkpoint_interval
         if checkpoint_interval is not None
         else job.minimum_checkpoint_interval,

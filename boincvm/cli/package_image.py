@@ -19,7 +19,25 @@ from boincvm.cli.params import backend_option
 @click.option("--app", "app_name", required=True, help="BOINC application name.")
 @click.option("--version", "version", default="1.00", help="App version (X.YY).")
 @click.option("--platform", default="x86_64-pc-linux-gnu", help="BOINC platform.")
-@click.option("--plan-class", default=None, help="Plan class (the directory gets a __PLAN_CLASS suffix).")
+@click.option(
+    "--plan-class",
+    default=None,
+    help="Plan class (the directory gets a __PLAN_CLASS suffix); writes its plan_class_spec.xml entry.",
+)
+@click.option("--ncpus", type=int, default=None, help="The VM's CPUs (the plan class's min_ncpus).")
+@click.option(
+    "--require-kvm",
+    is_flag=True,
+    help="Never fall back to TCG: a host without usable KVM makes a temporary exit with a notice "
+    "(<vm_accel_required/> in the job defaults; the plan class asks for --kvm-cpu-feature).",
+)
+@click.option(
+    "--kvm-cpu-feature",
+    type=click.Choice(["vmx", "svm"]),
+    default="vmx",
+    help="With --require-kvm: the CPU flag the plan class requires (vmx Intel, svm AMD; BOINC's "
+    "feature list is an AND, so one vendor per plan class).",
+)
 @click.option("--memory-mb", type=int, help="Guest memory (default: what the image suggests, else 512).")
 @click.option("--exec-dir", help="Working directory of jobs in the guest.")
 @click.option(
@@ -67,6 +85,9 @@ def command(
     version: str,
     platform: str,
     plan_class: str | None,
+    ncpus: int | None,
+    require_kvm: bool,
+    kvm_cpu_feature: str,
     memory_mb: int | None,
     exec_dir: str | None,
     initrd: Path | None,
@@ -109,12 +130,20 @@ def command(
         sign_key=sign_key,
         backend_options=backend_options,
         wrapper=WrapperKind(wrapper),
+        ncpus=ncpus,
+        require_kvm=require_kvm,
+        kvm_cpu_feature=kvm_cpu_feature,
     )
     result = package_image(req, lambda step, *_: console.info(step))
     console.success(f"app version {app_name} {version} ({result.version_num}) in {result.directory}")
     console.info(
         f"next: copy it to apps/{app_name}/{version}/{dirname}/ in the project and run bin/update_versions"
     )
+    if plan_class:
+        console.info(
+            f"and merge the <plan_class> in {result.directory}/.plan_class_spec.xml into the "
+            "project's plan_class_spec.xml (the README says how)"
+        )
     if as_json:
         console.out(json.dumps(result.as_dict(), indent=2))
     else:

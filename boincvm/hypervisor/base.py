@@ -131,6 +131,8 @@ class Backend(ABC):
     """
 
     kind: ClassVar[BackendKind]
+    #: MiB the hypervisor process needs beyond the guest's memory (the host-memory check adds it).
+    memory_overhead_mb: ClassVar[int] = 256
     _registry: ClassVar[dict[BackendKind, type[Backend]]] = {}
 
     def __init_subclass__(cls, kind: BackendKind | None = None, **kwargs: object) -> None:
@@ -279,6 +281,14 @@ class Backend(ABC):
     def accel_note(self) -> str | None:
         """A sentence for the user when the VM runs slower than it could (no KVM), else None."""
         return None
+
+    def check_accel(self) -> Availability:
+        """Before power-on: can this host run the VM with hardware acceleration (KVM)?
+
+        ``ok`` False means the VM would run emulated (much slower): ``reason`` says why and
+        ``detail`` how the host's owner can fix it. A backend without the choice answers ok.
+        """
+        return Availability(True, f"{self.kind}: hardware acceleration is not a choice here")
 
     # -- context manager ------------------------------------------------------
     def __enter__(self) -> Self:

@@ -48,6 +48,7 @@ from boincvm.errors import (
 )
 from boincvm.hypervisor.base import Backend, GuestProcess, ProcessStatus, VmSpec
 from boincvm.job import CpuTimeSource, ResolvedJob
+from boincvm.wrapper import hostcheck
 from boincvm.wrapper.checkpoint import CheckpointRecord, CheckpointStore
 from boincvm.wrapper.guest_contract import (
     GuestFileKind,
@@ -175,6 +176,7 @@ class Wrapper:
         self._last_checkpoint_at = clock()
         self._elapsed_before = 0.0
         self._started_at = clock()
+        self._accel_noted = False
         self._notes: dict[str, str] = {}  # the last note logged about each guest file
 
     # -- small helpers --------------------------------------------------------
@@ -228,6 +230,9 @@ class Wrapper:
                     raise HypervisorUnavailable(
                         f"{self.vm.kind}: {available.reason}", hint=available.detail or None
                     )
+                checked = self._check_host()
+                if checked is not None:
+                    return checked
                 proc = None
                 if record is not None:
                     try:
@@ -262,6 +267,34 @@ class Wrapper:
         finally:
             self.vm.power_off(soft_timeout=2.0)
 
+    def _check_host(self) -> int | None:
+        """Memory, disk, then KVM (see :mod:`.hostcheck`); the exit code when the task must not start."""
+        facts = hostcheck.gather(self.slot)
+        need_mem = hostcheck.memory_need_mb(self.job.memory_size_mb, type(self.vm).memory_overhead_mb)
+        bound = self.app.init_data.rsc_disk_bound
+        used = hostcheck.dir_size_mb(self.spec.workdir)  # a restarted task's overlay counts already
+        need_disk = hostcheck.disk_need_mb(self.job.memory_size_mb, bound, used)
+        checks: tuple[Callable[[], hostcheck.Decision], ...] = (
+            lambda: hostcheck.check_memory(need_mem, facts),
+            lambda: hostcheck.check_disk(need_disk, facts),
+            # Last: the KVM probe may run a short trial boot, which a refused job never pays.
+            lambda: hostcheck.check_accel(self.vm.check_accel(), required=self.job.vm_accel_required),
+        )
+        for decide in checks:
+            decision = decide()
+            if decision.verdict is hostcheck.Verdict.REFUSE:
+                assert decision.exit_code is not None
+                return self._fail(decision.exit_code, decision.line)
+            if decision.verdict is hostcheck.Verdict.POSTPONE:
+                log.error("%s", decision.line)
+                self.status.message = decision.line
+                self._write_status()
+                return self.app.temporary_exit(decision.delay, decision.line, is_notice=decision.notice)
+            if decision.line:
+                log.warning("%s", decision.line)
+                self._accel_noted = True
+        return None
+
     def _fail(self, code: int, message: str) -> int:
         log.error("%s", message)
         self.status.message = message
@@ -285,7 +318,7 @@ class Wrapper:
     def _note_accel(self) -> None:
         note = self.vm.accel_note
         self.status.accel = self.vm.accel_name
-        if note:
+        if note and not self._accel_noted:  # the host check has said it already
             log.warning("%s", note)
 
     def _fresh_start(self) -> GuestProcess:

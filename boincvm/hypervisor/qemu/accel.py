@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pwd
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -25,29 +27,90 @@ from boincvm.errors import CommandNotFound
 QEMU = "qemu-system-x86_64"
 TRIAL_TIMEOUT = 8.0
 ENV_OVERRIDE = "BOINCVM_QEMU_ACCEL"
+#: What a volunteer does when KVM hangs: the usual cause is a host that is itself a VM.
+NESTED_HINT = "run BOINC on the physical machine, or enable nested virtualisation on its hypervisor"
 
 
 @dataclass(frozen=True)
 class AccelChoice:
-    """The accelerator chosen and why (the CLI shows ``reason`` as a note for TCG)."""
+    """The accelerator chosen, why, and (for TCG where KVM was wanted) how to get KVM.
+
+    ``reason`` is a sentence without the fix; ``hint`` what the host's owner can do.
+    The CLI shows :attr:`note` for TCG.
+    """
 
     accel: str
     reason: str
+    hint: str = ""
 
     @property
     def is_kvm(self) -> bool:
         """True for KVM."""
         return self.accel == "kvm"
 
+    @property
+    def note(self) -> str:
+        """The reason and the fix, as the one line the wrapper logs."""
+        return f"{self.reason}; {self.hint}" if self.hint else self.reason
+
+
+#: The KVM device production uses. Tests may point the probe elsewhere (see :func:`kvm_device_path`).
+KVM_DEVICE = Path("/dev/kvm")
+#: Tests only: a path that stands in for /dev/kvm (a plain file, a chmod-000 copy), so the
+#: "not a device" and "permission" verdicts can be checked without changing the machine.
+TEST_DEVICE_ENV = "BOINCVM_TEST_KVM_DEVICE"
+#: What a volunteer does when the BOINC client's user may not open /dev/kvm.
+PERMISSION_HINT = "add the BOINC user to group kvm (sudo usermod -aG kvm boinc) and restart the client"
+
+
+def kvm_device_path() -> Path:
+    """``/dev/kvm``, unless a test named another path in ``BOINCVM_TEST_KVM_DEVICE``."""
+    return Path(os.environ.get(TEST_DEVICE_ENV) or KVM_DEVICE)
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+def kvm_device_problem(device: Path | None = None) -> AccelChoice | None:
+    """None if the KVM device can be opened for reading and writing, else why not (and the fix).
+
+    It really opens the device (``os.access`` answers for the real uid and ignores ACLs
+    set by udev); opening /dev/kvm creates nothing until a VM is asked for.
+    """
+    dev = device or kvm_device_path()
+    try:
+        st = dev.stat()
+    except FileNotFoundError:
+        return AccelChoice(
+            "tcg",
+            f"{dev} does not exist (no hardware virtualisation, or the kvm module is not loaded)",
+            "enable VT-x/AMD-V in the firmware settings and load kvm_intel or kvm_amd",
+        )
+    except OSError as exc:
+        return AccelChoice("tcg", f"{dev} cannot be examined ({exc.strerror})", PERMISSION_HINT)
+    if not stat.S_ISCHR(st.st_mode):
+        return AccelChoice(
+            "tcg", f"{dev} is not a character device", "reload the kvm module so udev recreates /dev/kvm"
+        )
+    try:
+        fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+    except PermissionError:
+        return AccelChoice("tcg", f"{dev} exists but user {_user()} may not open it (permission denied)",
+                           PERMISSION_HINT)  # fmt: skip
+    except OSError as exc:
+        return AccelChoice("tcg", f"{dev} cannot be opened ({exc.strerror})", "check dmesg for kvm errors")
+    os.close(fd)
+    return None
+
 
 def kvm_device() -> str | None:
-    """None if ``/dev/kvm`` is usable, else why not."""
-    dev = Path("/dev/kvm")
-    if not dev.exists():
-        return "/dev/kvm does not exist (no hardware virtualisation, or the kvm module is not loaded)"
-    if not os.access(dev, os.R_OK | os.W_OK):
-        return "/dev/kvm exists but this user may not open it (permission denied; join the kvm group)"
-    return None
+    """None if the KVM device is usable, else why not (one sentence with its fix)."""
+    problem = kvm_device_problem()
+    return None if problem is None else f"{problem.reason}; {problem.hint}"
 
 
 def qemu_identity() -> str:
@@ -86,8 +149,8 @@ def _trial(kernel: Path, workdir: Path) -> AccelChoice:
     except subprocess.TimeoutExpired:
         return AccelChoice(
             "tcg",
-            f"KVM is present but a trial boot hung for {TRIAL_TIMEOUT:g} s "
-            "(nested virtualisation?); using TCG, which is much slower",
+            f"KVM is present but a trial boot hung for {TRIAL_TIMEOUT:g} s (nested virtualisation?)",
+            NESTED_HINT,
         )
     finally:
         if child.poll() is None:
@@ -101,7 +164,7 @@ def _trial(kernel: Path, workdir: Path) -> AccelChoice:
     if "Kernel panic" in console or "VFS:" in console:
         return AccelChoice("kvm", f"KVM trial boot reached the kernel's root mount in {took:.1f} s")
     last = (stderr.strip().splitlines() or ["no output"])[-1]
-    return AccelChoice("tcg", f"KVM trial boot failed ({last}); using TCG, which is much slower")
+    return AccelChoice("tcg", f"KVM trial boot failed ({last})", "check dmesg for kvm errors")
 
 
 def choose_accel(kernel: Path | None, workdir: Path, override: str | None = None) -> AccelChoice:
@@ -113,20 +176,20 @@ def choose_accel(kernel: Path | None, workdir: Path, override: str | None = None
     forced = override or os.environ.get(ENV_OVERRIDE)
     if forced in ("kvm", "tcg"):
         return AccelChoice(forced, f"accelerator {forced} forced by configuration")
-    why_not = kvm_device()
-    if why_not:
-        return AccelChoice("tcg", f"{why_not}; using TCG, which is much slower")
+    problem = kvm_device_problem()
+    if problem is not None:
+        return problem
     if kernel is None:
-        return AccelChoice("tcg", "KVM not tried: no guest kernel to probe it with; using TCG")
+        return AccelChoice("tcg", "KVM not tried: no guest kernel to probe it with")
     cache = _cache_file(kernel)
     try:
         data = json.loads(cache.read_text())
-        return AccelChoice(str(data["accel"]), str(data["reason"]) + " (cached)")
+        return AccelChoice(str(data["accel"]), str(data["reason"]) + " (cached)", str(data["hint"]))
     except (OSError, ValueError, KeyError):
         pass
     choice = _trial(kernel, workdir)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"accel": choice.accel, "reason": choice.reason}))
+    tmp.write_text(json.dumps({"accel": choice.accel, "reason": choice.reason, "hint": choice.hint}))
     tmp.replace(cache)
     return choice
