@@ -34,6 +34,8 @@ LIBRARY = "libboinc_api.a"
 #: Where the bundled guest image puts the Python module and the shell command.
 GUEST_PYTHON_PATH = "usr/lib/python3/dist-packages/boinc.py"
 GUEST_COMMAND_PATH = "usr/bin/boinc"
+#: The names :func:`write_guest_api` writes (a directory holding only these is rewritten).
+WRITTEN = frozenset({HEADER, C_SOURCE, PYTHON_MODULE, "boinc", LIBRARY, "README.txt"})
 #: The compiler flags of the static library (part of its cache key).
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-std=c99", "-fno-strict-aliasing")
 
@@ -114,15 +116,26 @@ def write_guest_api(directory: Path, *, force: bool = False) -> GuestApiFiles:
     """Write the guest API's files into ``directory``, whole or not at all.
 
     Raises:
-        InputError: ``directory`` exists (without ``force``) or cannot be made.
+        InputError: ``directory`` is a file or holds other files (without ``force``), or
+            cannot be made. A directory holding only the API's files is rewritten.
         ToolError: gcc or ar is missing or failed.
     """
-    if directory.exists() and not force:
+    replace = force
+    if directory.is_dir() and not force:
+        others = sorted(p.name for p in directory.iterdir() if p.name not in WRITTEN)
+        if others:
+            raise InputError(
+                f"{directory} holds files that are not the guest API's ({', '.join(others[:3])})",
+                hint="choose a new directory, or add --force to replace it whole",
+            )
+        replace = True  # an earlier guest-api run's output: written again, idempotent
+    elif directory.exists() and not force:
         raise InputError(
-            f"{directory} already exists", hint="choose a new directory, or add --force to replace it"
+            f"{directory} exists and is not a directory",
+            hint="choose a new directory, or add --force to replace it",
         )
     library, cached = static_library()
-    with building(directory, force=force) as tmp:
+    with building(directory, force=replace) as tmp:
         for name in (HEADER, C_SOURCE, PYTHON_MODULE):
             shutil.copyfile(source(name), tmp / name)
         shutil.copyfile(source(SHELL_SCRIPT), tmp / "boinc")

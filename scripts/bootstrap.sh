@@ -14,6 +14,7 @@ APT_PACKAGES=(
   openssl                      # cross-checks code signatures in the tests
   umoci mmdebstrap             # the container-image tests make real OCI images (no daemon, no registry)
   podman skopeo runc           # benchmarks/bench_oci.py: BUDA's runtime side by side (runc: crun refuses cgroup v1 hosts)
+  gcc                          # boincvm guest-api compiles libboinc_api.a; the guest API tests build BOINCified C programs
   binutils libpython3-dev      # PyInstaller (the frozen wrapper): objdump and strip, the shared libpython it bundles
   strace util-linux            # host-check tests: every exec of a refused job traced (no QEMU ran); setpriv runs the KVM probe as nobody
 )

@@ -13,7 +13,7 @@ import click
 
 @click.command("guest-api")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--force", is_flag=True, help="Replace DIRECTORY if it exists.")
+@click.option("--force", is_flag=True, help="Replace DIRECTORY whole even if it holds other files.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 def command(directory: Path, force: bool, as_json: bool) -> None:
     """Write the guest-side BOINC API into DIRECTORY.
@@ -21,7 +21,8 @@ def command(directory: Path, force: bool, as_json: bool) -> None:
     A BOINCified program built against these files instead of BOINC's API runs unchanged
     inside the VM: boinc_api.h and libboinc_api.a (x86_64, static: gcc prog.c -static -L DIR
     -lboinc_api), boinc.py for Python programs, and the shell command boinc. The bundled
-    guest image already carries boinc.py and the boinc command.
+    guest image already carries boinc.py and the boinc command. Running it again on its own
+    output rewrites the files; a DIRECTORY with other files is refused without --force.
     """
     from boincvm.cli import console
     from boincvm.guestapi import write_guest_api

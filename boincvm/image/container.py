@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from boincvm import proc
+from boincvm import guestapi, proc
 from boincvm.bounds import read_file_bytes
 from boincvm.cache import cache_root
 from boincvm.errors import InputError, ToolError
@@ -252,6 +252,65 @@ def _root_disk(tree: RootTree, work: Path, out_dir: Path, *, free_mb: int, entri
     return "root.qcow2"
 
 
+def _real_dir(root: Path, rel: str) -> bool:
+    """``rel`` is a directory inside ``root`` with no symbolic link on the way (layers may plant them)."""
+    here = root
+    for part in rel.split("/"):
+        here = here / part
+        try:
+            if not stat.S_ISDIR(here.lstat().st_mode):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _add_file(tree: RootTree, rel: str, data: bytes, mode: int) -> None:
+    fd = os.open(tree.root / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    tree.meta[rel] = (stat.S_IFREG | mode, 0, 0)
+    tree.nbytes += len(data)
+
+
+def add_guest_api(tree: RootTree) -> list[str]:
+    """Put the guest API's shell command and Python module into the container's root.
+
+    The image's own files stay untouched: the command goes to the first of
+    ``usr/local/bin`` and ``usr/bin`` that is a real directory without a ``boinc`` already,
+    the module into each of the image's Python 3 ``site-packages``/``dist-packages``
+    directories without a ``boinc.py``. Owned by root, mode 0755/0644.
+
+    Returns:
+        The relative paths added, sorted.
+    """
+    added: list[str] = []
+    script = guestapi.source(guestapi.SHELL_SCRIPT).read_bytes()
+    for bindir in ("usr/local/bin", "usr/bin"):
+        rel = f"{bindir}/boinc"
+        if _real_dir(tree.root, bindir):
+            if not os.path.lexists(tree.root / rel):
+                _add_file(tree, rel, script, 0o755)
+                added.append(rel)
+            break
+    module = guestapi.source(guestapi.PYTHON_MODULE).read_bytes()
+    patterns = (
+        "usr/lib/python3*/dist-packages",
+        "usr/lib/python3*/site-packages",
+        "usr/local/lib/python3*/*-packages",
+    )
+    candidates = sorted(
+        {p.relative_to(tree.root).as_posix() for pat in patterns for p in tree.root.glob(pat)}
+    )
+    for libdir in candidates:
+        rel = f"{libdir}/{guestapi.PYTHON_MODULE}"
+        if _real_dir(tree.root, libdir) and not os.path.lexists(tree.root / rel):
+            _add_file(tree, rel, module, 0o644)
+            added.append(rel)
+    return sorted(added)
+
+
 # -- the build ---------------------------------------------------------------------------
 
 
@@ -265,6 +324,8 @@ def _input_hash(identity: str, base: ImageDescriptor, free_mb: int) -> str:
     )
     for name in _TEMPLATES:
         h.update(name.encode() + b"\0" + (templates_dir() / name).read_bytes() + b"\0")
+    for name in (guestapi.SHELL_SCRIPT, guestapi.PYTHON_MODULE):
+        h.update(name.encode() + b"\0" + guestapi.source(name).read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -311,6 +372,8 @@ def build_container_image(
         root.mkdir()
         tree = apply_layers(image, root, max_bytes=max_root_bytes, progress=say)
         run_as = resolve_user(root, image.config.user)
+        for rel in add_guest_api(tree):
+            say(f"guest API: /{rel}")
         task = container_task(image.config, run_as)
         out_dir = work / "image"
         out_dir.mkdir()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from boincvm.guestapi import PYTHON_MODULE, source, static_library, write_guest_api
+from boincvm.guestapi import PYTHON_MODULE, SHELL_SCRIPT, source, static_library, write_guest_api
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "upper_case"
 TEXT = b"hello, volunteers: these bytes go through boincvm's guest API.\n" * 4
@@ -414,3 +414,30 @@ def test_the_bundled_guest_carries_the_python_module_and_the_shell_command(guest
         check=True,
     ).stdout
     assert extracted == source(SHELL_SCRIPT).read_bytes()
+
+
+def test_container_guests_get_the_api_without_touching_the_images_files(tmp_path: Path) -> None:
+    from boincvm.image.container import add_guest_api
+    from boincvm.image.oci import RootTree
+
+    root = tmp_path / "rootfs"
+    (root / "usr/local/bin").mkdir(parents=True)
+    (root / "usr/lib/python3/dist-packages").mkdir(parents=True)
+    (root / "usr/local/lib/python3.11/site-packages").mkdir(parents=True)
+    (root / "usr/local/lib/python3.11/site-packages/boinc.py").write_text("# the image's own\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "usr/lib/python3.9").mkdir(parents=True)
+    (root / "usr/lib/python3.9/site-packages").symlink_to(outside)  # a layer's planted link
+    tree = RootTree(root=root)
+    added = add_guest_api(tree)
+    assert added == ["usr/lib/python3/dist-packages/boinc.py", "usr/local/bin/boinc"]
+    assert (root / "usr/local/bin/boinc").read_bytes() == source(SHELL_SCRIPT).read_bytes()
+    assert (root / "usr/local/bin/boinc").stat().st_mode & 0o777 == 0o755
+    assert tree.meta["usr/local/bin/boinc"][1:] == (0, 0)
+    assert (root / "usr/local/lib/python3.11/site-packages/boinc.py").read_text() == "# the image's own\n"
+    assert list(outside.iterdir()) == []
+    # An image with neither bin directory nor Python gets nothing (and no error).
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert add_guest_api(RootTree(root=bare)) == []
