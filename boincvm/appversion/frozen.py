@@ -254,6 +254,9 @@ def freeze(build_dir: Path) -> Path:
         "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH,
         "PYTHONDONTWRITEBYTECODE": "1",
         "PATH": path,
+        # PyInstaller's own cache (stripped copies of the libraries) inside this build: the
+        # shared per-user one is emptied by --clean while another build reads it.
+        "PYINSTALLER_CONFIG_DIR": str(build_dir / "pyinstaller"),
     }
     proc.run(cmd, timeout=BUILD_TIMEOUT, cwd=build_dir, env=env)
     onefile = build_dir / "dist" / NAME
