@@ -19,11 +19,13 @@ import hashlib
 import io
 import json
 import lzma
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm import proc
+from boincvm.cache import cache_root
 from boincvm.errors import ToolError
 from boincvm.hypervisor.qemu.runtime import (
     FIRMWARE_DIR,
@@ -211,3 +213,29 @@ def write_runtime_archive(files: RuntimeFiles, dest: Path, *, preset: int = 6) -
                 tar.addfile(_info(name, path.stat().st_size, mode), f)
     tmp.rename(dest)
     return dest
+
+
+def cached_runtime_archive() -> Path:
+    """This machine's runtime archive, from the cache or packed once (xz takes about 45 s).
+
+    The cache key is the manifest's content: every member's name and sha256, so a QEMU
+    upgrade packs anew.
+
+    Raises:
+        ToolError: as :func:`collect_runtime`.
+    """
+    files = collect_runtime()
+    h = hashlib.sha256(f"format {RUNTIME_FORMAT}\0{files.qemu_version}\0".encode())
+    for name, path in files.members():
+        h.update(f"{name}\0{_sha256(path)}\0".encode())
+    target = cache_root() / "runtime" / f"qemu-runtime-{h.hexdigest()[:24]}.tar.xz"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(f"{target.name}.{os.getpid()}")
+    try:
+        write_runtime_archive(files, part)
+        part.rename(target)  # a concurrent packer wrote the same bytes: either wins
+    finally:
+        part.unlink(missing_ok=True)
+    return target

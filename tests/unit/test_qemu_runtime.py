@@ -16,6 +16,12 @@ from boincvm.hypervisor.qemu.runtime import (
     PREFIX,
     RuntimeArchiveError,
     archive_digest,
+    archive_problem,
+    qemu_binary,
+    qemu_command,
+    qemu_env,
+    qemu_img_command,
+    select,
     unpack_once,
 )
 
@@ -143,3 +149,35 @@ def test_archive_without_manifest_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RuntimeArchiveError, match=MANIFEST):
         unpack_once(plain, tmp_path)
     assert hashlib.sha256(plain.read_bytes()).hexdigest()  # the archive itself is left alone
+
+
+def test_archive_problem_reads_without_extracting(archive: Path, tmp_path: Path) -> None:
+    assert archive_problem(archive) is None
+    bad = tmp_path / "bad.tar.xz"
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = b"\0" * 4096
+    bad.write_bytes(bytes(data))
+    assert "cannot be read" in (archive_problem(bad) or "")
+    plain = tmp_path / "plain.tar.xz"
+    with tarfile.open(plain, "w:xz") as tar:
+        tar.add(archive, arcname="x")
+    assert MANIFEST in (archive_problem(plain) or "")
+
+
+def test_selected_runtime_gives_loader_commands(archive: Path, tmp_path: Path) -> None:
+    rt = unpack_once(archive, tmp_path)
+    assert qemu_command() == ["qemu-system-x86_64"] and qemu_env() is None
+    select(rt)
+    try:
+        loader = str(rt.root / "lib/ld-linux-x86-64.so.2")
+        assert qemu_command()[:4] == [
+            loader,
+            "--library-path",
+            str(rt.root / "lib"),
+            str(rt.root / "bin/qemu-system-x86_64"),
+        ]
+        assert qemu_command()[4:] == ["-L", str(rt.root / "share")]
+        assert qemu_img_command()[0] == loader and qemu_img_command()[-1].endswith("bin/qemu-img")
+        assert qemu_binary() == rt.root / "bin/qemu-system-x86_64"
+    finally:
+        select(None)

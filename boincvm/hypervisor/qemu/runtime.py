@@ -223,3 +223,81 @@ def unpack_once(archive: Path, parent: Path | None = None, *, lock_timeout: floa
             shutil.rmtree(work, ignore_errors=True)
             raise
     return check_unpacked(final)
+
+
+# -- the QEMU this process runs ------------------------------------------------------
+#: The bundled runtime the backend uses, once a VM of this process named one; None: PATH's QEMU.
+_selected: Runtime | None = None
+
+
+def select(runtime: Runtime | None) -> None:
+    """Make every later QEMU and qemu-img start of this process use ``runtime`` (None: PATH's)."""
+    global _selected  # noqa: PLW0603 - one QEMU per wrapper process, chosen once by its job
+    _selected = runtime
+
+
+def selected() -> Runtime | None:
+    """The bundled runtime in use, or None when QEMU comes from PATH."""
+    return _selected
+
+
+def qemu_command() -> list[str]:
+    """argv prefix for ``qemu-system-x86_64``: the bundled one through its loader with its
+    firmware directory (``-L``), or PATH's."""
+    if _selected is None:
+        return ["qemu-system-x86_64"]
+    return [*_selected.command("qemu-system-x86_64"), "-L", str(_selected.firmware_dir)]
+
+
+def qemu_img_command() -> list[str]:
+    """argv prefix for ``qemu-img``: the bundled one, or PATH's."""
+    return ["qemu-img"] if _selected is None else _selected.command("qemu-img")
+
+
+def qemu_env() -> dict[str, str] | None:
+    """Extra environment for QEMU processes (the bundled module directory), or None."""
+    return None if _selected is None else _selected.env
+
+
+def qemu_binary() -> Path | None:
+    """The ``qemu-system-x86_64`` file that runs: the bundled one, or PATH's (None: not installed)."""
+    if _selected is not None:
+        return _selected.root / "bin" / "qemu-system-x86_64"
+    found = shutil.which("qemu-system-x86_64")
+    return Path(found) if found else None
+
+
+def archive_problem(archive: Path) -> str | None:
+    """Why ``archive`` is not a well-formed runtime archive (None: it is), read without
+    extracting: the xz stream intact, a manifest of this format first, every member a
+    regular file the manifest lists with its sha256, and every listed file present."""
+    try:
+        with tarfile.open(archive, mode="r:xz") as tar:
+            first = tar.next()
+            if first is None or first.name != MANIFEST or not first.isfile():
+                return f"its first member is not {MANIFEST}"
+            f = tar.extractfile(first)
+            data = json.loads(f.read() if f else b"")
+            if not isinstance(data, dict) or data.get("format") != RUNTIME_FORMAT:
+                return f"its {MANIFEST} is not format {RUNTIME_FORMAT}"
+            digests = data.get("sha256")
+            if not isinstance(digests, dict):
+                return f"its {MANIFEST} has no digests"
+            seen: set[str] = set()
+            for member in tar:
+                if member is first:
+                    continue
+                if not member.isfile() or member.name not in digests:
+                    return f"{member.name} is not a file its {MANIFEST} lists"
+                body = tar.extractfile(member)
+                h = hashlib.sha256()
+                while body is not None and (block := body.read(1 << 20)):
+                    h.update(block)
+                if h.hexdigest() != digests[member.name]:
+                    return f"{member.name} does not match its digest"
+                seen.add(member.name)
+    except (tarfile.TarError, lzma.LZMAError, EOFError, OSError, ValueError) as exc:
+        return f"it cannot be read: {exc}"
+    required = {f"{LIB_DIR}/{LOADER}", *(f"bin/{p}" for p in PROGRAMS)}
+    missing = sorted((set(digests) | required) - seen)
+    return f"it lacks {missing[0]}" if missing else None
