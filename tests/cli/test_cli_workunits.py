@@ -312,4 +312,8 @@ def test_backend_options_on_the_command_line(tmp_path: Path, run: RunFn) -> None
     code, _, err = run([*package, "--backend-option", "golden=no", "-o", str(tmp_path / "av")])
     assert code == 0, err
     defaults = next((tmp_path / "av").glob("*vm_job_defaults.xml"))
-    assert load_job(defaults).backend_options == (BackendOption("golden", "no"),)
+    # package-image adds the bundled QEMU runtime after the options it was given.
+    assert load_job(defaults).backend_options == (
+        BackendOption("golden", "no"),
+        BackendOption("runtime", "qemu_runtime.tar.xz"),
+    )
