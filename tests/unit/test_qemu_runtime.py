@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from boincvm.appversion.runtime import FIRMWARE, MODULES, RuntimeFiles, collect_runtime, write_runtime_archive
+from boincvm.errors import ToolError
 from boincvm.hypervisor.qemu.runtime import (
     MANIFEST,
     PREFIX,
@@ -181,3 +182,10 @@ def test_selected_runtime_gives_loader_commands(archive: Path, tmp_path: Path) -
         assert qemu_binary() == rt.root / "bin/qemu-system-x86_64"
     finally:
         select(None)
+
+
+def test_unwritable_parent_is_a_clear_error(archive: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "gone"  # a parent that is not there stands for one the user cannot write
+    with pytest.raises(ToolError, match="cannot be unpacked in") as exc:
+        unpack_once(archive, missing)
+    assert "writable" in exc.value.hint

@@ -151,7 +151,13 @@ def _fsync_tree(root: Path) -> None:
 
 @contextlib.contextmanager
 def _locked(path: Path, timeout: float) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ToolError(
+            f"the QEMU runtime cannot be unpacked in {path.parent}: {exc.strerror}",
+            hint="the BOINC data directory must be writable by the client's user",
+        ) from exc
     try:
         deadline = time.monotonic() + timeout
         while True:
