@@ -36,7 +36,7 @@ def main() -> None:
     """Print the figures."""
     print("== bundled QEMU runtime")
     guest = build_guest_image("minimal")
-    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+    with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         sizes = {}
         for kind in (RuntimeKind.SYSTEM, RuntimeKind.BUNDLED):
