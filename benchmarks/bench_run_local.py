@@ -73,7 +73,8 @@ def _cpu(pid: int) -> float:
     while todo:
         p = todo.pop()
         try:
-            if b"qemu-system" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0]:
+            # QEMU is argv[0], or a few arguments after the bundled runtime's loader.
+            if any(b"qemu-system" in a for a in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[:4]):
                 continue
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             for task in Path(f"/proc/{p}/task").iterdir():

@@ -26,6 +26,7 @@ BENCHES = (
     "bench_peers",
     "bench_host_full",
     "bench_checkpoint_scaling",
+    "bench_runtime",
 )
 
 

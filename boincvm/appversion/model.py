@@ -27,6 +27,19 @@ GZIP_MIN_SAVING = 0.10
 Progress = Callable[[str, int, int | None], None]
 
 
+class RuntimeKind(StrEnum):
+    """Where the QEMU backend's QEMU comes from on the volunteer's host."""
+
+    #: The app version ships the admin's QEMU as one archive (:mod:`boincvm.appversion.runtime`).
+    BUNDLED = "bundled"
+    #: The host's PATH has qemu-system-x86_64 and qemu-img.
+    SYSTEM = "system"
+
+
+#: The runtime archive's logical name in the slot (and the QEMU backend option's value).
+RUNTIME_OPEN_NAME = "qemu_runtime.tar.xz"
+
+
 class WrapperKind(StrEnum):
     """The form of the app version's main program."""
 
@@ -82,6 +95,8 @@ class AppVersionRequest:
             back to TCG, and the plan class asks for ``kvm_cpu_feature``.
         kvm_cpu_feature: ``vmx`` (Intel) or ``svm`` (AMD), the flag the plan class requires
             with ``require_kvm`` (BOINC's feature list is an AND: one vendor per plan class).
+        runtime: QEMU bundled or the host's; None: bundled for QEMU app versions (VMware
+            app versions have none).
     """
 
     image: Path
@@ -104,6 +119,7 @@ class AppVersionRequest:
     ncpus: int | None = None
     require_kvm: bool = False
     kvm_cpu_feature: str = "vmx"
+    runtime: RuntimeKind | None = None
 
 
 @dataclass(frozen=True)

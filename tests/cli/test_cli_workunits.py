@@ -239,7 +239,8 @@ def test_keys_and_signed_app_version(tmp_path: Path, run: RunFn) -> None:
     assert code == 0, err
     av = tmp_path / "av"
     signed = sorted(p.name for p in av.glob("*.sig"))
-    assert len(signed) == 3  # wrapper, disk, job defaults
+    assert len(signed) == 4  # wrapper, disk, QEMU runtime, job defaults
+    assert [n for n in signed if n.endswith("_qemu_runtime.tar.xz.sig")]
     assert not list(av.glob("code_sign*"))
     for sig in av.glob("*.sig"):
         target = av / sig.name[: -len(".sig")]
@@ -249,6 +250,41 @@ def test_keys_and_signed_app_version(tmp_path: Path, run: RunFn) -> None:
     code, _, err = run(["keys", "verify", str(target), "--key", str(tmp_path / "keys/code_sign_public")])
     assert code == 4
     assert "does not match" in err
+
+
+def test_validate_checks_the_bundled_runtime(tmp_path: Path, run: RunFn) -> None:
+    import subprocess
+
+    code, _, err = run(["keys", "create", str(tmp_path / "keys")])
+    assert code == 0, err
+    img = tmp_path / "base.img"
+    subprocess.run(["qemu-img", "create", "-f", "raw", str(img), "16M"], check=True, capture_output=True)
+    key = str(tmp_path / "keys/code_sign_private")
+    code, _, err = run(
+        ["package-image", str(img), "--app", "s", "-o", str(tmp_path / "av"), "--sign-key", key]
+    )
+    assert code == 0, err
+    av = tmp_path / "av"
+    (archive,) = av.glob("*_qemu_runtime.tar.xz")
+    code, _, err = run(["validate", str(av)])
+    assert code == 0, err
+    sig = av / f"{archive.name}.sig"
+    sig.rename(tmp_path / "saved.sig")
+    code, out, err = run(["validate", str(av)])
+    assert code != 0 and "QEMU runtime is not signed" in out + err and "Traceback" not in err
+    (tmp_path / "saved.sig").rename(sig)
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = b"\0" * 4096
+    archive.write_bytes(bytes(data))
+    code, out, err = run(["validate", str(av)])
+    assert code != 0 and "QEMU runtime archive is damaged" in out + err and "Traceback" not in err
+    # --runtime system: no runtime file, no runtime option.
+    code, _, err = run(
+        ["package-image", str(img), "--app", "s", "-o", str(tmp_path / "sys"), "--runtime", "system"]
+    )
+    assert code == 0, err
+    assert not list((tmp_path / "sys").glob("*qemu_runtime*"))
+    assert "runtime" not in next((tmp_path / "sys").glob("*_vm_job_defaults.xml")).read_text()
 
 
 def test_backend_options_on_the_command_line(tmp_path: Path, run: RunFn) -> None:
@@ -276,4 +312,8 @@ def test_backend_options_on_the_command_line(tmp_path: Path, run: RunFn) -> None
     code, _, err = run([*package, "--backend-option", "golden=no", "-o", str(tmp_path / "av")])
     assert code == 0, err
     defaults = next((tmp_path / "av").glob("*vm_job_defaults.xml"))
-    assert load_job(defaults).backend_options == (BackendOption("golden", "no"),)
+    # package-image adds the bundled QEMU runtime after the options it was given.
+    assert load_job(defaults).backend_options == (
+        BackendOption("golden", "no"),
+        BackendOption("runtime", "qemu_runtime.tar.xz"),
+    )

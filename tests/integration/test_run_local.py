@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from boincvm.appversion.build import package_image
-from boincvm.appversion.model import AppVersionRequest, WrapperKind
+from boincvm.appversion.model import AppVersionRequest, RuntimeKind, WrapperKind
 from boincvm.job import BackendOption, OutputFile, Task, VmJob
 from boincvm.runlocal.emulator import run_local
 from boincvm.runlocal.faults import Fault, FaultKind
@@ -61,7 +61,8 @@ def qemu_pids_under(root: Path) -> list[int]:
             cwd = str((entry / "cwd").readlink())
         except OSError:
             continue
-        if b"qemu-system" in cmd.split(b"\0")[0] and cwd.startswith(str(root)):
+        # argv[0] is QEMU, or the bundled loader with QEMU a few arguments later.
+        if any(b"qemu-system" in a for a in cmd.split(b"\0")[:4]) and cwd.startswith(str(root)):
             pids.append(int(entry.name))
     return pids
 
@@ -401,10 +402,22 @@ def test_unrestorable_checkpoint_starts_the_job_afresh(
 
 
 def test_missing_hypervisor_is_a_clear_init_failure(
-    app_version: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    guest_image: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import shutil
     import sys
+
+    # --runtime system: the host's QEMU (an app version with the bundled runtime needs none).
+    app_version = tmp_path / "av-system"
+    package_image(
+        AppVersionRequest(
+            image=guest_image,
+            app_name="itest",
+            version="1.00",
+            output_dir=app_version,
+            runtime=RuntimeKind.SYSTEM,
+        )
+    )
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
