@@ -60,7 +60,7 @@ FOREIGN = re.compile(r"^(python[0-9.]*|libpython.*|qemu-.*)$")
 
 #: Runs ``ROOT CMD...``: mounts what a booted host has, then enters the root with a clean environment.
 ENTER = (
-    'set -e; root=$1; shift; '
+    "set -e; root=$1; shift; "
     'mount -t proc proc "$root/proc"; '
     'mount --rbind /sys "$root/sys"; '
     'mount --rbind /dev "$root/dev"; '
@@ -135,7 +135,18 @@ class BareHost:
     def launcher(self) -> ClientLauncher:
         """Runs the root's own ``boinc`` inside it."""
         return ClientLauncher(
-            prefix=("unshare", "--mount", "--propagation", "private", "--", "sh", "-c", ENTER, "sh", str(self.root)),
+            prefix=(
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                ENTER,
+                "sh",
+                str(self.root),
+            ),
             root=self.root,
         )
 
