@@ -23,8 +23,7 @@ from boincvm.runlocal.emulator import run_local
 from boincvm.runlocal.real_client import Client, LoopbackProject
 from boincvm.runlocal.request import RunLocalRequest
 from boincvm.signing import write_key_pair
-from boincvm.wrapper.status import StatusReport
-from boincvm.xmlio import read_xml
+from boincvm.wrapper.status import Phase, StatusReport
 from tests.bare_host import BareHost, build_root, foreign_tools
 from tests.integration.jobs import SCALE, LongJob
 from tests.integration.test_real_client import _checkpointed_mid_run, _fraction, _task_op, _wait, _workunit
@@ -154,6 +153,17 @@ UNTIL_RUNTIME = pytest.mark.xfail(
 )
 
 
+def _failure(project: LoopbackProject, client: Client) -> str:
+    """The failed task's report, asked for at once: its stderr.txt, or the whole report if none."""
+    # A failed task is reported after a back-off of 1-2 min; "update" asks for the RPC now.
+    client.cmd("--project", project.url, "update")
+    _wait("the report of the failed task", client, lambda: bool(project.seen.reports), 60)
+    report = project.seen.reports[-1]
+    assert "<exit_status>0</exit_status>" not in report
+    found = re.search(r"<stderr_txt>(.*)</stderr_txt>", report, re.S)
+    return found.group(1) if found else report
+
+
 def _until(
     what: str, project: LoopbackProject, client: Client, until: Callable[[], bool], seconds: float
 ) -> None:
@@ -165,11 +175,7 @@ def _until(
     _wait(what, client, done, seconds)
     if until():
         return
-    # A failed task is reported after a back-off of 1-2 min; "update" asks for the RPC now.
-    client.cmd("--project", project.url, "update")
-    _wait("the report of the failed task", client, lambda: bool(project.seen.reports), 60)
-    found = re.search(r"<stderr_txt>(.*)</stderr_txt>", project.seen.reports[-1], re.S)
-    stderr = found.group(1) if found else project.seen.reports[-1]
+    stderr = _failure(project, client)
     if re.search(r"GLIBC_[0-9.]+' not found", stderr):
         raise GlibcTooOld(stderr[-2000:])
     raise AssertionError(f"the task failed on the bare host before {what}:\n{stderr[-3000:]}")
@@ -218,12 +224,10 @@ def test_the_app_version_runs_on_the_bare_host_as_under_run_local(
     )
 
 
-def _checkpoint_fraction(client: Client) -> float:
-    """The fraction done at the task's last checkpoint as the client recorded it."""
-    state = read_xml(client.dir / "client_state.xml", what="the client's state")
-    found = state.find(".//active_task/checkpoint_fraction_done")
-    assert found is not None and found.text, "client_state.xml has no checkpoint_fraction_done"
-    return float(found.text)
+def _statuses(client: Client) -> list[StatusReport]:
+    """The wrapper's status in each of the client's slots."""
+    found = (StatusReport.read(slot) for slot in sorted((client.dir / "slots").glob("*")))
+    return [s for s in found if s is not None]
 
 
 @UNTIL_RUNTIME
@@ -232,25 +236,36 @@ def test_a_client_restart_on_the_bare_host_resumes_from_the_checkpoint(
     on_bare_host: tuple[LoopbackProject, Client], bare: BareHost
 ) -> None:
     project, client = on_bare_host
-    _until("a checkpoint mid-run", project, client, lambda: _checkpointed_mid_run(client), 300)
+    # (fraction done, checkpoints committed) as the wrapper wrote them before the stop. A
+    # checkpoint committed after a sample holds at least that sample's fraction done.
+    before: list[tuple[float, int]] = []
+
+    def checkpointed_well_into_the_job() -> bool:
+        before.extend((s.fraction_done, s.checkpoints) for s in _statuses(client) if s.phase == Phase.RUN)
+        latest = before[-1][1] if before else 0
+        return _checkpointed_mid_run(client) and any(f >= 0.25 and n < latest for f, n in before)
+
+    _until("a checkpoint a quarter into the job", project, client, checkpointed_well_into_the_job, 300)
     client.stop()
     assert not qemu_in(bare.root)
-    at_checkpoint = _checkpoint_fraction(client)
-    assert 0 < at_checkpoint < 1
+    (stopped,) = _statuses(client)
+    at_least = max(f for f, n in before if n < stopped.checkpoints)
     client.start()
-    # Had the task started over, the wrapper would report the first steps again (1/24, 2/24, ...).
-    seen: list[float] = []
+    # Had the task started over, the wrapper would report the first steps again (1/24, 2/24, ...);
+    # right after the restore it writes 0 until its first poll of the guest.
+    after: list[float] = []
 
     def progressed() -> bool:
-        for slot in (client.dir / "slots").glob("*"):
-            status = StatusReport.read(slot)
-            if status is not None and status.phase == "running":
-                seen.append(status.fraction_done)
+        after.extend(
+            s.fraction_done
+            for s in _statuses(client)
+            if s.phase == Phase.RUN and s.restored_from and s.fraction_done > 0
+        )
         return bool(project.seen.uploads)
 
     _until("the upload", project, client, progressed, 300)
-    assert seen, "the wrapper's status was never seen after the restart"
-    assert min(seen) >= at_checkpoint, (at_checkpoint, seen)
+    assert after, "the wrapper's status was never seen after the restart"
+    assert min(after) >= at_least >= 0.25, (at_least, after)
     (data,) = project.seen.uploads.values()
     assert data.decode() == LONGER_JOB.expected_out
     _wait("the report", client, lambda: bool(project.seen.reports), 60)
@@ -294,8 +309,9 @@ def test_suspend_and_resume_on_the_bare_host_keeps_the_work(in_memory: Client, b
     after: list[float] = []
 
     def progressed() -> bool:
-        if not project.seen.uploads:
-            after.append(_fraction(client))
+        task = client.tasks()
+        if task.get("active_task_state") == "EXECUTING" and "fraction done" in task:
+            after.append(float(task["fraction done"]))
         return bool(project.seen.uploads)
 
     _until("the upload", project, client, progressed, 300)
@@ -307,18 +323,19 @@ def test_suspend_and_resume_on_the_bare_host_keeps_the_work(in_memory: Client, b
 def test_a_zipapp_wrapper_cannot_start_on_the_bare_host(
     bare: BareHost, guest_image: Path, tmp_path: Path
 ) -> None:
-    """The control: the same workunit with the zip-application wrapper fails, for want of Python."""
+    """The control: the same kind of workunit with the zip-application wrapper fails, for want of Python."""
     av, public = _signed(tmp_path / "pyz", guest_image, wrapper=WrapperKind.PYZ)
     project = LoopbackProject(av, _workunit(tmp_path, "longjob.sh 2 0.1 0 sleep", LONG_JOB.inputs), public)
     project.start()
     client = Client(bare.data_dir(tmp_path.name), project, launcher=bare.launcher)
     client.start()
     try:
-        _wait("the report", client, lambda: bool(project.seen.reports), 120)
+        _wait("the task to fail", client, lambda: "error" in client.tasks().get("state", "").lower(), 120)
+        _failure(project, client)
     finally:
         client.stop()
         project.stop()
-    report = project.seen.reports[-1]
-    assert "<exit_status>0</exit_status>" not in report
+    assert "<exit_status>127</exit_status>" in project.seen.reports[-1]  # the shell's "command not found"
+    # The zip application's "#!/usr/bin/env python3" line fails in the client's own output.
+    assert "python3" in client.log() and "No such file or directory" in client.log(), client.log()[-3000:]
     assert not project.seen.uploads
-    assert "python3" in report, report[-3000:]
