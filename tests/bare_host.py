@@ -81,6 +81,15 @@ def _is_built(target: Path, digest: str) -> bool:
     return False
 
 
+def make_root(dest: Path) -> None:
+    """Run the recipe: a fresh bullseye root at ``dest`` (not cached; :func:`build_root` caches).
+
+    Raises:
+        CommandFailed: mmdebstrap failed.
+    """
+    proc.run(["mmdebstrap", "-q", *MMDEBSTRAP_ARGS, str(dest)], timeout=1800)
+
+
 def build_root() -> Path:
     """The cached bullseye root (built first if needed; about 15-50 s and 150 MB)."""
     digest = recipe_digest()
@@ -91,7 +100,7 @@ def build_root() -> Path:
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.build-"))
     try:
         root = work / "root"
-        proc.run(["mmdebstrap", "-q", *MMDEBSTRAP_ARGS, str(root)], timeout=1800)
+        make_root(root)
         (root / MARKER).write_text(json.dumps({"digest": digest, "args": MMDEBSTRAP_ARGS}))
         try:
             root.rename(target)

@@ -199,6 +199,7 @@ def test_the_app_version_runs_on_the_bare_host_as_under_run_local(
     bare_seconds = time.monotonic() - t0
     report = project.seen.reports[-1]
     assert "<exit_status>0</exit_status>" in report, report[-3000:]
+    assert "libc 2.31" in project.seen.requests[0]  # the client told the scheduler where it ran
     (data,) = project.seen.uploads.values()
     assert data.decode() == LONG_JOB.expected_out
     # The QEMU that ran is the app version's own, unpacked in the client's data directory.
@@ -331,11 +332,14 @@ def test_a_zipapp_wrapper_cannot_start_on_the_bare_host(
     client.start()
     try:
         _wait("the task to fail", client, lambda: "error" in client.tasks().get("state", "").lower(), 120)
-        _failure(project, client)
+        stderr = _failure(project, client)
     finally:
         client.stop()
         project.stop()
-    assert "<exit_status>127</exit_status>" in project.seen.reports[-1]  # the shell's "command not found"
-    # The zip application's "#!/usr/bin/env python3" line fails in the client's own output.
-    assert "python3" in client.log() and "No such file or directory" in client.log(), client.log()[-3000:]
+    assert "<exit_status>127</exit_status>" in project.seen.reports[-1]  # env's "command not found"
+    # The zip application's "#!/usr/bin/env python3" line, as the slot's stderr.txt caught it.
+    assert "python3" in stderr and "No such file or directory" in stderr, stderr
+    # The client told the scheduler where it runs.
+    assert "Debian GNU/Linux 11 (bullseye)" in project.seen.requests[0]
+    assert "libc 2.31" in project.seen.requests[0]
     assert not project.seen.uploads
