@@ -53,6 +53,8 @@ MMDEBSTRAP_ARGS = (
     SUITE,
 )
 MARKER = ".boincvm-root.json"
+#: Where the tests' client data directories go inside the root.
+DATA_DIRS = "var/lib/boincvm-test"
 #: The PATH the client runs with on the bare host (Debian's default for root).
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Names of interpreters and hypervisors the bare host must not have.
@@ -165,7 +167,7 @@ class BareHost:
 
     def data_dir(self, name: str) -> Path:
         """A fresh client data directory inside the root (host path)."""
-        d = self.root / "var/lib/boincvm-test" / name
+        d = self.root / DATA_DIRS / name
         d.mkdir(parents=True)
         return d
 

@@ -24,7 +24,7 @@ from boincvm.runlocal.real_client import Client, LoopbackProject
 from boincvm.runlocal.request import RunLocalRequest
 from boincvm.signing import write_key_pair
 from boincvm.wrapper.status import Phase, StatusReport
-from tests.bare_host import BareHost, build_root, foreign_tools
+from tests.bare_host import DATA_DIRS, BareHost, build_root, foreign_tools
 from tests.integration.jobs import SCALE, LongJob
 from tests.integration.test_real_client import _checkpointed_mid_run, _fraction, _task_op, _wait, _workunit
 
@@ -80,7 +80,7 @@ def qemu_in(root: Path) -> dict[int, Path]:
         except OSError:
             continue
         # Through the bundled loader, argv[0] may be the loader and QEMU a later argument.
-        if any(b"qemu-system" in a for a in argv[:3]):
+        if any(Path(a.decode("utf-8", "replace")).name.startswith("qemu-system") for a in argv):
             found[int(entry.name)] = exe
     return found
 
@@ -206,6 +206,8 @@ def test_the_app_version_runs_on_the_bare_host_as_under_run_local(
     assert qemu, "no QEMU process was seen in the bare root"
     for exe in qemu.values():
         assert exe.is_relative_to(client.dir), f"QEMU ran from {exe}, outside the app version"
+    # ... and nothing was installed on the host outside the client's data directories.
+    assert foreign_tools(bare.root, skip=(bare.root / DATA_DIRS,)) == []
 
     t1 = time.monotonic()
     local = run_local(
@@ -343,3 +345,5 @@ def test_a_zipapp_wrapper_cannot_start_on_the_bare_host(
     assert "Debian GNU/Linux 11 (bullseye)" in project.seen.requests[0]
     assert "libc 2.31" in project.seen.requests[0]
     assert not project.seen.uploads
+    # 7.16 took the signed files, the kernel as NAME.gz (gunzipped before the signature check).
+    assert any(name.endswith("_vm_kernel.gz") for name in project.seen.downloads), project.seen.downloads
