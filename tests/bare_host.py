@@ -60,14 +60,15 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Names of interpreters and hypervisors the bare host must not have.
 FOREIGN = re.compile(r"^(python[0-9.]*|libpython.*|qemu-.*)$")
 
-#: Runs ``ROOT CMD...``: mounts what a booted host has, then enters the root with a clean environment.
+#: Runs ``ROOT CMD...``: mounts what a booted host has, then enters the root with a clean
+#: environment (HOME as Debian's boinc-client service has it).
 ENTER = (
     "set -e; root=$1; shift; "
     'mount -t proc proc "$root/proc"; '
     'mount --rbind /sys "$root/sys"; '
     'mount --rbind /dev "$root/dev"; '
     'mount -t tmpfs -o mode=1777,nosuid,nodev shm "$root/dev/shm"; '
-    f'exec chroot "$root" /usr/bin/env -i PATH={PATH} HOME=/root LANG=C.UTF-8 "$@"'
+    f'exec chroot "$root" /usr/bin/env -i PATH={PATH} HOME=/var/lib/boinc-client LANG=C.UTF-8 "$@"'
 )
 
 
