@@ -139,7 +139,13 @@ class BareHost:
 
     @classmethod
     def copy_of(cls, cached: Path, dest: Path) -> BareHost:
-        """A copy of ``cached`` at ``dest`` (ownership and modes kept)."""
+        """A copy of ``cached`` at ``dest`` (ownership and modes kept).
+
+        Raises:
+            RuntimeError: not running as root (entering the root needs chroot and mounts).
+        """
+        if os.geteuid() != 0:
+            raise RuntimeError("the bare-host tests need root: they chroot and mount /proc, /sys and /dev")
         proc.run(["cp", "-a", "--reflink=auto", str(cached), str(dest)], timeout=600)
         return cls(dest)
 
