@@ -11,7 +11,8 @@ and the upload handler (with the size query), and records what the client fetche
 reported and uploaded. Facts it relies on (from running the 7.20.5 client): the master URL
 needs a dotted host and a trailing slash, app files must be signed (``--unsigned_apps_ok``
 switches the network off), an upload URL must contain ``file_upload_handler``, and every
-report must be acknowledged.
+report must be acknowledged. Debian 11's 7.16.16 client takes the same project (signed
+files, ``NAME.gz`` downloads); :class:`ClientLauncher` runs a client inside another root.
 """
 
 from __future__ import annotations
