@@ -51,8 +51,10 @@ def _rootfs(work: Path) -> None:
     proc.run(["rm", "-rf", str(work / "fresh")], timeout=120)
 
 
-def _bare_run(host: BareHost, av: Path, public: Path, wu: Path, name: str) -> tuple[float, str | None]:
-    """Seconds from attach to report under the bare host's client, and the failure if it failed."""
+def _bare_run(
+    host: BareHost, av: Path, public: Path, wu: Path, name: str
+) -> tuple[float, bytes | None, str | None]:
+    """Seconds from attach to report under the bare host's client, the upload, and the failure if any."""
     project = LoopbackProject(av, wu, public).start()
     client = Client(host.data_dir(name), project, checkpoint_period=STEPS * STEP / 5, launcher=host.launcher)
     t0 = time.perf_counter()
@@ -67,12 +69,13 @@ def _bare_run(host: BareHost, av: Path, public: Path, wu: Path, name: str) -> tu
         project.stop()
     took = time.perf_counter() - t0
     if not project.seen.reports:
-        return took, f"no report within {TIMEOUT:g} s"
+        return took, None, f"no report within {TIMEOUT:g} s"
     report = project.seen.reports[-1]
     if "<exit_status>0</exit_status>" in report and project.seen.uploads:
-        return took, None
+        (data,) = project.seen.uploads.values()
+        return took, data, None
     found = re.search(r"<stderr_txt>\s*(.*?)\s*</stderr_txt>", report, re.S)
-    return took, (found.group(1).splitlines() or ["(empty stderr)"])[-1] if found else "no stderr_txt"
+    return took, None, (found.group(1).splitlines() or ["(empty stderr)"])[-1] if found else "no stderr_txt"
 
 
 def main() -> None:
@@ -110,7 +113,7 @@ def main() -> None:
                 resources=Resources(rsc_memory_bound=1e9),
             )
         )
-        bare, failure = _bare_run(host, av, public, wu, "bench")
+        bare, upload, failure = _bare_run(host, av, public, wu, "bench")
         t0 = time.perf_counter()
         local = run_local(
             RunLocalRequest(
@@ -127,6 +130,7 @@ def main() -> None:
         if failure is not None:
             print(f"   bare host (client 7.16): the task failed after {bare:.1f} s: {failure}")
             return
+        assert upload == (work / "local/out").read_bytes(), "the bare host's result differs from run-local's"
         print(
             f"   bare host (client 7.16, attach to report): {bare:.1f} s; "
             f"ratio bare host / run-local {bare / local_s:.2f}"
