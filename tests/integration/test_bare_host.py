@@ -9,8 +9,8 @@ suspended task keeps its work; and the QEMU that ran is the app version's own.
 
 Two controls need no self-contained app version: the root is Debian 11 with client 7.16 and
 no python or qemu, and a zip-application wrapper fails there for want of python3. Until
-package-image's default app version is self-contained (issue 14 parts 1-2), the three runs
-are expected to fail with exactly the reason the bare host gives (:data:`UNTIL_RUNTIME`).
+package-image's default app version brings its QEMU (issue 14 part 2), the three runs are
+expected to fail with exactly the reason the bare host gives (:data:`UNTIL_RUNTIME`).
 """
 
 from __future__ import annotations
@@ -160,13 +160,13 @@ class NoQemu(NotSelfContained):
     """The wrapper started but found no QEMU: the app version does not bring its own."""
 
 
-#: Until the runtime branch lands, package-image's frozen wrapper is built against this
-#: machine's glibc (2.36) and brings no QEMU; these tests then fail with exactly one of
-#: those two reasons, and with any other as real failures.
+#: Until package-image bundles QEMU (issue 14 part 2), the frozen wrapper starts on the bare
+#: host (part 1: staticx) and then finds no QEMU there; these tests fail with exactly that,
+#: and with any other reason (a glibc too old among them) as real failures.
 UNTIL_RUNTIME = pytest.mark.xfail(
-    raises=NotSelfContained,
+    raises=NoQemu,
     strict=True,
-    reason="issue 14 parts 1-2: the frozen wrapper needs glibc > 2.31; QEMU is not bundled yet",
+    reason="issue 14 part 2: package-image does not bundle QEMU yet",
 )
 
 
