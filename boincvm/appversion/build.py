@@ -43,15 +43,18 @@ from boincvm.appversion.model import (
     GZIP_MIN_SAVING,
     INITRD_OPEN_NAME,
     KERNEL_OPEN_NAME,
+    RUNTIME_OPEN_NAME,
     SUMMARY_NAME,
     WRAPPER_FILE_NAMES,
     AppVersion,
     AppVersionFile,
     AppVersionRequest,
     Progress,
+    RuntimeKind,
     WrapperKind,
     version_num,
 )
+from boincvm.appversion.runtime import cached_runtime_archive
 from boincvm.appversion.vmware import base_snapshot, is_vmware_vm, package_vmware
 from boincvm.appversion.zipapp import build_wrapper_zipapp
 from boincvm.atomicdir import building
@@ -190,6 +193,11 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
     inputs = image_inputs(req)
     reads = [("the input", p) for p in inputs] + ([("the signing key", req.sign_key)] if req.sign_key else [])
     refuse_output_overlapping(req.output_dir, reads, option="--output-dir")
+    if req.runtime is RuntimeKind.BUNDLED and is_vmware_vm(req.image):
+        raise InputError(
+            "--runtime bundled applies to QEMU app versions only, and this image is a VMware VM",
+            hint="drop --runtime (VMware app versions use the host's VMware Workstation or Player)",
+        )
     if req.backend_options:
         kind = "vmware" if is_vmware_vm(req.image) else "qemu"
         backend_class(kind).check_options(dict(req.backend_options))
@@ -288,6 +296,14 @@ def _package_into(
         add(tmp / f".{DISK_OPEN_NAME}.part", DISK_OPEN_NAME, copy=False, gzip_ok=False)
         job = VmJob(backend="qemu", vm_image=DISK_OPEN_NAME, memory_size_mb=req.memory_mb)
     options = tuple(BackendOption(n, v) for n, v in req.backend_options)
+    if (
+        job.backend == "qemu"
+        and req.runtime is not RuntimeKind.SYSTEM
+        and "runtime" not in dict(req.backend_options)
+    ):
+        note("adding the QEMU runtime")
+        add(cached_runtime_archive(), RUNTIME_OPEN_NAME, copy=True, gzip_ok=False)
+        options += (BackendOption("runtime", RUNTIME_OPEN_NAME),)
     task = Task(exec_dir=exec_dir) if exec_dir else None
     if container_task is not None:
         task = replace(container_task, exec_dir=exec_dir or container_task.exec_dir)

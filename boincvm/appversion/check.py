@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    pass
+    from collections.abc import Sequence
+
+    from boincvm.appversion.model import AppVersionFile
 from boincvm.appversion.model import API_VERSION, SUMMARY_NAME, parse_version_xml
 from boincvm.appversion.vmware import check_vmware_app_version
 from boincvm.errors import BoincvmError
 from boincvm.findings import Finding, error, has_errors, info, warning
 from boincvm.hashing import md5_file
+from boincvm.hypervisor.qemu.runtime import archive_problem
 from boincvm.job import (
     DEFAULTS_OPEN_NAME,
     parse_job,
@@ -108,6 +111,7 @@ def check_app_version(path: Path) -> list[Finding]:
                 )
         if not job.vm_image and not job.vm_kernel:
             out.append(error(f"{DEFAULTS_OPEN_NAME}:vm_job.vm_image", "the defaults name no image"))
+        out += _check_runtime(directory, {o.name: o.value for o in job.backend_options}, logical, vx.files)
         if job.image_files or job.backend == "vmware":
             out += check_vmware_app_version(directory, job, logical)
     summary = directory / SUMMARY_NAME
@@ -129,4 +133,33 @@ def check_app_version(path: Path) -> list[Finding]:
                             hint="app version files are immutable: make a new version instead",
                         )
                     )
+    return out
+
+
+def _check_runtime(
+    directory: Path, options: dict[str, str], logical: dict[str, str], files: Sequence[AppVersionFile]
+) -> list[Finding]:
+    """The bundled QEMU runtime the defaults name: a file of this app version, signed when
+    the others are, and a well-formed runtime archive."""
+    name = options.get("runtime")
+    if not name:
+        return []
+    place = f"{DEFAULTS_OPEN_NAME}:vm_job.backend_option[runtime]"
+    if name not in logical:
+        return [error(place, f"{name!r} is not a logical name of this app version")]
+    physical = logical[name]
+    out: list[Finding] = []
+    signed = [f for f in files if (directory / f"{f.physical_name}.sig").exists()]
+    if signed and not (directory / f"{physical}.sig").exists():
+        out.append(error(f"version.file.{physical}", "the QEMU runtime is not signed, but other files are"))
+    if (directory / physical).is_file():
+        problem = archive_problem(directory / physical)
+        if problem:
+            out.append(
+                error(
+                    f"version.file.{physical}",
+                    f"the QEMU runtime archive is damaged: {problem}",
+                    hint="package the app version again",
+                )
+            )
     return out

@@ -11,18 +11,25 @@ compiles to C, needs a C compiler and takes minutes per build, and its bytecode-
 is a second implementation of the wrapper to trust); a shipped interpreter with its
 standard library would need a relocatable Python build, which Debian does not package.
 
-Where it runs: the bootloader needs glibc 2.14, but the bundled ``libpython`` and extension
-modules need about the glibc of the machine that built them (2.35 for Debian 12's): build
-on the oldest glibc the project wants to reach.
+Where it runs: PyInstaller's bundled ``libpython`` and extension modules need about the
+glibc of the machine that built them (2.35 for Debian 12's), so staticx wraps the one-file
+executable with every shared library it and its bundle load, glibc among them, and the
+dynamic loader: one static ELF that runs on an older glibc (tested on Debian 11's 2.31,
+``tests/integration/test_frozen_old_host.py``). The libraries lose the build interpreter's
+RUNPATH first (:func:`strip_runpaths`): staticx refuses it and nothing needs it.
 
 Reproducible: built in a fixed directory with ``PYTHONHASHSEED=0`` and
 ``SOURCE_DATE_EPOCH`` set, binaries stripped (``--strip``; debug sections carry build
-paths), the same sources, interpreter and PyInstaller give the same bytes. Built
-executables are cached by content (:func:`frozen_wrapper`) under the boincvm cache.
+paths), the same sources, interpreter and PyInstaller give the same PyInstaller stage.
+staticx's stage does not: its archive of the libraries records when it copied them, so
+the final bytes differ from build to build. Built executables are cached by content
+(:func:`frozen_wrapper`) under the boincvm cache, so an admin rebuilds only when the
+sources change.
 
-At run time the bundle unpacks into the current directory (the slot: ``--runtime-tmpdir
-.``), which the client empties when the task ends, so a bootloader killed before it could
-clean up leaves nothing behind on the host (a tmpfs ``/tmp`` would also cost RAM).
+At run time staticx unpacks its libraries into ``$TMPDIR`` (``/tmp`` under the client;
+a few MB, removed on exit, left behind only by a SIGKILL), then the PyInstaller bundle
+unpacks into the current directory (the slot: ``--runtime-tmpdir .``), which the client
+empties when the task ends (a tmpfs ``/tmp`` would also cost RAM for the larger bundle).
 """
 
 from __future__ import annotations
@@ -247,6 +254,9 @@ def freeze(build_dir: Path) -> Path:
         "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH,
         "PYTHONDONTWRITEBYTECODE": "1",
         "PATH": path,
+        # PyInstaller's own cache (stripped copies of the libraries) inside this build: the
+        # shared per-user one is emptied by --clean while another build reads it.
+        "PYINSTALLER_CONFIG_DIR": str(build_dir / "pyinstaller"),
     }
     proc.run(cmd, timeout=BUILD_TIMEOUT, cwd=build_dir, env=env)
     onefile = build_dir / "dist" / NAME

@@ -27,6 +27,19 @@ GZIP_MIN_SAVING = 0.10
 Progress = Callable[[str, int, int | None], None]
 
 
+class RuntimeKind(StrEnum):
+    """Where the QEMU backend's QEMU comes from on the volunteer's host."""
+
+    #: The app version ships the admin's QEMU as one archive (:mod:`boincvm.appversion.runtime`).
+    BUNDLED = "bundled"
+    #: The host's PATH has qemu-system-x86_64 and qemu-img.
+    SYSTEM = "system"
+
+
+#: The runtime archive's logical name in the slot (and the QEMU backend option's value).
+RUNTIME_OPEN_NAME = "qemu_runtime.tar.xz"
+
+
 class WrapperKind(StrEnum):
     """The form of the app version's main program."""
 
@@ -77,6 +90,8 @@ class AppVersionRequest:
         backend_options: (name, value) settings for the backend, checked here, written into
             the job defaults (e.g. QEMU's machine, VMware's guest_user).
         wrapper: the main program's form: frozen (no Python on the host) or a zip application.
+        runtime: QEMU bundled or the host's; None: bundled for QEMU app versions (VMware
+            app versions have none).
     """
 
     image: Path
@@ -96,6 +111,7 @@ class AppVersionRequest:
     sign_key: Path | None = None
     backend_options: tuple[tuple[str, str], ...] = ()
     wrapper: WrapperKind = WrapperKind.FROZEN
+    runtime: RuntimeKind | None = None
 
 
 @dataclass(frozen=True)

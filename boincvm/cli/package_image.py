@@ -46,6 +46,12 @@ from boincvm.cli.params import backend_option
     help="Main program: an ELF executable that needs no Python on the host (frozen, built once "
     "and cached), or a zip application for hosts with Python 3.11+ (pyz).",
 )
+@click.option(
+    "--runtime",
+    type=click.Choice(["bundled", "system"]),
+    default=None,
+    help="QEMU app versions: ship this machine's QEMU (bundled, the default) or use the host's (system).",
+)
 @click.option("--compress/--no-compress", default=True, help="Compress qcow2 clusters.")
 @click.option(
     "--gzip/--no-gzip",
@@ -75,6 +81,7 @@ def command(
     sign_key: Path | None,
     backend_options: tuple[tuple[str, str], ...],
     wrapper: str,
+    runtime: str | None,
     compress: bool,
     gzip_downloads: bool,
     output_dir: Path | None,
@@ -87,7 +94,7 @@ def command(
     Copy the result to apps/APP/VERSION/PLATFORM in the project and run update_versions.
     """
     from boincvm.appversion.build import package_image
-    from boincvm.appversion.model import AppVersionRequest, WrapperKind
+    from boincvm.appversion.model import AppVersionRequest, RuntimeKind, WrapperKind
 
     dirname = f"{platform}__{plan_class}" if plan_class else platform
     out = output_dir or Path(f"{app_name}_{version}_{dirname}")
@@ -109,6 +116,7 @@ def command(
         sign_key=sign_key,
         backend_options=backend_options,
         wrapper=WrapperKind(wrapper),
+        runtime=RuntimeKind(runtime) if runtime else None,
     )
     result = package_image(req, lambda step, *_: console.info(step))
     console.success(f"app version {app_name} {version} ({result.version_num}) in {result.directory}")

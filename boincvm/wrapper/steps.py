@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm.boinc.api import BoincApp
-from boincvm.boinc.files import ExitCode
+from boincvm.boinc.files import ExitCode, resolve_filename
 from boincvm.errors import (
     BoincvmError,
     GuestError,
@@ -48,6 +48,7 @@ from boincvm.errors import (
 )
 from boincvm.hypervisor.base import Backend, GuestProcess, ProcessStatus, VmSpec
 from boincvm.job import CpuTimeSource, ResolvedJob
+from boincvm.names import logical_name_problem
 from boincvm.wrapper.checkpoint import CheckpointRecord, CheckpointStore
 from boincvm.wrapper.guest_contract import (
     GuestFileKind,
@@ -168,7 +169,7 @@ class Wrapper:
             enable_network=self.job.enable_network,
             boot_timeout=self.job.boot_timeout,
             image_files=dict(inputs.image_files),
-            options=dict(self.job.backend_options),
+            options=_resolve_runtime(dict(self.job.backend_options), self.slot),
         )
         self.vm = backend_factory(self.spec)
         self._guest_cpu_start: float | None = None
@@ -611,3 +612,19 @@ def _check_inside(path: Path, roots: Sequence[Path | None]) -> None:
 
 
 __all__ = ["FAILURES", "Failure", "Wrapper", "WrapperInputs"]
+
+
+def _resolve_runtime(options: dict[str, str], slot: Path) -> dict[str, str]:
+    """``options`` with the QEMU ``runtime`` option's logical name (an app-version file the
+    slot links to) replaced by the file it names, in the project directory.
+
+    Raises:
+        InputError: the name is not a plain logical name.
+    """
+    name = options.get("runtime")
+    if not name:
+        return options
+    problem = logical_name_problem(name)
+    if problem:
+        raise InputError(f"backend option runtime: {problem}")
+    return {**options, "runtime": str(resolve_filename(name, slot).resolve())}

@@ -61,7 +61,8 @@ def qemu_pids_under(root: Path) -> list[int]:
             cwd = str((entry / "cwd").readlink())
         except OSError:
             continue
-        if b"qemu-system" in cmd.split(b"\0")[0] and cwd.startswith(str(root)):
+        # argv[0] is QEMU, or the bundled loader with QEMU a few arguments later.
+        if any(b"qemu-system" in a for a in cmd.split(b"\0")[:4]) and cwd.startswith(str(root)):
             pids.append(int(entry.name))
     return pids
 

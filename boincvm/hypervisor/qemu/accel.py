@@ -21,6 +21,7 @@ from pathlib import Path
 from boincvm import proc
 from boincvm.cache import cache_root
 from boincvm.errors import CommandNotFound
+from boincvm.hypervisor.qemu import runtime as qemu_rt
 
 QEMU = "qemu-system-x86_64"
 TRIAL_TIMEOUT = 8.0
@@ -60,7 +61,7 @@ def qemu_identity() -> str:
     Raises:
         CommandNotFound: QEMU is not installed.
     """
-    path = proc.which(QEMU)
+    path = qemu_rt.qemu_binary()
     if path is None:
         raise CommandNotFound(f"{QEMU} was not found", hint=proc.INSTALL_HINTS.get(QEMU, f"install {QEMU}"))
     real = path.resolve()
@@ -76,11 +77,11 @@ def _cache_file(kernel: Path) -> Path:
 
 def _trial(kernel: Path, workdir: Path) -> AccelChoice:
     log_file = workdir / "kvm-probe.log"
-    argv = [QEMU, "-accel", "kvm", "-cpu", "host", "-machine", "pc", "-m", "128", "-nodefaults",
-            "-no-user-config", "-display", "none", "-no-reboot", "-serial", f"file:{log_file}",
+    argv = [*qemu_rt.qemu_command(), "-accel", "kvm", "-cpu", "host", "-machine", "pc", "-m", "128",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", f"file:{log_file}",
             "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 root=/dev/boincvm-none"]  # fmt: skip
     started = time.monotonic()
-    child = proc.spawn(argv, stderr=subprocess.PIPE)
+    child = proc.spawn(argv, stderr=subprocess.PIPE, env=qemu_rt.qemu_env())
     try:
         child.wait(TRIAL_TIMEOUT)
     except subprocess.TimeoutExpired:

@@ -61,6 +61,7 @@ from boincvm.hypervisor.base import (
 )
 from boincvm.hypervisor.qemu import cmdline as cl
 from boincvm.hypervisor.qemu import golden as qemu_golden
+from boincvm.hypervisor.qemu import runtime as qemu_rt
 from boincvm.hypervisor.qemu import xfer as qemu_xfer
 from boincvm.hypervisor.qemu.accel import AccelChoice, choose_accel, kvm_device, qemu_identity
 from boincvm.hypervisor.qemu.aio import shared_loop
@@ -102,6 +103,11 @@ def _proc_cpu_seconds(pid: int) -> float | None:
     return sum(int(f) for f in fields[11:15]) / CLK_TCK
 
 
+def _img() -> list[str]:
+    """argv prefix for qemu-img: the bundled one when the job named a runtime, else PATH's."""
+    return qemu_rt.qemu_img_command()
+
+
 def _tail(path: Path, lines: int = 8) -> str:
     try:
         text = path.read_bytes()[-8192:].decode(errors="replace")
@@ -138,6 +144,9 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         super().__init__(spec)
         self.workdir = spec.workdir
         self.opts = QemuOptions.from_options(spec.options)
+        if self.opts.runtime:
+            # Unpacked once per host beside the archive; every QEMU of this process uses it.
+            qemu_rt.select(qemu_rt.unpack_once(Path(self.opts.runtime)))
         self.machine = self.opts.machine
         # q35 VMs started by this version carry a root port for transfer disks.
         self.hotplug_port = self.machine == "q35"
@@ -159,12 +168,15 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
     # -- availability ---------------------------------------------------------
     @classmethod
     def probe(cls) -> Availability:
-        """QEMU and qemu-img are installed; the detail says whether KVM looks usable."""
+        """QEMU and qemu-img are installed (or bundled: a job named a runtime); the detail says
+        whether KVM looks usable."""
+        kvm = kvm_device()
+        if qemu_rt.selected() is not None:
+            return Availability(True, "QEMU is bundled", kvm or "/dev/kvm is usable (a trial boot decides)")
         for tool in (cl.QEMU, "qemu-img"):
             if proc.which(tool) is None:
                 hint = proc.INSTALL_HINTS.get(tool, "")
                 return Availability(False, f"{tool} was not found", hint)
-        kvm = kvm_device()
         return Availability(True, "QEMU is installed", kvm or "/dev/kvm is usable (a trial boot decides)")
 
     # -- helpers --------------------------------------------------------------
@@ -270,7 +282,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         pidfile.unlink(missing_ok=True)
 
     def _base_format(self, image: Path) -> str:
-        info = json.loads(proc.run(["qemu-img", "info", "-U", "--output=json", image], timeout=60).text)
+        info = json.loads(proc.run([*_img(), "info", "-U", "--output=json", image], timeout=60).text)
         return str(info["format"])
 
     def _create_overlay(self, golden: qemu_golden.Golden | None) -> bool:
@@ -278,7 +290,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         overlay = self._path(OVERLAY)
         overlay.unlink(missing_ok=True)
         if golden is not None:
-            proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", golden.disk, "-F", "qcow2", overlay],
+            proc.run([*_img(), "create", "-q", "-f", "qcow2", "-b", golden.disk, "-F", "qcow2", overlay],
                      timeout=60)  # fmt: skip
             return self.spec.image is not None
         if self.spec.image is not None:
@@ -286,10 +298,10 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             if not base.is_file():
                 raise HypervisorError(f"qemu: base image {base} does not exist")
             fmt = self._base_format(base)
-            proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", fmt, overlay], timeout=60)
+            proc.run([*_img(), "create", "-q", "-f", "qcow2", "-b", base, "-F", fmt, overlay], timeout=60)
             return True
         # No disk: a detached qcow2 only to hold snapshot state.
-        proc.run(["qemu-img", "create", "-q", "-f", "qcow2", overlay, "64M"], timeout=60)
+        proc.run([*_img(), "create", "-q", "-f", "qcow2", overlay, "64M"], timeout=60)
         return False
 
     def _save_state(self, state: dict[str, Any]) -> None:
@@ -309,7 +321,8 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         return data
 
     def _spawn(self, args: cl.QemuArgs, pass_fds: Sequence[int] = ()) -> None:
-        argv: list[str] = cl.build_argv(args)
+        # The bundled QEMU (through its loader, with its firmware) when the job named one.
+        argv: list[str] = [*qemu_rt.qemu_command(), *cl.build_argv(args)[1:]]
         setpriv = proc.which("setpriv")
         if setpriv is not None:
             argv = [str(setpriv), "--pdeathsig", "KILL", *argv]
@@ -318,7 +331,13 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         # Forked from the long-lived I/O thread: the parent-death signal follows the
         # thread that forked, and a caller's short-lived thread would take QEMU with it.
         popen = self._loop.call(
-            lambda: proc.spawn(argv, log_file=self._path(QEMU_LOG), cwd=self.workdir, pass_fds=pass_fds)
+            lambda: proc.spawn(
+                argv,
+                log_file=self._path(QEMU_LOG),
+                cwd=self.workdir,
+                pass_fds=pass_fds,
+                env=qemu_rt.qemu_env(),
+            )
         )
         with _live_lock:
             _live.add(popen)
@@ -722,7 +741,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         overlay = self._path(OVERLAY)
         if not overlay.exists():
             return []
-        info = json.loads(proc.run(["qemu-img", "info", "-U", "--output=json", overlay], timeout=60).text)
+        info = json.loads(proc.run([*_img(), "info", "-U", "--output=json", overlay], timeout=60).text)
         return [SnapshotInfo(s["name"], s.get("vm-state-size")) for s in info.get("snapshots", [])]
 
     def snapshot_list(self) -> list[SnapshotInfo]:
@@ -756,7 +775,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         if self.is_running():
             self._run_job("snapshot-delete", {"tag": name, "devices": [cl.DISK_NODE]})
         else:
-            proc.run(["qemu-img", "snapshot", "-d", name, self._path(OVERLAY)], timeout=120)
+            proc.run([*_img(), "snapshot", "-d", name, self._path(OVERLAY)], timeout=120)
 
     # -- accounting -----------------------------------------------------------
     def host_cpu_time(self) -> float:

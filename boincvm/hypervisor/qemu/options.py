@@ -20,7 +20,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "golden": ("auto", "yes", "no"),
     "transfer_disk": ("auto", "no"),
 }
-KNOWN = (*_CHOICES, "snapshot_timeout", "transfer_disk_min_bytes")
+KNOWN = (*_CHOICES, "snapshot_timeout", "transfer_disk_min_bytes", "runtime")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class QemuOptions:
         snapshot_timeout: seconds a snapshot save or load may take.
         transfer_disk: ``auto`` (large files through a hot-plugged disk) or ``no``.
         transfer_disk_min_bytes: the smallest file that takes the transfer disk.
+        runtime: the bundled QEMU runtime archive (a path; the wrapper resolves the job's
+            logical name through the slot's link file), or "" for PATH's QEMU.
     """
 
     machine: str = DEFAULT_MACHINE
@@ -42,6 +44,7 @@ class QemuOptions:
     snapshot_timeout: float = DEFAULT_SNAPSHOT_TIMEOUT
     transfer_disk: str = "auto"
     transfer_disk_min_bytes: int = DEFAULT_TRANSFER_MIN_BYTES
+    runtime: str = ""
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> QemuOptions:
@@ -64,6 +67,8 @@ class QemuOptions:
             values["snapshot_timeout"] = _number(options, "snapshot_timeout", float, "seconds")
         if "transfer_disk_min_bytes" in options:
             values["transfer_disk_min_bytes"] = _number(options, "transfer_disk_min_bytes", int, "bytes")
+        if "runtime" in options:
+            values["runtime"] = options["runtime"]
         return cls(**values)  # type: ignore[arg-type]
 
 
