@@ -7,10 +7,9 @@ gets. The client downloads it, runs the workunit, uploads; the result must equal
 run-local's on this machine; a client stopped after a checkpoint resumes from it; a
 suspended task keeps its work; and the QEMU that ran is the app version's own.
 
-Two controls need no self-contained app version: the root is Debian 11 with client 7.16 and
-no python or qemu, and a zip-application wrapper fails there for want of python3. Until
-package-image's default app version brings its QEMU (issue 14 part 2), the three runs are
-expected to fail with exactly the reason the bare host gives (:data:`UNTIL_RUNTIME`).
+Two controls: the root is Debian 11 with client 7.16 and no python or qemu, and a
+zip-application wrapper fails there for want of python3. A run that fails names why: a glibc
+too old for the main program (:class:`GlibcTooOld`) or no QEMU found (:class:`NoQemu`).
 """
 
 from __future__ import annotations
@@ -160,16 +159,6 @@ class NoQemu(NotSelfContained):
     """The wrapper started but found no QEMU: the app version does not bring its own."""
 
 
-#: Until package-image bundles QEMU (issue 14 part 2), the frozen wrapper starts on the bare
-#: host (part 1: staticx) and then finds no QEMU there; these tests fail with exactly that,
-#: and with any other reason (a glibc too old among them) as real failures.
-UNTIL_RUNTIME = pytest.mark.xfail(
-    raises=NoQemu,
-    strict=True,
-    reason="issue 14 part 2: package-image does not bundle QEMU yet",
-)
-
-
 def _failure(project: LoopbackProject, client: Client) -> str:
     """The failed task's report, asked for at once: its stderr.txt, or the whole report if none."""
     # A failed task is reported after a back-off of 1-2 min; "update" asks for the RPC now.
@@ -200,7 +189,6 @@ def _until(
     raise AssertionError(f"the task failed on the bare host before {what}:\n{stderr[-3000:]}")
 
 
-@UNTIL_RUNTIME
 @pytest.mark.parametrize("on_bare_host", [LONG_JOB], indirect=True)
 def test_the_app_version_runs_on_the_bare_host_as_under_run_local(
     on_bare_host: tuple[LoopbackProject, Client], bare: BareHost, tmp_path: Path
@@ -252,7 +240,6 @@ def _statuses(client: Client) -> list[StatusReport]:
     return [s for s in found if s is not None]
 
 
-@UNTIL_RUNTIME
 @pytest.mark.parametrize("on_bare_host", [LONGER_JOB], indirect=True)
 def test_a_client_restart_on_the_bare_host_resumes_from_the_checkpoint(
     on_bare_host: tuple[LoopbackProject, Client], bare: BareHost
@@ -310,7 +297,6 @@ def in_memory(bare: BareHost, signed_app_version: tuple[Path, Path], tmp_path: P
     _wait("every process in the bare root to end", client, lambda: not processes_in(bare.root), 30)
 
 
-@UNTIL_RUNTIME
 def test_suspend_and_resume_on_the_bare_host_keeps_the_work(in_memory: Client, bare: BareHost) -> None:
     client = in_memory
     project = client.project
