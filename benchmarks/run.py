@@ -27,6 +27,7 @@ BENCHES = (
     "bench_host_full",
     "bench_checkpoint_scaling",
     "bench_runtime",
+    "bench_bare_host",
 )
 
 

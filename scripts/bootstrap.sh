@@ -12,7 +12,8 @@ APT_PACKAGES=(
   python3-venv python3-pip
   boinc-client                 # the real BOINC client, the judge in tests/integration/test_real_client.py
   openssl                      # cross-checks code signatures in the tests
-  umoci mmdebstrap             # the container-image tests make real OCI images (no daemon, no registry)
+  umoci mmdebstrap             # the container-image tests make real OCI images (no daemon, no registry);
+                               # mmdebstrap also builds the bare Debian 11 host of tests/integration/test_bare_host.py
   podman skopeo runc           # benchmarks/bench_oci.py: BUDA's runtime side by side (runc: crun refuses cgroup v1 hosts)
   gcc                          # boincvm guest-api compiles libboinc_api.a; the guest API tests build BOINCified C programs
   binutils libpython3-dev      # PyInstaller (the frozen wrapper): objdump and strip, the shared libpython it bundles
@@ -42,3 +43,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 # The bundled example guest (kernel + initramfs with busybox and qemu-guest-agent),
 # built from Debian packages and cached by content.
 boincvm build-image --recipe minimal >/dev/null
+
+# The bare, older volunteer host (Debian 11 root file system with boinc-client 7.16, no python,
+# no qemu) that tests/integration/test_bare_host.py runs the real client in; cached by its recipe.
+python -m tests.bare_host >/dev/null

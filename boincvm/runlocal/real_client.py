@@ -11,7 +11,8 @@ and the upload handler (with the size query), and records what the client fetche
 reported and uploaded. Facts it relies on (from running the 7.20.5 client): the master URL
 needs a dotted host and a trailing slash, app files must be signed (``--unsigned_apps_ok``
 switches the network off), an upload URL must contain ``file_upload_handler``, and every
-report must be acknowledged.
+report must be acknowledged. Debian 11's 7.16.16 client takes the same project (signed
+files, ``NAME.gz`` downloads); :class:`ClientLauncher` runs a client inside another root.
 """
 
 from __future__ import annotations
@@ -319,8 +320,43 @@ class LoopbackProject:
         return Handler
 
 
+@dataclass(frozen=True)
+class ClientLauncher:
+    """How ``boinc`` is started: the host's own by default, or inside another root file system.
+
+    Attributes:
+        prefix: the command that enters the client's environment (a chroot, a mount
+            namespace) and then runs the rest of the argument list there.
+        root: the directory that environment sees as ``/``. The client's data directory
+            must lie below it; the client is given its path as seen from inside.
+    """
+
+    prefix: tuple[str, ...] = ()
+    root: Path = Path("/")
+
+    def inside(self, path: Path) -> Path:
+        """``path`` (on this host) as the client sees it.
+
+        Raises:
+            ValueError: ``path`` is not below ``root``.
+        """
+        return Path("/") / path.resolve().relative_to(self.root.resolve())
+
+    def argv(self, *args: str) -> list[str]:
+        """The command line that runs ``boinc ARGS`` in this environment."""
+        return [*self.prefix, "boinc", *args]
+
+
+#: The host's own client.
+HOST = ClientLauncher()
+
+
 class Client:
-    """Debian's boinc client in its own data directory and GUI RPC port."""
+    """Debian's boinc client in its own data directory and GUI RPC port.
+
+    ``launcher`` says where the client runs (default: on this host); ``boinccmd`` is always
+    the host's, over the GUI RPC port, so the client's environment needs none of it.
+    """
 
     def __init__(
         self,
@@ -329,9 +365,12 @@ class Client:
         *,
         checkpoint_period: float = 5.0,
         leave_apps_in_memory: bool = False,
+        launcher: ClientLauncher = HOST,
     ) -> None:
         self.dir = data_dir
         self.project = project
+        self.launcher = launcher
+        launcher.inside(data_dir)  # fails early (ValueError) when the data lies outside its root
         data_dir.mkdir(parents=True, exist_ok=True)
         host_part = escape_project_url(project.url)
         (data_dir / f"account_{host_part}.xml").write_text(
@@ -354,9 +393,8 @@ class Client:
     def start(self, *, exit_when_idle: bool = True) -> None:
         """Start ``boinc`` (output in ``client.log``)."""
         args = [
-            "boinc",
             "--dir",
-            str(self.dir),
+            str(self.launcher.inside(self.dir)),
             "--gui_rpc_port",
             str(self.port),
             "--skip_cpu_benchmarks",
@@ -365,7 +403,7 @@ class Client:
         ]
         if exit_when_idle:
             args.append("--exit_when_idle")
-        self.proc = proc.spawn(args, log_file=self.dir / "client.log", new_session=True)
+        self.proc = proc.spawn(self.launcher.argv(*args), log_file=self.dir / "client.log", new_session=True)
 
     def cmd(self, *args: str, timeout: float = 20) -> str:
         """Run ``boinccmd`` against this client (the GUI RPC password is kept out of logs)."""

@@ -1,0 +1,183 @@
+"""A bare, older volunteer host for the tests: Debian 11 (glibc 2.31) with boinc-client 7.16 only.
+
+The root file system comes from ``mmdebstrap --variant=apt --include=boinc-client bullseye``
+with python3 (pulled in by boinc-client's helper scripts) purged afterwards, so the host has
+neither Python nor QEMU. It is built once and cached by its recipe under the boincvm cache
+(``<cache>/test-roots/<hash>``), built in a temporary directory next to it and renamed into
+place, like the guest image. Tests work on a copy, so the cached root is never written.
+
+:class:`BareHost` enters the root the way a volunteer's machine runs the client: a private
+mount namespace (``unshare -m``, so the mounts vanish with the last process in it) with
+``/proc``, ``/sys``, ``/dev`` and a fresh ``/dev/shm``, then ``chroot`` and a clean
+environment. It shares the host's network namespace, so the loopback project on 127.0.0.1
+is reachable. Needs root.
+
+``python -m tests.bare_host`` builds the cached root (scripts/bootstrap.sh calls it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from boincvm import proc
+from boincvm.cache import cache_root
+from boincvm.runlocal.real_client import ClientLauncher
+
+#: Bumped whenever the build steps change in a way the arguments do not show.
+BUILD_VERSION = 1
+SUITE = "bullseye"
+#: python3 first: its prerm needs py3clean, which needs the interpreter the second purge removes.
+PURGES = (
+    ("python3",),
+    (
+        "python3.9",
+        "libpython3-stdlib",
+        "libpython3.9-stdlib",
+        "python3-minimal",
+        "python3.9-minimal",
+        "libpython3.9-minimal",
+    ),
+)
+MMDEBSTRAP_ARGS = (
+    "--variant=apt",
+    "--include=boinc-client",
+    *(f'--customize-hook=chroot "$1" dpkg --purge --force-depends {" ".join(p)}' for p in PURGES),
+    SUITE,
+)
+MARKER = ".boincvm-root.json"
+#: Where the tests' client data directories go inside the root.
+DATA_DIRS = "var/lib/boincvm-test"
+#: The PATH the client runs with on the bare host (Debian's default for root).
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Names of interpreters and hypervisors the bare host must not have.
+FOREIGN = re.compile(r"^(python[0-9.]*|libpython.*|qemu-.*)$")
+
+#: Runs ``ROOT CMD...``: mounts what a booted host has, then enters the root with a clean
+#: environment (HOME as Debian's boinc-client service has it).
+ENTER = (
+    "set -e; root=$1; shift; "
+    'mount -t proc proc "$root/proc"; '
+    'mount --rbind /sys "$root/sys"; '
+    'mount --rbind /dev "$root/dev"; '
+    'mount -t tmpfs -o mode=1777,nosuid,nodev shm "$root/dev/shm"; '
+    f'exec chroot "$root" /usr/bin/env -i PATH={PATH} HOME=/var/lib/boinc-client LANG=C.UTF-8 "$@"'
+)
+
+
+def recipe_digest() -> str:
+    """The cache key: the mmdebstrap arguments and the build version."""
+    raw = json.dumps({"args": MMDEBSTRAP_ARGS, "build": BUILD_VERSION}).encode()
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _is_built(target: Path, digest: str) -> bool:
+    with contextlib.suppress(OSError, ValueError):
+        return bool(json.loads((target / MARKER).read_text())["digest"] == digest)
+    return False
+
+
+def make_root(dest: Path) -> None:
+    """Run the recipe: a fresh bullseye root at ``dest`` (not cached; :func:`build_root` caches).
+
+    Raises:
+        CommandFailed: mmdebstrap failed.
+    """
+    proc.run(["mmdebstrap", "-q", *MMDEBSTRAP_ARGS, str(dest)], timeout=1800)
+
+
+def build_root() -> Path:
+    """The cached bullseye root (built first if needed; about 15-50 s and 150 MB)."""
+    digest = recipe_digest()
+    target = cache_root() / "test-roots" / f"{SUITE}-boinc-{digest[:16]}"
+    if _is_built(target, digest):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.build-"))
+    try:
+        root = work / "root"
+        make_root(root)
+        (root / MARKER).write_text(json.dumps({"digest": digest, "args": MMDEBSTRAP_ARGS}))
+        try:
+            root.rename(target)
+        except OSError:
+            if not _is_built(target, digest):  # a concurrent build won the race: fine
+                raise
+        return target
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def foreign_tools(root: Path, *, skip: tuple[Path, ...] = ()) -> list[str]:
+    """Interpreters and hypervisors on ``root`` (files named python*, libpython*, qemu-*),
+    as paths inside it; directories below ``skip`` (host paths) are not looked at."""
+    found = []
+    skipped = {p.resolve() for p in skip}
+    for top in ("usr", "bin", "sbin", "lib", "lib64", "opt", "etc", "var", "root", "tmp"):
+        base = root / top
+        if base.is_symlink() or not base.is_dir():
+            continue  # usrmerge: /bin is a link into /usr
+        for dirpath, dirnames, filenames in os.walk(base):
+            here = Path(dirpath)
+            dirnames[:] = [d for d in dirnames if (here / d).resolve() not in skipped]
+            found += ["/" + str((here / f).relative_to(root)) for f in filenames if FOREIGN.match(f)]
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class BareHost:
+    """A private copy of the bullseye root, entered through :data:`ENTER`."""
+
+    root: Path
+
+    @classmethod
+    def copy_of(cls, cached: Path, dest: Path) -> BareHost:
+        """A copy of ``cached`` at ``dest`` (ownership and modes kept).
+
+        Raises:
+            RuntimeError: not running as root (entering the root needs chroot and mounts).
+        """
+        if os.geteuid() != 0:
+            raise RuntimeError("the bare-host tests need root: they chroot and mount /proc, /sys and /dev")
+        proc.run(["cp", "-a", "--reflink=auto", str(cached), str(dest)], timeout=600)
+        return cls(dest)
+
+    @property
+    def launcher(self) -> ClientLauncher:
+        """Runs the root's own ``boinc`` inside it."""
+        return ClientLauncher(
+            prefix=(
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                ENTER,
+                "sh",
+                str(self.root),
+            ),
+            root=self.root,
+        )
+
+    def run(self, *cmd: str, timeout: float = 60) -> proc.Completed:
+        """Run ``cmd`` inside the root and wait for it (raises on a non-zero exit)."""
+        return proc.run([*self.launcher.prefix, *cmd], timeout=timeout)
+
+    def data_dir(self, name: str) -> Path:
+        """A fresh client data directory inside the root (host path)."""
+        d = self.root / DATA_DIRS / name
+        d.mkdir(parents=True)
+        return d
+
+
+if __name__ == "__main__":
+    print(build_root())
