@@ -26,6 +26,7 @@ import logging
 import os
 import secrets
 import shlex
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from boincvm.errors import (
     ToolError,
 )
 from boincvm.hypervisor.base import Backend, GuestProcess, ProcessStatus, VmSpec
-from boincvm.job import CpuTimeSource, ResolvedJob
+from boincvm.job import CheckpointMode, CpuTimeSource, ResolvedJob
 from boincvm.wrapper import guest_api
 from boincvm.wrapper.checkpoint import CheckpointRecord, CheckpointStore
 from boincvm.wrapper.guest_contract import (
@@ -83,6 +84,8 @@ PROGRESS_MAX_BYTES = 4096
 TRIGGER_MAX_BYTES = 65536
 #: Seconds the guest's shell may take to say what the guest files are.
 KIND_TIMEOUT = 60.0
+#: At most this much of each app-level checkpoint file is copied out.
+APP_CHECKPOINT_MAX_BYTES = 1 << 30
 #: A program that asks whether to checkpoint gets at least this long to say it is ready.
 CHECKPOINT_READY_WAIT = 60.0
 #: Seconds a program that wrote ``finish`` or ``temporary_exit`` may take to exit.
@@ -242,7 +245,7 @@ class Wrapper:
                 proc = None
                 if record is not None:
                     try:
-                        proc = self._restore(record)
+                        proc = self._restore_app(record) if record.mode == "app" else self._restore(record)
                     except (HypervisorError, GuestError) as exc:
                         if isinstance(exc, HypervisorUnavailable):
                             raise
@@ -298,6 +301,29 @@ class Wrapper:
         self._note_accel()
         return GuestProcess(pid=record.guest_pid, argv=(self.job.application,))
 
+    def _restore_app(self, record: CheckpointRecord) -> GuestProcess:
+        """App-level checkpoint: boot afresh, install, put the program's files back, start it."""
+        log.info("resuming from app-level checkpoint %s", record.snapshot)
+        saved = self.slot / record.snapshot
+        if not saved.is_dir():
+            raise GuestError(f"app-level checkpoint {record.snapshot} is missing from the slot")
+        self.status.restored_from = record.snapshot
+        self.status.checkpoints = record.checkpoints
+        self._elapsed_before = record.elapsed
+        with self._phase(Phase.RESTORE):
+            self.vm.power_on()
+            self.vm.wait_for_tools()
+            self._install()
+            dirs = {os.path.dirname(self._guest(n)) for n in self.job.checkpoint_files}  # noqa: PTH120
+            self._sh(
+                "mkdir -p " + " ".join(shlex.quote(d) for d in sorted(dirs) if d), what="making directories"
+            )
+            for i, name in enumerate(self.job.checkpoint_files):
+                if (saved / str(i)).is_file():
+                    self.vm.copy_to_guest(saved / str(i), self._guest(name))
+        self._note_accel()
+        return self._start_program()
+
     def _note_accel(self) -> None:
         note = self.vm.accel_note
         self.status.accel = self.vm.accel_name
@@ -311,6 +337,9 @@ class Wrapper:
         self._note_accel()
         with self._phase(Phase.INSTALL):
             self._install()
+        return self._start_program()
+
+    def _start_program(self) -> GuestProcess:
         argv = self._program_argv()
         log.info("starting %s", shlex.join(argv))
         env = dict(self.job.setenv)
@@ -387,6 +416,7 @@ class Wrapper:
                 if (
                     now - self._last_checkpoint_at > QUIT_CHECKPOINT_AFTER
                     and not self.job.disable_automatic_checkpoints
+                    and self.job.checkpoint_mode is CheckpointMode.VM
                     and not self._in_critical_section()
                 ):
                     record = self._checkpoint(proc, record)
@@ -426,7 +456,8 @@ class Wrapper:
                     if trigger.kind == "completion":
                         done = ProcessStatus(running=False, exit_code=trigger.exit_code)
                         return self._complete(done, record, trigger.message)
-                    record = self._checkpoint(proc, record)
+                    if self.job.checkpoint_mode is CheckpointMode.VM:
+                        record = self._checkpoint(proc, record)
                     self.vm.power_off(soft_timeout=2.0)
                     return app.temporary_exit(
                         trigger.delay, trigger.message or "the guest asked for a temporary exit"
@@ -571,9 +602,15 @@ class Wrapper:
         """Snapshot, commit, then drop the previous snapshot; the record the slot now has."""
         sequence = (record.sequence if record else 0) + 1
         name = f"boincvm-ck{sequence}-{secrets.token_hex(3)}"
+        app_mode = self.job.checkpoint_mode is CheckpointMode.APP
+        if app_mode:
+            name = f"boincvm_appck{sequence}"
         with self._phase(Phase.CHECKPOINT):
             cpu = self._run_cpu()
-            self.vm.snapshot_create(name)
+            if app_mode:
+                self._save_app_files(self.slot / name)
+            else:
+                self.vm.snapshot_create(name)
             elapsed = self._elapsed_before + (self.clock() - self._started_at)
             new = CheckpointRecord(
                 snapshot=name,
@@ -582,11 +619,12 @@ class Wrapper:
                 cpu_time=cpu,
                 elapsed=elapsed,
                 checkpoints=(record.checkpoints if record else 0) + 1,
+                mode=self.job.checkpoint_mode.value,
             )
             self.store.commit(new)
             if record is not None:
                 try:
-                    self.vm.snapshot_delete(record.snapshot)
+                    self._drop_checkpoint(record)
                 except BoincvmError as exc:  # a stale snapshot only costs disk space
                     log.warning("could not delete snapshot %s: %s", record.snapshot, exc)
         self.app.checkpoint_completed(cpu_time=cpu)
@@ -595,6 +633,42 @@ class Wrapper:
         self._write_status()
         log.info("checkpoint %s committed (%d so far)", name, new.checkpoints)
         return new
+
+    def _drop_checkpoint(self, record: CheckpointRecord) -> None:
+        if record.mode == "app":
+            shutil.rmtree(self.slot / record.snapshot, ignore_errors=True)
+        else:
+            self.vm.snapshot_delete(record.snapshot)
+
+    def _save_app_files(self, target: Path) -> None:
+        """Copy the program's checkpoint files out to ``target`` durably (each file written
+        and fsynced under a temporary name, the directory renamed into place and fsynced);
+        the record naming it is committed only after this returns."""
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.mkdir()
+        names = self.job.checkpoint_files
+        kinds = self._guest_kinds(sorted({self._guest(n) for n in names}))
+        for i, name in enumerate(names):
+            guest = self._guest(name)
+            kind = kinds.get(guest, GuestFileKind.MISSING)
+            if kind is GuestFileKind.MISSING:
+                continue  # not written yet: the restart goes without it, as the program would
+            if problem := kind_problem(kind):
+                raise GuestError(f"checkpoint file {name}: guest file {guest} {problem}")
+            self.vm.copy_from_guest(guest, tmp / str(i), max_bytes=APP_CHECKPOINT_MAX_BYTES)
+            fd = os.open(tmp / str(i), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        tmp.replace(target)
+        fd = os.open(self.slot, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # -- the guest BOINC API (issue #15) ---------------------------------------
     def _in_critical_section(self) -> bool:
@@ -629,6 +703,8 @@ class Wrapper:
             ready = guest_api.sequence_of(data)
         if kinds.get(self._api_file(guest_api.CRITICAL), GuestFileKind.MISSING) is not GuestFileKind.MISSING:
             return record  # inside a critical section: try at the next poll
+        if self.job.checkpoint_mode is CheckpointMode.APP and ready != self._ck_request:
+            return record  # the program's files are consistent only at its checkpoint_ready
         wait = max(CHECKPOINT_READY_WAIT, self.app.init_data.effective_checkpoint_period)
         if ready != self._ck_request and self._uses_checkpoints and now - self._ck_requested_at < wait:
             return record
@@ -639,6 +715,8 @@ class Wrapper:
                 )
             if self._in_critical_section():
                 return record
+        if ready == self._ck_request:
+            log.info("checkpoint %d at the program's checkpoint_ready", ready)
         record = self._checkpoint(proc, record)
         self._ck_request = None
         self._sh(
@@ -782,7 +860,7 @@ class Wrapper:
                 log.warning("%s", exc.message)
         if record is not None:
             with contextlib.suppress(BoincvmError):
-                self.vm.snapshot_delete(record.snapshot)
+                self._drop_checkpoint(record)
 
 
 def _check_inside(path: Path, roots: Sequence[Path | None]) -> None:

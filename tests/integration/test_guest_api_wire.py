@@ -10,9 +10,11 @@ after the first checkpoint, ``finish`` with a failing status, and a trickle up.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from boincvm.job import CheckpointMode
 from boincvm.runlocal.faults import Fault, FaultKind
 from boincvm.runlocal.request import LiveState
 from boincvm.workunit.make import InputSpec
@@ -28,9 +30,13 @@ STEPS = 12
 STEP_SECONDS = 1.0 * SCALE
 
 
-def apijob_wu(tmp_path: Path, *, finish: int = 0, trickle_at: int = 0) -> Path:
+def apijob_wu(tmp_path: Path, *, finish: int = 0, trickle_at: int = 0, app_mode: bool = False) -> Path:
     command = f"apijob.sh {STEPS} {STEP_SECONDS:.3f} {finish} {trickle_at}"
-    return make_wu(tmp_path, command, inputs=(InputSpec("apijob.sh", str(APIJOB)),))
+    # App mode keeps the program's own files: its checkpoint and the output it appends to.
+    job: dict[str, Any] = (
+        {"checkpoint_mode": CheckpointMode.APP, "checkpoint_files": ("ck", "out")} if app_mode else {}
+    )
+    return make_wu(tmp_path, command, inputs=(InputSpec("apijob.sh", str(APIJOB)),), **job)
 
 
 def expected_out() -> str:
@@ -59,15 +65,22 @@ def test_status_checkpoints_and_trickle_up(app_version: Path, data_dir: Path, tm
     assert any("<variety>progress</variety>\n<step>3</step>" in t for t in texts), texts
 
 
+@pytest.mark.parametrize("mode", ["vm", "app"])
 def test_kill_after_the_first_app_timed_checkpoint_resumes_byte_identical(
-    app_version: Path, data_dir: Path, tmp_path: Path
+    app_version: Path, data_dir: Path, tmp_path: Path, mode: str
 ) -> None:
     fault = Fault.parse(FaultKind.KILL, "checkpoint:1")
-    summary = run(apijob_wu(tmp_path), app_version, data_dir, tmp_path, fault)
+    wu = apijob_wu(tmp_path, app_mode=mode == "app")
+    summary = run(wu, app_version, data_dir, tmp_path, fault)
     assert summary.ok, summary.message + summary.stderr_tail
     assert summary.starts == 2, summary.events
-    assert "resuming from checkpoint" in summary.stderr_tail, summary.stderr_tail
     assert (tmp_path / "results/out").read_text() == expected_out()
+    if mode == "app":
+        assert "resuming from app-level checkpoint boincvm_appck" in summary.stderr_tail, summary.stderr_tail
+        assert "at the program's checkpoint_ready" in summary.stderr_tail, summary.stderr_tail
+    else:
+        assert "resuming from checkpoint" in summary.stderr_tail, summary.stderr_tail
+        assert "at the program's checkpoint_ready" in summary.stderr_tail, summary.stderr_tail
 
 
 def test_boinc_finish_3_is_exit_status_3(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
