@@ -16,14 +16,17 @@ import pytest
 
 from boincvm.job import CheckpointMode
 from boincvm.runlocal.faults import Fault, FaultKind
+from boincvm.runlocal.real_client import Client, LoopbackProject
 from boincvm.runlocal.request import LiveState
 from boincvm.workunit.make import InputSpec
 from tests.integration.jobs import SCALE
+from tests.integration.test_real_client import _wait, running, signed_app_version
 from tests.integration.test_run_local import app_version, data_dir, make_wu, run
 
 pytestmark = pytest.mark.integration
 
-__all__ = ["app_version", "data_dir"]  # the module-scoped fixtures, shared with test_run_local
+# The fixtures shared with test_run_local and test_real_client (module scope: one app version each).
+__all__ = ["app_version", "data_dir", "running", "signed_app_version"]
 
 APIJOB = Path(__file__).resolve().parents[2] / "examples/apijob/apijob.sh"
 STEPS = 12
@@ -86,3 +89,27 @@ def test_boinc_finish_3_is_exit_status_3(app_version: Path, data_dir: Path, tmp_
     summary = run(apijob_wu(tmp_path, finish=3), app_version, data_dir, tmp_path)
     assert not summary.ok
     assert summary.exit_code == 3, (summary.exit_code, summary.message, summary.stderr_tail)
+
+
+# -- under the real client ---------------------------------------------------------------
+
+REAL_FAILING = (
+    f"apijob.sh {STEPS} {STEP_SECONDS:.3f} 3 2",
+    (InputSpec("apijob.sh", str(APIJOB)),),
+)
+
+
+@pytest.mark.timeout(400 * max(1.0, SCALE))
+@pytest.mark.parametrize("running", [REAL_FAILING], indirect=True)
+def test_real_client_trickle_up_reaches_the_project_and_finish_3_is_exit_status_3(
+    running: tuple[LoopbackProject, Client],
+) -> None:
+    project, client = running
+    _wait("the report", client, lambda: bool(project.seen.reports), 240)
+    report = project.seen.reports[-1]
+    assert "<exit_status>3</exit_status>" in report, report[-3000:]
+    _wait("the trickle up", client, lambda: bool(project.seen.trickles), 60)
+    (trickle,) = project.seen.trickles
+    assert trickle["variety"] == "progress", trickle
+    assert trickle["text"] == "<step>2</step>", trickle
+    assert trickle["result"] == project.result_name, trickle
