@@ -28,6 +28,8 @@ INSTALL_HINTS: dict[str, str] = {
     "qemu-system-x86_64": "install QEMU (Debian/Ubuntu: apt-get install qemu-system-x86)",
     "rpmbuild": "install rpm (Debian/Ubuntu: apt-get install rpm)",
     "rpm": "install rpm (Debian/Ubuntu: apt-get install rpm)",
+    "gcc": "install gcc (Debian/Ubuntu: apt-get install gcc)",
+    "ar": "install binutils (Debian/Ubuntu: apt-get install binutils)",
     "vmrun": "install VMware Workstation or Fusion, or put vmrun on PATH",
 }
 

@@ -44,6 +44,10 @@ class LazyGroup(click.Group):
         "run-local": ("boincvm.cli.run_local", "Run a workunit end to end here, emulating the BOINC client."),
         "wrapper": ("boincvm.cli.wrapper", "The wrapper the BOINC client runs in a slot (not for humans)."),
         "keys": ("boincvm.cli.keys", "Create and use a project code-signing key pair."),
+        "guest-api": (
+            "boincvm.cli.guest_api",
+            "Write the BOINC API for programs inside the VM (C, Python, shell).",
+        ),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:  # noqa: ARG002 - click API

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from boincvm import proc
+from boincvm import guestapi, proc
 from boincvm.cache import cache_root
 from boincvm.errors import InputError, ToolError
 from boincvm.image import elf
@@ -185,6 +185,8 @@ def input_hash(rec: Recipe, packages: dict[str, str]) -> str:
     )
     for tpl in sorted((templates_dir() / "guest").glob("*.j2")):
         h.update(tpl.name.encode() + b"\0" + tpl.read_bytes() + b"\0")
+    for name in (guestapi.SHELL_SCRIPT, guestapi.PYTHON_MODULE):
+        h.update(name.encode() + b"\0" + guestapi.source(name).read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -297,6 +299,13 @@ def _initramfs_entries(root: Path, rec: Recipe, kver: str) -> list[Entry]:
         "exec_dir": rec.exec_dir,
     }
     add(Entry.file("init", render("guest/init.sh.j2", **context).encode(), executable=True))
+    # The guest-side BOINC API for shell scripts and Python programs (boincvm guest-api).
+    add(
+        Entry.file(
+            guestapi.GUEST_COMMAND_PATH, guestapi.source(guestapi.SHELL_SCRIPT).read_bytes(), executable=True
+        )
+    )
+    add(Entry.file(guestapi.GUEST_PYTHON_PATH, guestapi.source(guestapi.PYTHON_MODULE).read_bytes()))
     add(Entry.file("etc/passwd", render("guest/passwd.j2").encode()))
     add(Entry.file("etc/group", render("guest/group.j2").encode()))
     add(Entry.chardev("dev/console", 5, 1))

@@ -29,7 +29,7 @@ GROUND = {
     "paths",
 }
 #: Parts that are made, checked and shipped; they never import a runner.
-ARTEFACTS = {"job", "workunit", "appversion", "image", "package", "signing", "validate"}
+ARTEFACTS = {"job", "workunit", "appversion", "image", "package", "signing", "validate", "guestapi"}
 #: Parts that run things.
 RUNNERS = {"wrapper", "runlocal"}
 #: Parts that speak to the outside and import only the ground.
