@@ -752,7 +752,9 @@ class Wrapper:
             time.sleep(0.1)
             status = self.vm.poll_program(proc)
         self.status.timings[Phase.RUN.value] = self.clock() - run_t0
-        self._pass_trickles(self._contract_kinds(progress=False, triggers=False))
+        kinds = self._contract_kinds(progress=True, triggers=False)
+        self._report_progress(status, kinds)  # the final fraction done and operations
+        self._pass_trickles(kinds)
         if trigger.kind == "temporary_exit":
             # No snapshot here: the program is exiting; the next start resumes from the last one.
             self.vm.power_off(soft_timeout=2.0)
