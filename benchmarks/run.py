@@ -16,6 +16,7 @@ BENCHES = (
     "bench_run_local",
     "bench_wrapper",
     "bench_oci",
+    "bench_guest_api",
 )
 
 
