@@ -98,7 +98,7 @@ def main() -> None:
             what = "slot overlay with the snapshot" if mode is CheckpointMode.VM else "the files"
             print(
                 f"  {mode.value:3}: {through.checkpoints} checkpoints, {per:.2f} s each; "
-                f"{kept / 1e6:.3f} MB kept ({what}); "
+                f"{kept:,} bytes kept ({what}); "
                 f"resume after a kill {resume:.2f} s; whole run {through.elapsed:.1f} s"
             )
 
