@@ -28,6 +28,7 @@ BENCHES = (
     "bench_checkpoint_scaling",
     "bench_runtime",
     "bench_bare_host",
+    "bench_guest_api",
 )
 
 

@@ -46,6 +46,13 @@ class CpuTimeSource(enum.StrEnum):
     GUEST = "guest"
 
 
+class CheckpointMode(enum.StrEnum):
+    """How the wrapper checkpoints: VM snapshots, or just the program's own checkpoint files."""
+
+    VM = "vm"
+    APP = "app"
+
+
 class PackageKind(enum.StrEnum):
     """How a guest package is installed."""
 
@@ -176,6 +183,8 @@ class VmJob:
     output_files: tuple[OutputFile, ...] = ()
     image_files: tuple[ImageFile, ...] = ()
     backend_options: tuple[BackendOption, ...] = ()
+    checkpoint_mode: CheckpointMode | None = None
+    checkpoint_files: tuple[str, ...] = ()
 
     def merged(self, over: VmJob) -> VmJob:
         """This job (defaults) with every value ``over`` states laid on top.
@@ -249,6 +258,8 @@ class ResolvedJob:
     image_files: tuple[ImageFile, ...] = ()
     backend_options: tuple[tuple[str, str], ...] = ()
     vm_accel_required: bool = False
+    checkpoint_mode: CheckpointMode = CheckpointMode.VM
+    checkpoint_files: tuple[str, ...] = ()
 
     def guest_path(self, name: str) -> str:
         """A guest path: absolute names stay, relative ones are taken from ``exec_dir``."""
@@ -302,6 +313,8 @@ def resolve(job: VmJob) -> ResolvedJob:
         image_files=job.image_files,
         backend_options=tuple((o.name, o.value) for o in job.backend_options),
         vm_accel_required=bool(job.vm_accel_required),
+        checkpoint_mode=job.checkpoint_mode or CheckpointMode.VM,
+        checkpoint_files=job.checkpoint_files,
     )
 
 
@@ -323,6 +336,7 @@ _SCALARS: dict[str, Callable[[str], Any]] = {
     "minimum_checkpoint_interval": float,
     "boot_timeout": float,
     "cpu_time_source": CpuTimeSource,
+    "checkpoint_mode": CheckpointMode,
 }
 _FLAGS = ("enable_network", "disable_automatic_checkpoints", "vm_accel_required")
 _TASK_SCALARS: dict[str, Callable[[str], Any]] = {
@@ -394,11 +408,18 @@ def parse_job(data: bytes | str, *, what: str = "vm job file") -> tuple[VmJob, l
     outputs: list[OutputFile] = []
     images: list[ImageFile] = []
     options: list[BackendOption] = []
+    checkpoint_files: list[str] = []
     seen: set[str] = set()
     for child in root:
         tag = child.tag
         place = f"{ROOT}.{tag}"
-        if tag in seen and tag not in ("input_file", "output_file", "image_file", "backend_option"):
+        if tag in seen and tag not in (
+            "input_file",
+            "output_file",
+            "image_file",
+            "backend_option",
+            "checkpoint_file",
+        ):
             findings.append(error(place, "appears more than once"))
         seen.add(tag)
         if tag in _SCALARS:
@@ -421,6 +442,8 @@ def parse_job(data: bytes | str, *, what: str = "vm job file") -> tuple[VmJob, l
             image = _parse_image_file(child, f"{place}[{len(images)}]", findings)
             if image is not None:
                 images.append(image)
+        elif tag == "checkpoint_file":
+            checkpoint_files.append(text_of(child))
         elif tag == "backend_option":
             option = _parse_backend_option(child, f"{place}[{len(options)}]", findings)
             if option is not None:
@@ -435,6 +458,7 @@ def parse_job(data: bytes | str, *, what: str = "vm job file") -> tuple[VmJob, l
         output_files=tuple(outputs),
         image_files=tuple(images),
         backend_options=tuple(options),
+        checkpoint_files=tuple(checkpoint_files),
     )
     return job, findings
 
@@ -595,6 +619,7 @@ def validate_job(job: VmJob, *, complete: bool = False) -> list[Finding]:
                 hint="drop one of them: KVM is either required or never used",
             )
         )
+    out.extend(_validate_checkpoint_files(job, complete=complete))
     if complete:
         if job.task is None or not job.task.application:
             out.append(
@@ -608,6 +633,32 @@ def validate_job(job: VmJob, *, complete: bool = False) -> list[Finding]:
                     hint="the app version's vm_job_defaults.xml names the image",
                 )
             )
+    return out
+
+
+def _validate_checkpoint_files(job: VmJob, *, complete: bool) -> list[Finding]:
+    out: list[Finding] = []
+    p = ROOT
+    for i, name in enumerate(job.checkpoint_files):
+        if problem := relative_path_problem(name):
+            out.append(error(f"{p}.checkpoint_file[{i}]", problem, hint=_PATH_HINT))
+    if len(set(job.checkpoint_files)) != len(job.checkpoint_files):
+        out.append(error(f"{p}.checkpoint_file", "names a file more than once"))
+    if job.checkpoint_mode is CheckpointMode.APP and not job.checkpoint_files and complete:
+        out.append(
+            error(
+                f"{p}.checkpoint_mode",
+                "is app, but no <checkpoint_file> says which files the program keeps",
+                hint="add one <checkpoint_file>NAME</checkpoint_file> per checkpoint file of the program",
+            )
+        )
+    if job.checkpoint_files and job.checkpoint_mode is not CheckpointMode.APP and complete:
+        out.append(
+            warning(
+                f"{p}.checkpoint_file",
+                "is used only with <checkpoint_mode>app</checkpoint_mode>; VM snapshots keep every file",
+            )
+        )
     return out
 
 

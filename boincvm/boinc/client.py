@@ -505,7 +505,11 @@ class LocalClient:
         if trickle is not None and HAVE_NEW_TRICKLE_UP.strip() in trickle:
             src = self.slot_dir / TRICKLE_UP_FILE
             if src.exists():
-                src.replace(self.project_dir / f"trickle_up_{self.task.result_name}_{int(time.time())}.xml")
+                # BOINC names it by the second; a later one in the same second gets the next.
+                stamp = int(time.time())
+                while (dst := self.project_dir / f"trickle_up_{self.task.result_name}_{stamp}.xml").exists():
+                    stamp += 1
+                src.replace(dst)
 
     def _write_task_state(self) -> None:
         s = self._status

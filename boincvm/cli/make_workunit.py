@@ -87,6 +87,17 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
 @click.option("--fraction-done-file", help="Guest file where the program writes its fraction done.")
 @click.option("--credit-file", help="Guest file where the program writes operations done so far.")
 @click.option("--cpu-time", type=click.Choice(["host", "guest"]), help="Which CPU time to claim.")
+@click.option(
+    "--checkpoint-mode",
+    type=click.Choice(["vm", "app"]),
+    help="vm: VM snapshots (default); app: copy only the program's own checkpoint files (--checkpoint-file).",
+)
+@click.option(
+    "--checkpoint-file",
+    "checkpoint_files",
+    multiple=True,
+    help="A file the program keeps as its checkpoint, relative to the job's directory (repeat; app mode).",
+)
 @backend_option()
 @click.option("--fpops-est", type=float, default=3600e9, help="rsc_fpops_est.")
 @click.option("--fpops-bound", type=float, default=86400e9, help="rsc_fpops_bound.")
@@ -149,6 +160,8 @@ def command(
     fraction_done_file: str | None,
     credit_file: str | None,
     cpu_time: str | None,
+    checkpoint_mode: str | None,
+    checkpoint_files: tuple[str, ...],
     backend_options: tuple[tuple[str, str], ...],
     fpops_est: float,
     fpops_bound: float,
@@ -172,7 +185,7 @@ def command(
     import tempfile
     from dataclasses import replace
 
-    from boincvm.job import BackendOption, CpuTimeSource, OutputFile, Task, VmJob, load_job
+    from boincvm.job import BackendOption, CheckpointMode, CpuTimeSource, OutputFile, Task, VmJob, load_job
     from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
     from boincvm.workunit.templates import Resources
 
@@ -199,6 +212,8 @@ def command(
         if checkpoint_interval is not None
         else job.minimum_checkpoint_interval,
         cpu_time_source=CpuTimeSource(cpu_time) if cpu_time else job.cpu_time_source,
+        checkpoint_mode=CheckpointMode(checkpoint_mode) if checkpoint_mode else job.checkpoint_mode,
+        checkpoint_files=checkpoint_files or job.checkpoint_files,
     )
     job = job.merged(VmJob(backend_options=tuple(BackendOption(n, v) for n, v in backend_options)))
     specs = tuple(InputSpec(o, p, g) for o, p, g in map(_parse_input, inputs))

@@ -224,4 +224,6 @@ def _show_summary(summary: object) -> None:
         table.add_row(
             f"output {o['name']}", f"{o['size']} bytes" + (f"  ERROR: {o['error']}" if o.get("error") else "")
         )
+    for t in summary.trickles:
+        table.add_row(f"trickle up {t['variety']}", t["text"].strip()[:200])
     console.err.print(table)

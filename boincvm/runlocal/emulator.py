@@ -68,6 +68,8 @@ def run_local(req: RunLocalRequest, on_update: Callable[[LiveState], None] | Non
     with LocalClient(req.data_dir, task, slot=slot, options=options) as client:
         for o in task.output_files:  # stale results of an earlier run of the same workunit
             (client.project_dir / o.name).unlink(missing_ok=True)
+        for old in client.project_dir.glob(f"trickle_up_{task.result_name}_*.xml"):
+            old.unlink(missing_ok=True)
         client.start()
         live.starts = 1
         deadline = t0 + req.timeout
@@ -149,6 +151,7 @@ def run_local(req: RunLocalRequest, on_update: Callable[[LiveState], None] | Non
             time.sleep(0.05 if closing or watching else 0.25)
         slot_dir = client.slot_dir
         outputs = _collect(outcome, task, req.results_dir)
+        trickles = _trickles(client.project_dir, task.result_name)
         if not req.keep_slot:
             clean_slot(slot_dir)
             slot_dir.rmdir()
@@ -183,7 +186,25 @@ def run_local(req: RunLocalRequest, on_update: Callable[[LiveState], None] | Non
         results_dir=str(req.results_dir),
         events=live.events,
         stderr_tail=outcome.stderr_tail[-4000:],
+        trickles=trickles,
     )
+
+
+def _trickles(project_dir: Path, result_name: str) -> list[dict[str, str]]:
+    """The trickle-up messages the emulated client took from the slot, oldest first, taken
+    away (a real client sends them with its next scheduler request)."""
+    found: list[tuple[int, str, Path]] = []
+    for path in project_dir.glob(f"trickle_up_{result_name}_*.xml"):
+        stamp = path.stem.rsplit("_", 1)[-1]
+        found.append((int(stamp) if stamp.isdigit() else 0, path.name, path))
+    out = []
+    for _, _, path in sorted(found):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        path.unlink(missing_ok=True)
+        head, sep, body = text.partition("\n")
+        variety = head.removeprefix("<variety>").removesuffix("</variety>") if sep else ""
+        out.append({"variety": variety, "text": body})
+    return out
 
 
 def _collect(outcome: Outcome, task: LocalTask, results_dir: Path) -> list[dict[str, object]]:

@@ -18,6 +18,7 @@ files, ``NAME.gz`` downloads); :class:`ClientLauncher` runs a client inside anot
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import re
 import shutil
@@ -42,6 +43,8 @@ from boincvm.workunit.templates import read_output_template, resources_of
 from boincvm.wrapper.status import StatusReport
 from boincvm.xmlio import escape_text
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Record:
@@ -53,6 +56,8 @@ class Record:
     uploads: dict[str, bytes] = field(default_factory=dict)
     reports: list[str] = field(default_factory=list)
     upload_times: dict[str, float] = field(default_factory=dict)
+    #: Trickle-up messages the client sent (``<msg_from_host>``): result, variety, text.
+    trickles: list[dict[str, str]] = field(default_factory=list)
 
 
 class LoopbackProject:
@@ -141,6 +146,22 @@ class LoopbackProject:
 
     def scheduler_reply(self, request: str) -> str:
         out = ["<scheduler_reply>"]
+        # Trickle-up messages: the client keeps its trickle_up_*.xml files until a reply
+        # carries <message_ack/>, then deletes them (a project's scheduler acknowledges so).
+        messages = re.findall(r"<msg_from_host>(.*?)</msg_from_host>", request, re.DOTALL)
+        for msg in messages:
+            result = re.search(r"<result_name>([^<]*)</result_name>", msg)
+            variety = re.search(r"<variety>([^<]*)</variety>", msg)
+            text = re.sub(r"<(result_name|time|variety)>[^<]*</\1>\n?", "", msg).strip()
+            trickle = {
+                "result": result.group(1) if result else "",
+                "variety": variety.group(1) if variety else "",
+                "text": text,
+            }
+            self.seen.trickles.append(trickle)
+            log.info("trickle up from %s (variety %s): %s", trickle["result"], trickle["variety"], text[:200])
+        if messages:
+            out.append("<message_ack/>")
         for name in re.findall(r"<result>\s*<name>([^<]+)</name>", request):
             self.seen.reports.append(request)
             out.append(f"<result_ack>\n    <name>{escape_text(name)}</name>\n</result_ack>")

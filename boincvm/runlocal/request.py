@@ -64,6 +64,8 @@ class RunSummary:
     results_dir: str
     events: list[str]
     stderr_tail: str
+    #: The trickle-up messages the task sent, oldest first: {"variety", "text"}.
+    trickles: list[dict[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready form."""

@@ -20,7 +20,11 @@ CHECKPOINT_FILE = "boincvm_checkpoint.json"
 
 @dataclass(frozen=True)
 class CheckpointRecord:
-    """What ``boincvm_checkpoint.json`` says: the last committed checkpoint of this slot."""
+    """What ``boincvm_checkpoint.json`` says: the last committed checkpoint of this slot.
+
+    ``snapshot`` names the VM snapshot, or (``mode`` ``app``) the slot directory that holds
+    the program's own checkpoint files, saved under their index in the job's list.
+    """
 
     snapshot: str
     guest_pid: int
@@ -28,6 +32,7 @@ class CheckpointRecord:
     cpu_time: float
     elapsed: float
     checkpoints: int = 1
+    mode: str = "vm"
 
 
 class CheckpointStore:

@@ -67,6 +67,7 @@ class Trigger:
         delay: seconds until the client restarts the task (temporary exit only).
         message: the message, control characters escaped and cut to :data:`MAX_MESSAGE_CHARS`.
         note: why the first line was not used as written, for the log; None when it was.
+        is_notice: the second line is ``1``: the client shows the message as a notice.
     """
 
     kind: str
@@ -74,6 +75,7 @@ class Trigger:
     delay: float = 0.0
     message: str = ""
     note: str | None = None
+    is_notice: bool = False
 
 
 def last_number(data: bytes | None) -> tuple[float, bytes] | None:
@@ -173,6 +175,8 @@ def temporary_exit_trigger(data: bytes, what: str = "temporary-exit trigger") ->
     """Read a temporary-exit trigger: the delay is clamped into [0, one day]; no number or
     NaN gives vboxwrapper's default of 300 s."""
     first, message = _lines(data)
+    second = data.decode("utf-8", "replace").splitlines()[1:2]
+    notice = bool(second) and second[0].strip() == "1"
     shown = _CONTROL.sub("?", first[:40])
     value = _number_or_none(first) if first else None
     if value is None or value != value:  # noqa: PLR0124 - NaN is the one value unequal to itself
@@ -181,14 +185,20 @@ def temporary_exit_trigger(data: bytes, what: str = "temporary-exit trigger") ->
             if not first
             else f"{what} delay {shown!r} is not a number; using {DEFAULT_TEMPORARY_EXIT_DELAY:g} s"
         )
-        return Trigger("temporary_exit", delay=DEFAULT_TEMPORARY_EXIT_DELAY, message=message, note=note)
+        return Trigger(
+            "temporary_exit",
+            delay=DEFAULT_TEMPORARY_EXIT_DELAY,
+            message=message,
+            note=note,
+            is_notice=notice,
+        )
     clamped = min(max(value, 0.0), MAX_TEMPORARY_EXIT_DELAY)
     note = None
     if clamped != value:
         note = (
             f"{what} delay {shown!r} is outside [0, {MAX_TEMPORARY_EXIT_DELAY:g}] s; clamped to {clamped:g} s"
         )
-    return Trigger("temporary_exit", delay=clamped, message=message, note=note)
+    return Trigger("temporary_exit", delay=clamped, message=message, note=note, is_notice=notice)
 
 
 # --------------------------------------------------------------------------------------
@@ -281,6 +291,7 @@ def kind_problem(kind: GuestFileKind) -> str | None:
 
 __all__ = [
     "DEFAULT_TEMPORARY_EXIT_DELAY",
+    "MAX_MESSAGE_CHARS",
     "KIND_SCRIPT",
     "MAX_TEMPORARY_EXIT_DELAY",
     "GuestFileKind",

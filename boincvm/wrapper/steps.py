@@ -26,13 +26,14 @@ import logging
 import os
 import secrets
 import shlex
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm.boinc.api import BoincApp
-from boincvm.boinc.files import ExitCode, resolve_filename
+from boincvm.boinc.files import TRICKLE_UP_FILE, ExitCode, resolve_filename
 from boincvm.errors import (
     BoincvmError,
     GuestError,
@@ -47,9 +48,9 @@ from boincvm.errors import (
     ToolError,
 )
 from boincvm.hypervisor.base import Backend, GuestProcess, ProcessStatus, VmSpec
-from boincvm.job import CpuTimeSource, ResolvedJob
+from boincvm.job import CheckpointMode, CpuTimeSource, ResolvedJob
 from boincvm.names import logical_name_problem
-from boincvm.wrapper import hostcheck
+from boincvm.wrapper import guest_api, hostcheck
 from boincvm.wrapper.checkpoint import CheckpointRecord, CheckpointStore
 from boincvm.wrapper.guest_contract import (
     GuestFileKind,
@@ -84,6 +85,12 @@ PROGRESS_MAX_BYTES = 4096
 TRIGGER_MAX_BYTES = 65536
 #: Seconds the guest's shell may take to say what the guest files are.
 KIND_TIMEOUT = 60.0
+#: At most this much of each app-level checkpoint file is copied out.
+APP_CHECKPOINT_MAX_BYTES = 1 << 30
+#: A program that asks whether to checkpoint gets at least this long to say it is ready.
+CHECKPOINT_READY_WAIT = 60.0
+#: Seconds a program that wrote ``finish`` or ``temporary_exit`` may take to exit.
+PROGRAM_EXIT_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -179,6 +186,12 @@ class Wrapper:
         self._started_at = clock()
         self._accel_noted = False
         self._notes: dict[str, str] = {}  # the last note logged about each guest file
+        # The guest BOINC API (issue #15): its directory, and the pending checkpoint request.
+        self._api = self._guest(guest_api.API_DIR)
+        self._ck_request: int | None = None
+        self._ck_requested_at = 0.0
+        self._ck_sequence = 0
+        self._uses_checkpoints = False
 
     # -- small helpers --------------------------------------------------------
     @contextlib.contextmanager
@@ -237,7 +250,7 @@ class Wrapper:
                 proc = None
                 if record is not None:
                     try:
-                        proc = self._restore(record)
+                        proc = self._restore_app(record) if record.mode == "app" else self._restore(record)
                     except (HypervisorError, GuestError) as exc:
                         if isinstance(exc, HypervisorUnavailable):
                             raise
@@ -313,8 +326,36 @@ class Wrapper:
         with self._phase(Phase.RESTORE):
             self.vm.power_on(snapshot=record.snapshot)
             self.vm.wait_for_tools()
+            # A program blocked in boinc_checkpoint_completed() goes on once the request is gone.
+            self._sh(
+                f"rm -f {shlex.quote(self._api_file(guest_api.CHECKPOINT_REQUEST))}",
+                what="ending the checkpoint request",
+            )
         self._note_accel()
         return GuestProcess(pid=record.guest_pid, argv=(self.job.application,))
+
+    def _restore_app(self, record: CheckpointRecord) -> GuestProcess:
+        """App-level checkpoint: boot afresh, install, put the program's files back, start it."""
+        log.info("resuming from app-level checkpoint %s", record.snapshot)
+        saved = self.slot / record.snapshot
+        if not saved.is_dir():
+            raise GuestError(f"app-level checkpoint {record.snapshot} is missing from the slot")
+        self.status.restored_from = record.snapshot
+        self.status.checkpoints = record.checkpoints
+        self._elapsed_before = record.elapsed
+        with self._phase(Phase.RESTORE):
+            self.vm.power_on()
+            self.vm.wait_for_tools()
+            self._install()
+            dirs = {os.path.dirname(self._guest(n)) for n in self.job.checkpoint_files}  # noqa: PTH120
+            self._sh(
+                "mkdir -p " + " ".join(shlex.quote(d) for d in sorted(dirs) if d), what="making directories"
+            )
+            for i, name in enumerate(self.job.checkpoint_files):
+                if (saved / str(i)).is_file():
+                    self.vm.copy_to_guest(saved / str(i), self._guest(name))
+        self._note_accel()
+        return self._start_program()
 
     def _note_accel(self) -> None:
         note = self.vm.accel_note
@@ -329,9 +370,13 @@ class Wrapper:
         self._note_accel()
         with self._phase(Phase.INSTALL):
             self._install()
+        return self._start_program()
+
+    def _start_program(self) -> GuestProcess:
         argv = self._program_argv()
         log.info("starting %s", shlex.join(argv))
         env = dict(self.job.setenv)
+        env[guest_api.API_DIR_ENV] = self._api
         proc = self.vm.start_program(argv, env=env or None, cwd=self.job.exec_dir)
         return proc
 
@@ -356,6 +401,24 @@ class Wrapper:
             guest_pkg = package_guest_path(kind, exec_dir)
             self.vm.copy_to_guest(self.inputs.package, guest_pkg)
             self._sh(install_script(kind, guest_pkg), timeout=INSTALL_TIMEOUT, what="installing the package")
+        self._make_api_dir()
+
+    def _api_file(self, name: str) -> str:
+        return f"{self._api}/{name}"
+
+    def _make_api_dir(self) -> None:
+        """The guest API's directory (mode 0700) with its ``resolve`` file, before the program starts."""
+        names = [(i.open_name, self._guest(i.guest_path)) for i in self.job.input_files]
+        names += [(o.open_name, self._guest(o.guest_path)) for o in self.job.output_files]
+        text = guest_api.resolve_text(names)
+        api = shlex.quote(self._api)
+        resolve = shlex.quote(self._api_file(guest_api.RESOLVE))
+        self._sh(
+            f"rm -rf {api} && mkdir -p -m 0700 {api} && cd {api} && "
+            f"mkdir -m 0700 {guest_api.TRICKLE_UP_DIR} {guest_api.TRICKLE_DOWN_DIR} && "
+            f"printf %s {shlex.quote(text)} > {resolve}.tmp && mv {resolve}.tmp {resolve}",
+            what="making the guest API directory",
+        )
 
     # -- the main loop --------------------------------------------------------
     def _main_loop(self, proc: GuestProcess, record: CheckpointRecord | None) -> int:
@@ -386,6 +449,8 @@ class Wrapper:
                 if (
                     now - self._last_checkpoint_at > QUIT_CHECKPOINT_AFTER
                     and not self.job.disable_automatic_checkpoints
+                    and self.job.checkpoint_mode is CheckpointMode.VM
+                    and not self._in_critical_section()
                 ):
                     record = self._checkpoint(proc, record)
                 self.vm.power_off(soft_timeout=2.0)
@@ -412,6 +477,10 @@ class Wrapper:
                 if progress_due:
                     next_progress = now + PROGRESS_PERIOD
                     self._report_progress(status, kinds)
+                    self._pass_trickles(kinds)
+                ended = self._api_end(kinds)
+                if ended is not None:
+                    return self._api_ended(proc, ended, record, run_t0)
                 if not status.running:
                     self.status.timings[Phase.RUN.value] = self.clock() - run_t0
                     return self._complete(status, record)
@@ -420,7 +489,8 @@ class Wrapper:
                     if trigger.kind == "completion":
                         done = ProcessStatus(running=False, exit_code=trigger.exit_code)
                         return self._complete(done, record, trigger.message)
-                    record = self._checkpoint(proc, record)
+                    if self.job.checkpoint_mode is CheckpointMode.VM:
+                        record = self._checkpoint(proc, record)
                     self.vm.power_off(soft_timeout=2.0)
                     return app.temporary_exit(
                         trigger.delay, trigger.message or "the guest asked for a temporary exit"
@@ -431,8 +501,10 @@ class Wrapper:
                 ):
                     log.info("time limit of %g s reached; the job counts as done", self.job.time_limit)
                     return self._complete(ProcessStatus(running=False, exit_code=0), record)
-                if not self.job.disable_automatic_checkpoints and self._checkpoint_due(now):
-                    record = self._checkpoint(proc, record)
+                if not self.job.disable_automatic_checkpoints and (
+                    self._ck_request is not None or self._checkpoint_due(now)
+                ):
+                    record = self._timed_checkpoint(proc, record, kinds, now)
             time.sleep(0.05 if now - run_t0 < 2.0 else min(0.2, self.poll_period))
 
     def _checkpoint_due(self, now: float) -> bool:
@@ -473,6 +545,8 @@ class Wrapper:
             names += [self.job.fraction_done_filename, self.job.credit_report_filename]
         if triggers:
             names += [self.job.completion_trigger_file, self.job.temporary_exit_trigger_file]
+        api = (guest_api.STATUS, guest_api.CRITICAL, guest_api.CHECKPOINT_READY, guest_api.FINISH)
+        names += [self._api_file(n) for n in (*api, guest_api.TEMPORARY_EXIT, guest_api.TRICKLE_UP_DIR)]
         return self._guest_kinds(sorted({self._guest(n) for n in names if n}))
 
     def _read_contract_file(
@@ -515,6 +589,22 @@ class Wrapper:
             got = credit_report(data, bound, f"credit report file {job.credit_report_filename}:")
             self._note("credit report", got.note)
             ops = got.value
+        data = self._read_contract_file(
+            self._api_file(guest_api.STATUS), "guest API status", kinds, guest_api.STATUS_MAX_BYTES
+        )
+        if data is not None:
+            init = self.app.init_data
+            limit = ops_bound(
+                rsc_fpops_bound=init.rsc_fpops_bound,
+                p_fpops=init.host_info.p_fpops,
+                cpu_time=init.wu_cpu_time + cpu,
+            )
+            api = guest_api.parse_status(data, limit)
+            self._note("status fraction", api.fraction.note)
+            self._note("status operations", api.ops.note)
+            fraction = api.fraction.value if api.fraction.value is not None else fraction
+            ops = api.ops.value if api.ops.value is not None else ops
+            self._uses_checkpoints = self._uses_checkpoints or api.uses_checkpoints
         self.app.report(fraction, cpu_time=cpu, fpops_cumulative=ops)
         if fraction is not None:
             self.status.fraction_done = fraction
@@ -545,9 +635,15 @@ class Wrapper:
         """Snapshot, commit, then drop the previous snapshot; the record the slot now has."""
         sequence = (record.sequence if record else 0) + 1
         name = f"boincvm-ck{sequence}-{secrets.token_hex(3)}"
+        app_mode = self.job.checkpoint_mode is CheckpointMode.APP
+        if app_mode:
+            name = f"boincvm_appck{sequence}"
         with self._phase(Phase.CHECKPOINT):
             cpu = self._run_cpu()
-            self.vm.snapshot_create(name)
+            if app_mode:
+                self._save_app_files(self.slot / name)
+            else:
+                self.vm.snapshot_create(name)
             elapsed = self._elapsed_before + (self.clock() - self._started_at)
             new = CheckpointRecord(
                 snapshot=name,
@@ -556,11 +652,12 @@ class Wrapper:
                 cpu_time=cpu,
                 elapsed=elapsed,
                 checkpoints=(record.checkpoints if record else 0) + 1,
+                mode=self.job.checkpoint_mode.value,
             )
             self.store.commit(new)
             if record is not None:
                 try:
-                    self.vm.snapshot_delete(record.snapshot)
+                    self._drop_checkpoint(record)
                 except BoincvmError as exc:  # a stale snapshot only costs disk space
                     log.warning("could not delete snapshot %s: %s", record.snapshot, exc)
         self.app.checkpoint_completed(cpu_time=cpu)
@@ -569,6 +666,171 @@ class Wrapper:
         self._write_status()
         log.info("checkpoint %s committed (%d so far)", name, new.checkpoints)
         return new
+
+    def _drop_checkpoint(self, record: CheckpointRecord) -> None:
+        if record.mode == "app":
+            shutil.rmtree(self.slot / record.snapshot, ignore_errors=True)
+        else:
+            self.vm.snapshot_delete(record.snapshot)
+
+    def _save_app_files(self, target: Path) -> None:
+        """Copy the program's checkpoint files out to ``target`` durably (each file written
+        and fsynced under a temporary name, the directory renamed into place and fsynced);
+        the record naming it is committed only after this returns."""
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.mkdir()
+        names = self.job.checkpoint_files
+        kinds = self._guest_kinds(sorted({self._guest(n) for n in names}))
+        for i, name in enumerate(names):
+            guest = self._guest(name)
+            kind = kinds.get(guest, GuestFileKind.MISSING)
+            if kind is GuestFileKind.MISSING:
+                continue  # not written yet: the restart goes without it, as the program would
+            if problem := kind_problem(kind):
+                raise GuestError(f"checkpoint file {name}: guest file {guest} {problem}")
+            self.vm.copy_from_guest(guest, tmp / str(i), max_bytes=APP_CHECKPOINT_MAX_BYTES)
+            fd = os.open(tmp / str(i), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        tmp.replace(target)
+        fd = os.open(self.slot, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- the guest BOINC API (issue #15) ---------------------------------------
+    def _in_critical_section(self) -> bool:
+        """Whether the program is inside a critical section now (``critical`` exists)."""
+        path = self._api_file(guest_api.CRITICAL)
+        return self._guest_kinds([path]).get(path, GuestFileKind.MISSING) is not GuestFileKind.MISSING
+
+    def _write_api_file(self, name: str, text: str) -> None:
+        path = shlex.quote(self._api_file(name))
+        self._sh(
+            f"printf %s {shlex.quote(text)} > {path}.tmp && mv {path}.tmp {path}", what=f"writing {name}"
+        )
+
+    def _timed_checkpoint(
+        self, proc: GuestProcess, record: CheckpointRecord | None, kinds: dict[str, GuestFileKind], now: float
+    ) -> CheckpointRecord | None:
+        """A checkpoint timed by the program: ask (``checkpoint_request``), then snapshot once
+        it says it is ready, or at once when it never asks whether to checkpoint, or when it
+        has not answered in time; never while it is in a critical section."""
+        ready: int | None = None
+        if self._ck_request is None:
+            self._ck_sequence += 1
+            self._ck_request = self._ck_sequence
+            self._ck_requested_at = now
+            self._write_api_file(guest_api.CHECKPOINT_REQUEST, f"{self._ck_request}\n")
+            if self._uses_checkpoints:
+                return record  # the program answers at its next boinc_time_to_checkpoint()
+        else:
+            data = self._read_contract_file(
+                self._api_file(guest_api.CHECKPOINT_READY), "checkpoint ready", kinds, 64
+            )
+            ready = guest_api.sequence_of(data)
+        if kinds.get(self._api_file(guest_api.CRITICAL), GuestFileKind.MISSING) is not GuestFileKind.MISSING:
+            return record  # inside a critical section: try at the next poll
+        if self.job.checkpoint_mode is CheckpointMode.APP and ready != self._ck_request:
+            return record  # the program's files are consistent only at its checkpoint_ready
+        wait = max(CHECKPOINT_READY_WAIT, self.app.init_data.effective_checkpoint_period)
+        if ready != self._ck_request and self._uses_checkpoints and now - self._ck_requested_at < wait:
+            return record
+        if ready != self._ck_request:
+            if self._uses_checkpoints:
+                log.info(
+                    "the program did not say it is ready to checkpoint within %g s; snapshotting now", wait
+                )
+            if self._in_critical_section():
+                return record
+        if ready == self._ck_request:
+            log.info("checkpoint %d at the program's checkpoint_ready", ready)
+        record = self._checkpoint(proc, record)
+        self._ck_request = None
+        self._sh(
+            f"rm -f {shlex.quote(self._api_file(guest_api.CHECKPOINT_REQUEST))}",
+            what="ending the checkpoint request",
+        )
+        return record
+
+    def _api_end(self, kinds: dict[str, GuestFileKind]) -> Trigger | None:
+        """The program's ``finish`` or ``temporary_exit`` file, read and parsed, or None."""
+        data = self._read_contract_file(self._api_file(guest_api.FINISH), "finish", kinds, TRIGGER_MAX_BYTES)
+        if data is not None:
+            trigger = guest_api.parse_finish(data)
+        else:
+            data = self._read_contract_file(
+                self._api_file(guest_api.TEMPORARY_EXIT), "temporary exit", kinds, TRIGGER_MAX_BYTES
+            )
+            if data is None:
+                return None
+            trigger = temporary_exit_trigger(data, "temporary exit file:")
+        self._note(trigger.kind, trigger.note)
+        return trigger
+
+    def _api_ended(
+        self, proc: GuestProcess, trigger: Trigger, record: CheckpointRecord | None, run_t0: float
+    ) -> int:
+        """End the task as the program's ``boinc_finish`` or ``boinc_temporary_exit`` asked."""
+        # The library exits right after writing the file; C's stdio flushes the outputs at
+        # exit, so the results are copied only once the program has ended.
+        deadline = self.clock() + PROGRAM_EXIT_WAIT
+        status = self.vm.poll_program(proc)
+        while status.running and self.clock() < deadline:
+            time.sleep(0.1)
+            status = self.vm.poll_program(proc)
+        self.status.timings[Phase.RUN.value] = self.clock() - run_t0
+        kinds = self._contract_kinds(progress=True, triggers=False)
+        self._report_progress(status, kinds)  # the final fraction done and operations
+        self._pass_trickles(kinds)
+        if trigger.kind == "temporary_exit":
+            # No snapshot here: the program is exiting; the next start resumes from the last one.
+            self.vm.power_off(soft_timeout=2.0)
+            reason = trigger.message or "the guest program asked for a temporary exit"
+            return self.app.temporary_exit(trigger.delay, reason, is_notice=trigger.is_notice)
+        if trigger.exit_code != 0:
+            return self._fail(trigger.exit_code, trigger.message or f"boinc_finish({trigger.exit_code})")
+        done = ProcessStatus(
+            running=False, exit_code=0, stdout_tail=status.stdout_tail, stderr_tail=status.stderr_tail
+        )
+        return self._complete(done, record, trigger.message)
+
+    def _pass_trickles(self, kinds: dict[str, GuestFileKind]) -> None:
+        """Trickle-up messages from the guest to the client (one at a time, as BOINC's API
+        keeps one ``trickle_up.xml``), and the client's trickle-down files into the guest."""
+        for down in sorted(self.slot.glob("trickle_down*")):
+            if down.is_file():
+                self.vm.copy_to_guest(down, f"{self._api_file(guest_api.TRICKLE_DOWN_DIR)}/{down.name}")
+                down.unlink()
+                log.info("trickle-down %s passed to the guest", down.name)
+        updir = self._api_file(guest_api.TRICKLE_UP_DIR)
+        if kinds.get(updir) is not GuestFileKind.DIRECTORY or (self.slot / TRICKLE_UP_FILE).exists():
+            return
+        listing = self.vm.run_program(["/bin/ls", "-1", updir], timeout=KIND_TIMEOUT)
+        names = guest_api.trickle_names(listing.stdout_tail)[:1]
+        paths = [f"{updir}/{n}" for n in names]
+        for path, kind in self._guest_kinds(paths).items():
+            data = (
+                self.vm.read_guest_file(path, max_bytes=guest_api.TRICKLE_MAX_BYTES)
+                if kind is GuestFileKind.FILE
+                else None
+            )
+            self._sh(f"rm -f {shlex.quote(path)}", what="taking a trickle-up message")
+            got = guest_api.parse_trickle(data) if data is not None else None
+            if got is None:
+                self._note(
+                    "trickle", f"trickle-up message {path} is not a regular file with a variety; dropped"
+                )
+                continue
+            self.app.send_trickle_up(*got)
+            log.info(
+                "trickle-up %s (variety %s, %d bytes) sent", path.rsplit("/", 1)[-1], got[0], len(got[1])
+            )
 
     # -- the end --------------------------------------------------------------
     def _complete(self, status: ProcessStatus, record: CheckpointRecord | None, message: str = "") -> int:
@@ -633,7 +895,7 @@ class Wrapper:
                 log.warning("%s", exc.message)
         if record is not None:
             with contextlib.suppress(BoincvmError):
-                self.vm.snapshot_delete(record.snapshot)
+                self._drop_checkpoint(record)
 
 
 def _check_inside(path: Path, roots: Sequence[Path | None]) -> None:

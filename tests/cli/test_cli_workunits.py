@@ -317,3 +317,21 @@ def test_backend_options_on_the_command_line(tmp_path: Path, run: RunFn) -> None
         BackendOption("golden", "no"),
         BackendOption("runtime", "qemu_runtime.tar.xz"),
     )
+
+
+def test_make_workunit_with_app_level_checkpoints(tmp_path: Path, run: RunFn) -> None:
+    args = ["make-workunit", "--app", "hello", "--application", "/bin/prog", "--output", "out:1000"]
+    code, _, err = run(
+        [*args, "--checkpoint-mode", "app", "--checkpoint-file", "state", "-o", str(tmp_path / "wu")]
+    )
+    assert code == 0, err
+    (job,) = (tmp_path / "wu/download").glob("hello_*.xml")  # the job file, named by its content
+    text = job.read_text()
+    assert (
+        "<checkpoint_mode>app</checkpoint_mode>" in text
+        and "<checkpoint_file>state</checkpoint_file>" in text
+    )
+    code, _, err = run([*args, "--checkpoint-file", "../escape", "-o", str(tmp_path / "wu2")])
+    assert code == 3, err  # bad input, as any other bad job option
+    assert "checkpoint_file[0]" in err and "leaves its directory" in err
+    assert "Traceback" not in err
