@@ -36,7 +36,7 @@ from boincvm.hypervisor.qemu.runtime import (
     PROGRAMS,
     RUNTIME_FORMAT,
 )
-from boincvm.image.elf import needed_libraries
+from boincvm.image.elf import library_closure as elf_closure
 
 #: Where the dynamic loader and the libraries are looked up on the admin's machine
 #: (the loader's default path on Debian/Ubuntu x86_64; /lib64 for the loader on others).
@@ -111,16 +111,7 @@ def library_closure(binaries: list[Path], dirs: tuple[Path, ...] = LIBRARY_DIRS)
         ToolError: a library is not in ``dirs``.
         InputError: a file is not a 64-bit ELF.
     """
-    found: dict[str, Path] = {}
-    todo = [lib for b in binaries for lib in needed_libraries(b)]
-    while todo:
-        soname = todo.pop()
-        if soname in found:
-            continue
-        path = _find_library(soname, dirs)
-        found[soname] = path
-        todo += needed_libraries(path)
-    return found
+    return elf_closure(binaries, lambda soname: _find_library(soname, dirs))
 
 
 def _firmware_dirs(qemu: Path) -> tuple[Path, ...]:

@@ -8,6 +8,7 @@ extracted Debian packages.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from boincvm.errors import InputError
@@ -104,3 +105,25 @@ def looks_like_kernel(path: Path) -> bool:
     except (OSError, InputError):
         return False
     return head[:4] == b"\x7fELF" or head[0x202:0x206] == b"HdrS"
+
+
+def library_closure(binaries: Iterable[Path], find: Callable[[str], Path]) -> dict[str, Path]:
+    """Every shared library the ELF ``binaries`` load, directly or not: soname -> file.
+
+    Args:
+        binaries: the programs (or modules) whose ``DT_NEEDED`` entries start the walk.
+        find: where a soname's file is (it raises when there is none).
+
+    Raises:
+        InputError: a file is not a 64-bit ELF.
+    """
+    found: dict[str, Path] = {}
+    todo = [lib for b in binaries for lib in needed_libraries(b)]
+    while todo:
+        soname = todo.pop()
+        if soname in found:
+            continue
+        path = find(soname)
+        found[soname] = path
+        todo.extend(needed_libraries(path.resolve()))
+    return found

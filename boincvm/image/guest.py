@@ -226,16 +226,7 @@ def _find_lib(root: Path, soname: str) -> Path:
 
 def _library_closure(root: Path, binary: Path) -> dict[str, Path]:
     """soname -> file, for every library ``binary`` needs, transitively."""
-    found: dict[str, Path] = {}
-    todo = elf.needed_libraries(binary)
-    while todo:
-        soname = todo.pop()
-        if soname in found:
-            continue
-        path = _find_lib(root, soname)
-        found[soname] = path
-        todo.extend(elf.needed_libraries(path.resolve()))
-    return found
+    return elf.library_closure([binary], lambda soname: _find_lib(root, soname))
 
 
 def _module_file(root: Path, kver: str, name: str) -> bytes:
