@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import select
 import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -158,6 +162,51 @@ def _follow_bootloader() -> None:
         alive = False
     if not alive:
         os._exit(int(ExitCode.INIT_FAILURE))
+    if "STATICX_BUNDLE_DIR" in os.environ:
+        _follow_staticx(os.getppid())
+
+
+def _start_time(pid: int) -> tuple[int, str] | None:
+    """A process's parent and start time (``/proc/PID/stat`` fields 4 and 22), or None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return int(fields[1]), fields[19]
+
+
+def _follow_staticx(bootloader: int) -> None:
+    """Under staticx, die with the process the client started, two levels up.
+
+    staticx's static loader unpacks the libraries and runs PyInstaller's bootloader as its
+    child, which runs Python as its child: the client knows only staticx's pid, and the
+    pdeathsig above follows PyInstaller's bootloader, which a SIGKILL of staticx leaves
+    running. A thread waits on a pidfd of staticx's process (a poll of ``/proc`` every
+    0.1 s where pidfds are missing) and kills this process the moment it is gone, so the
+    wrapper dies as it would have from the client's SIGKILL (no checkpoint record touched)
+    and QEMU follows through its own pdeathsig.
+    """
+    parent = _start_time(bootloader)
+    top = parent[0] if parent else 1
+    started = _start_time(top)
+    if parent is None or top <= 1 or started is None:
+        os._exit(int(ExitCode.INIT_FAILURE))  # staticx is gone already: nobody waits for us
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(top)
+        except (AttributeError, OSError):
+            while _start_time(top) == started:
+                time.sleep(0.1)
+        else:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            while not poller.poll(None):
+                pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="follow-staticx", daemon=True).start()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

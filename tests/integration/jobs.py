@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from boincvm.runlocal.request import RunSummary
 from boincvm.workunit.make import InputSpec
 
 LONGJOB = Path(__file__).resolve().parents[2] / "examples/longjob/program/bin/longjob"
@@ -35,6 +36,17 @@ SCALE = _scale()
 def bound(seconds: float) -> float:
     """A generous bound for a wait that takes about ``seconds`` at scale 1."""
     return seconds * max(1.0, SCALE)
+
+
+def task_log(summary: RunSummary) -> str:
+    """The task's stderr.txt as run-local kept it (the client's last 63 KiB), for assertions
+    on what the wrapper logged: the summary's own tail is 4,000 characters, and on a slower
+    host more checkpoints (more log lines) push a resume line out of it."""
+    path = Path(summary.results_dir) / "stderr.txt"
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return summary.stderr_tail
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from boincvm.runlocal.faults import Fault, FaultKind
 from boincvm.runlocal.request import LiveState, RunLocalRequest, RunSummary
 from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
 from boincvm.workunit.templates import Resources
-from tests.integration.jobs import SCALE, bound
+from tests.integration.jobs import SCALE, bound, task_log
 from tests.integration.test_guest_api_upper_case import BLOCK, TEXT
 from tests.oci_images import M, debian_rootfs_tar, layer_tar, umoci_layout
 
@@ -144,7 +144,7 @@ def test_python_upper_case_killed_after_the_first_checkpoint_is_byte_identical(
     summary = run_upper(py_app_version, text_file, tmp_path, fault, app_mode=mode == "app")
     assert summary.ok, summary.message + summary.stderr_tail
     assert summary.starts == 2, summary.events
-    assert "at the program's checkpoint_ready" in summary.stderr_tail, summary.stderr_tail
+    assert "at the program's checkpoint_ready" in task_log(summary), summary.stderr_tail
     assert (tmp_path / "results/out").read_bytes() == TEXT.upper().encode()
 
 

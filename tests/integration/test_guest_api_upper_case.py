@@ -15,7 +15,7 @@ from boincvm.job import CheckpointMode
 from boincvm.runlocal.faults import Fault, FaultKind
 from boincvm.runlocal.request import LiveState
 from boincvm.workunit.make import InputSpec
-from tests.integration.jobs import SCALE
+from tests.integration.jobs import SCALE, task_log
 from tests.integration.test_run_local import app_version, data_dir, make_wu, run
 
 pytestmark = pytest.mark.integration
@@ -94,5 +94,5 @@ def test_upper_case_killed_after_the_first_checkpoint_is_byte_identical(
     summary = run(upper_wu(tmp_path, built, app_mode=mode == "app"), app_version, data_dir, tmp_path, fault)
     assert summary.ok, summary.message + summary.stderr_tail
     assert summary.starts == 2, summary.events
-    assert "at the program's checkpoint_ready" in summary.stderr_tail, summary.stderr_tail
+    assert "at the program's checkpoint_ready" in task_log(summary), summary.stderr_tail
     assert (tmp_path / "results/out").read_bytes() == TEXT.upper().encode()

@@ -19,7 +19,7 @@ from boincvm.runlocal.faults import Fault, FaultKind
 from boincvm.runlocal.request import RunLocalRequest, RunSummary
 from boincvm.workunit.make import WorkunitRequest, make_workunits
 from boincvm.workunit.templates import Resources
-from tests.integration.jobs import LongJob, bound
+from tests.integration.jobs import LongJob, bound, task_log
 from tests.oci_images import M, busybox_members, layer_tar, umoci_layout
 
 pytestmark = pytest.mark.integration
@@ -109,5 +109,5 @@ def test_scratch_image_interrupted_after_a_checkpoint_resumes_byte_identical(
     assert summary.ok, summary.message + summary.stderr_tail
     assert summary.starts == 2, summary.events
     assert any(f"injected {kind.value}" in e for e in summary.events), summary.events
-    assert "resuming from checkpoint" in summary.stderr_tail
+    assert "resuming from checkpoint" in task_log(summary)
     assert (tmp_path / "results/out").read_text() == FAULTED.expected_out

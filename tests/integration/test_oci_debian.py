@@ -20,7 +20,7 @@ from boincvm.runlocal.faults import Fault, FaultKind
 from boincvm.runlocal.request import RunLocalRequest
 from boincvm.workunit.make import WorkunitRequest, make_workunits
 from boincvm.workunit.templates import Resources
-from tests.integration.jobs import SCALE, bound
+from tests.integration.jobs import SCALE, bound, task_log
 from tests.oci_images import M, debian_rootfs_tar, layer_tar, umoci_layout
 
 pytestmark = pytest.mark.integration
@@ -101,7 +101,7 @@ def test_debian_python_image_resumes_byte_identical(
         )
     )
     assert summary.ok, summary.message + summary.stderr_tail
-    assert summary.starts == 2 and "resuming from checkpoint" in summary.stderr_tail
+    assert summary.starts == 2 and "resuming from checkpoint" in task_log(summary)
     out = (tmp_path / "results/out").read_text()
     assert out.startswith("python 3.11")
     steps = range(1, STEPS + 1)

@@ -23,7 +23,7 @@ from boincvm.runlocal.faults import Fault, FaultKind
 from boincvm.runlocal.request import LiveState, RunLocalRequest, RunSummary
 from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
 from boincvm.workunit.templates import Resources
-from tests.integration.jobs import LongJob, bound
+from tests.integration.jobs import LongJob, bound, task_log
 
 pytestmark = pytest.mark.integration
 
@@ -214,7 +214,7 @@ def test_long_job_survives_faults(
         assert re.search(r"\(phase (run|checkpoint), \d+% done", injected[0]), injected
     if when == "checkpoint:1":
         # A checkpoint was committed before the kill, and the second start went on from it.
-        assert "resuming from checkpoint" in summary.stderr_tail, summary.stderr_tail
+        assert "resuming from checkpoint" in task_log(summary), summary.stderr_tail
 
 
 def test_abort_exits_194_and_stops_the_vm(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -291,7 +291,7 @@ def test_program_failure_is_a_compute_error(app_version: Path, data_dir: Path, t
     summary = run(make_wu(tmp_path, "-c 'echo oops >&2; exit 3'"), app_version, data_dir, tmp_path)
     assert summary.outcome == "compute_error"
     assert "exited with code 3" in summary.message
-    assert "exited with code 3" in summary.stderr_tail
+    assert "exited with code 3" in task_log(summary)
 
 
 def test_output_over_max_nbytes_fails(app_version: Path, data_dir: Path, tmp_path: Path) -> None:
