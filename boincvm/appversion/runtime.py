@@ -56,9 +56,11 @@ MODULES = ("accel-tcg-x86_64.so",)
 MODULE_DIRS = (Path("/usr/lib/x86_64-linux-gnu/qemu"), Path("/usr/lib64/qemu"), Path("/usr/lib/qemu"))
 #: Firmware and option ROMs the pc/q35 machines load with our devices: SeaBIOS, the
 #: direct kernel boot ROMs (-kernel: linuxboot_dma for bzImage, pvh for vmlinux),
-#: kvmvapic (pc with KVM), the virtio-net iPXE ROM (-nic user with virtio-net).
+#: kvmvapic (pc with KVM), the virtio-net iPXE ROM (-nic user with virtio-net), and
+#: qboot for the microvm machine.
 FIRMWARE = (
     "bios-256k.bin",
+    "bios-microvm.bin",
     "kvmvapic.bin",
     "linuxboot.bin",
     "linuxboot_dma.bin",
