@@ -4,7 +4,9 @@ The root file system comes from ``mmdebstrap --variant=apt --include=boinc-clien
 with python3 (pulled in by boinc-client's helper scripts) purged afterwards, so the host has
 neither Python nor QEMU. It is built once and cached by its recipe under the boincvm cache
 (``<cache>/test-roots/<hash>``), built in a temporary directory next to it and renamed into
-place, like the guest image. Tests work on a copy, so the cached root is never written.
+place, like the guest image. The cached root is never written: the client tests work on a
+copy, and :func:`run_in_root` (the frozen wrapper and the bundled QEMU on glibc 2.31) only
+mounts over it in a private mount namespace.
 
 :class:`BareHost` enters the root the way a volunteer's machine runs the client: a private
 mount namespace (``unshare -m``, so the mounts vanish with the last process in it) with
@@ -72,6 +74,21 @@ ENTER = (
 )
 
 
+#: Where :func:`run_in_root` mounts a host directory inside the root (Debian's empty /mnt).
+MOUNT_POINT = "/mnt"
+#: ``sh -c ENTER_WITH_DIR sh ROOT HOSTDIR CMD...``: /proc, a fresh tmpfs /tmp and the host
+#: directory mounted read-only, then chroot with a clean environment. Nothing is written
+#: to ROOT: the mounts live in the private mount namespace and vanish with it.
+ENTER_WITH_DIR = (
+    "set -e; root=$1; dir=$2; shift 2; "
+    'mount -t proc proc "$root/proc"; '
+    'mount -t tmpfs -o mode=1777 tmp "$root/tmp"; '
+    f'mount --bind "$dir" "$root{MOUNT_POINT}"; '
+    f'mount -o remount,bind,ro "$root{MOUNT_POINT}"; '
+    f'exec chroot "$root" /usr/bin/env -i PATH={PATH} LANG=C.UTF-8 "$@"'
+)
+
+
 def recipe_digest() -> str:
     """The cache key: the mmdebstrap arguments and the build version."""
     raw = json.dumps({"args": MMDEBSTRAP_ARGS, "build": BUILD_VERSION}).encode()
@@ -113,6 +130,31 @@ def build_root() -> Path:
         return target
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def glibc_version(root: Path) -> tuple[int, int]:
+    """The root's glibc version, from its ``libc-X.Y.so`` file (``libc-2.31.so`` on Debian 11)."""
+    for libdir in ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu"):
+        for f in sorted((root / libdir).glob("libc-*.so")):
+            major, minor = f.name.removeprefix("libc-").removesuffix(".so").split(".")[:2]
+            return int(major), int(minor)
+    raise FileNotFoundError(f"no libc-X.Y.so in {root}")
+
+
+def run_in_root(
+    root: Path, host_dir: Path, *cmd: str, cwd: str = "/", timeout: float = 120, check: bool = True
+) -> proc.Completed:
+    """Run ``cmd`` inside the cached ``root`` with ``host_dir`` read-only at :data:`MOUNT_POINT`.
+
+    Raises:
+        RuntimeError: not running as root.
+        CommandFailed: the command exited non-zero (with ``check``).
+    """
+    if os.geteuid() != 0:
+        raise RuntimeError("entering the Debian 11 root needs root: it chroots and mounts /proc")
+    prefix = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", ENTER_WITH_DIR, "sh"]
+    inner = ["sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", cwd, *cmd]
+    return proc.run([*prefix, str(root), str(host_dir), *inner], timeout=timeout, check=check)
 
 
 def foreign_tools(root: Path, *, skip: tuple[Path, ...] = ()) -> list[str]:

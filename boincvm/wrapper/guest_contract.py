@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from boincvm.bounds import number_problem
@@ -229,20 +230,18 @@ _KIND_PROBLEMS = {
     GuestFileKind.OTHER: "is not a regular file",
 }
 
-#: Run by ``/bin/sh -c`` in the guest: ``$1`` the job's directory, then the paths. It prints
-#: one kind per path, one line each, in order; it only ``stat``\\ s (``test``), never opens.
-#: A path below the job's directory must resolve inside it; a path the job names outside
-#: it (an absolute guest name) may not be a symlink that leads out of the directory either.
-#: Without ``readlink`` only the final component is checked for being a link.
-KIND_SCRIPT = r"""
+#: The shell function both guest scripts use: ``kind PATH`` sets ``k`` (never opens PATH).
+_KIND_FUNCTION = r"""
 root=$1; shift
 rr=$(readlink -f -- "$root" 2>/dev/null) || rr=$root
 # "/" as the job's directory: every absolute path is inside it.
 [ "$root" = / ] && root=
 [ "$rr" = / ] && rr=
 command -v readlink >/dev/null 2>&1 && haverl=1 || haverl=
-for p do
-  if [ ! -e "$p" ] && [ ! -L "$p" ]; then echo missing; continue; fi
+# kind PATH: sets k to the path's kind.
+kind() {
+  p=$1
+  if [ ! -e "$p" ] && [ ! -L "$p" ]; then k=missing; return; fi
   out=
   if [ -n "$haverl" ]; then
     r=$(readlink -f -- "$p" 2>/dev/null) || r=
@@ -251,18 +250,105 @@ for p do
   elif [ -L "$p" ]; then
     out=1
   fi
-  if [ -n "$out" ]; then echo outside
-  elif [ -f "$p" ]; then echo file
-  elif [ -d "$p" ]; then echo directory
-  elif [ -p "$p" ]; then echo fifo
-  elif [ -c "$p" ]; then echo chardev
-  elif [ -b "$p" ]; then echo blockdev
-  elif [ -S "$p" ]; then echo socket
-  elif [ -L "$p" ]; then echo missing
-  else echo other
+  if [ -n "$out" ]; then k=outside
+  elif [ -f "$p" ]; then k=file
+  elif [ -d "$p" ]; then k=directory
+  elif [ -p "$p" ]; then k=fifo
+  elif [ -c "$p" ]; then k=chardev
+  elif [ -b "$p" ]; then k=blockdev
+  elif [ -S "$p" ]; then k=socket
+  elif [ -L "$p" ]; then k=missing
+  else k=other
+  fi
+}
+"""
+
+#: Run by ``/bin/sh -c`` in the guest: ``$1`` the job's directory, then the paths. It prints
+#: one kind per path, one line each, in order; it only ``stat``\\ s (``test``), never opens.
+#: A path below the job's directory must resolve inside it; a path the job names outside
+#: it (an absolute guest name) may not be a symlink that leads out of the directory either.
+#: Without ``readlink`` only the final component is checked for being a link.
+KIND_SCRIPT = _KIND_FUNCTION + 'for p do kind "$p"; echo "$k"; done\n'
+
+#: Run by ``/bin/sh -c`` in the guest: ``$1`` the job's directory, ``$2`` a token, then
+#: ``MAX:PATH`` entries. Per entry it prints the kind as :data:`KIND_SCRIPT` does; for a
+#: regular file with MAX above 0 it then prints the token on a line, the file's first MAX
+#: bytes, a newline and the token with ``head``'s exit status; for a directory with MAX
+#: above 0, its first MAX names (no dot files), one per line, framed the same way. One guest command thus
+#: says what every contract file is and hands over the small ones, instead of a command
+#: for the kinds and three agent calls per file read. Without a working ``head -c`` no
+#: content is printed (the wrapper then reads through the agent).
+SURVEY_SCRIPT = (
+    _KIND_FUNCTION
+    + r"""
+tok=$1; shift
+[ "$(printf abc | head -c 2 2>/dev/null)" = ab ] && havehead=1 || havehead=
+for a do
+  m=${a%%:*}; p=${a#*:}
+  kind "$p"; echo "$k"
+  if [ "$k" = file ] && [ "$m" -gt 0 ] && [ -n "$havehead" ]; then
+    echo "$tok"; head -c "$m" "$p" 2>/dev/null; s=$?; printf '\n%s %s\n' "$tok" "$s"
+  elif [ "$k" = directory ] && [ "$m" -gt 0 ]; then
+    # A directory's first names, without forking: the trickle-up directory, mostly empty.
+    echo "$tok"; n=0
+    for f in "$p"/*; do
+      { [ -e "$f" ] || [ -L "$f" ]; } || continue
+      n=$((n + 1)); [ "$n" -gt "$m" ] && break
+      echo "${f##*/}"
+    done
+    printf '\n%s 0\n' "$tok"
   fi
 done
 """
+)
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What the guest's shell said of the contract files: each path's kind and, for small
+    regular files, their first bytes (see :data:`SURVEY_SCRIPT`)."""
+
+    kinds: Mapping[str, GuestFileKind]
+    data: Mapping[str, bytes]
+
+    def kind(self, path: str) -> GuestFileKind:
+        return self.kinds.get(path, GuestFileKind.MISSING)
+
+
+def survey_argv(root: str, token: str, entries: Sequence[tuple[str, int]]) -> list[str]:
+    """The guest command that surveys ``entries`` (path, bytes to read; 0: the kind only)."""
+    args = [f"{max(0, int(m))}:{p}" for p, m in entries]
+    return ["/bin/sh", "-c", SURVEY_SCRIPT, "boincvm-survey", root.rstrip("/") or "/", token, *args]
+
+
+def parse_survey(stdout: bytes, token: str, paths: Sequence[str]) -> Survey | None:
+    """What :data:`SURVEY_SCRIPT` printed for ``paths``; None when it does not fit."""
+    tok = token.encode("ascii")
+    kinds: dict[str, GuestFileKind] = {}
+    data: dict[str, bytes] = {}
+    pos = 0
+    for path in paths:
+        nl = stdout.find(b"\n", pos)
+        if nl < 0:
+            return None
+        try:
+            kinds[path] = GuestFileKind(stdout[pos:nl].decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+        pos = nl + 1
+        if not stdout.startswith(tok + b"\n", pos):
+            continue
+        start = pos + len(tok) + 1
+        end = stdout.find(b"\n" + tok + b" ", start)
+        close = stdout.find(b"\n", end + len(tok) + 2) if end >= 0 else -1
+        if close < 0:
+            return None
+        if stdout[end + len(tok) + 2 : close] == b"0":
+            data[path] = stdout[start:end]
+        pos = close + 1
+    if stdout[pos:].strip():
+        return None
+    return Survey(kinds, data)
 
 
 def kinds_argv(root: str, paths: list[str]) -> list[str]:
@@ -302,6 +388,10 @@ __all__ = [
     "fraction_done",
     "kind_problem",
     "kinds_argv",
+    "parse_survey",
+    "survey_argv",
+    "Survey",
+    "SURVEY_SCRIPT",
     "last_number",
     "ops_bound",
     "parse_kinds",

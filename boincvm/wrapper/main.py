@@ -29,9 +29,13 @@ from boincvm.errors import BoincvmError, InputError
 from boincvm.findings import errors_in, has_errors
 from boincvm.hypervisor.base import backend_class
 from boincvm.job import DEFAULTS_OPEN_NAME, JOB_OPEN_NAME, VmJob, load_job, resolve
+from boincvm.wrapper import memory
 from boincvm.wrapper.steps import Wrapper, WrapperInputs
 
 log = logging.getLogger("boincvm.wrapper")
+#: Seconds between ticks of the BOINC API by its own thread (status and heartbeats are
+#: once a second; the main loop ticks as well, every LOOP_SLEEP, while the program runs).
+TICK_PERIOD = 0.5
 
 #: Options the client or a plan class may put before the workunit's arguments.
 _OWN_OPTIONS = ("--nthreads", "--device", "--memory_size_mb")
@@ -220,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(VERSION_LINE + "\n")
         return 0
     _follow_bootloader()
+    memory.keep_heap_small()
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
@@ -237,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log_init_failure(exc)
         write_finish_file(slot, int(ExitCode.INIT_FAILURE), exc.message)
         return int(ExitCode.INIT_FAILURE)
-    with app.ticking():
+    # The main loop ticks at each turn; this thread covers the long steps (snapshots, copies).
+    with app.ticking(TICK_PERIOD):
         try:
             inputs = load_inputs(app, wu_args, own)
             if inputs.package is not None:

@@ -50,10 +50,11 @@ from boincvm.errors import (
 from boincvm.hypervisor.base import Backend, GuestProcess, ProcessStatus, VmSpec
 from boincvm.job import CheckpointMode, CpuTimeSource, ResolvedJob
 from boincvm.names import logical_name_problem
-from boincvm.wrapper import guest_api, hostcheck
+from boincvm.wrapper import guest_api, hostcheck, memory
 from boincvm.wrapper.checkpoint import CheckpointRecord, CheckpointStore
 from boincvm.wrapper.guest_contract import (
     GuestFileKind,
+    Survey,
     Trigger,
     completion_trigger,
     credit_report,
@@ -62,6 +63,8 @@ from boincvm.wrapper.guest_contract import (
     kinds_argv,
     ops_bound,
     parse_kinds,
+    parse_survey,
+    survey_argv,
     temporary_exit_trigger,
 )
 from boincvm.wrapper.guest_install import install_script, package_guest_path, uninstall_script
@@ -77,12 +80,24 @@ QUIT_CHECKPOINT_AFTER = 10.0
 #: A VM that dies under us: ask the client to restart us after this many seconds.
 VM_DIED_RETRY = 120.0
 INSTALL_TIMEOUT = 600.0
+#: Seconds the main loop sleeps between turns once the program runs (it ticks the BOINC
+#: API at each turn: suspend and quit are seen within this).
+LOOP_SLEEP = 0.25
+#: After this many seconds of the program the state of the program is asked with each
+#: survey of its files (every PROGRESS_PERIOD) instead of every POLL_PERIOD: fewer agent
+#: calls and wake-ups for the long jobs the wrapper mostly runs.
+STEADY_AFTER = 10.0
 #: Seconds between reads of the guest's fraction-done and credit files.
 PROGRESS_PERIOD = 2.0
 #: At most this much of the fraction-done and credit files is read (the last number counts).
 PROGRESS_MAX_BYTES = 4096
 #: At most this much of a trigger file is read (its first lines count).
 TRIGGER_MAX_BYTES = 65536
+#: Contract files up to this size come with the guest command that surveys them; larger
+#: ones (long trigger messages) are read through the agent.
+SURVEY_READ_BYTES = 4096
+#: The survey lists at most this many names of the trickle-up directory.
+SURVEY_LIST_NAMES = 256
 #: Seconds the guest's shell may take to say what the guest files are.
 KIND_TIMEOUT = 60.0
 #: At most this much of each app-level checkpoint file is copied out.
@@ -425,6 +440,7 @@ class Wrapper:
         app = self.app
         paused = False
         run_t0 = self.clock()
+        memory.trim()  # what copying the package and the inputs in left on the heap
         self.status.phase = Phase.RUN.value
         self._write_status()
         next_poll = 0.0
@@ -470,21 +486,34 @@ class Wrapper:
                 continue
             if now >= next_poll:
                 # Poll fast at first (short programs end sooner), then once per poll period.
-                next_poll = now + (0.1 if now - run_t0 < 2.0 else self.poll_period)
+                # After the first seconds the program's state is due with the survey.
+                ran = now - run_t0
+                period = self.poll_period if ran < STEADY_AFTER else PROGRESS_PERIOD
+                next_poll = now + (0.1 if ran < 2.0 else period)
                 status = self.vm.poll_program(proc)
                 progress_due = now >= next_progress or not status.running
-                kinds = self._contract_kinds(progress=progress_due, triggers=status.running)
+                checkpoint_wanted = not self.job.disable_automatic_checkpoints and (
+                    self._ck_request is not None or self._checkpoint_due(now)
+                )
+                if not (progress_due or checkpoint_wanted):
+                    # Between surveys only the program's state is asked (one agent call):
+                    # the contract files are looked at every PROGRESS_PERIOD.
+                    if self._time_limit_reached(now, run_t0):
+                        return self._complete(ProcessStatus(running=False, exit_code=0), record)
+                    time.sleep(0.05 if now - run_t0 < 2.0 else min(LOOP_SLEEP, self.poll_period))
+                    continue
+                survey = self._contract_kinds(progress=progress_due, triggers=status.running)
                 if progress_due:
                     next_progress = now + PROGRESS_PERIOD
-                    self._report_progress(status, kinds)
-                    self._pass_trickles(kinds)
-                ended = self._api_end(kinds)
+                    self._report_progress(status, survey)
+                    self._pass_trickles(survey)
+                ended = self._api_end(survey)
                 if ended is not None:
                     return self._api_ended(proc, ended, record, run_t0)
                 if not status.running:
                     self.status.timings[Phase.RUN.value] = self.clock() - run_t0
                     return self._complete(status, record)
-                trigger = self._check_triggers(kinds)
+                trigger = self._check_triggers(survey)
                 if trigger is not None:
                     if trigger.kind == "completion":
                         done = ProcessStatus(running=False, exit_code=trigger.exit_code)
@@ -495,17 +524,18 @@ class Wrapper:
                     return app.temporary_exit(
                         trigger.delay, trigger.message or "the guest asked for a temporary exit"
                     )
-                if (
-                    self.job.time_limit is not None
-                    and now - run_t0 + self._elapsed_before > self.job.time_limit
-                ):
-                    log.info("time limit of %g s reached; the job counts as done", self.job.time_limit)
+                if self._time_limit_reached(now, run_t0):
                     return self._complete(ProcessStatus(running=False, exit_code=0), record)
-                if not self.job.disable_automatic_checkpoints and (
-                    self._ck_request is not None or self._checkpoint_due(now)
-                ):
-                    record = self._timed_checkpoint(proc, record, kinds, now)
-            time.sleep(0.05 if now - run_t0 < 2.0 else min(0.2, self.poll_period))
+                if checkpoint_wanted:
+                    record = self._timed_checkpoint(proc, record, survey, now)
+            time.sleep(0.05 if now - run_t0 < 2.0 else min(LOOP_SLEEP, self.poll_period))
+
+    def _time_limit_reached(self, now: float, run_t0: float) -> bool:
+        limit = self.job.time_limit
+        if limit is not None and now - run_t0 + self._elapsed_before > limit:
+            log.info("time limit of %g s reached; the job counts as done", limit)
+            return True
+        return False
 
     def _checkpoint_due(self, now: float) -> bool:
         if now - self._last_checkpoint_at < self.job.minimum_checkpoint_interval:
@@ -538,38 +568,58 @@ class Wrapper:
             )
         return kinds
 
-    def _contract_kinds(self, *, progress: bool, triggers: bool) -> dict[str, GuestFileKind]:
-        """The kinds of the contract files due for reading now, in one guest command."""
-        names = []
+    def _contract_kinds(self, *, progress: bool, triggers: bool) -> Survey:
+        """The contract files due for reading now, surveyed in one guest command: each
+        one's kind and, for the small regular ones, their contents (:data:`SURVEY_SCRIPT`)."""
+        read = []
         if progress:
-            names += [self.job.fraction_done_filename, self.job.credit_report_filename]
+            read += [self.job.fraction_done_filename, self.job.credit_report_filename]
         if triggers:
-            names += [self.job.completion_trigger_file, self.job.temporary_exit_trigger_file]
-        api = (guest_api.STATUS, guest_api.CRITICAL, guest_api.CHECKPOINT_READY, guest_api.FINISH)
-        names += [self._api_file(n) for n in (*api, guest_api.TEMPORARY_EXIT, guest_api.TRICKLE_UP_DIR)]
-        return self._guest_kinds(sorted({self._guest(n) for n in names if n}))
+            read += [self.job.completion_trigger_file, self.job.temporary_exit_trigger_file]
+        api = (guest_api.STATUS, guest_api.CHECKPOINT_READY, guest_api.FINISH, guest_api.TEMPORARY_EXIT)
+        read += [self._api_file(n) for n in api]
+        entries = {self._guest(n): SURVEY_READ_BYTES + 1 for n in read if n}
+        entries[self._guest(self._api_file(guest_api.CRITICAL))] = 0
+        entries[self._guest(self._api_file(guest_api.TRICKLE_UP_DIR))] = SURVEY_LIST_NAMES
+        paths = sorted(entries)
+        if not paths:
+            return Survey({}, {})
+        token = "boincvm-" + secrets.token_hex(8)
+        argv = survey_argv(self.job.exec_dir, token, [(p, entries[p]) for p in paths])
+        status = self.vm.run_program(argv, timeout=KIND_TIMEOUT)
+        survey = parse_survey(status.stdout_tail, token, paths) if status.succeeded else None
+        if survey is None:
+            err = (status.stderr_tail or status.stdout_tail).decode("utf-8", "replace").strip()
+            raise GuestError(
+                f"the guest's shell could not say what the job's files are (exit {status.exit_code}): "
+                f"{err[-300:]}"
+            )
+        return survey
 
     def _read_contract_file(
-        self, name: str | None, what: str, kinds: dict[str, GuestFileKind], max_bytes: int
+        self, name: str | None, what: str, survey: Survey, max_bytes: int
     ) -> bytes | None:
         """A contract file's first ``max_bytes``, or None when it is absent or not a regular file."""
         if not name:
             return None
         path = self._guest(name)
-        kind = kinds.get(path, GuestFileKind.MISSING)
+        kind = survey.kind(path)
         if problem := kind_problem(kind):
             self._note(what, f"the {what} file {path} {problem}; ignored")
             return None
         if kind is not GuestFileKind.FILE:
             return None
-        return self.vm.read_guest_file(path, max_bytes=max_bytes)
+        data = survey.data.get(path)
+        if data is not None and len(data) <= SURVEY_READ_BYTES:
+            return data[:max_bytes]
+        return self.vm.read_guest_file(path, max_bytes=max_bytes)  # larger, or no ``head`` in the guest
 
-    def _report_progress(self, status: ProcessStatus, kinds: dict[str, GuestFileKind]) -> None:
+    def _report_progress(self, status: ProcessStatus, survey: Survey) -> None:
         fraction: float | None = None
         ops: float | None = None
         job = self.job
         data = self._read_contract_file(
-            job.fraction_done_filename, "fraction done", kinds, PROGRESS_MAX_BYTES
+            job.fraction_done_filename, "fraction done", survey, PROGRESS_MAX_BYTES
         )
         if data is not None:
             got = fraction_done(data, f"fraction done file {job.fraction_done_filename}:")
@@ -577,7 +627,7 @@ class Wrapper:
             fraction = got.value
         cpu = self._run_cpu()
         data = self._read_contract_file(
-            job.credit_report_filename, "credit report", kinds, PROGRESS_MAX_BYTES
+            job.credit_report_filename, "credit report", survey, PROGRESS_MAX_BYTES
         )
         if data is not None:
             init = self.app.init_data
@@ -590,7 +640,7 @@ class Wrapper:
             self._note("credit report", got.note)
             ops = got.value
         data = self._read_contract_file(
-            self._api_file(guest_api.STATUS), "guest API status", kinds, guest_api.STATUS_MAX_BYTES
+            self._api_file(guest_api.STATUS), "guest API status", survey, guest_api.STATUS_MAX_BYTES
         )
         if data is not None:
             init = self.app.init_data
@@ -614,13 +664,13 @@ class Wrapper:
             self.status.last_output = tail.splitlines()[-1]
         self._write_status()
 
-    def _check_triggers(self, kinds: dict[str, GuestFileKind]) -> Trigger | None:
+    def _check_triggers(self, survey: Survey) -> Trigger | None:
         for kind, name in (
             ("completion", self.job.completion_trigger_file),
             ("temporary_exit", self.job.temporary_exit_trigger_file),
         ):
             what = kind.replace("_", "-") + " trigger"
-            data = self._read_contract_file(name, what, kinds, TRIGGER_MAX_BYTES)
+            data = self._read_contract_file(name, what, survey, TRIGGER_MAX_BYTES)
             if data is None or name is None:
                 continue
             with contextlib.suppress(GuestError):
@@ -665,6 +715,8 @@ class Wrapper:
         self.status.checkpoints = new.checkpoints
         self._write_status()
         log.info("checkpoint %s committed (%d so far)", name, new.checkpoints)
+        if app_mode:
+            memory.trim()  # the program's files came out through the agent
         return new
 
     def _drop_checkpoint(self, record: CheckpointRecord) -> None:
@@ -716,7 +768,7 @@ class Wrapper:
         )
 
     def _timed_checkpoint(
-        self, proc: GuestProcess, record: CheckpointRecord | None, kinds: dict[str, GuestFileKind], now: float
+        self, proc: GuestProcess, record: CheckpointRecord | None, survey: Survey, now: float
     ) -> CheckpointRecord | None:
         """A checkpoint timed by the program: ask (``checkpoint_request``), then snapshot once
         it says it is ready, or at once when it never asks whether to checkpoint, or when it
@@ -731,10 +783,10 @@ class Wrapper:
                 return record  # the program answers at its next boinc_time_to_checkpoint()
         else:
             data = self._read_contract_file(
-                self._api_file(guest_api.CHECKPOINT_READY), "checkpoint ready", kinds, 64
+                self._api_file(guest_api.CHECKPOINT_READY), "checkpoint ready", survey, 64
             )
             ready = guest_api.sequence_of(data)
-        if kinds.get(self._api_file(guest_api.CRITICAL), GuestFileKind.MISSING) is not GuestFileKind.MISSING:
+        if survey.kind(self._api_file(guest_api.CRITICAL)) is not GuestFileKind.MISSING:
             return record  # inside a critical section: try at the next poll
         if self.job.checkpoint_mode is CheckpointMode.APP and ready != self._ck_request:
             return record  # the program's files are consistent only at its checkpoint_ready
@@ -758,14 +810,14 @@ class Wrapper:
         )
         return record
 
-    def _api_end(self, kinds: dict[str, GuestFileKind]) -> Trigger | None:
+    def _api_end(self, survey: Survey) -> Trigger | None:
         """The program's ``finish`` or ``temporary_exit`` file, read and parsed, or None."""
-        data = self._read_contract_file(self._api_file(guest_api.FINISH), "finish", kinds, TRIGGER_MAX_BYTES)
+        data = self._read_contract_file(self._api_file(guest_api.FINISH), "finish", survey, TRIGGER_MAX_BYTES)
         if data is not None:
             trigger = guest_api.parse_finish(data)
         else:
             data = self._read_contract_file(
-                self._api_file(guest_api.TEMPORARY_EXIT), "temporary exit", kinds, TRIGGER_MAX_BYTES
+                self._api_file(guest_api.TEMPORARY_EXIT), "temporary exit", survey, TRIGGER_MAX_BYTES
             )
             if data is None:
                 return None
@@ -785,9 +837,9 @@ class Wrapper:
             time.sleep(0.1)
             status = self.vm.poll_program(proc)
         self.status.timings[Phase.RUN.value] = self.clock() - run_t0
-        kinds = self._contract_kinds(progress=True, triggers=False)
-        self._report_progress(status, kinds)  # the final fraction done and operations
-        self._pass_trickles(kinds)
+        survey = self._contract_kinds(progress=True, triggers=False)
+        self._report_progress(status, survey)  # the final fraction done and operations
+        self._pass_trickles(survey)
         if trigger.kind == "temporary_exit":
             # No snapshot here: the program is exiting; the next start resumes from the last one.
             self.vm.power_off(soft_timeout=2.0)
@@ -800,7 +852,7 @@ class Wrapper:
         )
         return self._complete(done, record, trigger.message)
 
-    def _pass_trickles(self, kinds: dict[str, GuestFileKind]) -> None:
+    def _pass_trickles(self, survey: Survey) -> None:
         """Trickle-up messages from the guest to the client (one at a time, as BOINC's API
         keeps one ``trickle_up.xml``), and the client's trickle-down files into the guest."""
         for down in sorted(self.slot.glob("trickle_down*")):
@@ -809,10 +861,12 @@ class Wrapper:
                 down.unlink()
                 log.info("trickle-down %s passed to the guest", down.name)
         updir = self._api_file(guest_api.TRICKLE_UP_DIR)
-        if kinds.get(updir) is not GuestFileKind.DIRECTORY or (self.slot / TRICKLE_UP_FILE).exists():
+        if survey.kind(updir) is not GuestFileKind.DIRECTORY or (self.slot / TRICKLE_UP_FILE).exists():
             return
-        listing = self.vm.run_program(["/bin/ls", "-1", updir], timeout=KIND_TIMEOUT)
-        names = guest_api.trickle_names(listing.stdout_tail)[:1]
+        listing = survey.data.get(updir)
+        if listing is None:  # the survey lists it; ``ls`` only if that did not work
+            listing = self.vm.run_program(["/bin/ls", "-1", updir], timeout=KIND_TIMEOUT).stdout_tail
+        names = guest_api.trickle_names(listing)[:1]
         paths = [f"{updir}/{n}" for n in names]
         for path, kind in self._guest_kinds(paths).items():
             data = (

@@ -1,4 +1,5 @@
-"""The app version's binaries on an older host: Debian 11 (glibc 2.31), no Python, no QEMU."""
+"""The app version's binaries on an older host: the bare Debian 11 root (glibc 2.31, boinc-client
+7.16, no Python, no QEMU) of :mod:`tests.bare_host`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from boincvm import __version__
 from boincvm.appversion.frozen import frozen_wrapper
 from boincvm.appversion.runtime import cached_runtime_archive
 from boincvm.hypervisor.qemu.runtime import unpack_once
-from tests.old_host import MOUNT_POINT, build_root, glibc_version, run_in_root
+from tests.bare_host import MOUNT_POINT, build_root, glibc_version, run_in_root
 
 pytestmark = pytest.mark.integration
 
