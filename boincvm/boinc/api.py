@@ -480,7 +480,8 @@ class BoincApp:
 
     def send_trickle_up(self, variety: str, body: str) -> Path:
         """Queue a trickle-up message (``boinc_send_trickle_up``): write ``trickle_up.xml``
-        and announce it on the next tick.
+        and announce it now, or at the next tick while the channel still holds an unread
+        announcement.
 
         Raises:
             OSError: the file cannot be written.
@@ -488,7 +489,8 @@ class BoincApp:
         path = self.slot_dir / TRICKLE_UP_FILE
         path.write_text(f"<variety>{variety}</variety>\n{body}", encoding="utf-8")
         with self._mutex:
-            self._trickle_pending = True
+            sent = self._channels is not None and not self._closed and self._channels.send_trickle_up()
+            self._trickle_pending = not sent
         return path
 
     # ----------------------------------------------------------------------------------
@@ -546,6 +548,8 @@ class BoincApp:
             with self._mutex:
                 if self._closed:
                     return
+                if self._trickle_pending and self._channels.send_trickle_up():
+                    self._trickle_pending = False  # a trickle queued just before the end
                 pending = self._channels.status_pending()
                 if not sent and not pending:
                     sent = self._channels.send_status(self._current_status())
