@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm import proc
-from boincvm.cache import cache_root
+from boincvm.cache import cache_root, content_digest
 from boincvm.errors import CommandNotFound
 from boincvm.hypervisor.qemu import runtime as qemu_rt
 
@@ -117,9 +117,11 @@ def kvm_device() -> str | None:
 def qemu_identity() -> str:
     """What identifies the installed QEMU in cache keys, without running it.
 
-    The binary's resolved path, size, modification time and inode: a package upgrade
-    changes them. Running ``--version`` instead costs a process start (about 25 ms) on
-    every job start, which the golden-checkpoint path cannot afford.
+    The binary's size and content digest (hashed once per file, :func:`content_digest`):
+    an upgrade changes them, and every project directory's unpacked copy of one bundled
+    runtime has the same identity, so they share golden checkpoints and KVM verdicts.
+    Running ``--version`` instead costs a process start (about 25 ms) on every job start,
+    which the golden-checkpoint path cannot afford.
 
     Raises:
         CommandNotFound: QEMU is not installed.
@@ -128,13 +130,13 @@ def qemu_identity() -> str:
     if path is None:
         raise CommandNotFound(f"{QEMU} was not found", hint=proc.INSTALL_HINTS.get(QEMU, f"install {QEMU}"))
     real = path.resolve()
-    st = real.stat()
-    return f"{real}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    return f"{real.stat().st_size}:{content_digest(real)}"
 
 
 def _cache_file(kernel: Path) -> Path:
     st = kernel.stat()
-    key = json.dumps([qemu_identity(), os.uname().release, str(kernel.resolve()), st.st_size, st.st_mtime_ns])
+    # The kernel by content: every data directory's copy of it shares the verdict.
+    key = json.dumps([qemu_identity(), os.uname().release, st.st_size, content_digest(kernel)])
     return cache_root() / "accel" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from boincvm import proc
-from boincvm.cache import cache_root
+from boincvm.cache import cache_root, content_digest
 from boincvm.errors import HypervisorError, ToolError
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ GOLDEN_RAM = "golden.ram"
 #: Written next to a golden checkpoint whose state failed to load: no job uses it again.
 BROKEN = "broken"
 #: Bumped when the saved state's shape changes (devices, command line).
-GOLDEN_VERSION = 2
+GOLDEN_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -63,16 +63,23 @@ class Golden:
 
 
 def _identity(path: Path | None) -> list[object]:
+    """A disk image by where it lies (the golden disk is an overlay naming it as backing file)."""
     if path is None:
         return [None]
     st = path.stat()
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
+def _content(path: Path | None) -> list[object]:
+    """A kernel or initramfs by content: QEMU reads them at start and keeps no reference, so
+    every data directory's copy of an app version's kernel shares one golden checkpoint."""
+    return [None] if path is None else [path.stat().st_size, content_digest(path)]
+
+
 def golden_key(spec: VmSpec, accel: str, machine: str, qemu: str) -> str:
     """The cache key: images, command line, machine shape and the QEMU binary (``qemu_identity``)."""
     facts = [GOLDEN_VERSION, qemu, accel, machine, spec.memory_mb, spec.ncpus, spec.enable_network]
-    facts += [spec.kernel_cmdline, *_identity(spec.kernel), *_identity(spec.initrd), *_identity(spec.image)]
+    facts += [spec.kernel_cmdline, *_content(spec.kernel), *_content(spec.initrd), *_identity(spec.image)]
     if machine == "q35":  # q35 guests carry the root port transfer disks are plugged into
         facts.append("hotplug-port")
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:24]
