@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -320,3 +322,43 @@ def test_jobs_map_the_golden_ram_privately_and_never_write_it(
             one.snapshot_revert("ck1")
             assert one.run_program(["/bin/cat", "/mark-cow"], timeout=30).stdout_tail.strip() == b"one"
     assert hashlib.sha256(ram.read_bytes()).hexdigest() == before
+
+
+def test_every_copy_of_an_image_shares_one_golden_checkpoint_which_outlives_the_first_copy(
+    guest_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each BOINC data directory has its own copy of an app version's files. The golden
+    checkpoint is keyed by their content, so all copies share one; its disk has its own
+    base (a link or a copy), so deleting the project that built it breaks nothing."""
+    from boincvm.hypervisor.qemu import golden as qemu_golden
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    copies = []
+    for n in (1, 2):
+        d = tmp_path / f"project{n}"
+        shutil.copytree(guest_image, d)
+        os.utime(d / "vmlinux", ns=(n, n))  # another copy, another time
+        copies.append(d)
+
+    def spec(image: Path, n: int) -> VmSpec:
+        return spec_for_image(image, name=f"share{n}", workdir=tmp_path / f"vm{n}", boot_timeout=60,
+                              options={"golden": "yes"})  # fmt: skip
+
+    with QemuBackend(spec(copies[0], 1)) as vm:
+        vm.power_on()
+        vm.wait_for_tools()
+    (built,) = [d for d in (tmp_path / "cache/boincvm/golden").iterdir() if not d.name.startswith(".")]
+    info = proc.run(["qemu-img", "info", "--output=json", built / "golden.qcow2"], timeout=60)
+    disk = json.loads(info.text)
+    assert disk["backing-filename"] == qemu_golden.GOLDEN_BASE, disk
+    shutil.rmtree(copies[0])
+    with QemuBackend(spec(copies[1], 2)) as vm:
+        vm.power_on()
+        vm.wait_for_tools()
+        assert vm._popen is not None
+        assert str(built / qemu_golden.GOLDEN_RAM) in Path(f"/proc/{vm._popen.pid}/maps").read_text()
+        assert vm.run_program(["/bin/sh", "-c", "echo ok > /scratch/probe && cat /scratch/probe"],
+                              timeout=30).stdout_tail.strip() == b"ok"  # fmt: skip
+    assert [d.name for d in (tmp_path / "cache/boincvm/golden").iterdir() if not d.name.startswith(".")] == [
+        built.name
+    ]

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from boincvm import proc
 from boincvm.cache import cache_root, content_digest
 from boincvm.errors import HypervisorError, ToolError
+from boincvm.hypervisor.qemu import runtime as qemu_rt
 
 if TYPE_CHECKING:
     from boincvm.hypervisor.base import VmSpec
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 GOLDEN_DISK = "golden.qcow2"
 GOLDEN_STATE = "golden.mig"
 GOLDEN_RAM = "golden.ram"
+#: The base image the golden disk is an overlay on (a hard link or a copy of the job's image).
+GOLDEN_BASE = "base.img"
 #: Written next to a golden checkpoint whose state failed to load: no job uses it again.
 BROKEN = "broken"
 #: Bumped when the saved state's shape changes (devices, command line).
@@ -62,24 +65,16 @@ class Golden:
     ram: Path
 
 
-def _identity(path: Path | None) -> list[object]:
-    """A disk image by where it lies (the golden disk is an overlay naming it as backing file)."""
-    if path is None:
-        return [None]
-    st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
-
-
 def _content(path: Path | None) -> list[object]:
-    """A kernel or initramfs by content: QEMU reads them at start and keeps no reference, so
-    every data directory's copy of an app version's kernel shares one golden checkpoint."""
+    """A kernel, initramfs or disk image by content: every data directory's copy of an app
+    version's files shares one golden checkpoint (the golden disk has its own base)."""
     return [None] if path is None else [path.stat().st_size, content_digest(path)]
 
 
 def golden_key(spec: VmSpec, accel: str, machine: str, qemu: str) -> str:
     """The cache key: images, command line, machine shape and the QEMU binary (``qemu_identity``)."""
     facts = [GOLDEN_VERSION, qemu, accel, machine, spec.memory_mb, spec.ncpus, spec.enable_network]
-    facts += [spec.kernel_cmdline, *_content(spec.kernel), *_content(spec.initrd), *_identity(spec.image)]
+    facts += [spec.kernel_cmdline, *_content(spec.kernel), *_content(spec.initrd), *_content(spec.image)]
     if machine == "q35":  # q35 guests carry the root port transfer disks are plugged into
         facts.append("hotplug-port")
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:24]
@@ -112,6 +107,25 @@ def mark_broken(golden: Golden, reason: str) -> None:
         log.warning("cannot mark the golden checkpoint %s broken: %s", golden.state.parent, exc)
 
 
+def _own_base(image: Path, out: Path) -> None:
+    """Give the golden disk its own base: ``image`` linked (or copied) next to it and named
+    as its backing file by a relative name, so the golden checkpoint, keyed by content and
+    shared by every data directory, outlives the project directory whose copy built it.
+
+    Raises:
+        ToolError: qemu-img failed, or the copy did.
+    """
+    base = out / GOLDEN_BASE
+    try:
+        os.link(image, base)  # app version files never change: one inode serves both
+    except OSError:
+        proc.run(["cp", "--reflink=auto", "--sparse=always", image, base], timeout=1800)
+    img = qemu_rt.qemu_img_command()
+    info = json.loads(proc.run([*img, "info", "-U", "--output=json", base], timeout=60).text)
+    fmt = str(info["format"])
+    proc.run([*img, "rebase", "-u", "-b", GOLDEN_BASE, "-F", fmt, out / GOLDEN_DISK], timeout=60)
+
+
 def build(spec: VmSpec, key: str, accel: str, save: Callable[[VmSpec, Path], None]) -> Golden:
     """Boot ``spec`` once, save the running guest and freeze its disk; return the result.
 
@@ -134,6 +148,8 @@ def build(spec: VmSpec, key: str, accel: str, save: Callable[[VmSpec, Path], Non
         out = work / "golden"
         out.mkdir()
         (work / "vm" / "disk.qcow2").rename(out / GOLDEN_DISK)
+        if spec.image is not None:
+            _own_base(spec.image.resolve(), out)
         (work / "vm" / GOLDEN_STATE).rename(out / GOLDEN_STATE)
         ram = work / "vm" / GOLDEN_RAM
         # A guest booted with init_on_free=1 zeroes every page it frees, so the file is
