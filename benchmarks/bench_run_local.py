@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from boincvm.appversion.build import package_image
@@ -44,11 +45,16 @@ def _wu(
     return out
 
 
-def _run(root: Path, wu: Path, av: Path, tag: str, **kw: object) -> tuple[RunSummary, list[LiveState]]:
+def _run(
+    root: Path, wu: Path, av: Path, tag: str, also: Callable[[LiveState], None] | None = None, **kw: object
+) -> tuple[RunSummary, list[LiveState]]:
+    """Run ``wu`` and keep every live state; ``also`` sees each one as it comes."""
     states: list[LiveState] = []
 
     def watch(s: LiveState) -> None:
         states.append(LiveState(**{**s.__dict__, "events": []}))
+        if also is not None:
+            also(s)
 
     summary = run_local(
         RunLocalRequest(
@@ -125,15 +131,7 @@ def main() -> None:
                     except OSError:
                         return
 
-            run_local(
-                RunLocalRequest(
-                    workunit_dir=sleeper,
-                    app_version_dir=av,
-                    results_dir=root / f"res-sleep{i}",
-                    data_dir=root / "client",
-                ),
-                watch,
-            )
+            _run(root, sleeper, av, f"sleep{i}", also=watch)
             (t0, c0, e0), (t1, c1, _) = samples[0], samples[-1]
             whole.append((c1 - c0) / (t1 - t0) * 100)
             later = [x for x in samples if x[2] >= e0 + STEADY_AFTER + 2]

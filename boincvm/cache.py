@@ -9,6 +9,8 @@ import os
 import re
 from pathlib import Path
 
+from boincvm.hashing import sha256_file
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -36,11 +38,7 @@ def content_digest(path: Path) -> str:
         known = memo.read_text(encoding="ascii").strip()
         if _SHA256.fullmatch(known):
             return known
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = sha256_file(path)
     with contextlib.suppress(OSError):  # only a later recomputation is lost
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")

@@ -1,4 +1,5 @@
-"""Hashes of files (ground): the md5 and size BOINC's templates, signatures and app versions name."""
+"""Hashes of files (ground): the md5 and size BOINC's templates, signatures and app versions name,
+and the sha256 that cache keys and the bundled runtime use."""
 
 from __future__ import annotations
 
@@ -15,3 +16,12 @@ def md5_file(path: str | Path) -> tuple[str, int]:
             h.update(block)
             size += len(block)
     return h.hexdigest(), size
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 (hex) of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:  # noqa: PTH123 - as md5_file
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from boincvm.boinc.api import BoincApp
 from boincvm.boinc.files import TRICKLE_UP_FILE, ExitCode, resolve_filename
@@ -71,6 +72,8 @@ from boincvm.wrapper.guest_install import install_script, package_guest_path, un
 from boincvm.wrapper.status import Phase, StatusReport
 
 log = logging.getLogger(__name__)
+
+_Answer = TypeVar("_Answer")
 
 VM_DIR = "boincvm_vm"
 #: Seconds between polls of the guest program (and of its progress files).
@@ -495,35 +498,31 @@ class Wrapper:
                 checkpoint_wanted = not self.job.disable_automatic_checkpoints and (
                     self._ck_request is not None or self._checkpoint_due(now)
                 )
-                if not (progress_due or checkpoint_wanted):
-                    # Between surveys only the program's state is asked (one agent call):
-                    # the contract files are looked at every PROGRESS_PERIOD.
-                    if self._time_limit_reached(now, run_t0):
-                        return self._complete(ProcessStatus(running=False, exit_code=0), record)
-                    time.sleep(0.05 if now - run_t0 < 2.0 else min(LOOP_SLEEP, self.poll_period))
-                    continue
-                survey = self._contract_kinds(progress=progress_due, triggers=status.running)
-                if progress_due:
-                    next_progress = now + PROGRESS_PERIOD
-                    self._report_progress(status, survey)
-                    self._pass_trickles(survey)
-                ended = self._api_end(survey)
-                if ended is not None:
-                    return self._api_ended(proc, ended, record, run_t0)
-                if not status.running:
-                    self.status.timings[Phase.RUN.value] = self.clock() - run_t0
-                    return self._complete(status, record)
-                trigger = self._check_triggers(survey)
-                if trigger is not None:
-                    if trigger.kind == "completion":
-                        done = ProcessStatus(running=False, exit_code=trigger.exit_code)
-                        return self._complete(done, record, trigger.message)
-                    if self.job.checkpoint_mode is CheckpointMode.VM:
-                        record = self._checkpoint(proc, record)
-                    self.vm.power_off(soft_timeout=2.0)
-                    return app.temporary_exit(
-                        trigger.delay, trigger.message or "the guest asked for a temporary exit"
-                    )
+                if progress_due or checkpoint_wanted:
+                    # The contract files are looked at every PROGRESS_PERIOD (and at each poll
+                    # of a checkpoint handshake); between surveys only the program's state.
+                    survey = self._survey(progress=progress_due, triggers=status.running)
+                    if progress_due:
+                        next_progress = now + PROGRESS_PERIOD
+                        self._report_progress(status, survey)
+                        self._pass_trickles(survey)
+                    ended = self._api_end(survey)
+                    if ended is not None:
+                        return self._api_ended(proc, ended, record, run_t0)
+                    if not status.running:
+                        self.status.timings[Phase.RUN.value] = self.clock() - run_t0
+                        return self._complete(status, record)
+                    trigger = self._check_triggers(survey)
+                    if trigger is not None:
+                        if trigger.kind == "completion":
+                            done = ProcessStatus(running=False, exit_code=trigger.exit_code)
+                            return self._complete(done, record, trigger.message)
+                        if self.job.checkpoint_mode is CheckpointMode.VM:
+                            record = self._checkpoint(proc, record)
+                        self.vm.power_off(soft_timeout=2.0)
+                        return app.temporary_exit(
+                            trigger.delay, trigger.message or "the guest asked for a temporary exit"
+                        )
                 if self._time_limit_reached(now, run_t0):
                     return self._complete(ProcessStatus(running=False, exit_code=0), record)
                 if checkpoint_wanted:
@@ -558,17 +557,25 @@ class Wrapper:
         """
         if not paths:
             return {}
-        status = self.vm.run_program(kinds_argv(self.job.exec_dir, paths), timeout=KIND_TIMEOUT)
-        kinds = parse_kinds(status.stdout_tail, paths) if status.succeeded else None
-        if kinds is None:
+        return self._ask_shell(kinds_argv(self.job.exec_dir, paths), lambda out: parse_kinds(out, paths))
+
+    def _ask_shell(self, argv: list[str], parse: Callable[[bytes], _Answer | None]) -> _Answer:
+        """Run one of the guest_contract scripts and parse what it printed.
+
+        Raises:
+            GuestError: it failed, or its output does not fit.
+        """
+        status = self.vm.run_program(argv, timeout=KIND_TIMEOUT)
+        answer = parse(status.stdout_tail) if status.succeeded else None
+        if answer is None:
             err = (status.stderr_tail or status.stdout_tail).decode("utf-8", "replace").strip()
             raise GuestError(
                 f"the guest's shell could not say what the job's files are (exit {status.exit_code}): "
                 f"{err[-300:]}"
             )
-        return kinds
+        return answer
 
-    def _contract_kinds(self, *, progress: bool, triggers: bool) -> Survey:
+    def _survey(self, *, progress: bool, triggers: bool) -> Survey:
         """The contract files due for reading now, surveyed in one guest command: each
         one's kind and, for the small regular ones, their contents (:data:`SURVEY_SCRIPT`)."""
         read = []
@@ -586,15 +593,7 @@ class Wrapper:
             return Survey({}, {})
         token = "boincvm-" + secrets.token_hex(8)
         argv = survey_argv(self.job.exec_dir, token, [(p, entries[p]) for p in paths])
-        status = self.vm.run_program(argv, timeout=KIND_TIMEOUT)
-        survey = parse_survey(status.stdout_tail, token, paths) if status.succeeded else None
-        if survey is None:
-            err = (status.stderr_tail or status.stdout_tail).decode("utf-8", "replace").strip()
-            raise GuestError(
-                f"the guest's shell could not say what the job's files are (exit {status.exit_code}): "
-                f"{err[-300:]}"
-            )
-        return survey
+        return self._ask_shell(argv, lambda out: parse_survey(out, token, paths))
 
     def _read_contract_file(
         self, name: str | None, what: str, survey: Survey, max_bytes: int
@@ -837,7 +836,7 @@ class Wrapper:
             time.sleep(0.1)
             status = self.vm.poll_program(proc)
         self.status.timings[Phase.RUN.value] = self.clock() - run_t0
-        survey = self._contract_kinds(progress=True, triggers=False)
+        survey = self._survey(progress=True, triggers=False)
         self._report_progress(status, survey)  # the final fraction done and operations
         self._pass_trickles(survey)
         if trigger.kind == "temporary_exit":

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm.errors import InputError, ToolError
+from boincvm.hashing import sha256_file
 
 #: Names inside the archive (and so in the unpacked directory).
 MANIFEST = "runtime.json"
@@ -92,11 +93,7 @@ class Runtime:
 
 def archive_digest(archive: Path) -> str:
     """sha256 (hex) of the archive file."""
-    h = hashlib.sha256()
-    with archive.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(archive)
 
 
 def _read_manifest(root: Path) -> dict[str, object]:
