@@ -15,6 +15,7 @@ from boincvm.job import CheckpointMode
 from boincvm.runlocal.faults import Fault, FaultKind
 from boincvm.runlocal.request import LiveState
 from boincvm.workunit.make import InputSpec
+from boincvm.wrapper.steps import PROGRESS_PERIOD
 from tests.integration.jobs import SCALE, task_log
 from tests.integration.test_run_local import app_version, data_dir, make_wu, run
 
@@ -25,7 +26,9 @@ __all__ = ["app_version", "data_dir"]
 UPPER_CASE_C = Path(__file__).resolve().parents[2] / "examples/upper_case/upper_case.c"
 BLOCK = 64
 BLOCKS = 48
-STEP = 0.25 * SCALE
+# Paced by time; never shorter than four of the wrapper's progress reads, so the growing
+# fraction is seen at any job scale.
+STEP = max(0.25 * SCALE, 4 * PROGRESS_PERIOD / BLOCKS)
 TEXT = "".join(
     f"line {i:04d} of the upper_case sample, lower case.\n" for i in range(BLOCKS * BLOCK // 46 + 1)
 )
