@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from boincvm import proc
-from boincvm.errors import GuestToolsMissing, OutputError
+from boincvm.errors import GuestToolsMissing, HypervisorError, OutputError
 from boincvm.hypervisor.base import GuestProcess, VmSpec
 from boincvm.hypervisor.qemu.backend import QemuBackend
 from boincvm.image.descriptor import spec_for_image
@@ -137,8 +137,17 @@ def test_pause_stops_the_guest(vm: QemuBackend) -> None:
     assert guest_cpu is not None and guest_cpu > 0.5
 
 
-def test_snapshot_survives_sigkill_and_resumes_in_a_new_process(guest_image: Path, tmp_path: Path) -> None:
-    spec = make_spec(guest_image, tmp_path, "ckpt")
+@pytest.mark.parametrize("golden", ["auto", "no"], ids=["ram-diff", "snapshot-save"])
+def test_snapshot_survives_sigkill_and_resumes_in_a_new_process(
+    guest_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, golden: str
+) -> None:
+    """Both kinds of checkpoint: a diff against the golden RAM (a VM started from a golden
+    checkpoint) and a ``snapshot-save`` with all of RAM (a VM booted cold)."""
+    from boincvm.hypervisor.qemu import ramdiff
+
+    spec = spec_for_image(
+        guest_image, name="ckpt", workdir=tmp_path, boot_timeout=60, options={"golden": golden}
+    )
     first = QemuBackend(spec)
     try:
         first.power_on()
@@ -146,14 +155,36 @@ def test_snapshot_survives_sigkill_and_resumes_in_a_new_process(guest_image: Pat
         loop = first.start_program(["/bin/sh", "-c", COUNTER])
         pid, _ = wait_counter(first, 3)
         first.snapshot_create("ck1")
+        (ck1,) = first.snapshot_list()
+        assert ck1.name == "ck1"
+        assert ramdiff.is_complete(ramdiff.checkpoint_dir(tmp_path, "ck1")) == (golden == "auto")
         _, at_ck1 = counter(first)
         wait_counter(first, at_ck1 + 5)
         # Kill QEMU in the middle of a second snapshot: ck1 must stay restorable.
-        killer = threading.Timer(0.08, os.kill, (qemu_pid(first), signal.SIGKILL))
-        killer.start()
-        with pytest.raises(Exception):  # noqa: B017 - whatever the half-done call raises
-            first.snapshot_create("ck2")
-        killer.join()
+        if golden == "auto":  # while the RAM is being read, disk snapshot and devices saved
+            save_ram = ramdiff.save_ram
+
+            def killed_midway(qemu: int, ram: Path, out: Path) -> tuple[ramdiff.Saved, str]:
+                os.kill(qemu, signal.SIGKILL)
+                assert gone(qemu)
+                return save_ram(qemu, ram, out)
+
+            monkeypatch.setattr(ramdiff, "save_ram", killed_midway)
+            with pytest.raises(Exception):  # noqa: B017 - whatever the half-done call raises
+                first.snapshot_create("ck2")
+            monkeypatch.undo()
+            assert not (tmp_path / ramdiff.CHECKPOINTS / "ck2").exists()
+        else:  # once the snapshot-save job runs
+            run_job = first._run_job
+
+            def kill_in_job(cmd: str, args: dict[str, object]) -> None:
+                if cmd == "snapshot-save":
+                    threading.Timer(0.02, os.kill, (qemu_pid(first), signal.SIGKILL)).start()
+                run_job(cmd, args)
+
+            monkeypatch.setattr(first, "_run_job", kill_in_job)
+            with pytest.raises(Exception):  # noqa: B017 - whatever the half-done call raises
+                first.snapshot_create("ck2")
     finally:
         first.power_off()
     check = proc.run(["qemu-img", "check", "-q", tmp_path / "disk.qcow2"], timeout=60, check=False)
@@ -161,6 +192,7 @@ def test_snapshot_survives_sigkill_and_resumes_in_a_new_process(guest_image: Pat
 
     second = QemuBackend(spec)
     with second:
+        assert [s.name for s in second.snapshot_list()] == ["ck1"]
         t0 = time.monotonic()
         second.power_on(snapshot="ck1")
         restore = time.monotonic() - t0
@@ -174,7 +206,58 @@ def test_snapshot_survives_sigkill_and_resumes_in_a_new_process(guest_image: Pat
         # The guest clock was set after the restore.
         st = second.run_program(["date", "+%s"], timeout=30)
         assert abs(int(st.stdout_tail) - time.time()) < 5
+        # A restored VM checkpoints again, and that checkpoint restores too.
+        second.snapshot_create("ck3")
+        _, at_ck3 = counter(second)
+    with QemuBackend(spec) as third:
+        third.power_on(snapshot="ck3")
+        same_pid, n = counter(third)
+        assert same_pid == pid and n >= at_ck3 - 1
+        wait_counter(third, n + 3)
     print(f"restore to agent in a new process: {restore:.2f} s")
+
+
+def test_a_ram_diff_holds_what_the_guest_wrote_and_refuses_damage(guest_image: Path, tmp_path: Path) -> None:
+    """The diff checkpoint of a guest that wrote 24 MiB into its RAM (tmpfs) holds about that,
+    whatever its RAM size; a checkpoint whose file was altered is refused, not loaded."""
+    from boincvm.hypervisor.qemu import ramdiff
+
+    sizes = {}
+    for mem in (256, 1024):
+        spec = spec_for_image(
+            guest_image, name=f"diff{mem}", workdir=tmp_path / str(mem), boot_timeout=60, memory_mb=mem
+        )
+        with QemuBackend(spec) as vm:
+            vm.power_on()
+            vm.wait_for_tools()
+            before = vm.run_program(
+                ["/bin/sh", "-c", "head -c 25165824 /dev/urandom > /tmp/blob"], timeout=120
+            )
+            assert before.exit_code == 0
+            digest = vm.run_program(["/bin/sh", "-c", "md5sum < /tmp/blob"], timeout=60).stdout_tail
+            vm.snapshot_create("ck")
+            d = ramdiff.checkpoint_dir(spec.workdir, "ck")
+            m = ramdiff.read_manifest(d, verify=True)
+            sizes[mem] = m.saved.data_bytes
+            assert m.ram_bytes == mem * 1024 * 1024
+        with QemuBackend(spec) as again:
+            again.power_on(snapshot="ck")
+            assert (
+                again.run_program(["/bin/sh", "-c", "md5sum < /tmp/blob"], timeout=60).stdout_tail == digest
+            )
+    assert 24 * 2**20 <= sizes[256] < 48 * 2**20, sizes
+    assert sizes[1024] < sizes[256] * 1.3, sizes
+    # One flipped byte in the RAM file: the digest check refuses it before QEMU starts.
+    ram = ramdiff.checkpoint_dir(tmp_path / "256", "ck") / ramdiff.RAM_FILE
+    data = bytearray(ram.read_bytes())
+    data[4096] ^= 1
+    ram.write_bytes(bytes(data))
+    spec = spec_for_image(
+        guest_image, name="diff256", workdir=tmp_path / "256", boot_timeout=60, memory_mb=256
+    )
+    with QemuBackend(spec) as vm, pytest.raises(HypervisorError, match="does not match its digest"):
+        vm.power_on(snapshot="ck")
+    assert not vm.is_running()
 
 
 def test_revert_in_the_same_process(guest_image: Path, tmp_path: Path) -> None:

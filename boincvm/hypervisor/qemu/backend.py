@@ -10,10 +10,17 @@ One :class:`QemuBackend` drives one VM in one slot work directory::
       qemu.log          QEMU's own stderr
       qemu-vm.json      the accelerator and machine the overlay's snapshots need
 
-Checkpoints are qcow2 internal snapshots taken by QMP ``snapshot-save`` jobs (memory
-and disk in one file, the VM paused for about 0.1-0.3 s). qcow2 writes a snapshot's
-data before it links it into the snapshot table, so a QEMU killed half way through
-leaves the earlier snapshots loadable (tested in ``tests/integration``).
+      checkpoints/      one directory per checkpoint of a VM started from a golden checkpoint
+
+A VM started from a golden checkpoint checkpoints what its guest wrote (:mod:`.ramdiff`):
+the pages of RAM it owns, the device state and a qcow2 internal snapshot of the disk,
+the VM paused for about 0.05 s. Other VMs (booted cold, or where the host does not let
+this process read QEMU's memory) take qcow2 internal snapshots through QMP
+``snapshot-save`` jobs (memory and disk in one file, the VM paused for about 0.1-0.3 s).
+Either is complete before it is listed: qcow2 writes a snapshot's data before it links
+it into the snapshot table, and a checkpoint directory is renamed into place once its
+files are on disk, so a QEMU killed half way through leaves the earlier checkpoints
+loadable (tested in ``tests/integration``).
 
 QEMU cannot outlive its owner: it is started through ``setpriv --pdeathsig KILL`` from a
 thread that lives as long as the process, an ``atexit`` hook kills what is left, and
@@ -50,6 +57,7 @@ from boincvm.errors import (
     OutputMissing,
     VmTimeout,
 )
+from boincvm.hashing import sha256_file
 from boincvm.hypervisor.base import (
     Availability,
     Backend,
@@ -61,6 +69,7 @@ from boincvm.hypervisor.base import (
 )
 from boincvm.hypervisor.qemu import cmdline as cl
 from boincvm.hypervisor.qemu import golden as qemu_golden
+from boincvm.hypervisor.qemu import ramdiff
 from boincvm.hypervisor.qemu import runtime as qemu_rt
 from boincvm.hypervisor.qemu import xfer as qemu_xfer
 from boincvm.hypervisor.qemu.accel import AccelChoice, choose_accel, kvm_device, qemu_identity
@@ -172,6 +181,13 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         self._cpu_before = 0.0  # host CPU of this object's earlier QEMU processes
         #: Set by the golden build: this VM's RAM goes into that file, mapped shared.
         self.golden_ram_out: Path | None = None
+        #: The golden RAM the running QEMU maps privately (its checkpoints are diffs against it).
+        self._ram_private: Path | None = None
+        #: The running QEMU was restored from a RAM diff: its streams lack the configuration
+        #: section, so it can take no other kind of snapshot.
+        self._diff_restored = False
+        #: Why this host does not let us read QEMU's memory (then snapshot-save is used).
+        self._diff_refused: str | None = None
 
     # -- availability ---------------------------------------------------------
     @classmethod
@@ -422,6 +438,9 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
                 raise HypervisorError(
                     f"qemu: no snapshot {snapshot!r} in {self._path(OVERLAY)} (has: {have})"
                 )
+            diff = ramdiff.checkpoint_dir(self.workdir, snapshot)
+            if ramdiff.is_complete(diff):
+                ram_file = self._prepare_diff_restore(snapshot, diff)
         tsc = None
         if self.machine == "microvm" or self.accel.accel == "tcg":
             # microvm cannot calibrate the TSC without it; under TCG on pc and q35 the
@@ -446,6 +465,11 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             ram_file=ram_file,
             ram_shared=golden is None and snapshot is None and ram_file is not None,
         )
+        self._ram_private = ram_file if ram_file is not None and not args.ram_shared else None
+        self._diff_restored = False
+        if snapshot is not None and ramdiff.is_complete(ramdiff.checkpoint_dir(self.workdir, snapshot)):
+            self._restore_diff(args, ramdiff.checkpoint_dir(self.workdir, snapshot))
+            return
         if golden is None:
             self._spawn(args)
             if snapshot is not None:  # -loadvm restored it before QEMU's main loop started
@@ -473,7 +497,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             os.close(fd)  # QEMU holds its own copy, under the same number
         self.qmp("migrate-set-capabilities", {"capabilities": [IGNORE_SHARED]})
         self.qmp("migrate-incoming", {"uri": f"fd:{fd}"})
-        self._wait_incoming()
+        self._wait_incoming("the golden checkpoint")
         # Off again: a snapshot records the capability and would then only load with it on.
         self.qmp("migrate-set-capabilities", {"capabilities": [{**IGNORE_SHARED, "state": False}]})
         self._ensure_running()
@@ -500,15 +524,62 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             log.warning("no golden checkpoint for %s (%s); booting cold", self.spec.name, exc)
             return None
 
-    def _wait_incoming(self) -> None:
+    def _prepare_diff_restore(self, name: str, diff: Path) -> Path:
+        """Check checkpoint ``diff`` whole and its golden RAM there, put the disk back to
+        its snapshot; the golden RAM to map.
+
+        Raises:
+            HypervisorError: damaged, the golden RAM gone or of another size, or qemu-img failed.
+        """
+        manifest = ramdiff.read_manifest(diff, verify=True)
+        ram = manifest.golden_ram
+        want = self.spec.memory_mb * 1024 * 1024
+        if manifest.ram_bytes != want:
+            raise HypervisorError(
+                f"qemu: checkpoint {name} holds {manifest.ram_bytes} bytes of RAM, the VM has {want}"
+            )
+        try:
+            size = ram.stat().st_size
+        except OSError as exc:
+            raise HypervisorError(
+                f"qemu: checkpoint {name} applies to the golden RAM {ram}, which is gone ({exc.strerror})",
+                hint="the boincvm cache was cleared while the task had a checkpoint; the task starts again",
+            ) from exc
+        if size != want:
+            raise HypervisorError(
+                f"qemu: the golden RAM {ram} of checkpoint {name} has {size} bytes, not {want}"
+            )
+        proc.run([*_img(), "snapshot", "-a", name, self._path(OVERLAY)], timeout=120)
+        return ram
+
+    def _restore_diff(self, args: cl.QemuArgs, diff: Path) -> None:
+        """Start QEMU on the golden RAM, write the checkpoint's pages into it, load its devices."""
+        fd = os.open(diff / ramdiff.DEVICES_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._spawn(
+                dataclasses.replace(args, incoming="defer", loadvm=None, devices_only=True), pass_fds=(fd,)
+            )
+        finally:
+            os.close(fd)  # QEMU holds its own copy, under the same number
+        assert self._popen is not None and args.ram_file is not None
+        self._diff_restored = True
+        ramdiff.load_ram(
+            self._popen.pid, args.ram_file, diff / ramdiff.RAM_FILE, self.spec.memory_mb * 1024 * 1024
+        )
+        self.qmp("migrate-incoming", {"uri": f"fd:{fd}"})
+        self._wait_incoming(f"checkpoint {diff.name}")
+        self._ensure_running()
+        self._after_restore()
+
+    def _wait_incoming(self, what: str) -> None:
         deadline = time.monotonic() + 60
         while self.qmp("query-status").get("status") == "inmigrate":
             if time.monotonic() > deadline:
-                raise VmTimeout(f"qemu: loading the golden checkpoint of {self.spec.name} took over 60 s")
+                raise VmTimeout(f"qemu: loading {what} of {self.spec.name} took over 60 s")
             time.sleep(0.005)
         status = self.qmp("query-migrate").get("status")
         if status not in (None, "completed"):
-            raise HypervisorError(f"qemu: loading the golden checkpoint failed ({status})")
+            raise HypervisorError(f"qemu: loading {what} failed ({status})")
 
     def _after_restore(self) -> None:
         agent = self._agent_or_fail()
@@ -756,7 +827,9 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             time.sleep(0.01)
 
     def snapshot_create(self, name: str) -> None:
-        """Save memory, device state and disk as internal snapshot ``name`` of the overlay.
+        """Save memory, device state and disk as checkpoint ``name``: a diff against the
+        golden RAM where the VM maps one (:mod:`.ramdiff`), else an internal snapshot of
+        the overlay with all of memory.
 
         Raises:
             HypervisorError: a snapshot of that name exists, or saving failed.
@@ -765,24 +838,104 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             raise HypervisorError(f"qemu: snapshot {name!r} already exists; checkpoints need new names")
         # A transfer disk still in the guest would be in the snapshot, which then cannot load.
         qemu_xfer.release_leftovers(self)
-        self._run_job("snapshot-save", {"tag": name, "vmstate": cl.DISK_NODE, "devices": [cl.DISK_NODE]})
+        if self._diff_possible():
+            self._diff_checkpoint(name)
+        else:
+            self._run_job("snapshot-save", {"tag": name, "vmstate": cl.DISK_NODE, "devices": [cl.DISK_NODE]})
+
+    def _diff_possible(self) -> bool:
+        """Whether this VM's checkpoints can be RAM diffs: it maps a golden RAM privately
+        and the host lets this process read QEMU's page map and memory."""
+        if self._ram_private is None or self._popen is None:
+            return False
+        if self._diff_restored:
+            return True  # it cannot take the other kind; a refusal shows as an error
+        if self._diff_refused is None:
+            try:
+                for what in ("pagemap", "mem"):
+                    os.close(os.open(f"/proc/{self._popen.pid}/{what}", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                self._diff_refused = exc.strerror or str(exc)
+                log.warning(
+                    "cannot read QEMU's memory (%s): checkpoints hold all of the guest's RAM",
+                    self._diff_refused,
+                )
+        return self._diff_refused is None
+
+    def _diff_checkpoint(self, name: str) -> None:
+        assert self._popen is not None and self._ram_private is not None
+        pid, ram = self._popen.pid, self._ram_private
+        if name in self._disk_snapshot_names():  # left by a checkpoint that never completed
+            self._delete_disk_snapshot(name)
+
+        def build(tmp: Path) -> ramdiff.Manifest:
+            running = bool(self.qmp("query-status").get("running"))
+            if running:
+                self.qmp("stop")
+            try:
+                self.qmp("blockdev-snapshot-internal-sync", {"device": cl.DISK_NODE, "name": name})
+                try:
+                    # live=false: with live on, a stopped VM would also give up its disk locks.
+                    devices = tmp / ramdiff.DEVICES_FILE
+                    self.qmp("xen-save-devices-state", {"filename": str(devices), "live": False})
+                    saved, digest = ramdiff.save_ram(pid, ram, tmp / ramdiff.RAM_FILE)
+                except BaseException:
+                    with contextlib.suppress(HypervisorError, VmTimeout):
+                        self._delete_disk_snapshot(name)
+                    raise
+            finally:
+                if running:
+                    self.qmp("cont")
+            return ramdiff.Manifest(
+                ram, self.spec.memory_mb * 1024 * 1024, digest, sha256_file(devices), saved
+            )
+
+        try:
+            m = ramdiff.write(ramdiff.checkpoint_dir(self.workdir, name), build)
+        except OSError as exc:
+            raise HypervisorError(f"qemu: checkpoint {name} could not be written: {exc}") from exc
+        log.debug("checkpoint %s: %d pages of RAM (%d zero), %d bytes", name, m.saved.pages,
+                  m.saved.zero_pages, m.saved.data_bytes)  # fmt: skip
+
+    def _delete_disk_snapshot(self, name: str) -> None:
+        self.qmp("blockdev-snapshot-delete-internal-sync", {"device": cl.DISK_NODE, "name": name})
+
+    def _disk_snapshot_names(self) -> list[str]:
+        return [s.name for s in self._internal_snapshots()]
 
     def _offline_snapshots(self) -> list[SnapshotInfo]:
         overlay = self._path(OVERLAY)
         if not overlay.exists():
             return []
         info = json.loads(proc.run([*_img(), "info", "-U", "--output=json", overlay], timeout=60).text)
-        return [SnapshotInfo(s["name"], s.get("vm-state-size")) for s in info.get("snapshots", [])]
+        return self._complete(
+            [SnapshotInfo(s["name"], s.get("vm-state-size")) for s in info.get("snapshots", [])]
+        )
 
-    def snapshot_list(self) -> list[SnapshotInfo]:
-        """The overlay's internal snapshots (read through QMP while running, qemu-img otherwise)."""
-        if not self.is_running():
-            return self._offline_snapshots()
+    def _complete(self, internal: list[SnapshotInfo]) -> list[SnapshotInfo]:
+        """The checkpoints among the overlay's internal snapshots: those with memory, and the
+        disk halves of complete RAM-diff checkpoints (sized by their directory)."""
+        diffs = set(ramdiff.names(self.workdir))
+        out = []
+        for s in internal:
+            if s.name in diffs:
+                out.append(SnapshotInfo(s.name, ramdiff.size(ramdiff.checkpoint_dir(self.workdir, s.name))))
+            elif s.size_bytes:
+                out.append(s)
+        return out
+
+    def _internal_snapshots(self) -> list[SnapshotInfo]:
         for node in self.qmp("query-named-block-nodes", {"flat": True}):
             if node.get("node-name") == cl.DISK_NODE:
                 snaps = node.get("image", {}).get("snapshots", [])
                 return [SnapshotInfo(s["name"], s.get("vm-state-size")) for s in snaps]
         return []
+
+    def snapshot_list(self) -> list[SnapshotInfo]:
+        """The VM's checkpoints (read through QMP while running, qemu-img otherwise)."""
+        if not self.is_running():
+            return self._offline_snapshots()
+        return self._complete(self._internal_snapshots())
 
     def snapshot_revert(self, name: str) -> None:
         """Load snapshot ``name`` into the running VM, continue it and set the guest clock.
@@ -790,6 +943,11 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         Raises:
             HypervisorError: no such snapshot, or loading failed.
         """
+        if ramdiff.is_complete(ramdiff.checkpoint_dir(self.workdir, name)):
+            # A diff applies to the golden RAM alone: a new QEMU starts from it.
+            self.power_off()
+            self.power_on(snapshot=name)
+            return
         self._start_t0, self.start_timings = time.monotonic(), {}
         self._run_job("snapshot-load", {"tag": name, "vmstate": cl.DISK_NODE, "devices": [cl.DISK_NODE]})
         self._ensure_running()
@@ -802,6 +960,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         Raises:
             HypervisorError: no such snapshot, or deleting failed.
         """
+        ramdiff.remove(ramdiff.checkpoint_dir(self.workdir, name))  # first: then it is no checkpoint
         if self.is_running():
             self._run_job("snapshot-delete", {"tag": name, "devices": [cl.DISK_NODE]})
         else:

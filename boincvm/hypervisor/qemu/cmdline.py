@@ -54,6 +54,9 @@ class QemuArgs:
     #: job started from that golden checkpoint shares the pages it only reads).
     ram_file: Path | None = None
     ram_shared: bool = False
+    #: The incoming stream is a checkpoint's device state alone (:mod:`.ramdiff`): it has
+    #: neither the configuration section nor the description a full migration stream has.
+    devices_only: bool = False
 
 
 def host_tsc_khz(cpuinfo: str) -> int | None:
@@ -75,6 +78,8 @@ def build_argv(a: QemuArgs) -> list[str]:
     machine = a.machine
     if a.ram_file is not None:
         machine = f"{a.machine},memory-backend={RAM_IDS[a.machine]}"
+    if a.devices_only:
+        machine += ",suppress-vmdesc=on"
     argv = [QEMU, "-name", f"{a.name},process=boincvm-{a.name}"[:200],
             "-accel", accel, "-machine", machine, "-m", str(a.memory_mb), "-smp", str(a.ncpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -109,6 +114,8 @@ def build_argv(a: QemuArgs) -> list[str]:
         argv += ["-netdev", "user,id=net0", "-device", f"virtio-net-{bus},netdev=net0"]
     else:
         argv += ["-nic", "none"]
+    if a.devices_only:
+        argv += ["-global", "migration.send-configuration=off"]
     if a.incoming is not None:
         argv += ["-incoming", a.incoming]
     if a.loadvm is not None:
