@@ -4,7 +4,8 @@ The same time-paced long job (examples/longjob) runs in guests of 512 MiB, 1, 2 
 (the app version's memory), checkpointing every 2 s, and is killed once two checkpoints
 are committed, then resumed from the last one. Printed per size: seconds per checkpoint
 as the job sees it, the restore after the kill, the bytes of RAM state per checkpoint
-(the snapshot's ``vm-state-size``), the overlay's size, and the QEMU's peak RSS; then
+(the checkpoint directory's files for a RAM-diff checkpoint, else the snapshot's
+``vm-state-size``), the overlay's size, and the QEMU's peak RSS; then
 the ratio 4 GiB / 512 MiB. Last: the overlay after many checkpoints (old snapshots are
 deleted as new ones commit), its allocated size and ``qemu-img check``'s verdict.
 """
@@ -27,6 +28,7 @@ from procstat import MIB, TreeSampler, loadavg  # noqa: E402
 from boincvm import proc  # noqa: E402
 from boincvm.appversion.build import package_image  # noqa: E402
 from boincvm.appversion.model import AppVersionRequest  # noqa: E402
+from boincvm.hypervisor.qemu import ramdiff  # noqa: E402
 from boincvm.image.guest import build_guest_image  # noqa: E402
 from boincvm.job import OutputFile, Task, VmJob  # noqa: E402
 from boincvm.runlocal.emulator import run_local  # noqa: E402
@@ -67,15 +69,19 @@ def _wu(root: Path, name: str, job: LongJob) -> Path:
 
 
 def _overlay(data: Path) -> tuple[int, int, list[int], str]:
-    """(apparent size, allocated bytes, vm-state sizes, qemu-img check's last line) of the
-    job's overlay (``-U``: the running QEMU holds it)."""
+    """(apparent size, allocated bytes, state sizes, qemu-img check's last line) of the
+    job's overlay (``-U``: the running QEMU holds it); a snapshot's state is its RAM-diff
+    checkpoint directory where it has one, else its ``vm-state-size``."""
     disks = sorted(data.rglob("disk.qcow2"), key=lambda p: p.stat().st_mtime)
     if not disks:
         return 0, 0, [], "no overlay found"
     disk = disks[-1]
     st = disk.stat()
     info = json.loads(proc.run(["qemu-img", "info", "-U", "--output=json", disk], timeout=60).text)
-    states = [int(s.get("vm-state-size", 0)) for s in info.get("snapshots", [])]
+    states = []
+    for snap in info.get("snapshots", []):
+        d = ramdiff.checkpoint_dir(disk.parent, str(snap["name"]))
+        states.append(ramdiff.size(d) if ramdiff.is_complete(d) else int(snap.get("vm-state-size", 0)))
     check = proc.run(["qemu-img", "check", "-U", disk], timeout=120, check=False)
     verdict = (check.text.strip().splitlines() or ["?"])[-1]
     return st.st_size, st.st_blocks * 512, states, verdict
