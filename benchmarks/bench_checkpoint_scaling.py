@@ -200,7 +200,7 @@ def main(quick: bool = False) -> None:
         print(f"  {b.memory_mb} MiB / {a.memory_mb} MiB: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio))
 
         # Many checkpoints: the overlay keeps only the newest snapshots' clusters.
-        long_job = LongJob(steps=many * 3 // 2)
+        long_job = LongJob(steps=many * 2)
         av = root / f"av-{sizes[0]}"
         t0 = time.perf_counter()
         summary, _, seen = _run(root, _wu(root, "wu-many", long_job), av, "many", period=0.5)

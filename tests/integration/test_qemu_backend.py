@@ -164,7 +164,7 @@ def test_snapshot_survives_sigkill_and_resumes_in_a_new_process(
         if golden == "auto":  # while the RAM is being read, disk snapshot and devices saved
             save_ram = ramdiff.save_ram
 
-            def killed_midway(qemu: int, ram: Path, out: Path) -> tuple[ramdiff.Saved, str]:
+            def killed_midway(qemu: int, ram: Path, out: Path) -> ramdiff.Saved:
                 os.kill(qemu, signal.SIGKILL)
                 assert gone(qemu)
                 return save_ram(qemu, ram, out)

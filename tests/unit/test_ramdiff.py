@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -116,20 +117,22 @@ def test_own_runs_are_the_written_or_swapped_pages_not_the_files_or_absent_ones(
     assert list(ramdiff.own_runs(b"")) == []
 
 
+@pytest.mark.parametrize("scan", [True, False], ids=["pagemap-scan", "pagemap-read"])
 def test_save_then_load_reproduces_the_guest_ram_in_another_process(
-    ram: Path, tmp_path: Path, children: list[Child]
+    ram: Path, tmp_path: Path, children: list[Child], monkeypatch: pytest.MonkeyPatch, scan: bool
 ) -> None:
+    """Both ways of finding the guest's pages: the kernel's filter and the whole page map."""
+    monkeypatch.setattr(ramdiff, "use_scan", scan)
     # Written pages: data, a page rewritten with zeros, pages in the hole, a run of three.
     writes = {3: 0xAA, 4: 0xAB, 5: 0xAC, 10: 0, 40: 7, PAGES - 2: 0x55, PAGES - 1: 0}
     source = Child(ram, writes)
     children.append(source)
     assert source.digest() == expected(ram, writes)
     out = tmp_path / "ram.diff"
-    saved, digest = ramdiff.save_ram(source.pid, ram, out)
+    saved = ramdiff.save_ram(source.pid, ram, out)
     assert saved.pages == len(writes)
     assert saved.zero_pages == 2
     assert saved.data_bytes == 5 * PAGE
-    assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
 
     target = Child(ram, {})
     children.append(target)
@@ -137,7 +140,7 @@ def test_save_then_load_reproduces_the_guest_ram_in_another_process(
     ramdiff.load_ram(target.pid, ram, out, PAGES * PAGE)
     assert target.digest() == expected(ram, writes)
     # The restored pages are the target's own now; the file never changed.
-    again, _ = ramdiff.save_ram(target.pid, ram, tmp_path / "again.diff")
+    again = ramdiff.save_ram(target.pid, ram, tmp_path / "again.diff")
     assert again.pages == len(writes)
     assert ram.read_bytes()[3 * PAGE] == 4
 
@@ -254,3 +257,24 @@ def test_the_manifest_records_what_the_checkpoint_applies_to(ram: Path, tmp_path
     assert (
         raw["golden_ram"] == str(ram) and raw["ram_bytes"] == PAGES * PAGE and raw["format"] == ramdiff.FORMAT
     )
+
+
+def test_the_kernel_filter_and_the_whole_page_map_find_the_same_pages(
+    ram: Path, children: list[Child]
+) -> None:
+    child = Child(ram, {0: 1, 1: 2, 7: 3, 30: 0, 31: 4, PAGES - 1: 5})
+    children.append(child)
+    (vma,) = ramdiff.ram_vmas(child.pid, ram)
+    fd = os.open(f"/proc/{child.pid}/pagemap", os.O_RDONLY)
+    try:
+        scanned = ramdiff._scan(fd, vma)
+        ramdiff.use_scan = False
+        try:
+            read = list(ramdiff._own_pages(fd, vma))
+        finally:
+            ramdiff.use_scan = True
+    finally:
+        os.close(fd)
+    assert read == [(0, 2), (7, 8), (30, 32), (PAGES - 1, PAGES)]
+    if scanned is not None:  # Linux 6.7 and later
+        assert [((a - vma.start) // PAGE, (b - vma.start) // PAGE) for a, b in scanned] == read

@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -414,6 +415,8 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             self.accel = self._accel_checked or choose_accel(self.spec.kernel, self.workdir, self.opts.accel)
             golden = self._golden()
             attach = self._create_overlay(golden)
+            # A new overlay: checkpoints of an earlier VM in this directory applied to the old one.
+            shutil.rmtree(self._path(ramdiff.CHECKPOINTS), ignore_errors=True)
             self.hotplug_port = self.machine == "q35"
             ram_file = golden.ram if golden is not None else self.golden_ram_out
             self._save_state({"accel": self.accel.accel, "machine": self.machine, "attach_disk": attach,
@@ -878,7 +881,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
                     # live=false: with live on, a stopped VM would also give up its disk locks.
                     devices = tmp / ramdiff.DEVICES_FILE
                     self.qmp("xen-save-devices-state", {"filename": str(devices), "live": False})
-                    saved, digest = ramdiff.save_ram(pid, ram, tmp / ramdiff.RAM_FILE)
+                    saved = ramdiff.save_ram(pid, ram, tmp / ramdiff.RAM_FILE)
                 except BaseException:
                     with contextlib.suppress(HypervisorError, VmTimeout):
                         self._delete_disk_snapshot(name)
@@ -886,9 +889,9 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             finally:
                 if running:
                     self.qmp("cont")
-            return ramdiff.Manifest(
-                ram, self.spec.memory_mb * 1024 * 1024, digest, sha256_file(devices), saved
-            )
+            ram_bytes = self.spec.memory_mb * 1024 * 1024
+            digests = (sha256_file(tmp / ramdiff.RAM_FILE), sha256_file(devices))
+            return ramdiff.Manifest(ram, ram_bytes, *digests, saved)
 
         try:
             m = ramdiff.write(ramdiff.checkpoint_dir(self.workdir, name), build)
