@@ -5,7 +5,9 @@ own client data directory and runs the time-paced long job (examples/longjob). M
 seconds from the common start until the last task runs its job (its first fraction done
 above 0), the peak of the summed RSS and PSS of every wrapper and QEMU process (sampled
 from /proc), the sum of the per-process RSS peaks of the QEMUs, the memory each extra
-task adds, and whether every task's result is right (every step once, then the sum).
+task adds, the peak rise of the host's memory in use (MemTotal - MemFree: what the host
+really gives, shared pages once), and whether every task's result is right (every step
+once, then the sum).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class Wave:
     peak_pss: int
     qemu_rss: int
     ok: int
+    #: Peak rise of the host's memory in use (MemTotal - MemFree, page cache included)
+    #: over its level just before the start: shared pages count once, as on the host.
+    host_used: int
 
 
 def _wu(root: Path, name: str, job: LongJob, memory_mb: int | None = None) -> Path:
@@ -106,7 +111,8 @@ def wave(root: Path, av: Path, wu: Path, job: LongJob, n: int, tag: str, first: 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for th in threads:
         th.start()
-    with TreeSampler([os.getpid()], include_roots=False, interval=0.25, pss=True) as s:
+    used = _HostUsed()
+    with TreeSampler([os.getpid()], include_roots=False, interval=0.25, pss=True) as s, used:
         t0 = time.monotonic()
         start.wait()
         for th in threads:
@@ -123,8 +129,44 @@ def wave(root: Path, av: Path, wu: Path, job: LongJob, n: int, tag: str, first: 
     running = [t.running_at for t in tasks if t.running_at is not None]
     qemu = s.peaks.peak_rss_of(lambda c: c.startswith("boincvm-") or c.startswith("qemu"))
     return Wave(
-        n, max(running) if running else float("nan"), wall, s.peaks.peak_rss, s.peaks.peak_pss, qemu, ok
+        n,
+        max(running) if running else float("nan"),
+        wall,
+        s.peaks.peak_rss,
+        s.peaks.peak_pss,
+        qemu,
+        ok,
+        used.peak - used.before,
     )
+
+
+def _in_use() -> int:
+    """MemTotal - MemFree in bytes."""
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return (int(info["MemTotal"].split()[0]) - int(info["MemFree"].split()[0])) * 1024
+
+
+class _HostUsed:
+    """Samples :func:`_in_use` every 0.25 s while the block runs; ``peak`` and ``before``."""
+
+    def __init__(self) -> None:
+        self.before = self.peak = _in_use()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.25):
+            self.peak = max(self.peak, _in_use())
+
+    def __enter__(self) -> _HostUsed:
+        self.before = self.peak = _in_use()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _in_use())
 
 
 def print_waves(waves: list[Wave]) -> None:
@@ -134,10 +176,15 @@ def print_waves(waves: list[Wave]) -> None:
         if w.n > 1:
             per = (w.peak_rss - base.peak_rss) / (w.n - 1) / MIB
             per_pss = (w.peak_pss - base.peak_pss) / (w.n - 1) / MIB
-            extra = f", per extra task {per:.0f} MiB RSS / {per_pss:.0f} MiB PSS"
+            per_host = (w.host_used - base.host_used) / (w.n - 1) / MIB
+            extra = (
+                f", per extra task {per:.0f} MiB RSS / {per_pss:.0f} MiB PSS / {per_host:.0f} MiB"
+                " of host memory in use"
+            )
         print(
             f"    {w.n} tasks: all running after {w.all_running:.1f} s, all done {w.wall:.1f} s;"
             f" peak {w.peak_rss / MIB:.0f} MiB RSS / {w.peak_pss / MIB:.0f} MiB PSS"
+            f" / host memory in use +{w.host_used / MIB:.0f} MiB"
             f" (QEMU RSS peaks summed {w.qemu_rss / MIB:.0f} MiB){extra}; {w.ok}/{w.n} correct"
         )
 

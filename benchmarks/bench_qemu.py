@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from boincvm.hypervisor.qemu import ramdiff
 from boincvm.hypervisor.qemu.backend import QemuBackend
 from boincvm.image.descriptor import spec_for_image
 from boincvm.image.guest import build_guest_image
@@ -105,29 +106,46 @@ def main() -> None:
         _row("golden checkpoint (incoming migration)", _median(lambda: start("yes"), 5), runs=5)
         _row("golden checkpoint, guest clock set too", ready("yes"), runs=5)
 
-        vm = backend("yes", CHECKPOINT_MEMORY_MB)  # its golden checkpoint is built here, untimed
-        vm.power_on()
-        vm.wait_for_tools()
-        vm.start_program(["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); sleep 0.05; done"])
-        overlay = vm.workdir / "disk.qcow2"
-        print(f"checkpoints ({CHECKPOINT_MEMORY_MB} MiB guest, live, with a running program)")
-        names = iter(range(100))
+        for kind, golden in (
+            ("RAM diff, VM from its golden checkpoint", "yes"),
+            ("snapshot-save, cold VM", "no"),
+        ):
+            checkpoints(kind, backend(golden, CHECKPOINT_MEMORY_MB), marks)
 
-        def save() -> float:
-            t0 = time.monotonic()
-            vm.snapshot_create(f"s{next(names)}")
-            return time.monotonic() - t0
+        transfers(image, root)
 
-        before = _size(overlay)
-        _row("QMP snapshot-save job (chosen)", _median(save))
-        print(f"  {'qcow2 growth per snapshot':<44} {(_size(overlay) - before) / RUNS:7.1f} MB")
 
-        def revert() -> float:
-            t0 = time.monotonic()
-            vm.snapshot_revert("s0")
-            return time.monotonic() - t0
+def checkpoints(kind: str, vm: QemuBackend, marks: dict[str, list[float]]) -> None:
+    """Save, revert and restore figures of one kind of checkpoint (the VM decides which);
+    for the snapshot-save kind also HMP savevm/loadvm and a plain migration to a file."""
+    vm.power_on()  # a golden start builds its golden checkpoint first, untimed
+    vm.wait_for_tools()
+    vm.start_program(["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); sleep 0.05; done"])
+    overlay = vm.workdir / "disk.qcow2"
+    print(f"checkpoints: {kind} ({CHECKPOINT_MEMORY_MB} MiB guest, live, with a running program)")
+    names = iter(range(100))
 
-        _row("snapshot-load in the same process (+ agent)", _median(revert))
+    def stored() -> float:
+        extra = vm.workdir / ramdiff.CHECKPOINTS
+        files = [f for f in extra.rglob("*") if f.is_file()] if extra.is_dir() else []
+        return _size(overlay) + sum(f.stat().st_size for f in files) / 1e6
+
+    def save() -> float:
+        t0 = time.monotonic()
+        vm.snapshot_create(f"s{next(names)}")
+        return time.monotonic() - t0
+
+    before = stored()
+    _row("checkpoint (snapshot_create)", _median(save))
+    print(f"  {'bytes stored per checkpoint':<44} {(stored() - before) / RUNS:7.1f} MB")
+
+    def revert() -> float:
+        t0 = time.monotonic()
+        vm.snapshot_revert("s0")
+        return time.monotonic() - t0
+
+    _row("revert (+ agent; a diff restarts QEMU)", _median(revert))
+    if kind.startswith("snapshot-save"):
 
         def hmp(cmd: str) -> float:
             t0 = time.monotonic()
@@ -152,21 +170,20 @@ def main() -> None:
 
         _row("stop + migrate to a file (disk not included)", _median(migrate))
         print(f"  {'migration file size':<44} {_size(mig):7.1f} MB")
-        vm.power_off()
+    vm.power_off()
 
-        def restore_new_process() -> float:
-            other = QemuBackend(vm.spec)
-            try:
-                other.power_on(snapshot="s0")
-                marks.setdefault("restore-ready", []).append(other.start_timings["ready"])
-                return other.start_timings["agent"]
-            finally:
-                other.power_off()
+    def restore_new_process() -> float:
+        other = QemuBackend(vm.spec)
+        try:
+            other.power_on(snapshot="s0")
+            marks.setdefault(f"{kind}-ready", []).append(other.start_timings["ready"])
+            return other.start_timings["agent"]
+        finally:
+            other.power_off()
 
-        _row("new process: power_on(snapshot=) to agent", _median(restore_new_process, 5), runs=5)
-        _row("new process: to agent, guest clock set too", ready("restore"), runs=5)
-
-        transfers(image, root)
+    _row("new process: power_on(snapshot=) to agent", _median(restore_new_process, 5), runs=5)
+    xs = marks[f"{kind}-ready"]
+    _row("new process: to agent, guest clock set too", (min(xs), statistics.median(xs), max(xs)), runs=5)
 
 
 def transfers(image: Path, root: Path) -> None:

@@ -260,6 +260,37 @@ def test_a_ram_diff_holds_what_the_guest_wrote_and_refuses_damage(guest_image: P
     assert not vm.is_running()
 
 
+def test_a_ram_diff_the_host_refuses_falls_back_to_snapshot_save_for_good(
+    guest_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host whose security policy refuses the reads of QEMU's memory still checkpoints:
+    the VM takes the kind that holds all of RAM from then on, and it restores."""
+    from boincvm.hypervisor.qemu import ramdiff
+
+    calls = []
+
+    def refused(qemu: int, ram: Path, out: Path) -> ramdiff.Saved:
+        calls.append(qemu)
+        raise HypervisorError(f"qemu: cannot open /proc/{qemu}/mem: Permission denied")
+
+    monkeypatch.setattr(ramdiff, "save_ram", refused)
+    spec = make_spec(guest_image, tmp_path, "refused")
+    with QemuBackend(spec) as vm:
+        vm.power_on()
+        vm.wait_for_tools()
+        vm.run_program(["/bin/sh", "-c", "echo kept > /scratch/boincvm/f"], timeout=30)
+        vm.snapshot_create("a")
+        vm.snapshot_create("b")
+        assert len(calls) == 1  # tried once, then never again
+        snaps = {s.name: s.size_bytes for s in vm.snapshot_list()}
+        assert set(snaps) == {"a", "b"} and all(snaps.values())  # both hold RAM
+        assert not (tmp_path / ramdiff.CHECKPOINTS / "a").exists()
+        vm.snapshot_delete("a")
+    with QemuBackend(spec) as again:
+        again.power_on(snapshot="b")
+        assert again.read_guest_file("/scratch/boincvm/f") == b"kept\n"
+
+
 def test_revert_in_the_same_process(guest_image: Path, tmp_path: Path) -> None:
     with QemuBackend(make_spec(guest_image, tmp_path, "revert")) as vm:
         vm.power_on()

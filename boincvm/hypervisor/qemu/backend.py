@@ -842,9 +842,16 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         # A transfer disk still in the guest would be in the snapshot, which then cannot load.
         qemu_xfer.release_leftovers(self)
         if self._diff_possible():
-            self._diff_checkpoint(name)
-        else:
-            self._run_job("snapshot-save", {"tag": name, "vmstate": cl.DISK_NODE, "devices": [cl.DISK_NODE]})
+            try:
+                self._diff_checkpoint(name)
+                return
+            except HypervisorError as exc:
+                if self._diff_restored or not self.is_running():
+                    raise
+                # E.g. a security module refusing the reads: the other kind, from now on.
+                self._diff_refused = exc.message
+                log.warning("a RAM-diff checkpoint failed (%s); checkpoints hold all of RAM now", exc.message)
+        self._run_job("snapshot-save", {"tag": name, "vmstate": cl.DISK_NODE, "devices": [cl.DISK_NODE]})
 
     def _diff_possible(self) -> bool:
         """Whether this VM's checkpoints can be RAM diffs: it maps a golden RAM privately
