@@ -278,3 +278,9 @@ def test_the_kernel_filter_and_the_whole_page_map_find_the_same_pages(
     assert read == [(0, 2), (7, 8), (30, 32), (PAGES - 1, PAGES)]
     if scanned is not None:  # Linux 6.7 and later
         assert [((a - vma.start) // PAGE, (b - vma.start) // PAGE) for a, b in scanned] == read
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "", "x" * 200, "a\nb"])
+def test_a_checkpoint_name_never_names_a_path_elsewhere(tmp_path: Path, name: str) -> None:
+    with pytest.raises(HypervisorError, match="not a checkpoint name"):
+        ramdiff.checkpoint_dir(tmp_path, name)

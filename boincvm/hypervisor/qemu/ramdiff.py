@@ -90,7 +90,17 @@ class Saved:
     data_bytes: int
 
 
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
 def checkpoint_dir(workdir: Path, name: str) -> Path:
+    """Where checkpoint ``name`` of the VM in ``workdir`` lives.
+
+    Raises:
+        HypervisorError: ``name`` is not a plain file name (it would name a path elsewhere).
+    """
+    if not _NAME.fullmatch(name):
+        raise HypervisorError(f"qemu: {name!r} is not a checkpoint name (letters, digits, '_', '.', '-')")
     return workdir / CHECKPOINTS / name
 
 
