@@ -411,6 +411,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         self.workdir.chmod(0o700)
         self._reap_stale()
         self._finished.clear()
+        diff: Path | None = None  # the RAM-diff checkpoint to restore, if it is one
         if snapshot is None:
             self.accel = self._accel_checked or choose_accel(self.spec.kernel, self.workdir, self.opts.accel)
             golden = self._golden()
@@ -441,8 +442,9 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
                 raise HypervisorError(
                     f"qemu: no snapshot {snapshot!r} in {self._path(OVERLAY)} (has: {have})"
                 )
-            diff = ramdiff.checkpoint_dir(self.workdir, snapshot)
-            if ramdiff.is_complete(diff):
+            candidate = ramdiff.checkpoint_dir(self.workdir, snapshot)
+            if ramdiff.is_complete(candidate):
+                diff = candidate
                 ram_file = self._prepare_diff_restore(snapshot, diff)
         tsc = None
         if self.machine == "microvm" or self.accel.accel == "tcg":
@@ -470,8 +472,8 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         )
         self._ram_private = ram_file if ram_file is not None and not args.ram_shared else None
         self._diff_restored = False
-        if snapshot is not None and ramdiff.is_complete(ramdiff.checkpoint_dir(self.workdir, snapshot)):
-            self._restore_diff(args, ramdiff.checkpoint_dir(self.workdir, snapshot))
+        if diff is not None:
+            self._restore_diff(args, diff)
             return
         if golden is None:
             self._spawn(args)
@@ -536,7 +538,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         """
         manifest = ramdiff.read_manifest(diff, verify=True)
         ram = manifest.golden_ram
-        want = self.spec.memory_mb * 1024 * 1024
+        want = self._ram_bytes
         if manifest.ram_bytes != want:
             raise HypervisorError(
                 f"qemu: checkpoint {name} holds {manifest.ram_bytes} bytes of RAM, the VM has {want}"
@@ -566,9 +568,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             os.close(fd)  # QEMU holds its own copy, under the same number
         assert self._popen is not None and args.ram_file is not None
         self._diff_restored = True
-        ramdiff.load_ram(
-            self._popen.pid, args.ram_file, diff / ramdiff.RAM_FILE, self.spec.memory_mb * 1024 * 1024
-        )
+        ramdiff.load_ram(self._popen.pid, args.ram_file, diff / ramdiff.RAM_FILE, self._ram_bytes)
         self.qmp("migrate-incoming", {"uri": f"fd:{fd}"})
         self._wait_incoming(f"checkpoint {diff.name}")
         self._ensure_running()
@@ -853,6 +853,10 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
                 log.warning("a RAM-diff checkpoint failed (%s); checkpoints hold all of RAM now", exc.message)
         self._run_job("snapshot-save", {"tag": name, "vmstate": cl.DISK_NODE, "devices": [cl.DISK_NODE]})
 
+    @property
+    def _ram_bytes(self) -> int:
+        return self.spec.memory_mb * 1024 * 1024
+
     def _diff_possible(self) -> bool:
         """Whether this VM's checkpoints can be RAM diffs: it maps a golden RAM privately
         and the host lets this process read QEMU's page map and memory."""
@@ -875,7 +879,7 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
     def _diff_checkpoint(self, name: str) -> None:
         assert self._popen is not None and self._ram_private is not None
         pid, ram = self._popen.pid, self._ram_private
-        if name in self._disk_snapshot_names():  # left by a checkpoint that never completed
+        if name in [s.name for s in self._internal_snapshots()]:  # left by a checkpoint that never completed
             self._delete_disk_snapshot(name)
 
         def build(tmp: Path) -> ramdiff.Manifest:
@@ -896,9 +900,8 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             finally:
                 if running:
                     self.qmp("cont")
-            ram_bytes = self.spec.memory_mb * 1024 * 1024
             digests = (sha256_file(tmp / ramdiff.RAM_FILE), sha256_file(devices))
-            return ramdiff.Manifest(ram, ram_bytes, *digests, saved)
+            return ramdiff.Manifest(ram, self._ram_bytes, *digests, saved)
 
         try:
             m = ramdiff.write(ramdiff.checkpoint_dir(self.workdir, name), build)
@@ -909,9 +912,6 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
 
     def _delete_disk_snapshot(self, name: str) -> None:
         self.qmp("blockdev-snapshot-delete-internal-sync", {"device": cl.DISK_NODE, "name": name})
-
-    def _disk_snapshot_names(self) -> list[str]:
-        return [s.name for s in self._internal_snapshots()]
 
     def _offline_snapshots(self) -> list[SnapshotInfo]:
         overlay = self._path(OVERLAY)
