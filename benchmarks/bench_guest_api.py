@@ -3,12 +3,14 @@
 A BOINCified job (examples/apijob, the guest API's files written by a busybox script) runs
 under run-local twice per mode: once through, once killed after its first checkpoint. It
 prints the time per checkpoint (the wrapper's checkpoint phase over the checkpoints it
-took), the bytes a checkpoint keeps (VM mode: the slot's overlay, which holds the snapshot
-with the guest's memory; app mode: the program's checkpoint files), and the time to resume.
+took), the bytes a checkpoint keeps (VM mode: the slot's overlay, which holds the disk
+snapshot, and the checkpoint directory with the guest's own pages and device state; app
+mode: the program's checkpoint files), and the time to resume.
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -64,10 +66,22 @@ def _run(root: Path, wu: Path, av: Path, tag: str, *faults: Fault) -> tuple[RunS
         )
     )
     assert summary.ok, summary.message + summary.stderr_tail
-    overlay = sum(p.stat().st_size for p in (root / "client").rglob("disk.qcow2"))
-    for p in (root / "client").rglob("disk.qcow2"):
-        p.unlink()
-    return summary, overlay
+    client = root / "client"
+    kept = [*client.rglob("disk.qcow2"), *(d for d in client.rglob("checkpoints") if d.is_dir())]
+    size = sum(_size(p) for p in kept)
+    for p in kept:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return summary, size
+
+
+def _size(path: Path) -> int:
+    """Bytes a file, or every file under a directory, takes."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def main() -> None:
@@ -95,7 +109,7 @@ def main() -> None:
                 root, wu, av, f"{mode.value}-killed", Fault.parse(FaultKind.KILL, "checkpoint:1")
             )
             resume = killed.timings.get("restore", 0.0)
-            what = "slot overlay with the snapshot" if mode is CheckpointMode.VM else "the files"
+            what = "slot overlay and checkpoint files" if mode is CheckpointMode.VM else "the files"
             print(
                 f"  {mode.value:3}: {through.checkpoints} checkpoints, {per:.2f} s each; "
                 f"{kept:,} bytes kept ({what}); "

@@ -5,8 +5,9 @@ own client data directory and runs the time-paced long job (examples/longjob). M
 seconds from the common start until the last task runs its job (its first fraction done
 above 0), the peak of the summed RSS and PSS of every wrapper and QEMU process (sampled
 from /proc), the sum of the per-process RSS peaks of the QEMUs, the memory each extra
-task adds, the peak rise of the host's memory in use (MemTotal - MemFree: what the host
-really gives, shared pages once), and whether every task's result is right (every step
+task adds, the peak rise of the host's memory in use (MemTotal - MemFree: shared pages
+once, page cache included) and of what free(1) calls used (MemTotal - MemAvailable: the
+page cache the kernel can drop left out), and whether every task's result is right (every step
 once, then the sum).
 """
 
@@ -55,6 +56,9 @@ class Wave:
     #: Peak rise of the host's memory in use (MemTotal - MemFree, page cache included)
     #: over its level just before the start: shared pages count once, as on the host.
     host_used: int
+    #: The same for what free(1) calls used (MemTotal - MemAvailable): page cache the
+    #: kernel can drop (the slots' files, written and flushed) does not count.
+    host_unavailable: int
 
 
 def _wu(root: Path, name: str, job: LongJob, memory_mb: int | None = None) -> Path:
@@ -136,18 +140,27 @@ def wave(root: Path, av: Path, wu: Path, job: LongJob, n: int, tag: str, first: 
         s.peaks.peak_pss,
         qemu,
         ok,
-        used.peak - used.before,
+        used.peak[0] - used.before[0],
+        used.peak[1] - used.before[1],
     )
 
 
-def _in_use() -> int:
-    """MemTotal - MemFree in bytes."""
-    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    return (int(info["MemTotal"].split()[0]) - int(info["MemFree"].split()[0])) * 1024
+def _in_use() -> tuple[int, int]:
+    """MemTotal - MemFree and MemTotal - MemAvailable, in bytes."""
+    info = {
+        k: int(v.split()[0]) * 1024
+        for k, v in (ln.split(":", 1) for ln in Path("/proc/meminfo").read_text().splitlines())
+    }
+    return info["MemTotal"] - info["MemFree"], info["MemTotal"] - info["MemAvailable"]
+
+
+def _max(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    return max(a[0], b[0]), max(a[1], b[1])
 
 
 class _HostUsed:
-    """Samples :func:`_in_use` every 0.25 s while the block runs; ``peak`` and ``before``."""
+    """Samples :func:`_in_use` every 0.25 s while the block runs; ``peak`` and ``before``
+    (each a pair: with page cache, without what the kernel can drop)."""
 
     def __init__(self) -> None:
         self.before = self.peak = _in_use()
@@ -156,7 +169,7 @@ class _HostUsed:
 
     def _loop(self) -> None:
         while not self._stop.wait(0.25):
-            self.peak = max(self.peak, _in_use())
+            self.peak = _max(self.peak, _in_use())
 
     def __enter__(self) -> _HostUsed:
         self.before = self.peak = _in_use()
@@ -166,7 +179,7 @@ class _HostUsed:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _in_use())
+        self.peak = _max(self.peak, _in_use())
 
 
 def print_waves(waves: list[Wave]) -> None:
@@ -177,14 +190,15 @@ def print_waves(waves: list[Wave]) -> None:
             per = (w.peak_rss - base.peak_rss) / (w.n - 1) / MIB
             per_pss = (w.peak_pss - base.peak_pss) / (w.n - 1) / MIB
             per_host = (w.host_used - base.host_used) / (w.n - 1) / MIB
+            per_used = (w.host_unavailable - base.host_unavailable) / (w.n - 1) / MIB
             extra = (
-                f", per extra task {per:.0f} MiB RSS / {per_pss:.0f} MiB PSS / {per_host:.0f} MiB"
-                " of host memory in use"
+                f", per extra task {per:.0f} MiB RSS / {per_pss:.0f} MiB PSS / host {per_host:.0f} MiB"
+                f" in use, {per_used:.0f} MiB used"
             )
         print(
             f"    {w.n} tasks: all running after {w.all_running:.1f} s, all done {w.wall:.1f} s;"
             f" peak {w.peak_rss / MIB:.0f} MiB RSS / {w.peak_pss / MIB:.0f} MiB PSS"
-            f" / host memory in use +{w.host_used / MIB:.0f} MiB"
+            f" / host +{w.host_used / MIB:.0f} MiB in use, +{w.host_unavailable / MIB:.0f} MiB used"
             f" (QEMU RSS peaks summed {w.qemu_rss / MIB:.0f} MiB){extra}; {w.ok}/{w.n} correct"
         )
 

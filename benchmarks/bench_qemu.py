@@ -5,20 +5,22 @@ wall-clock on this host, under whatever accelerator the backend chose (printed f
 
 Measured under TCG on the 2-core development host, machine q35 (the default), quiet host:
 
-* start to the guest agent's first answer: cold boot 2.9 s (min 2.7; 3.7 on a busier
-  host, where every figure here grows by 20-40 %); from the golden
-  checkpoint 0.17 s, 0.33 s with the guest clock set (the first fork and exec after a
-  restore: TCG translates the guest's code afresh); a checkpoint restored in a new
-  process 0.29 s, 0.44 s with the clock set;
-* snapshot-save 0.27 s, +64 MB per snapshot (256 MiB guest, ``init_on_free=1``).
+* start to the guest agent's first answer: cold boot 1.7 s (min 1.67, max 2.1; about
+  2.9 s on a slower host, where every figure here grows by 40-70 %); from the golden
+  checkpoint 0.08 s, 0.17 s with the guest clock set (the first fork and exec after a
+  restore: TCG translates the guest's code afresh);
+* checkpoints of a 512 MiB guest with a running program: a RAM diff (VM started from
+  its golden checkpoint) 0.016-0.021 s, 1.7 MB per checkpoint, restored in a new
+  process 0.085 s (0.18 s with the clock set); snapshot-save (cold-booted VM)
+  0.14-0.16 s, 69 MB per checkpoint, restored in a new process 0.24 s (0.32 s).
 
 File transfer (MB/s, median of 3; agent 100 MB n=1; the guest side is /scratch, ext4 on
 the qcow2 overlay; the guest's dd uses direct I/O on both ends)::
 
                     10 MB in  10 MB out  100 MB in  100 MB out
-    agent (qemu-ga)      2.0        6.2        1.8         6.9
-    disk, pc            10.0       10.8       74.2        68.3
-    disk, q35           38.9       32.7      165.5       190.8
+    agent (qemu-ga)      4.3       17.7        4.6        17.3
+    disk, pc            24.6       31.3      192.8       148.9
+    disk, q35           47.3       99.3      230.5       205.5
 
 A plug + unplug costs about 1 s on pc (ACPI hot-plug under TCG) and about 0.25 s on q35,
 which is why 10 MB files move at a fraction of the large-file rate.
