@@ -83,8 +83,6 @@ log = logging.getLogger(__name__)
 OVERLAY = "disk.qcow2"
 STATE = "qemu-vm.json"
 QEMU_LOG = "qemu.log"
-#: The golden checkpoint's disk, base and RAM, hard-linked for this VM (qemu_golden.pin).
-PINNED_GOLDEN = "golden"
 TAIL_BYTES = 64 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 QMP_CLIENT_NAME = "boincvm-qmp"
@@ -417,10 +415,6 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
         if snapshot is None:
             self.accel = self._accel_checked or choose_accel(self.spec.kernel, self.workdir, self.opts.accel)
             golden = self._golden()
-            if golden is not None:  # the task's own links: a cleared cache takes nothing from it
-                golden = qemu_golden.pin(golden, self._path(PINNED_GOLDEN))
-            else:
-                shutil.rmtree(self._path(PINNED_GOLDEN), ignore_errors=True)
             attach = self._create_overlay(golden)
             # A new overlay: checkpoints of an earlier VM in this directory applied to the old one.
             shutil.rmtree(self._path(ramdiff.CHECKPOINTS), ignore_errors=True)

@@ -17,8 +17,7 @@ the memory its guest dirtied, not its whole RAM; and a restore reads nothing it 
 touch.
 
 Golden checkpoints live in ``<cache>/golden/<key>/``, built in a temporary directory and
-renamed into place; the key covers every input that the saved state depends on. A job
-links the files it depends on for its whole life into its own directory (:func:`pin`).
+renamed into place; the key covers every input that the saved state depends on.
 """
 
 from __future__ import annotations
@@ -94,37 +93,12 @@ def is_broken(key: str) -> bool:
     return (cache_root() / "golden" / key / BROKEN).exists()
 
 
-def pin(golden: Golden, into: Path) -> Golden:
-    """Hard-link the golden disk, its base and its RAM into ``into`` (replaced); the golden
-    checkpoint as a job should use it.
-
-    A job's overlay, and every RAM-diff checkpoint of it, depend on these files for as long
-    as the task lives, which can be days; the cache may be cleared meanwhile. Links keep
-    the files alive for the task without a byte copied, and every task still maps one inode
-    (one copy in the page cache). Where a link is refused (the cache on another file
-    system, a file system without links) the cache's own files are used, as before.
-    """
-    shutil.rmtree(into, ignore_errors=True)
-    names = [GOLDEN_DISK, GOLDEN_RAM]
-    if (golden.disk.parent / GOLDEN_BASE).exists():
-        names.append(GOLDEN_BASE)  # the golden disk names its base by this relative name
-    try:
-        into.mkdir(parents=True)
-        for name in names:
-            os.link(golden.disk.parent / name, into / name)
-    except OSError as exc:
-        log.info("cannot link the golden checkpoint into %s (%s); using the cache's files", into, exc)
-        shutil.rmtree(into, ignore_errors=True)
-        return golden
-    return Golden(disk=into / GOLDEN_DISK, state=golden.state, ram=into / GOLDEN_RAM)
-
-
 def mark_broken(golden: Golden, reason: str) -> None:
     """Stop using ``golden`` after its state failed to load; jobs then boot cold.
 
-    Nothing is deleted: overlays of running jobs, and their checkpoints, may still use
-    its files (where :func:`pin` could not link them). Deleting the cache directory by
-    hand (``~/.cache/boincvm/golden``) lets the next job build a new one.
+    Nothing is deleted: overlays of running jobs, and their checkpoints, still have
+    ``golden.qcow2`` as their backing file. Deleting the cache directory by hand
+    (``~/.cache/boincvm/golden``) once no job runs lets the next job build a new one.
     """
     marker = golden.state.parent / BROKEN
     try:
