@@ -431,7 +431,11 @@ def test_jobs_map_the_golden_ram_privately_and_never_write_it(
             # What one guest writes the other does not see, and the file does not change.
             assert one.run_program(["/bin/sh", "-c", "echo one > /mark-cow"], timeout=30).exit_code == 0
             assert two.run_program(["/bin/sh", "-c", "test ! -e /mark-cow"], timeout=30).exit_code == 0
+            used = built / qemu_golden.USED  # every start and checkpoint keeps it from pruning
+            assert used.is_file()
+            os.utime(used, (0, 0))
             one.snapshot_create("ck1")
+            assert time.time() - used.stat().st_mtime < 600
             assert one.run_program(["/bin/sh", "-c", "rm /mark-cow"], timeout=30).exit_code == 0
             one.snapshot_revert("ck1")
             assert one.run_program(["/bin/cat", "/mark-cow"], timeout=30).stdout_tail.strip() == b"one"

@@ -471,6 +471,8 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             ram_shared=golden is None and snapshot is None and ram_file is not None,
         )
         self._ram_private = ram_file if ram_file is not None and not args.ram_shared else None
+        if self._ram_private is not None:  # keeps the golden checkpoint from being pruned
+            qemu_golden.mark_used(self._ram_private)
         self._diff_restored = False
         if diff is not None:
             self._restore_diff(args, diff)
@@ -841,6 +843,8 @@ class QemuBackend(Backend, kind=BackendKind.QEMU):
             raise HypervisorError(f"qemu: snapshot {name!r} already exists; checkpoints need new names")
         # A transfer disk still in the guest would be in the snapshot, which then cannot load.
         qemu_xfer.release_leftovers(self)
+        if self._ram_private is not None:  # a task that runs for weeks keeps its golden checkpoint
+            qemu_golden.mark_used(self._ram_private)
         if self._diff_possible():
             try:
                 self._diff_checkpoint(name)

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,16 @@ GOLDEN_BASE = "base.img"
 BROKEN = "broken"
 #: Bumped when the saved state's shape changes (devices, command line).
 GOLDEN_VERSION = 3
+#: Touched whenever a VM starts from, resumes on or checkpoints over a golden checkpoint.
+USED = "used"
+#: A golden checkpoint no VM has used for this long is removed (:func:`prune`). Every task
+#: that depends on one touches it at each start, resume and checkpoint, so only a task
+#: suspended for a month loses it (its checkpoint is refused and it starts again); an app
+#: version replaced by a newer one otherwise keeps its image's blocks forever (the golden
+#: disk's base is a hard link of it).
+MAX_IDLE_S = 30 * 24 * 3600
+#: A build directory older than this was left by a build that was killed.
+STALE_BUILD_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,56 @@ def find(key: str) -> Golden | None:
     g = Golden(d / GOLDEN_DISK, d / GOLDEN_STATE, d / GOLDEN_RAM)
     complete = g.disk.is_file() and g.state.is_file() and g.ram.is_file()
     return g if complete and not (d / BROKEN).exists() else None
+
+
+def mark_used(ram: Path) -> None:
+    """Record that a VM uses the golden checkpoint whose RAM is ``ram`` (anything else: no-op)."""
+    d = ram.parent
+    if d.parent != cache_root() / "golden" or d.name.startswith("."):
+        return
+    try:
+        (d / USED).touch()
+    except OSError as exc:  # a read-only cache: pruning then goes by the build's age
+        log.debug("cannot mark %s used: %s", d, exc)
+
+
+def prune(now: float | None = None, max_idle: float = MAX_IDLE_S) -> list[str]:
+    """Remove the golden checkpoints no VM has used for ``max_idle`` seconds, and build
+    directories of killed builds; the names removed.
+
+    An entry is renamed aside first (one atomic step that a VM starting from it would see
+    as "not built"), then deleted; a failure leaves it for the next prune.
+    """
+    root = cache_root() / "golden"
+    now = time.time() if now is None else now
+    removed: list[str] = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for d in entries:
+        if not d.is_dir() or d.is_symlink():
+            continue
+        try:
+            if d.name.startswith("."):
+                if (".build-" in d.name or ".pruned-" in d.name) and now - d.stat().st_mtime > STALE_BUILD_S:
+                    shutil.rmtree(d)
+                    removed.append(d.name)
+                    log.info("removed %s, left in the golden cache by a killed build or prune", d.name)
+                continue
+            used = d / USED
+            last = (used if used.exists() else d).stat().st_mtime
+            if now - last <= max_idle:
+                continue
+            aside = root / f".{d.name}.pruned-{os.getpid()}"
+            d.rename(aside)
+            shutil.rmtree(aside)
+            removed.append(d.name)
+            days = max_idle / 86400
+            log.info("removed the golden checkpoint %s: no VM used it for %.0f days", d.name, days)
+        except OSError as exc:
+            log.info("cannot prune the golden checkpoint %s: %s", d.name, exc)
+    return removed
 
 
 def is_broken(key: str) -> bool:
@@ -140,6 +201,8 @@ def build(spec: VmSpec, key: str, accel: str, save: Callable[[VmSpec, Path], Non
     """
     root = cache_root() / "golden"
     root.mkdir(parents=True, exist_ok=True)
+    # A new golden checkpoint is the moment an old one may have been superseded.
+    prune()
     work = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}.build-"))
     try:
         options = {**spec.options, "golden": "no", "accel": accel}
