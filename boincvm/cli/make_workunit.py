@@ -283,6 +283,8 @@ def command(
         f"made {result.count} workunit{'s' if result.count != 1 else ''} in {result.directory} "
         f"({result.unique_files} files staged, {result.staged_bytes} bytes)"
     )
+    for warning in result.warnings:
+        console.note(warning)
     if as_json:
         console.out(json.dumps(result.as_dict(), indent=2))
     else:

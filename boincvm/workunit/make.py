@@ -37,6 +37,7 @@ from boincvm.errors import InputError, PackageError
 from boincvm.findings import errors_in, has_errors
 from boincvm.hashing import md5_file
 from boincvm.job import (
+    DEFAULT_MEMORY_MB,
     JOB_OPEN_NAME,
     InputFile,
     Package,
@@ -124,10 +125,13 @@ class WorkunitSet:
     staged_bytes: int
     input_template: str
     output_template: str
+    #: Sentences about choices that work but may fail on volunteers' hosts (:func:`advisories`).
+    warnings: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
         return {
+            "warnings": list(self.warnings),
             "directory": str(self.directory),
             "app_name": self.app_name,
             "count": self.count,
@@ -531,8 +535,36 @@ def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> Workun
     }
     (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return WorkunitSet(
-        tmp, app, count, stager.unique, stager.staged_bytes, f"templates/{in_name}", f"templates/{out_name}"
+        tmp,
+        app,
+        count,
+        stager.unique,
+        stager.staged_bytes,
+        f"templates/{in_name}",
+        f"templates/{out_name}",
+        advisories(req),
     )
+
+
+def advisories(req: WorkunitRequest) -> tuple[str, ...]:
+    """What may fail on a volunteer's host although the request is valid.
+
+    A checkpoint holds the memory the guest wrote (a RAM diff its written pages, a
+    snapshot-save all its touched RAM), and two exist while one replaces the other; the
+    client aborts a task whose slot outgrows ``rsc_disk_bound``. A bound below the VM's
+    memory is flagged: one checkpoint of a guest that filled its RAM does not fit.
+    """
+    job = req.defaults.merged(req.job) if req.defaults is not None else req.job
+    found = []
+    memory = (job.memory_size_mb or DEFAULT_MEMORY_MB) * 1024 * 1024
+    bound = req.resources.rsc_disk_bound
+    if bound < memory:
+        found.append(
+            f"rsc_disk_bound ({bound:g} bytes) is below the VM's memory ({memory // 2**20} MiB): "
+            "a job that fills the guest's RAM makes checkpoints that outgrow it, and the client "
+            f"then aborts the task; --disk-bound {2 * memory + 256 * 2**20} leaves room for two"
+        )
+    return tuple(found)
 
 
 # -- reading a workunit directory back -------------------------------------------------------

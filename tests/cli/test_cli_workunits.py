@@ -46,6 +46,28 @@ def test_make_workunit_then_validate(tmp_path: Path, run: RunFn) -> None:
     assert json.loads(out)[0]["valid"] is True
 
 
+def test_a_disk_bound_below_the_vm_memory_is_flagged_but_made(tmp_path: Path, run: RunFn) -> None:
+    """Checkpoints hold what the guest wrote to its RAM; the client aborts a task whose slot
+    outgrows rsc_disk_bound. Valid, so made, but said on stderr and in --json."""
+
+    def make(out: str, *extra: str) -> tuple[int, dict[str, object], str]:
+        argv = ["make-workunit", "--app", "hello", "--application", "/bin/true", "-o", str(tmp_path / out)]
+        code, stdout, err = run([*argv, "--json", *extra])
+        return code, json.loads(stdout) if code == 0 else {}, err
+
+    code, summary, err = make("wu", "--memory-mb", "2048")  # the default bound: 1e9 bytes
+    assert code == 0, err
+    warnings = summary["warnings"]
+    assert isinstance(warnings, list) and len(warnings) == 1, warnings
+    assert "rsc_disk_bound (1e+09 bytes) is below the VM's memory (2048 MiB)" in warnings[0]
+    assert f"--disk-bound {(2 * 2048 + 256) * 2**20} leaves room" in warnings[0]
+    assert "note: rsc_disk_bound" in err and (tmp_path / "wu").is_dir()
+    code, summary, err = make("wu2", "--memory-mb", "2048", "--disk-bound", "5e9")
+    assert code == 0 and summary["warnings"] == [] and "note:" not in err, err
+    code, summary, err = make("wu3")  # the default memory, 512 MiB, fits the default bound
+    assert code == 0 and summary["warnings"] == [], err
+
+
 def test_missing_input_is_one_sentence_and_exit_3(tmp_path: Path, run: RunFn) -> None:
     code, out, err = run(
         [
