@@ -221,6 +221,16 @@ def _merge_task(base: Task | None, over: Task | None) -> Task | None:
 # -- defaults and the resolved job ---------------------------------------------------------
 
 DEFAULT_MEMORY_MB = 512
+#: Room for the guest's writes into the overlay beyond the checkpoints' memory images.
+CHECKPOINT_DISK_MARGIN_MB = 256
+
+
+def checkpoint_disk_mb(memory_mb: int) -> int:
+    """Disk a VM of ``memory_mb`` may take in its slot: two checkpoints of all its memory
+    (the new one is taken before the old one is dropped) plus the margin for its writes."""
+    return 2 * memory_mb + CHECKPOINT_DISK_MARGIN_MB
+
+
 DEFAULT_NCPUS = 1
 DEFAULT_CHECKPOINT_INTERVAL = 600.0
 DEFAULT_BOOT_TIMEOUT = 120.0

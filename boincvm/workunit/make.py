@@ -43,6 +43,7 @@ from boincvm.job import (
     Package,
     PackageKind,
     VmJob,
+    checkpoint_disk_mb,
     render_job,
     validate_job,
 )
@@ -131,7 +132,6 @@ class WorkunitSet:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
         return {
-            "warnings": list(self.warnings),
             "directory": str(self.directory),
             "app_name": self.app_name,
             "count": self.count,
@@ -139,6 +139,7 @@ class WorkunitSet:
             "staged_bytes": self.staged_bytes,
             "input_template": self.input_template,
             "output_template": self.output_template,
+            "warnings": list(self.warnings),
         }
 
 
@@ -556,13 +557,13 @@ def advisories(req: WorkunitRequest) -> tuple[str, ...]:
     """
     job = req.defaults.merged(req.job) if req.defaults is not None else req.job
     found = []
-    memory = (job.memory_size_mb or DEFAULT_MEMORY_MB) * 1024 * 1024
+    memory_mb = job.memory_size_mb or DEFAULT_MEMORY_MB
     bound = req.resources.rsc_disk_bound
-    if bound < memory:
+    if bound < memory_mb * 2**20:
         found.append(
-            f"rsc_disk_bound ({bound:g} bytes) is below the VM's memory ({memory // 2**20} MiB): "
+            f"rsc_disk_bound ({bound:g} bytes) is below the VM's memory ({memory_mb} MiB): "
             "a job that fills the guest's RAM makes checkpoints that outgrow it, and the client "
-            f"then aborts the task; --disk-bound {2 * memory + 256 * 2**20} leaves room for two"
+            f"then aborts the task; --disk-bound {checkpoint_disk_mb(memory_mb) * 2**20} leaves room for two"
         )
     return tuple(found)
 

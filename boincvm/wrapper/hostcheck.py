@@ -28,10 +28,10 @@ from pathlib import Path
 
 from boincvm.boinc.files import ExitCode
 from boincvm.hypervisor.base import Availability
+from boincvm.job import CHECKPOINT_DISK_MARGIN_MB, checkpoint_disk_mb
 
 MIB = 1024 * 1024
-#: Room for the guest's writes into the overlay beyond the checkpoints' memory images.
-DISK_MARGIN_MB = 256
+DISK_MARGIN_MB = CHECKPOINT_DISK_MARGIN_MB
 #: Delays of the temporary exits (seconds): a shortage may pass; a missing KVM needs the owner.
 SHORTAGE_DELAY = 600.0
 NO_KVM_DELAY = 3600.0
@@ -107,7 +107,7 @@ def disk_need_mb(guest_mb: int, rsc_disk_bound: float, used_mb: int = 0) -> int:
     """Free disk the slot needs: two checkpoints' memory images (the new one is taken before the
     old one is dropped) plus room for the guest's writes, at most the workunit's ``rsc_disk_bound``
     (the client stops a task that uses more), less what the VM's files already use."""
-    need = 2 * guest_mb + DISK_MARGIN_MB
+    need = checkpoint_disk_mb(guest_mb)
     if rsc_disk_bound > 0:
         need = min(need, int(rsc_disk_bound // MIB))
     return max(0, need - used_mb)

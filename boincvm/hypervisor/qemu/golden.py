@@ -64,6 +64,8 @@ USED = "used"
 MAX_IDLE_S = 30 * 24 * 3600
 #: A build directory older than this was left by a build that was killed.
 STALE_BUILD_S = 24 * 3600
+#: In the names of the build's and :func:`prune`'s temporary directories (``.<key><tag>...``).
+_BUILD_TAG, _PRUNED_TAG = ".build-", ".pruned-"
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,13 @@ def golden_key(spec: VmSpec, accel: str, machine: str, qemu: str) -> str:
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:24]
 
 
+def _root() -> Path:
+    return cache_root() / "golden"
+
+
 def find(key: str) -> Golden | None:
     """The golden checkpoint for ``key`` if it is built and has not failed to load."""
-    d = cache_root() / "golden" / key
+    d = _root() / key
     g = Golden(d / GOLDEN_DISK, d / GOLDEN_STATE, d / GOLDEN_RAM)
     complete = g.disk.is_file() and g.state.is_file() and g.ram.is_file()
     return g if complete and not (d / BROKEN).exists() else None
@@ -102,7 +108,7 @@ def find(key: str) -> Golden | None:
 def mark_used(ram: Path) -> None:
     """Record that a VM uses the golden checkpoint whose RAM is ``ram`` (anything else: no-op)."""
     d = ram.parent
-    if d.parent != cache_root() / "golden" or d.name.startswith("."):
+    if d.parent != _root() or d.name.startswith("."):
         return
     try:
         (d / USED).touch()
@@ -117,7 +123,7 @@ def prune(now: float | None = None, max_idle: float = MAX_IDLE_S) -> list[str]:
     An entry is renamed aside first (one atomic step that a VM starting from it would see
     as "not built"), then deleted; a failure leaves it for the next prune.
     """
-    root = cache_root() / "golden"
+    root = _root()
     now = time.time() if now is None else now
     removed: list[str] = []
     try:
@@ -129,7 +135,8 @@ def prune(now: float | None = None, max_idle: float = MAX_IDLE_S) -> list[str]:
             continue
         try:
             if d.name.startswith("."):
-                if (".build-" in d.name or ".pruned-" in d.name) and now - d.stat().st_mtime > STALE_BUILD_S:
+                leftover = _BUILD_TAG in d.name or _PRUNED_TAG in d.name
+                if leftover and now - d.stat().st_mtime > STALE_BUILD_S:
                     shutil.rmtree(d)
                     removed.append(d.name)
                     log.info("removed %s, left in the golden cache by a killed build or prune", d.name)
@@ -138,7 +145,7 @@ def prune(now: float | None = None, max_idle: float = MAX_IDLE_S) -> list[str]:
             last = (used if used.exists() else d).stat().st_mtime
             if now - last <= max_idle:
                 continue
-            aside = root / f".{d.name}.pruned-{os.getpid()}"
+            aside = root / f".{d.name}{_PRUNED_TAG}{os.getpid()}"
             d.rename(aside)
             shutil.rmtree(aside)
             removed.append(d.name)
@@ -151,7 +158,7 @@ def prune(now: float | None = None, max_idle: float = MAX_IDLE_S) -> list[str]:
 
 def is_broken(key: str) -> bool:
     """True when the golden checkpoint for ``key`` failed to load (see :func:`mark_broken`)."""
-    return (cache_root() / "golden" / key / BROKEN).exists()
+    return (_root() / key / BROKEN).exists()
 
 
 def mark_broken(golden: Golden, reason: str) -> None:
@@ -199,11 +206,11 @@ def build(spec: VmSpec, key: str, accel: str, save: Callable[[VmSpec, Path], Non
         HypervisorError: the boot or the migration failed.
         GuestToolsMissing: the guest agent never answered.
     """
-    root = cache_root() / "golden"
+    root = _root()
     root.mkdir(parents=True, exist_ok=True)
     # A new golden checkpoint is the moment an old one may have been superseded.
     prune()
-    work = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}.build-"))
+    work = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}{_BUILD_TAG}"))
     try:
         options = {**spec.options, "golden": "no", "accel": accel}
         boot = dataclasses.replace(spec, name=f"golden-{key[:8]}", workdir=work / "vm", options=options)
