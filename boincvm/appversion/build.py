@@ -11,7 +11,8 @@ The directory made by :func:`package_image` is the platform directory of an app 
     APP_VERSION_vm_job_defaults.xml    logical name vm_job_defaults.xml: image, memory, guest dirs
     APP_VERSION_<md5>_vmlinux ...      the image files, logical names vm_kernel, vm_initrd, vm_disk.qcow2
     version.xml                        files, logical names, <is_wrapper/>, <dont_throttle/>, api_version
-    boincvm-app-version.json           what boincvm made (read by validate and run-local)
+    .boincvm-app-version.json          what boincvm made (read by validate and run-local; a dot-name,
+                                       which update_versions skips, so volunteers never download it)
 
 Physical names carry the version and content hash, so they are globally unique and
 immutable as BOINC requires. Images are never inflated: ``qemu-img convert`` keeps holes

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from boincvm.appversion.model import AppVersionFile
-from boincvm.appversion.model import API_VERSION, SUMMARY_NAME, parse_version_xml
+from boincvm.appversion.model import API_VERSION, LEGACY_SUMMARY_NAME, SUMMARY_NAME, parse_version_xml
 from boincvm.appversion.plan_class import ENTRY_NAME as PLAN_CLASS_ENTRY
 from boincvm.appversion.plan_class import FILE_NAME as PLAN_CLASS_FILE
 from boincvm.appversion.plan_class import check_plan_class_spec
@@ -118,12 +118,13 @@ def check_app_version(path: Path) -> list[Finding]:
         if job.image_files or job.backend == "vmware":
             out += check_vmware_app_version(directory, job, logical)
     out += _check_plan_class(directory, logical)
-    summary = directory / SUMMARY_NAME
+    out += _check_strays(directory, vx.files)
+    summary = _summary_path(directory)
     if summary.is_file() and not has_errors(out):
         try:
             recorded = {f["physical_name"]: f for f in json.loads(summary.read_text())["files"]}
         except (ValueError, KeyError, TypeError):
-            out.append(warning(SUMMARY_NAME, "is not readable"))
+            out.append(warning(summary.name, "is not readable"))
             recorded = {}
         for phys, rec in recorded.items():
             p = directory / phys
@@ -140,11 +141,48 @@ def check_app_version(path: Path) -> list[Finding]:
     return out
 
 
+def _summary_path(directory: Path) -> Path:
+    """package-image's summary: the dot-name, or the name older versions gave it."""
+    summary = directory / SUMMARY_NAME
+    return summary if summary.exists() else directory / LEGACY_SUMMARY_NAME
+
+
+def _check_strays(directory: Path, files: Sequence[AppVersionFile]) -> list[Finding]:
+    """Files ``update_versions`` would register although version.xml does not name them.
+
+    update_versions makes every file of the directory an app-version file except version.xml,
+    ``*.sig``, directories and dot-names: a stray file is downloaded by every volunteer, and
+    one whose name recurs in every app version (as older boincvm summaries did) makes the
+    project refuse the second app version ("BOINC files are immutable").
+    """
+    named = {f.physical_name for f in files}
+    out: list[Finding] = []
+    for p in sorted(directory.iterdir()):
+        name = p.name
+        if name in named or name == "version.xml" or name.startswith(".") or name.endswith(".sig"):
+            continue
+        if name == PLAN_CLASS_FILE or p.is_dir():
+            continue
+        hint = (
+            f"rename it {SUMMARY_NAME} (a dot-name update_versions skips)"
+            if name == LEGACY_SUMMARY_NAME
+            else "remove it, or name it in version.xml if the task needs it"
+        )
+        out.append(
+            error(
+                name,
+                "is not named in version.xml: update_versions would ship it to every volunteer",
+                hint=hint,
+            )
+        )
+    return out
+
+
 def _plan_class_of(directory: Path) -> str | None:
     """The app version's plan class: package-image's summary says it, else the directory name
     (BOINC's ``PLATFORM__PLAN_CLASS``)."""
     try:
-        recorded = json.loads((directory / SUMMARY_NAME).read_text(encoding="utf-8"))
+        recorded = json.loads(_summary_path(directory).read_text(encoding="utf-8"))
         if isinstance(recorded, dict) and isinstance(recorded.get("plan_class"), str):
             return str(recorded["plan_class"])
     except (OSError, ValueError):

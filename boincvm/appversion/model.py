@@ -15,7 +15,12 @@ from boincvm.job import DEFAULTS_OPEN_NAME, VmJob, load_job
 from boincvm.names import logical_name_problem
 from boincvm.xmlio import parse_xml, read_bytes, text_of
 
-SUMMARY_NAME = "boincvm-app-version.json"
+#: What package-image made, read by validate and run-local. A dot-name: BOINC's update_versions
+#: skips those, so the summary is never registered as an app-version file (each app version has
+#: one of that name; registered, a second app version would clash with the first's).
+SUMMARY_NAME = ".boincvm-app-version.json"
+#: The summary's name before it became a dot-name, still read from older app versions.
+LEGACY_SUMMARY_NAME = "boincvm-app-version.json"
 KERNEL_OPEN_NAME = "vm_kernel"
 INITRD_OPEN_NAME = "vm_initrd"
 DISK_OPEN_NAME = "vm_disk.qcow2"

@@ -41,6 +41,10 @@ class LazyGroup(click.Group):
             "boincvm.cli.package_rpm",
             "Build a guest RPM (or tarball) from a program directory.",
         ),
+        "deploy": (
+            "boincvm.cli.deploy",
+            "Install app versions and submit workunits into a BOINC project (its own tools).",
+        ),
         "run-local": ("boincvm.cli.run_local", "Run a workunit end to end here, emulating the BOINC client."),
         "wrapper": ("boincvm.cli.wrapper", "The wrapper the BOINC client runs in a slot (not for humans)."),
         "keys": ("boincvm.cli.keys", "Create and use a project code-signing key pair."),

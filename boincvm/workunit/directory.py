@@ -4,6 +4,7 @@ read back of what :mod:`boincvm.workunit.make` wrote."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,19 @@ SUMMARY_NAME = "boincvm-workunits.json"
 RECORDS_NAME = "workunits.jsonl"
 JOBS_NAME = "jobs.txt"
 FORMAT_VERSION = 1
+
+
+def project_template_name(local_name: str, data: bytes) -> str:
+    """The name a template gets in a project's ``templates/``: its own, plus a content hash.
+
+    create_work keeps the output template's *path* with every workunit and the transitioner
+    reads it whenever it makes a result: a later batch that wrote other contents under the
+    same name would change the outputs of every earlier workunit of the app. Named by
+    content, batches never overwrite each other's templates.
+    """
+    stem, dot, suffix = local_name.rpartition(".")
+    digest = hashlib.sha256(data).hexdigest()[:12]
+    return f"{stem}_{digest}.{suffix}" if dot else f"{local_name}_{digest}"
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ from boincvm.workunit.directory import (
     SUMMARY_NAME,
     StagedFile,
     WorkunitRecord,
+    project_template_name,
 )
 from boincvm.workunit.templates import Resources
 
@@ -513,15 +514,21 @@ def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> Workun
     open_names = [f.open_name for f in fixed] + [s.open_name for s in req.inputs]
     in_name = f"{app}_in.xml"
     out_name = f"{app}_out.xml"
-    (tmp / "templates" / in_name).write_text(
-        render("input_template.xml.j2", open_names=open_names, r=req.resources), encoding="utf-8"
-    )
-    (tmp / "templates" / out_name).write_text(
-        render("output_template.xml.j2", outputs=base_job.output_files), encoding="utf-8"
-    )
+    in_xml = render("input_template.xml.j2", open_names=open_names, r=req.resources).encode()
+    out_xml = render("output_template.xml.j2", outputs=base_job.output_files).encode()
+    (tmp / "templates" / in_name).write_bytes(in_xml)
+    (tmp / "templates" / out_name).write_bytes(out_xml)
     script = tmp / "create_work.sh"
     script.write_text(
-        render("create_work.sh.j2", app=app, in_name=in_name, out_name=out_name), encoding="utf-8"
+        render(
+            "create_work.sh.j2",
+            app=app,
+            in_name=in_name,
+            out_name=out_name,
+            in_project=project_template_name(in_name, in_xml),
+            out_project=project_template_name(out_name, out_xml),
+        ),
+        encoding="utf-8",
     )
     script.chmod(0o755)
     summary = {

@@ -29,7 +29,17 @@ GROUND = {
     "paths",
 }
 #: Parts that are made, checked and shipped; they never import a runner.
-ARTEFACTS = {"job", "workunit", "appversion", "image", "package", "signing", "validate", "guestapi"}
+ARTEFACTS = {
+    "job",
+    "workunit",
+    "appversion",
+    "image",
+    "package",
+    "signing",
+    "validate",
+    "guestapi",
+    "project",
+}
 #: Parts that run things.
 RUNNERS = {"wrapper", "runlocal"}
 #: Parts that speak to the outside and import only the ground.
@@ -134,6 +144,14 @@ def test_boinc_and_hypervisor_import_only_the_ground() -> None:
 
 def test_artefacts_never_import_runners() -> None:
     bad = [str(i) for i in IMPORTS if part(i.source) in ARTEFACTS and part(i.target) in RUNNERS]
+    assert bad == []
+
+
+def test_only_the_cli_reaches_a_real_project() -> None:
+    """project/ (deploy into a BOINC project) is for the admin's command line, never the wrapper's."""
+    bad = [
+        str(i) for i in IMPORTS if part(i.target) == "project" and part(i.source) not in ("cli", "project")
+    ]
     assert bad == []
 
 

@@ -72,7 +72,7 @@ def test_package_a_vm_directory(vm_dir: Path, tmp_path: Path) -> None:
     by_logical = {f.logical_name: f for f in vx.files if f.logical_name}
     assert {n for n in by_logical if n.startswith("vmware_")} == {f"vmware_{n}" for n in VM_FILES}
     summary = {
-        f["physical_name"]: f for f in json.loads((av / "boincvm-app-version.json").read_text())["files"]
+        f["physical_name"]: f for f in json.loads((av / ".boincvm-app-version.json").read_text())["files"]
     }
     for name in VM_FILES:
         f = by_logical[f"vmware_{name}"]
@@ -251,7 +251,7 @@ def test_validate_wants_the_vm_files_listed(vm_dir: Path, tmp_path: Path) -> Non
     defaults = next(av.glob("*_vm_job_defaults.xml"))
     job = load_job(defaults)
     defaults.write_text(render_job(VmJob(backend="vmware", vm_image=job.vm_image)))
-    (av / "boincvm-app-version.json").unlink()
+    (av / ".boincvm-app-version.json").unlink()
     bad = [f for f in check_app_version(av) if f.severity == "error"]
     assert bad and "must list the VM's files" in bad[0].message
 
