@@ -18,6 +18,20 @@ APT_PACKAGES=(
   gcc                          # boincvm guest-api compiles libboinc_api.a; the guest API tests build BOINCified C programs
   binutils libpython3-dev      # PyInstaller (the frozen wrapper): objdump and strip, the shared libpython it bundles
   strace util-linux            # host-check tests: every exec of a refused job traced (no QEMU ran); setpriv runs the KVM probe as nobody
+  # BOINC's real server for the tests (tests/boinc_server.py), built from source: Debian has no server package.
+  autoconf automake libtool pkg-config m4 make g++  # BOINC's _autosetup, configure and make
+  libmariadb-dev libmariadb-dev-compat              # the server's database library (mysql_config)
+  libssl-dev libcurl4-openssl-dev zlib1g-dev        # configure requires them for the server
+  nlohmann-json3-dev                                # configure stops without it
+  libzip-dev                                        # zip/boinc_zip.cpp
+  libfmt-dev libfcgi-dev                            # the scheduler's and upload handler's headers
+  git                                               # clones BOINC at the pinned commit when no tarball is found
+  # The server's services, our own instances only: the -core/-bin packages bring the programs
+  # (mariadbd, mariadb-install-db, apache2) but not the machine's services, which stay off.
+  mariadb-server-core mariadb-client                # the project database; mariadb-admin pings it
+  apache2-bin libapache2-mod-php                    # CGI (scheduler, file_upload_handler) and the PHP web RPCs
+  php-cli php-mysql php-xml                         # the PHP tools: bin/xadd, bin/update_versions, create_account.php
+  python3-mysqldb                                   # make_project and bin/start need MySQLdb in /usr/bin/python3
 )
 
 missing=()
@@ -47,3 +61,7 @@ boincvm build-image --recipe minimal >/dev/null
 # The bare, older volunteer host (Debian 11 root file system with boinc-client 7.16, no python,
 # no qemu) that tests/integration/test_bare_host.py runs the real client in; cached by its recipe.
 python -m tests.bare_host >/dev/null
+
+# BOINC's server, built from source (a vendored tarball, $BOINCVM_BOINC_SOURCE or a clone at the
+# pinned commit) for tests/integration/test_boinc_server*.py; cached by content, minutes cold.
+python -m tests.boinc_server >/dev/null

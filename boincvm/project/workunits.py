@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm.atomicdir import write_file_atomically
-from boincvm.errors import InputError
+from boincvm.errors import BoincvmError, CommandFailed, InputError
 from boincvm.hashing import md5_file
 from boincvm.project.plan import Step, StepKind
 from boincvm.project.tree import BoincProject
@@ -174,11 +175,35 @@ def _create_work(project: BoincProject, sub: Submission, submitted: list[int]) -
     with (project.ledger / SUBMITTED_NAME).open("a", encoding="utf-8") as ledger:
         for start in range(0, len(sub.lines), GROUP):
             group = sub.lines[start : start + GROUP]
-            project.run_tool("create_work", *argv, stdin="".join(f"{line}\n" for _, line in group).encode())
+            try:
+                project.run_tool(
+                    "create_work", *argv, stdin="".join(f"{line}\n" for _, line in group).encode()
+                )
+            except CommandFailed as exc:
+                raise _why(exc, group) from None
             ledger.write("".join(f"{name}\t{_line_digest(line)}\n" for name, line in group))
             ledger.flush()
             os.fsync(ledger.fileno())
             submitted[0] += len(group)
+
+
+def _why(exc: CommandFailed, group: tuple[tuple[str, str], ...]) -> BoincvmError:
+    """create_work's failure in the administrator's words where it is a known one."""
+    dup = re.search(r"Duplicate entry '([^']*)' for key 'name'", exc.stderr_tail)
+    if dup:
+        return InputError(
+            f"the project already has a workunit named {dup.group(1)} (not submitted by this deploy)",
+            hint="workunit names are unique in a project: make the workunits again with another --name, "
+            "e.g. --name 'mybatch_{{ index }}'",
+        )
+    first, last = group[0][0], group[-1][0]
+    return CommandFailed(
+        exc.argv,
+        exc.returncode,
+        exc.stderr_tail,
+        message=f"{exc.message} (workunits {first} to {last}; the ones before are in the project)",
+        hint=exc.hint,
+    )
 
 
 def _line_digest(line: str) -> str:

@@ -26,10 +26,12 @@ import signal
 import subprocess
 import threading
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING, Generic, Protocol
 
 from boincvm import proc
 from boincvm.appversion.model import parse_version_xml
@@ -372,18 +374,36 @@ class ClientLauncher:
 HOST = ClientLauncher()
 
 
-class Client:
+class AttachableProject(Protocol):
+    """What a client needs of a project: its master URL (a :class:`LoopbackProject`, or a real
+    BOINC server's project)."""
+
+    @property
+    def url(self) -> str: ...
+
+
+if TYPE_CHECKING:  # a default for the type parameter (PEP 696): plain ``Client`` means the loopback one
+    from typing_extensions import TypeVar
+
+    P = TypeVar("P", bound=AttachableProject, default=LoopbackProject)
+else:
+    P = typing.TypeVar("P", bound=AttachableProject)
+
+
+class Client(Generic[P]):
     """Debian's boinc client in its own data directory and GUI RPC port.
 
     ``launcher`` says where the client runs (default: on this host); ``boinccmd`` is always
-    the host's, over the GUI RPC port, so the client's environment needs none of it.
+    the host's, over the GUI RPC port, so the client's environment needs none of it. The client
+    is attached to ``project`` with ``authenticator`` (the loopback project takes any).
     """
 
     def __init__(
         self,
         data_dir: Path,
-        project: LoopbackProject,
+        project: P,
         *,
+        authenticator: str = "boincvm-test",
         checkpoint_period: float = 5.0,
         leave_apps_in_memory: bool = False,
         launcher: ClientLauncher = HOST,
@@ -395,7 +415,8 @@ class Client:
         data_dir.mkdir(parents=True, exist_ok=True)
         host_part = escape_project_url(project.url)
         (data_dir / f"account_{host_part}.xml").write_text(
-            f"<account>\n<master_url>{project.url}</master_url>\n<authenticator>boincvm-test</authenticator>\n</account>\n"
+            f"<account>\n<master_url>{project.url}</master_url>\n"
+            f"<authenticator>{escape_text(authenticator)}</authenticator>\n</account>\n"
         )
         (data_dir / "cc_config.xml").write_text(
             "<cc_config>\n<log_flags>\n<task_debug>1</task_debug>\n<sched_op_debug>1</sched_op_debug>\n"
