@@ -29,6 +29,7 @@ BENCHES = (
     "bench_runtime",
     "bench_bare_host",
     "bench_guest_api",
+    "bench_server",
 )
 
 

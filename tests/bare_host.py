@@ -19,19 +19,17 @@ is reachable. Needs root.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm import proc
 from boincvm.cache import cache_root
 from boincvm.runlocal.real_client import ClientLauncher
+from tests.cached_build import cached
 
 #: Bumped whenever the build steps change in a way the arguments do not show.
 BUILD_VERSION = 1
@@ -95,12 +93,6 @@ def recipe_digest() -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _is_built(target: Path, digest: str) -> bool:
-    with contextlib.suppress(OSError, ValueError):
-        return bool(json.loads((target / MARKER).read_text())["digest"] == digest)
-    return False
-
-
 def make_root(dest: Path) -> None:
     """Run the recipe: a fresh bullseye root at ``dest`` (not cached; :func:`build_root` caches).
 
@@ -114,22 +106,7 @@ def build_root() -> Path:
     """The cached bullseye root (built first if needed; about 15-50 s and 150 MB)."""
     digest = recipe_digest()
     target = cache_root() / "test-roots" / f"{SUITE}-boinc-{digest[:16]}"
-    if _is_built(target, digest):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.build-"))
-    try:
-        root = work / "root"
-        make_root(root)
-        (root / MARKER).write_text(json.dumps({"digest": digest, "args": MMDEBSTRAP_ARGS}))
-        try:
-            root.rename(target)
-        except OSError:
-            if not _is_built(target, digest):  # a concurrent build won the race: fine
-                raise
-        return target
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return cached(target, digest, make_root, marker=MARKER, facts={"args": MMDEBSTRAP_ARGS})
 
 
 def glibc_version(root: Path) -> tuple[int, int]:

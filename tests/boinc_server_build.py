@@ -34,6 +34,7 @@ from boincvm import proc
 from boincvm.cache import cache_root
 from boincvm.errors import CommandFailed
 from boincvm.hashing import sha256_file
+from tests.cached_build import cached
 
 #: The BOINC/boinc commit the tests build (master, 2026-08-21, "BOINC 8.3.0").
 PINNED_COMMIT = "c5c6cb79b9aa4747d80d066e3627c22f2c124144"
@@ -140,12 +141,6 @@ def build_key(source: Source) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def _is_built(tree: Path, key: str) -> bool:
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        return bool(json.loads((tree / MARKER).read_text())["key"] == key)
-    return False
-
-
 def _unpack(source: Source, dest: Path) -> None:
     if source.kind == "directory":
         shutil.copytree(source.path, dest, symlinks=True, ignore=shutil.ignore_patterns(".git"))
@@ -199,20 +194,11 @@ def build_server(source: Source | None = None, *, jobs: int | None = None) -> Pa
     source = source or find_source()
     key = build_key(source)
     target = cache_root() / "boinc-server" / key[:16]
-    if _is_built(target, key):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.build-"))
-    try:
-        tree = work / "boinc"
-        make_server(source, tree, jobs=jobs or os.cpu_count() or 1)
-        facts = {"key": key, "source": str(source.path), "digest": source.digest, "flags": CONFIGURE_FLAGS}
-        (tree / MARKER).write_text(json.dumps(facts))
-        try:
-            tree.rename(target)
-        except OSError:
-            if not _is_built(target, key):  # a concurrent build won the race: fine
-                raise
-        return target
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    facts = {"source": str(source.path), "digest": source.digest, "flags": CONFIGURE_FLAGS}
+    return cached(
+        target,
+        key,
+        lambda tree: make_server(source, tree, jobs=jobs or os.cpu_count() or 1),
+        marker=MARKER,
+        facts=facts,
+    )

@@ -84,33 +84,9 @@ def app_versions(admin: Admin, guest_image: Path) -> tuple[Path, Path]:
     """The plain app version and one that needs KVM (plan class vm_kvm), signed with the project's key."""
     key = admin.server.root / "keys" / "code_sign_private"
     plain, kvm = admin.work / "av", admin.work / "av_kvm"
-    boincvm_cli(
-        "package-image",
-        str(guest_image),
-        "--app",
-        APP,
-        "--version",
-        "1.00",
-        "--sign-key",
-        str(key),
-        "-o",
-        str(plain),
-    )
-    boincvm_cli(
-        "package-image",
-        str(guest_image),
-        "--app",
-        APP,
-        "--version",
-        "1.00",
-        "--sign-key",
-        str(key),
-        "--plan-class",
-        "vm_kvm",
-        "--require-kvm",
-        "-o",
-        str(kvm),
-    )
+    for out, extra in ((plain, ()), (kvm, ("--plan-class", "vm_kvm", "--require-kvm"))):
+        args = ("--app", APP, "--version", "1.00", "--sign-key", str(key), *extra, "-o", str(out))
+        boincvm_cli("package-image", str(guest_image), *args)
     return plain, kvm
 
 
@@ -443,7 +419,7 @@ def test_an_aborted_task_is_reissued_and_finished_by_the_other_client(
 @pytest.mark.parametrize(
     ("name", "script", "max_nbytes", "why"),
     [
-        ("fails_0", "echo giving up >&2; exit 3\n", 100_000, "failed in the guest (exit 3)"),
+        ("fails_0", "echo giving up >&2; exit 3\n", 100_000, "the guest program exited with code 3"),
         ("toobig_0", "head -c 4096 /dev/zero > out\n", 100, "output out:"),
     ],
 )
