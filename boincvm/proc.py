@@ -67,6 +67,23 @@ def which(name: str) -> Path | None:
     return Path(found) if found else None
 
 
+#: Where Debian keeps administrators' tools, often not on an ordinary user's PATH.
+SBIN_DIRS = ("/usr/sbin", "/sbin")
+
+
+def system_tool(name: str) -> str:
+    """The program to run for an administrator's tool (``mkfs.ext4``, ``debugfs``): found on
+    PATH or in :data:`SBIN_DIRS`, else the bare name, so that :func:`run` raises
+    :class:`~boincvm.errors.CommandNotFound` with a hint."""
+    found = which(name)
+    if found:
+        return str(found)
+    for d in SBIN_DIRS:
+        if Path(d, name).is_file():
+            return str(Path(d, name))
+    return name
+
+
 def run(
     cmd: Sequence[Arg],
     *,

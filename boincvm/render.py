@@ -8,9 +8,13 @@ sandbox.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import shlex
+import signal
+import threading
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -160,18 +164,74 @@ def compile_user_template(source: str, *, place: str) -> UserTemplate:
     return env.from_string(tree)
 
 
+#: How long one user template may take on one row (seconds of wall time).
+MAX_USER_SECONDS = 2.0
+
+
+class _TooSlow(Exception):
+    """A user template ran past :data:`MAX_USER_SECONDS`."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Interrupt the block with :class:`_TooSlow` after ``seconds`` (a real-time timer; only the
+    main thread receives signals, elsewhere the block runs unbounded in time)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: object) -> None:  # noqa: ARG001 - the signal API
+        raise _TooSlow
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _bounded_render(template: jinja2.Template, row: dict[str, Any]) -> str:
+    """Render with the output's size, the time and the recursion depth bounded."""
+    out: list[str] = []
+    size = 0
+    with _deadline(MAX_USER_SECONDS):
+        for chunk in template.generate(row):
+            size += len(chunk)
+            if size > MAX_USER_VALUE:
+                raise jinja2.exceptions.SecurityError(f"the result would be longer than {MAX_USER_VALUE}")
+            out.append(chunk)
+    return "".join(out)
+
+
 def render_user_template(template: UserTemplate, row: dict[str, Any], *, place: str) -> str:
     """Render a user template with one batch row.
 
+    A template is bounded: its output (:data:`MAX_USER_VALUE` characters), its time on one row
+    (:data:`MAX_USER_SECONDS`) and its recursion (a macro calling itself without end).
+
     Raises:
-        InputError: it names a column the row lacks, or is unsafe.
+        InputError: it names a column the row lacks, is unsafe, or exceeds a bound.
     """
     try:
-        return template.render(row)
+        if isinstance(template, _Substitution):
+            return template.render(row)
+        return _bounded_render(template, row)
     except jinja2.UndefinedError as exc:
         raise InputError(f"{place}: {exc.message}", hint="check the column names in the batch file") from None
     except jinja2.exceptions.SecurityError as exc:
         raise InputError(f"{place}: refused by the sandbox: {exc}", hint=_TEMPLATE_HINT) from None
+    except RecursionError:
+        raise InputError(
+            f"{place}: the template calls itself without end (a macro that recurses)",
+            hint="give the macro a condition that stops it, or use a {% for %} loop",
+        ) from None
+    except _TooSlow:
+        raise InputError(
+            f"{place}: the template ran longer than {MAX_USER_SECONDS:g} s on one row",
+            hint="simplify the expression: a batch template should only combine the row's values",
+        ) from None
     except (jinja2.TemplateError, ArithmeticError, TypeError, ValueError, LookupError) as exc:
         # A user expression that fails on a row's values ({{ x / 0 }}, {{ x + 1 }} on text).
         raise InputError(

@@ -5,7 +5,7 @@
 #   bash scripts/example.sh [OUTPUT_DIR]     (default: example-run)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source scripts/bootstrap.sh
+BOOTSTRAP_FOR=example source scripts/bootstrap.sh
 OUT=${1:-example-run}
 rm -rf "$OUT"
 mkdir -p "$OUT"

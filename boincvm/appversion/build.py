@@ -74,8 +74,8 @@ from boincvm.job import (
     BackendOption,
     Task,
     VmJob,
-    render_job,
 )
+from boincvm.job.render import render_job
 from boincvm.names import check_identifier
 from boincvm.paths import check_regular, open_regular, refuse_output_overlapping
 from boincvm.render import render

@@ -7,18 +7,20 @@ exit codes (see :mod:`boincvm.errors`).
 from __future__ import annotations
 
 import io
+import json
 import logging
 import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import NoReturn
 
 import click
 
 from boincvm import __version__
 from boincvm.cli import console
-from boincvm.errors import BoincvmError
+from boincvm.errors import BoincvmError, ValidationFailed
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -159,47 +161,59 @@ def _show_click_error(exc: click.ClickException) -> None:
     sys.stderr.flush()
 
 
+def _fail(code: int, sentence: str, hint: str, *, as_json: bool) -> NoReturn:
+    """Say what went wrong on stderr (and, with ``--json``, as one JSON object on stdout), then exit."""
+    console.error(sentence, hint)
+    if as_json:
+        console.out(json.dumps({"ok": False, "exit_code": code, "error": sentence, "hint": hint}, indent=2))
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``boincvm`` console script; maps errors to documented exit codes."""
+    """Entry point of the ``boincvm`` console script; maps errors to documented exit codes.
+
+    With ``--json``, a failure also prints one JSON object on stdout (``ok`` false, the exit
+    code, the sentence and the hint), so a script always has JSON to read; ``validate``'s
+    findings are its own JSON already.
+    """
     from boincvm.bounds import os_hint
 
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = argv if argv is not None else sys.argv[1:]
+    debug = "--debug" in args
+    as_json = "--json" in args
     try:
         with _signals_as_exceptions():
             cli.main(args=argv, prog_name="boincvm", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.Abort:
-        console.error("interrupted", "nothing half-made was left behind; run the command again")
-        sys.exit(130)
+        _fail(130, "interrupted", "nothing half-made was left behind; run the command again", as_json=as_json)
     except click.ClickException as exc:
         _show_click_error(exc)
+        if as_json:
+            console.out(json.dumps({"ok": False, "exit_code": exc.exit_code, "error": exc.format_message()}))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        console.error("interrupted", "nothing half-made was left behind; run the command again")
-        sys.exit(130)
+        _fail(130, "interrupted", "nothing half-made was left behind; run the command again", as_json=as_json)
     except Terminated as exc:
         name = signal.Signals(exc.signum).name
-        console.error(f"terminated by {name}", "nothing half-made was left behind; run the command again")
-        sys.exit(128 + exc.signum)
+        again = "nothing half-made was left behind; run the command again"
+        _fail(128 + exc.signum, f"terminated by {name}", again, as_json=as_json)
     except BoincvmError as exc:
         if debug:
             console.err.print_exception(show_locals=False)
-        console.error(exc.message, exc.hint)
-        sys.exit(exc.exit_code)
+        # validate --json has printed its findings: one JSON document on stdout, not two.
+        _fail(exc.exit_code, exc.message, exc.hint, as_json=as_json and not isinstance(exc, ValidationFailed))
     except OSError as exc:
         # An OS error on a path the user named (ENOTDIR, EACCES, ENOSPC, EROFS, ...) is a
         # sentence about that path, not a bug; the domain names most of them itself.
         if debug:
             console.err.print_exception(show_locals=False)
-        console.error(_os_error_sentence(exc), os_hint(exc))
-        sys.exit(3)
+        _fail(3, _os_error_sentence(exc), os_hint(exc), as_json=as_json)
     except Exception:
         if debug:
             raise
         console.err.print_exception(show_locals=False, max_frames=4)
-        console.error(
-            "internal error; this is a bug in boincvm", "run again with --debug and report the output"
-        )
-        sys.exit(1)
+        bug = "run again with --debug and report the output"
+        _fail(1, "internal error; this is a bug in boincvm", bug, as_json=as_json)
     sys.exit(0)

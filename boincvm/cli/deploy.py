@@ -30,22 +30,16 @@ def command(project: Path, paths: tuple[Path, ...], dry_run: bool, as_json: bool
     (bin/create_work). What the project has already is skipped, so running it again is
     safe; a failed step undoes the steps before it. Run it as the project's owner.
     """
-    from boincvm.errors import BoincvmError
     from boincvm.project.deploy import plan_deploy
     from boincvm.project.plan import apply
 
-    try:
-        plan = plan_deploy(project, paths)
-        for step in plan.steps:
-            mark = "would" if dry_run and step.needed else ("do" if step.needed else "have")
-            console.info(
-                f"{mark:>5}: {step.what}" if step.needed else f" have: {step.what} (already in the project)"
-            )
-        ran = () if dry_run else apply(plan, progress=lambda what: console.note(f"running: {what}"))
-    except BoincvmError as exc:
-        if as_json:
-            console.out(json.dumps({"ok": False, "error": exc.message, "hint": exc.hint}, indent=2))
-        raise
+    plan = plan_deploy(project, paths)
+    for step in plan.steps:
+        mark = "would" if dry_run else "do"
+        console.info(
+            f"{mark:>5}: {step.what}" if step.needed else f" have: {step.what} (already in the project)"
+        )
+    ran = () if dry_run else apply(plan, progress=lambda what: console.note(f"running: {what}"))
     if dry_run:
         console.success(f"dry run: {len(plan.needed)} of {len(plan.steps)} steps would run; nothing changed")
     else:

@@ -99,10 +99,12 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
     help="A file the program keeps as its checkpoint, relative to the job's directory (repeat; app mode).",
 )
 @backend_option()
-@click.option("--fpops-est", type=float, default=3600e9, help="rsc_fpops_est.")
-@click.option("--fpops-bound", type=float, default=86400e9, help="rsc_fpops_bound.")
+# The rsc_* defaults are Resources' own (workunit/templates.py), filled in by the command:
+# reading them here would import the core when click builds the command.
+@click.option("--fpops-est", type=float, help="rsc_fpops_est (default: the input template's).")
+@click.option("--fpops-bound", type=float, help="rsc_fpops_bound (default: the input template's).")
 @click.option("--memory-bound", type=float, default=None, help="rsc_memory_bound (default: VM memory + 25%).")
-@click.option("--disk-bound", type=float, default=1e9, help="rsc_disk_bound.")
+@click.option("--disk-bound", type=float, help="rsc_disk_bound (default: the input template's).")
 @click.option("--delay-bound", type=float, default=7 * 86400, help="delay_bound (seconds).")
 @click.option("--target-nresults", type=int, default=1, help="Replicas per workunit.")
 @click.option("--min-quorum", type=int, default=1, help="Replicas that must agree.")
@@ -163,10 +165,10 @@ def command(
     checkpoint_mode: str | None,
     checkpoint_files: tuple[str, ...],
     backend_options: tuple[tuple[str, str], ...],
-    fpops_est: float,
-    fpops_bound: float,
+    fpops_est: float | None,
+    fpops_bound: float | None,
     memory_bound: float | None,
-    disk_bound: float,
+    disk_bound: float | None,
     delay_bound: float,
     target_nresults: int,
     min_quorum: int,
@@ -217,12 +219,13 @@ def command(
     )
     job = job.merged(VmJob(backend_options=tuple(BackendOption(n, v) for n, v in backend_options)))
     specs = tuple(InputSpec(o, p, g) for o, p, g in map(_parse_input, inputs))
+    defaults = Resources()
     resources = Resources.for_job(
         job,
-        fpops_est=fpops_est,
-        fpops_bound=fpops_bound,
+        fpops_est=defaults.rsc_fpops_est if fpops_est is None else fpops_est,
+        fpops_bound=defaults.rsc_fpops_bound if fpops_bound is None else fpops_bound,
         memory_bound=memory_bound,
-        disk_bound=disk_bound,
+        disk_bound=defaults.rsc_disk_bound if disk_bound is None else disk_bound,
         delay_bound=delay_bound,
         target_nresults=target_nresults,
         min_quorum=min_quorum,

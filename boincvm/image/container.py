@@ -56,7 +56,8 @@ from boincvm.image.guest import (
     is_built,
 )
 from boincvm.image.oci import DEFAULT_MAX_ROOT_BYTES, ImageConfig, RootTree, apply_layers, load_image
-from boincvm.job import Task, VmJob, load_job, render_job
+from boincvm.job import Task, VmJob, load_job
+from boincvm.job.render import render_job
 from boincvm.render import render, templates_dir
 
 log = logging.getLogger(__name__)
@@ -174,16 +175,6 @@ def image_task(image_dir: Path) -> Task | None:
 # -- the disk ----------------------------------------------------------------------------
 
 
-def _tool(name: str) -> str:
-    found = proc.which(name)
-    if found:
-        return str(found)
-    for d in ("/usr/sbin", "/sbin"):
-        if Path(d, name).is_file():
-            return str(Path(d, name))
-    return name
-
-
 def _debugfs_name(rel: str) -> str:
     return '"/' + rel.replace('"', '""') + '"'
 
@@ -215,7 +206,7 @@ def _root_disk(tree: RootTree, work: Path, out_dir: Path, *, free_mb: int, entri
         f.truncate(size)
     proc.run(
         [
-            _tool("mkfs.ext4"),
+            proc.system_tool("mkfs.ext4"),
             "-q",
             "-F",
             "-L",
@@ -237,7 +228,7 @@ def _root_disk(tree: RootTree, work: Path, out_dir: Path, *, free_mb: int, entri
     if cmds:
         script = work / "fixups.debugfs"
         script.write_text("\n".join(cmds) + "\n", encoding="utf-8")
-        done = proc.run([_tool("debugfs"), "-w", "-f", script, raw], timeout=1800)
+        done = proc.run([proc.system_tool("debugfs"), "-w", "-f", script, raw], timeout=1800)
         problems = [
             line
             for line in done.stderr.decode("utf-8", "replace").splitlines()

@@ -193,16 +193,6 @@ def input_hash(rec: Recipe, packages: dict[str, str]) -> str:
 # -- the build ---------------------------------------------------------------------
 
 
-def _tool(name: str) -> str:
-    found = proc.which(name)
-    if found:
-        return str(found)
-    for d in ("/usr/sbin", "/sbin"):
-        if Path(d, name).is_file():
-            return str(Path(d, name))
-    return name  # proc.run then raises CommandNotFound with a hint
-
-
 def _download(packages: dict[str, str], dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     specs = [f"{n}={v}" for n, v in sorted(packages.items())]
@@ -328,7 +318,7 @@ def _scratch_disk(rec: Recipe, work: Path, out_dir: Path) -> str:
         f.truncate(rec.disk_mb * 1024 * 1024)
     proc.run(
         [
-            _tool("mkfs.ext4"),
+            proc.system_tool("mkfs.ext4"),
             "-q",
             "-F",
             "-L",

@@ -13,7 +13,6 @@ no more than a package of the limit's size.
 
 from __future__ import annotations
 
-import enum
 import lzma
 import posixpath
 import stat
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from boincvm.errors import PackageError
 from boincvm.findings import Finding, error, info, warning
+from boincvm.job.model import PackageKind
 from boincvm.package.payload import BUSYBOX_RPM, Compression, read_payload, sniff
 
 DEFAULT_PREFIXES = ("/opt/", "/usr/local/")
@@ -35,13 +35,6 @@ BUSYBOX_RPM_PAYLOADS = tuple(sorted(c.value for c in BUSYBOX_RPM))
 MAX_TAR_MEMBERS = 200_000
 _RPM_LEAD = b"\xed\xab\xee\xdb"
 _RPMFILE_GHOST = 64
-
-
-class PackageKind(enum.StrEnum):
-    """The two package formats."""
-
-    RPM = "rpm"
-    TAR = "tar"
 
 
 @dataclass(frozen=True)

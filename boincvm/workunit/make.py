@@ -44,9 +44,9 @@ from boincvm.job import (
     PackageKind,
     VmJob,
     checkpoint_disk_mb,
-    render_job,
     validate_job,
 )
+from boincvm.job.render import render_job
 from boincvm.names import (
     check_identifier,
     check_logical_name,

@@ -58,6 +58,7 @@ def test_deploy_refuses_a_directory_that_is_not_a_project(
     assert "Traceback" not in err
     assert json.loads(out) == {
         "ok": False,
+        "exit_code": 3,
         "error": f"{tmp_path} is not a BOINC project directory (no config.xml)",
         "hint": "give the project's root directory, the one BOINC's make_project created "
         "(config.xml, bin/, apps/)",

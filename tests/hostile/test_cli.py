@@ -389,6 +389,31 @@ CASES: list[tuple[str, Setup, int, str]] = [
         "sandbox",
     ),
     (
+        "jinja-recursive-macro",
+        _batch("rows.csv", b"x\n1\n", "--name", "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(x) }}"),
+        3,
+        "calls itself without end",
+    ),
+    (
+        "jinja-endless-loops",
+        _batch(
+            "rows.csv",
+            b"x\n1\n",
+            "--command-line",
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+        ),
+        3,
+        "ran longer than 2 s on one row",
+    ),
+    (
+        "jinja-output-bomb",
+        _batch(
+            "rows.csv", b"x\n1\n", "--command-line", "{% for a in range(100000) %}{{ 'a' * 900 }}{% endfor %}"
+        ),
+        3,
+        "longer than 1000000",
+    ),
+    (
         "jinja-row-type-error",
         _batch("rows.csv", b"x\n1\n", "--command-line", "{{ x + 1 }}"),
         3,

@@ -49,7 +49,8 @@ from boincvm.hypervisor.base import (
     ProcessStatus,
     VmSpec,
 )
-from boincvm.job import OutputFile, Task, VmJob, render_job, resolve
+from boincvm.job import OutputFile, Task, VmJob, resolve
+from boincvm.job.render import render_job
 from boincvm.wrapper.guest_contract import (
     MAX_TEMPORARY_EXIT_DELAY,
     completion_trigger,

@@ -6,7 +6,8 @@ import pytest
 
 from boincvm.errors import InputError
 from boincvm.hypervisor.qemu.options import DEFAULT_MACHINE, QemuOptions
-from boincvm.job import BackendOption, Task, VmJob, parse_job, render_job, resolve, validate_job
+from boincvm.job import BackendOption, Task, VmJob, parse_job, resolve, validate_job
+from boincvm.job.render import render_job
 
 OPTION_XML = (
     "<vm_job><backend_option><name>{}</name><value>{}</value></backend_option>"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from boincvm.errors import XmlError
-from boincvm.job import CheckpointMode, Task, VmJob, parse_job, render_job, resolve, validate_job
+from boincvm.job import CheckpointMode, Task, VmJob, parse_job, resolve, validate_job
+from boincvm.job.render import render_job
 from boincvm.wrapper import guest_api
 from boincvm.wrapper.guest_contract import temporary_exit_trigger
 

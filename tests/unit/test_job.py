@@ -17,10 +17,10 @@ from boincvm.job import (
     VmJob,
     load_job,
     parse_job,
-    render_job,
     resolve,
     validate_job,
 )
+from boincvm.job.render import render_job
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from boincvm.findings import errors_in
-from boincvm.job import BackendOption, Task, VmJob, parse_job, render_job, resolve, validate_job
+from boincvm.job import BackendOption, Task, VmJob, parse_job, resolve, validate_job
+from boincvm.job.render import render_job
 
 
 def test_the_flag_parses_renders_and_resolves() -> None:

@@ -19,7 +19,8 @@ from boincvm.hypervisor.base import VmSpec
 from boincvm.hypervisor.vmware.backend import BASE_DIR, VmwareBackend
 from boincvm.hypervisor.vmware.files import COPY_MAX_BYTES, VmFile, collect_vm, rebuild_vm_dir
 from boincvm.hypervisor.vmware.vmx import VmxFile, parse_vmsd
-from boincvm.job import ImageFile, VmJob, load_job, parse_job, render_job
+from boincvm.job import ImageFile, VmJob, load_job, parse_job
+from boincvm.job.render import render_job
 from tests.fakes.vmware_vm import VM_FILES, make_vm, write_vmsd
 from tests.unit.test_vmware_backend import calls, install_fake, stop_everything
 
