@@ -112,6 +112,13 @@ class ValidationFailed(BoincvmError):
         self.findings = list(findings)
 
 
+class PathsNotJudged(ValidationFailed):
+    """``validate`` could not read or place some of its paths (the others were judged)."""
+
+    exit_code = 3
+    default_hint = "check the paths named above"
+
+
 class ToolError(BoincvmError):
     """An external program is missing, failed or timed out."""
 

@@ -7,12 +7,16 @@ VMware VM, and returns a :class:`Report` whose findings each name their place.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import tarfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm.appversion.check import check_app_version
+from boincvm.appversion.model import app_version_app_name
 from boincvm.appversion.plan_class import ENTRY_NAME as PLAN_CLASS_ENTRY
 from boincvm.appversion.plan_class import FILE_NAME as PLAN_CLASS_FILE
 from boincvm.appversion.plan_class import check_plan_class_spec
@@ -23,6 +27,7 @@ from boincvm.hashing import md5_file
 from boincvm.hypervisor.vmware.inspect import check_vmware
 from boincvm.image.elf import looks_like_kernel
 from boincvm.image.inspect import check_guest_tools
+from boincvm.image.oci import load_image
 from boincvm.job import JOB_OPEN_NAME, parse_job, validate_job
 from boincvm.package import check_package
 from boincvm.workunit.directory import SUMMARY_NAME, open_workunit_dir
@@ -45,6 +50,8 @@ class PathKind(enum.StrEnum):
     IMAGE = "image"
     VMWARE = "vmware vm"
     PLAN_CLASS_SPEC = "plan class spec"
+    CONTAINER_IMAGE = "container image"
+    UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,8 @@ def validate_path(path: Path, *, boot: bool = False) -> Report:
         findings = list(check_package(path))
     elif kind is PathKind.VMWARE:
         findings = list(check_vmware(path))
+    elif kind is PathKind.CONTAINER_IMAGE:
+        findings = check_container_image(path)
     else:
         findings = list(check_guest_tools(path, boot=boot))
     return Report(path, kind, tuple(findings))
@@ -120,6 +129,8 @@ def detect_kind(path: Path) -> PathKind:
         InputError: nothing boincvm knows.
     """
     name = path.name.lower()
+    if _is_container_image(path):
+        return PathKind.CONTAINER_IMAGE
     if path.is_dir():
         if (path / SUMMARY_NAME).is_file():
             return PathKind.WORKUNIT_DIR
@@ -131,7 +142,8 @@ def detect_kind(path: Path) -> PathKind:
             return PathKind.VMWARE
         raise InputError(
             f"{path} is a directory boincvm does not recognise",
-            hint="expected a workunit directory (make-workunit), an app version (package-image) or an image",
+            hint="expected a workunit directory (make-workunit), an app version (package-image), "
+            "an image or an OCI image layout",
         )
     if name.endswith(_PACKAGE_SUFFIXES):
         return PathKind.PACKAGE
@@ -163,6 +175,76 @@ def detect_kind(path: Path) -> PathKind:
         hint="validate takes a vm job (.xml), template, workunit or app version directory, "
         "package (.rpm, .tar.gz), image (.qcow2, .img, .vmdk) or .vmx",
     )
+
+
+def _is_container_image(path: Path) -> bool:
+    """An OCI image layout (``oci-layout`` + ``index.json``) or a docker/podman save tarball."""
+    if path.is_dir():
+        return (path / "oci-layout").is_file() and (path / "index.json").is_file()
+    if not path.name.lower().endswith(".tar") or not path.is_file():
+        return False
+    try:
+        with tarfile.open(path) as tar:
+            names = set()
+            for _ in range(64):  # the top-level documents come first; never read a whole archive
+                member = tar.next()
+                if member is None:
+                    break
+                names.add(member.name.lstrip("./"))
+    except (tarfile.TarError, OSError):
+        return False
+    return "manifest.json" in names or {"oci-layout", "index.json"} <= names
+
+
+def check_container_image(path: Path) -> list[Finding]:
+    """Findings for a container image (what ``build-image --from-oci`` takes)."""
+    try:
+        image = load_image(path)
+    except BoincvmError as exc:
+        return [error("image", exc.message, exc.hint)]
+    return [
+        info("image", f"linux/amd64, {len(image.layers)} layers, identity {image.identity[:19]}"),
+        info("image", "build a guest from it with 'boincvm build-image --from-oci'"),
+    ]
+
+
+def validate_paths(paths: Sequence[Path], *, boot: bool = False) -> list[Report]:
+    """A report for every path (one that cannot be read or placed gets an error finding, and
+    the others are still judged), then the cross-checks between them: workunits and app
+    versions given together must be for the same app."""
+    reports = []
+    for path in paths:
+        try:
+            reports.append(validate_path(path, boot=boot))
+        except BoincvmError as exc:
+            reports.append(Report(path, PathKind.UNKNOWN, (error("path", exc.message, exc.hint),)))
+    return _cross_check(reports)
+
+
+def _cross_check(reports: list[Report]) -> list[Report]:
+    apps = {}
+    for r in reports:
+        if r.kind is PathKind.APP_VERSION and (name := app_version_app_name(r.path)) is not None:
+            apps[r.path] = name
+    if not apps:
+        return reports
+    out = []
+    for r in reports:
+        if r.kind is PathKind.WORKUNIT_DIR:
+            with contextlib.suppress(BoincvmError):
+                app = open_workunit_dir(r.path).app_name
+                wrong = {str(p): a for p, a in apps.items() if a != app}
+                if wrong:
+                    theirs = ", ".join(f"{p} is for {a!r}" for p, a in wrong.items())
+                    found = error(
+                        "app_name",
+                        f"the workunits are for app {app!r}, but the app version {theirs}",
+                        hint="make the workunits with --app set to the app version's app, "
+                        "or give the app version of theirs",
+                    )
+                    r = Report(r.path, r.kind, (*r.findings, found))
+        out.append(r)
+    return out
 
 
 # -- vm jobs --------------------------------------------------------------------------------

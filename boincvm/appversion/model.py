@@ -3,6 +3,7 @@ the ``version.xml`` it writes (read back here as :class:`VersionXml`)."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -217,6 +218,32 @@ def parse_version_xml(data: bytes, what: str = "version.xml") -> tuple[VersionXm
     return VersionXml(
         tuple(files), text_of(api) if api is not None else None, root.find("is_wrapper") is not None
     ), out
+
+
+def app_version_app_name(directory: Path) -> str | None:
+    """The app an app version directory is for, as package-image recorded it (None: unknown)."""
+    for name in (SUMMARY_NAME, LEGACY_SUMMARY_NAME):
+        try:
+            value = json.loads((directory / name).read_text(encoding="utf-8")).get("app_name")
+        except (OSError, ValueError, AttributeError):
+            continue
+        return value if isinstance(value, str) else None
+    return None
+
+
+def check_app_matches(directory: Path, app_name: str) -> None:
+    """Refuse workunits of ``app_name`` for the app version in ``directory`` if it is another app's.
+
+    Raises:
+        InputError: the app version was made for another app (a real project would never
+            send these workunits to it).
+    """
+    theirs = app_version_app_name(directory)
+    if theirs is not None and theirs != app_name:
+        raise InputError(
+            f"the workunits are for app {app_name!r}, but the app version {directory} is for {theirs!r}",
+            hint=f"use --app {theirs}, or give the app version of {app_name}",
+        )
 
 
 def app_version_defaults(directory: Path) -> VmJob:

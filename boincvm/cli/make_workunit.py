@@ -248,8 +248,9 @@ def command(
         ),
     )
     if app_version is not None:
-        from boincvm.appversion.model import app_version_defaults
+        from boincvm.appversion.model import app_version_defaults, check_app_matches
 
+        check_app_matches(app_version, app_name)
         request = replace(request, defaults=app_version_defaults(app_version))
     if package is not None and program_dir is not None:
         raise click.UsageError("give --package or --program, not both")

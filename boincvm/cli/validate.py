@@ -22,14 +22,16 @@ def command(paths: tuple[Path, ...], boot: bool, as_json: bool, strict: bool) ->
     """Check that each PATH is well-formed and consistent.
 
     PATH may be a vm job file, an input or output template, a workunit directory, an app version
-    directory, a guest package (.rpm, .tar.gz), an image or a VMware .vmx/.vmdk. Exit 0 when all
-    are valid, 4 when any has an error (see the README's exit codes).
+    directory, a guest package (.rpm, .tar.gz), an image, a container image (OCI layout or docker
+    save tarball) or a VMware .vmx/.vmdk. Every path gets a verdict; workunits and app versions
+    given together are checked to be for the same app. Exit 0 when all are valid, 4 when any
+    has an error, 3 when a path could not be read or placed (see the README's exit codes).
     """
-    from boincvm.errors import ValidationFailed
+    from boincvm.errors import PathsNotJudged, ValidationFailed
     from boincvm.findings import Severity
-    from boincvm.validate import validate_path
+    from boincvm.validate import PathKind, validate_paths
 
-    reports = [validate_path(p, boot=boot) for p in paths]
+    reports = validate_paths(paths, boot=boot)
     bad = 0
     for report in reports:
         failing = [
@@ -49,6 +51,15 @@ def command(paths: tuple[Path, ...], boot: bool, as_json: bool, strict: bool) ->
                     console.err.print(f"    hint: {f.hint}", style="cyan")
     if as_json:
         console.out(json.dumps([r.as_dict() for r in reports], indent=2))
+    unknown = [r for r in reports if r.kind is PathKind.UNKNOWN]
+    if unknown:
+        first = unknown[0].findings[0]
+        many = f"{len(unknown)} of {len(reports)} paths could not be judged; the first: "
+        raise PathsNotJudged(
+            (many if len(reports) > 1 else "") + first.message,
+            [f for r in reports for f in r.findings],
+            hint=first.hint,
+        )
     if bad:
         raise ValidationFailed(
             f"{bad} of {len(reports)} path{'s' if len(reports) != 1 else ''} failed validation",

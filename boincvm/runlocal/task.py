@@ -3,7 +3,7 @@ into the :class:`~boincvm.boinc.slot.LocalTask` the client (emulated or real) is
 
 from __future__ import annotations
 
-from boincvm.appversion.model import parse_version_xml
+from boincvm.appversion.model import check_app_matches, parse_version_xml
 from boincvm.boinc.slot import LocalTask, OutputFile, TaskFile
 from boincvm.errors import InputError
 from boincvm.findings import errors_in
@@ -17,11 +17,12 @@ def build_task(req: RunLocalRequest) -> LocalTask:
     """The LocalTask for the workunit and app version directories.
 
     Raises:
-        InputError: either directory is unusable.
+        InputError: either directory is unusable, or they are for different apps.
     """
     wud = open_workunit_dir(req.workunit_dir)
     record = wud.record(req.workunit)
     av = req.app_version_dir
+    check_app_matches(av, wud.app_name)
     vx, findings = parse_version_xml(read_bytes(av / "version.xml", what="version.xml"))
     if findings:
         raise InputError(f"{av}/version.xml: {findings[0]}")
