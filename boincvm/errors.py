@@ -27,6 +27,8 @@ code  meaning
 8     the workunit failed under run-local (BOINC outcome in the summary)
 9     run-local's client could not set up or run the task: a missing task file,
       a client time-out (``ClientError``, :mod:`boincvm.boinc.errors`)
+10    run-local ran the workunit to success, but a fault it was asked to inject never
+      happened (the run ended before its point); the summary says why
 196   the wrapper (the app version's main program, not the CLI) refused the job before the
       VM started: the slot's file system is smaller than the job's disk need
       (``EXIT_DISK_LIMIT_EXCEEDED``, the BOINC task's exit status)
@@ -204,6 +206,13 @@ class OutputError(GuestError):
 
 class OutputMissing(OutputError):
     """A result file the program never wrote (the wrapper skips an optional one)."""
+
+
+class FaultsMissed(BoincvmError):
+    """``run-local`` ran the workunit, but a fault it was asked to inject never happened."""
+
+    exit_code = 10
+    default_hint = "pick a point the run reaches (see the summary's faults_missed)"
 
 
 class WorkunitFailed(BoincvmError):

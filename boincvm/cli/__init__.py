@@ -20,7 +20,7 @@ import click
 
 from boincvm import __version__
 from boincvm.cli import console
-from boincvm.errors import BoincvmError, ValidationFailed
+from boincvm.errors import BoincvmError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -164,7 +164,7 @@ def _show_click_error(exc: click.ClickException) -> None:
 def _fail(code: int, sentence: str, hint: str, *, as_json: bool) -> NoReturn:
     """Say what went wrong on stderr (and, with ``--json``, as one JSON object on stdout), then exit."""
     console.error(sentence, hint)
-    if as_json:
+    if as_json and not console.wrote_stdout():
         console.out(json.dumps({"ok": False, "exit_code": code, "error": sentence, "hint": hint}, indent=2))
     sys.exit(code)
 
@@ -173,14 +173,15 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``boincvm`` console script; maps errors to documented exit codes.
 
     With ``--json``, a failure also prints one JSON object on stdout (``ok`` false, the exit
-    code, the sentence and the hint), so a script always has JSON to read; ``validate``'s
-    findings are its own JSON already.
+    code, the sentence and the hint), so a script always has JSON to read, unless the command
+    printed its own JSON before failing (``validate``'s findings, ``run-local``'s summary).
     """
     from boincvm.bounds import os_hint
 
     args = argv if argv is not None else sys.argv[1:]
     debug = "--debug" in args
     as_json = "--json" in args
+    console.forget_stdout()
     try:
         with _signals_as_exceptions():
             cli.main(args=argv, prog_name="boincvm", standalone_mode=False)
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(130, "interrupted", "nothing half-made was left behind; run the command again", as_json=as_json)
     except click.ClickException as exc:
         _show_click_error(exc)
-        if as_json:
+        if as_json and not console.wrote_stdout():
             console.out(json.dumps({"ok": False, "exit_code": exc.exit_code, "error": exc.format_message()}))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
@@ -202,8 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     except BoincvmError as exc:
         if debug:
             console.err.print_exception(show_locals=False)
-        # validate --json has printed its findings: one JSON document on stdout, not two.
-        _fail(exc.exit_code, exc.message, exc.hint, as_json=as_json and not isinstance(exc, ValidationFailed))
+        # A command that printed its own JSON (validate's findings, run-local's summary) keeps
+        # stdout to that one document.
+        _fail(exc.exit_code, exc.message, exc.hint, as_json=as_json)
     except OSError as exc:
         # An OS error on a path the user named (ENOTDIR, EACCES, ENOSPC, EROFS, ...) is a
         # sentence about that path, not a bug; the domain names most of them itself.

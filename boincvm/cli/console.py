@@ -91,8 +91,23 @@ def error(msg: str, hint: str | None = None) -> None:
         err.print(f"hint: {hint}", style="cyan")
 
 
+#: Whether this command has written an artefact on stdout (a --json failure then adds no second document).
+_wrote = [False]
+
+
+def forget_stdout() -> None:
+    """A new command starts (the tests run several in one process): nothing written yet."""
+    _wrote[0] = False
+
+
+def wrote_stdout() -> bool:
+    """Whether :func:`out` has written anything since the process started."""
+    return _wrote[0]
+
+
 def out(text: str) -> None:
     """An artefact on stdout (XML, JSON, paths)."""
+    _wrote[0] = True
     # Artefacts are written as they are, except to a terminal, which gets escapes shown.
     if sys.stdout.isatty():
         text = printable(text)

@@ -83,7 +83,12 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
     help="Never fall back to TCG: a host without usable KVM makes a temporary exit with a notice "
     "(<vm_accel_required/>; ship it with an app version whose plan class asks for vmx or svm).",
 )
-@click.option("--checkpoint-interval", type=float, help="Minimum seconds between checkpoints.")
+@click.option(
+    "--checkpoint-interval",
+    type=float,
+    help="Minimum seconds between checkpoints (the job's minimum_checkpoint_interval; default 600, "
+    "or the app version's). The client's checkpoint period applies too: the longer wins.",
+)
 @click.option("--fraction-done-file", help="Guest file where the program writes its fraction done.")
 @click.option("--credit-file", help="Guest file where the program writes operations done so far.")
 @click.option("--cpu-time", type=click.Choice(["host", "guest"]), help="Which CPU time to claim.")

@@ -150,6 +150,15 @@ def command(
             f"workunit {summary.workunit}: {summary.outcome}: {summary.message}",
             hint=f"see {results_dir / 'stderr.txt'} for the wrapper's log",
         )
+    if summary.faults_missed:
+        from boincvm.errors import FaultsMissed
+
+        raise FaultsMissed(
+            f"the workunit succeeded, but {len(summary.faults_missed)} of {len(faults)} requested faults "
+            f"never happened: {summary.faults_missed[0]}",
+            hint="pick a point the run reaches: for checkpoint:N, make the workunit with "
+            "--checkpoint-interval below the run's length and give --checkpoint-period as short",
+        )
 
 
 class _View:
@@ -185,6 +194,9 @@ class _View:
             table.add_row("CPU time", f"{state.cpu_time:8.1f} s")
             table.add_row("elapsed", f"{state.elapsed:8.1f} s")
             table.add_row("checkpoints", str(state.checkpoints))
+            table.add_row(
+                "checkpoint interval", _interval(state.checkpoint_interval, state.checkpoint_interval_source)
+            )
             table.add_row("starts", str(state.starts))
             if state.accel:
                 table.add_row("accelerator", state.accel)
@@ -204,6 +216,13 @@ class _View:
             self.last_phase = state.phase
 
 
+def _interval(seconds: float, source: str) -> str:
+    """The effective checkpoint interval and what decides it, in words."""
+    if seconds == float("inf"):
+        return f"only when the program asks ({source})"
+    return f"at most every {seconds:g} s ({source})"
+
+
 def _show_summary(summary: object) -> None:
     from rich.table import Table
 
@@ -217,12 +236,19 @@ def _show_summary(summary: object) -> None:
     table.add_row("CPU time claimed", f"{summary.cpu_time:.2f} s")
     table.add_row("credit claimed", f"{summary.credit_claimed:.4f}")
     table.add_row("checkpoints", str(summary.checkpoints))
+    table.add_row(
+        "checkpoint interval", _interval(summary.checkpoint_interval, summary.checkpoint_interval_source)
+    )
+    for missed in summary.faults_missed:
+        table.add_row("FAULT MISSED", missed)
     table.add_row("starts", str(summary.starts))
     for phase, secs in summary.timings.items():
         table.add_row(f"time in {phase}", f"{secs:.2f} s")
     for o in summary.outputs:
         table.add_row(
-            f"output {o['name']}", f"{o['size']} bytes" + (f"  ERROR: {o['error']}" if o.get("error") else "")
+            f"output {o['name']}",
+            ("missing" if o["size"] is None else f"{o['size']} bytes")
+            + (f"  ERROR: {o['error']}" if o.get("error") else ""),
         )
     for t in summary.trickles:
         table.add_row(f"trickle up {t['variety']}", t["text"].strip()[:200])

@@ -20,7 +20,7 @@ from boincvm.boinc.client import ClientOptions, LocalClient, Outcome, OutcomeKin
 from boincvm.boinc.slot import LocalTask, clean_slot
 from boincvm.runlocal.faults import FaultKind
 from boincvm.runlocal.request import CREDIT_PER_FLOP, LiveState, RunLocalRequest, RunSummary
-from boincvm.runlocal.task import build_task
+from boincvm.runlocal.task import build_task, checkpoint_interval
 from boincvm.wrapper.status import STATUS_FILE, StatusReport
 
 
@@ -58,6 +58,13 @@ def run_local(req: RunLocalRequest, on_update: Callable[[LiveState], None] | Non
         client_pid=0 if heartbeat_fault else None,
     )
     live = LiveState()
+    live.checkpoint_interval, live.checkpoint_interval_source = checkpoint_interval(req)
+    every = (
+        "only when the program asks"
+        if live.checkpoint_interval == float("inf")
+        else (f"at most every {live.checkpoint_interval:g} s")
+    )
+    live.events.append(f"   0.0s  checkpoints {every}: {live.checkpoint_interval_source}")
     pending = list(enumerate(req.faults))
     reached_at: dict[int, float] = {}  # when each pending fault's point was reached
     timings: dict[str, float] = {}
@@ -187,6 +194,12 @@ def run_local(req: RunLocalRequest, on_update: Callable[[LiveState], None] | Non
         events=live.events,
         stderr_tail=outcome.stderr_tail[-4000:],
         trickles=trickles,
+        checkpoint_interval=live.checkpoint_interval,
+        checkpoint_interval_source=live.checkpoint_interval_source,
+        faults_missed=[
+            f.why_missed(live, live.elapsed, live.checkpoint_interval, live.checkpoint_interval_source)
+            for _, f in pending
+        ],
     )
 
 

@@ -4,6 +4,7 @@ point of the run (``WHEN``: seconds, a wrapper phase, a progress point or a chec
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass
 from typing import Protocol
@@ -114,3 +115,29 @@ class Fault:
         if self.checkpoints is not None:
             return f"checkpoint {self.checkpoints}"
         return f"phase {self.phase}" if self.phase else f"{self.seconds:g} s"
+
+    def option(self) -> str:
+        """The fault as it was asked for on the command line, in words."""
+        return f"--{self.kind.value}-at {self.describe()}" + (
+            f"+{self.seconds:g}" if self._has_point() else ""
+        )
+
+    def _has_point(self) -> bool:
+        return bool(self.seconds) and any(
+            v is not None for v in (self.phase, self.progress, self.checkpoints)
+        )
+
+    def why_missed(self, live: RunPoint, elapsed: float, interval: float, interval_source: str) -> str:
+        """Why this fault never happened, for a run that ended (in phase ``live.phase``)."""
+        ended = (
+            f"the run ended after {elapsed:.0f} s in phase {live.phase}, {live.fraction_done:.0%} done, "
+            f"with {live.checkpoints} checkpoint{'s' if live.checkpoints != 1 else ''}"
+        )
+        if self.checkpoints is not None:
+            every = "only when the program asks" if math.isinf(interval) else f"at most every {interval:g} s"
+            return f"{self.option()} never happened: {ended}; checkpoints come {every} ({interval_source})"
+        if self.progress is not None:
+            return f"{self.option()} never happened: {ended} (the wrapper never reported {self.progress:.0%})"
+        if self.phase is not None:
+            return f"{self.option()} never happened: {ended}, and phase {self.phase} never came"
+        return f"{self.option()} never happened: {ended}, before {self.seconds:g} s"

@@ -3,6 +3,7 @@ gives back (:class:`RunSummary`); the emulator and the real-client driver share 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,9 @@ class LiveState:
     last_output: str = ""
     accel: str = ""
     wrapper_pid: int | None = None
+    #: The most often the wrapper checkpoints (seconds; inf: only when the program asks) and why.
+    checkpoint_interval: float = 0.0
+    checkpoint_interval_source: str = ""
     events: list[str] = field(default_factory=list)
 
 
@@ -66,7 +70,15 @@ class RunSummary:
     stderr_tail: str
     #: The trickle-up messages the task sent, oldest first: {"variety", "text"}.
     trickles: list[dict[str, str]] = field(default_factory=list)
+    #: The most often the wrapper checkpointed (seconds; inf: only when the program asked) and why.
+    checkpoint_interval: float = 0.0
+    checkpoint_interval_source: str = ""
+    #: The requested faults that never happened, each with why (the run ended first).
+    faults_missed: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return dict(self.__dict__)
+        """JSON-ready form (an interval of "only when the program asks" is null)."""
+        out = dict(self.__dict__)
+        if math.isinf(self.checkpoint_interval):
+            out["checkpoint_interval"] = None
+        return out

@@ -3,10 +3,11 @@ into the :class:`~boincvm.boinc.slot.LocalTask` the client (emulated or real) is
 
 from __future__ import annotations
 
-from boincvm.appversion.model import check_app_matches, parse_version_xml
+from boincvm.appversion.model import app_version_defaults, check_app_matches, parse_version_xml
 from boincvm.boinc.slot import LocalTask, OutputFile, TaskFile
 from boincvm.errors import InputError
 from boincvm.findings import errors_in
+from boincvm.job import DEFAULT_CHECKPOINT_INTERVAL, JOB_OPEN_NAME, VmJob, load_job
 from boincvm.runlocal.request import RunLocalRequest
 from boincvm.workunit.directory import open_workunit_dir
 from boincvm.workunit.templates import read_output_template, resources_of
@@ -78,3 +79,40 @@ def build_task(req: RunLocalRequest) -> LocalTask:
 def _quote_for_client(cmd: str) -> str:
     # create_work stores the line as given; the client splits it itself.
     return cmd
+
+
+def checkpoint_interval(req: RunLocalRequest) -> tuple[float, str]:
+    """How often the wrapper checkpoints at most, and what decides it.
+
+    The wrapper checkpoints when the client says it is time (its checkpoint period) and the
+    job's ``minimum_checkpoint_interval`` has passed since the last one: the longer of the two
+    wins. The job's value comes from the workunit's vm job, else the app version's defaults,
+    else boincvm's default (600 s). A job with ``disable_automatic_checkpoints`` checkpoints
+    only when its program asks: ``inf``.
+
+    Raises:
+        InputError, XmlError: the workunit's or the app version's job is unreadable.
+    """
+    wud = open_workunit_dir(req.workunit_dir)
+    record = wud.record(req.workunit)
+    defaults = app_version_defaults(req.app_version_dir)
+    own = next((f for f in record.files if f.open_name == JOB_OPEN_NAME), None)
+    job = load_job(wud.download / own.physical_name) if own is not None else VmJob()
+    merged = defaults.merged(job)
+    if merged.disable_automatic_checkpoints:
+        return float("inf"), "the job disables automatic checkpoints (only the program's own)"
+    if job.minimum_checkpoint_interval is not None:
+        minimum, source = (
+            job.minimum_checkpoint_interval,
+            "minimum_checkpoint_interval in the workunit's vm job",
+        )
+    elif defaults.minimum_checkpoint_interval is not None:
+        minimum, source = (
+            defaults.minimum_checkpoint_interval,
+            "minimum_checkpoint_interval in the app version",
+        )
+    else:
+        minimum, source = DEFAULT_CHECKPOINT_INTERVAL, "boincvm's default minimum_checkpoint_interval"
+    if req.checkpoint_period >= minimum:
+        return req.checkpoint_period, "the client's checkpoint period (--checkpoint-period)"
+    return minimum, source

@@ -12,6 +12,9 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+from boincvm.job import CheckpointMode
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +25,9 @@ CHECKPOINT_FILE = "boincvm_checkpoint.json"
 class CheckpointRecord:
     """What ``boincvm_checkpoint.json`` says: the last committed checkpoint of this slot.
 
-    ``snapshot`` names the VM snapshot, or (``mode`` ``app``) the slot directory that holds
-    the program's own checkpoint files, saved under their index in the job's list.
+    ``snapshot`` names the VM snapshot, or (``mode`` :attr:`CheckpointMode.APP`) the slot
+    directory that holds the program's own checkpoint files, saved under their index in the
+    job's list (see :mod:`.app_checkpoint`). On disk ``mode`` is the mode's value.
     """
 
     snapshot: str
@@ -32,7 +36,24 @@ class CheckpointRecord:
     cpu_time: float
     elapsed: float
     checkpoints: int = 1
-    mode: str = "vm"
+    mode: CheckpointMode = CheckpointMode.VM
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as ``boincvm_checkpoint.json`` holds it."""
+        return {**asdict(self), "mode": self.mode.value}
+
+    @classmethod
+    def from_json(cls, data: object) -> CheckpointRecord:
+        """The record a parsed ``boincvm_checkpoint.json`` holds (a missing mode is ``vm``).
+
+        Raises:
+            TypeError: it is not an object of the record's fields.
+            ValueError: its mode is not a checkpoint mode.
+        """
+        if not isinstance(data, dict):
+            raise TypeError(f"expected an object, got {type(data).__name__}")
+        fields = {k: v for k, v in data.items() if k != "mode"}
+        return cls(**fields, mode=CheckpointMode(data.get("mode", CheckpointMode.VM.value)))
 
 
 class CheckpointStore:
@@ -44,8 +65,7 @@ class CheckpointStore:
     def load(self) -> CheckpointRecord | None:
         """The committed record, or None (none yet, or an unreadable one: start afresh)."""
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            return CheckpointRecord(**data)
+            return CheckpointRecord.from_json(json.loads(self.path.read_text(encoding="utf-8")))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as exc:
@@ -56,7 +76,7 @@ class CheckpointStore:
         """Write the record durably: temp file, fsync, rename, fsync of the directory."""
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         with tmp.open("w", encoding="utf-8") as f:
-            json.dump(asdict(record), f)
+            json.dump(record.to_json(), f)
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(self.path)

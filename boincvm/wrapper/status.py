@@ -29,11 +29,18 @@ class Phase(enum.StrEnum):
     DONE = "done"
 
 
+_PHASES = frozenset(p.value for p in Phase)
+
+
 @dataclass
 class StatusReport:
-    """What the wrapper tells run-local through ``boincvm_status.json`` (not part of BOINC's protocol)."""
+    """What the wrapper tells run-local through ``boincvm_status.json`` (not part of BOINC's protocol).
 
-    phase: str = Phase.BOOT.value
+    On disk ``phase`` and the keys of ``timings`` (seconds spent in each phase) are the
+    phases' values.
+    """
+
+    phase: Phase = Phase.BOOT
     fraction_done: float = 0.0
     cpu_time: float = 0.0
     checkpoints: int = 0
@@ -51,7 +58,12 @@ class StatusReport:
         """
         path = slot_dir / STATUS_FILE
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(asdict(self)), encoding="utf-8")
+        data = {
+            **asdict(self),
+            "phase": self.phase.value,
+            "timings": {str(k): v for k, v in self.timings.items()},
+        }
+        tmp.write_text(json.dumps(data), encoding="utf-8")
         tmp.replace(path)
 
     @classmethod
@@ -71,7 +83,10 @@ class StatusReport:
         for f in fields(cls):
             value = data.get(f.name)
             default = getattr(out, f.name)
-            if f.name == "timings":
+            if f.name == "phase":
+                if isinstance(value, str) and value in _PHASES:
+                    out.phase = Phase(value)
+            elif f.name == "timings":
                 if isinstance(value, dict):
                     out.timings = {str(k): float(v) for k, v in value.items() if isinstance(v, int | float)}
             elif (

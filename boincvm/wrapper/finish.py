@@ -1,0 +1,106 @@
+"""Step 5: the program has ended well: copy the results out, uninstall the package, drop
+the checkpoints, report the final CPU time, write the finish file, power off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from boincvm.boinc.files import ExitCode
+from boincvm.errors import BoincvmError, OutputError, OutputMissing, PathEscapeError
+from boincvm.hypervisor.base import ProcessStatus
+from boincvm.wrapper.checkpoint import CheckpointRecord
+from boincvm.wrapper.guest_contract import GuestFileKind, kind_problem
+from boincvm.wrapper.guest_install import uninstall_script
+from boincvm.wrapper.status import Phase
+from boincvm.wrapper.task import Task
+
+log = logging.getLogger(__name__)
+
+
+def complete(task: Task, status: ProcessStatus, record: CheckpointRecord | None, message: str = "") -> int:
+    """End the task as the program's ``status`` says; the process exit code.
+
+    Raises:
+        OutputError: an output is not a regular file in the job's directory, or too large.
+        OutputMissing: a required output is missing.
+        PathEscapeError: an output's slot name resolves outside the slot and project.
+    """
+    out = (status.stdout_tail + status.stderr_tail).decode("utf-8", "replace").strip()
+    if out:
+        log.info("guest program output (tail):\n%s", out[-2000:])
+    if status.exit_code != 0 or status.signal is not None:
+        what = f"signal {status.signal}" if status.signal is not None else f"code {status.exit_code}"
+        return task.fail(ExitCode.CHILD_FAILED, message or f"the guest program exited with {what}")
+    with task.phase(Phase.COPY_OUT):
+        _copy_out(task)
+    with task.phase(Phase.CLEANUP):
+        _cleanup(task, record)
+    cpu = task.run_cpu()
+    task.app.report(1.0, cpu_time=cpu)
+    task.status.cpu_time = task.app.last_status.current_cpu_time
+    task.status.fraction_done = 1.0
+    task.status.phase = Phase.DONE
+    task.write_status()
+    task.vm.power_off(soft_timeout=2.0)
+    task.store.clear()
+    return task.app.finish(0, message or None)
+
+
+def _copy_out(task: Task) -> None:
+    app, job, files = task.app, task.job, task.files
+    # One look at every output first: copying a FIFO, a device or a symlink out of the
+    # job's directory would hang the guest agent or read what the job does not own.
+    kinds = files.kinds(sorted({files.path(o.guest_path) for o in job.output_files}))
+    for out in job.output_files:
+        target = app.resolve(out.open_name)
+        project = Path(app.init_data.project_dir) if app.init_data.project_dir else None
+        _check_inside(target, (task.slot, project))
+        guest = files.path(out.guest_path)
+        if problem := kind_problem(kinds.get(guest, GuestFileKind.MISSING)):
+            raise OutputError(
+                f"output {out.open_name}: guest file {guest} {problem}",
+                hint="the program must leave each output as a regular file inside the job's directory",
+            )
+        part = task.slot / f".boincvm-{out.open_name}.part"
+        try:
+            task.vm.copy_from_guest(guest, part, max_bytes=out.max_nbytes)
+        except OutputMissing as exc:
+            part.unlink(missing_ok=True)
+            if out.optional:
+                log.info("optional output %s is absent", out.open_name)
+                continue
+            raise OutputMissing(f"output {out.open_name}: {exc.message}") from exc
+        except OutputError as exc:
+            part.unlink(missing_ok=True)
+            raise OutputError(f"output {out.open_name}: {exc.message}") from exc
+        part.replace(target)
+        log.info("output %s: %d bytes", out.open_name, target.stat().st_size)
+
+
+def _cleanup(task: Task, record: CheckpointRecord | None) -> None:
+    job = task.job
+    if task.inputs.package is not None and job.package is not None:
+        kind = job.package.resolved_kind
+        assert kind is not None
+        try:
+            task.files.sh(uninstall_script(kind, job.exec_dir), timeout=120, what="uninstalling the package")
+        except BoincvmError as exc:
+            log.warning("%s", exc.message)
+    if record is not None:
+        with contextlib.suppress(BoincvmError):
+            task.drop_checkpoint(record)
+
+
+def _check_inside(path: Path, roots: Sequence[Path | None]) -> None:
+    real = path.resolve()
+    for root in roots:
+        if root is not None and real.is_relative_to(root.resolve()):
+            return
+    raise PathEscapeError(f"output path {path} resolves outside the slot and project directories")
+
+
+__all__ = ["complete"]
