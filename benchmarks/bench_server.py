@@ -36,9 +36,10 @@ from boincvm.runlocal.real_client import Client  # noqa: E402
 from boincvm.runlocal.request import RunLocalRequest  # noqa: E402
 from boincvm.workunit.directory import open_workunit_dir  # noqa: E402
 from tests.bare_host import BareHost, build_root  # noqa: E402
-from tests.boinc_admin import APP, Admin, assimilated, boincvm_cli, hello, make_toolkit  # noqa: E402
+from tests.boinc_admin import APP, Admin, assimilated, hello, make_toolkit  # noqa: E402
 from tests.boinc_server import BoincServer, running_server  # noqa: E402
 from tests.boinc_server_build import build_server, find_source, make_server  # noqa: E402
+from tests.example_hello import boincvm_cli
 
 TIMEOUT = 1800.0
 

@@ -14,16 +14,11 @@ from boincvm import proc
 from boincvm.job import VmJob
 from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
 from tests.boinc_server import BoincServer
+from tests.example_hello import CHECKOUT, hello_workunits
 
-CHECKOUT = Path(__file__).resolve().parents[1]
 APP = "hello"
 #: BOINC's result and workunit states (db/boinc_db_types.h).
 OVER, SUCCESS, CLIENT_ERROR, VALID, ASSIMILATED = 5, 1, 3, 1, 2
-
-
-def boincvm_cli(*args: str) -> proc.Completed:
-    """The boincvm command line, as root (the administrator's own account)."""
-    return proc.run([sys.executable, "-m", "boincvm", *args], timeout=1800)
 
 
 @dataclass(frozen=True)
@@ -115,37 +110,5 @@ def upload(server: BoincServer, result_name: str) -> bytes:
 
 
 def hello(admin: Admin, directory: str, *, input_path: str | None = None, **options: str) -> Path:
-    """The bundled example's workunits: make-workunit on examples/hello, as the README runs it.
-
-    ``input_path`` is the input ``in`` (a template in a batch; default examples/hello/world.txt);
-    ``options`` are more make-workunit options (``min_quorum="2"`` is ``--min-quorum=2``).
-    """
-    out = admin.work / directory
-    rpm = boincvm_cli(
-        "package-rpm",
-        str(CHECKOUT / "examples/hello/program"),
-        "--name",
-        "hello",
-        "--version",
-        "1.0",
-        "-o",
-        str(admin.work),
-    ).text.strip()
-    extra = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-    boincvm_cli(
-        "make-workunit",
-        "--app",
-        APP,
-        "--package",
-        rpm,
-        "--application",
-        "/opt/hello/bin/hello",
-        "--input",
-        f"in={input_path or CHECKOUT / 'examples/hello/world.txt'}",
-        "--output",
-        "out:100000",
-        "-o",
-        str(out),
-        *extra,
-    )
-    return out
+    """The bundled example's workunits for :data:`APP` in the administrator's work directory."""
+    return hello_workunits(admin.work, directory, app=APP, input_path=input_path, **options)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +31,14 @@ def run(capsys: pytest.CaptureFixture[str]) -> RunFn:
         return (code if isinstance(code, int) else 1), captured.out, captured.err
 
     return _run
+
+
+def make_app_version(root: Path, app: str) -> Path:
+    """``root/av``: package-image of a blank 64 MiB raw disk for ``app`` (zip-application wrapper)."""
+    img = root / "base.img"
+    subprocess.run(["qemu-img", "create", "-f", "raw", str(img), "64M"], check=True, capture_output=True)
+    out = root / "av"
+    with pytest.raises(SystemExit) as exited:
+        main(["-q", "package-image", str(img), "--app", app, "--wrapper", "pyz", "-o", str(out)])
+    assert exited.value.code == 0
+    return out

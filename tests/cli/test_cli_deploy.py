@@ -10,21 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import RunFn
+from tests.cli.conftest import RunFn, make_app_version
 
 
 @pytest.fixture(scope="module")
 def app_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("av")
-    img = root / "base.img"
-    subprocess.run(["qemu-img", "create", "-f", "raw", str(img), "64M"], check=True, capture_output=True)
-    out = root / "av"
-    from boincvm.cli import main
-
-    with pytest.raises(SystemExit) as exited:
-        main(["-q", "package-image", str(img), "--app", "hello", "--wrapper", "pyz", "-o", str(out)])
-    assert exited.value.code == 0
-    return out
+    return make_app_version(tmp_path_factory.mktemp("av"), "hello")
 
 
 def test_the_summary_is_a_dot_name_update_versions_skips(app_version: Path) -> None:

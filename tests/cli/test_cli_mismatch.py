@@ -5,27 +5,17 @@ knows container images."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import RunFn
+from tests.cli.conftest import RunFn, make_app_version
 from tests.oci_images import M, write_docker_archive, write_layout
 
 
 @pytest.fixture(scope="module")
 def app_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("av")
-    img = root / "base.img"
-    subprocess.run(["qemu-img", "create", "-f", "raw", str(img), "64M"], check=True, capture_output=True)
-    out = root / "av"
-    from boincvm.cli import main
-
-    with pytest.raises(SystemExit) as exited:
-        main(["-q", "package-image", str(img), "--app", "mcpi", "--wrapper", "pyz", "-o", str(out)])
-    assert exited.value.code == 0
-    return out
+    return make_app_version(tmp_path_factory.mktemp("av"), "mcpi")
 
 
 def _workunit(run: RunFn, out: Path, app: str, *extra: str) -> tuple[int, str]:

@@ -43,7 +43,6 @@ from tests.boinc_admin import (
     Admin,
     app_version_ids,
     assimilated,
-    boincvm_cli,
     hello,
     make_toolkit,
     results,
@@ -51,6 +50,7 @@ from tests.boinc_admin import (
     workunit,
 )
 from tests.boinc_server import BoincServer, running_server
+from tests.example_hello import boincvm_cli, hello_workunits
 from tests.integration.jobs import SCALE, LongJob, bound
 from tests.integration.test_run_local import qemu_pids_under
 
@@ -243,7 +243,7 @@ def test_deploy_of_workunits_is_idempotent_and_refuses_what_would_never_run(
     assert dup.returncode == 3, dup.stderr.decode()
     assert "the project already has a workunit named twice_0" in dup.stderr.decode()
     # Workunits for an app the project does not have: refused before anything is copied.
-    typo = hello(admin, "wu-typo", name="typo_0", app="helo")
+    typo = hello_workunits(admin.work, "wu-typo", app="helo", name="typo_0")
     before = sorted((server.root / "templates").iterdir())
     refused = admin.deploy(str(typo), check=False)
     assert refused.returncode == 3

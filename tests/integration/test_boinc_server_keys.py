@@ -24,12 +24,12 @@ from tests.boinc_admin import (
     VALID,
     Admin,
     assimilated,
-    boincvm_cli,
     hello,
     make_toolkit,
     results,
 )
 from tests.boinc_server import BoincServer, running_server
+from tests.example_hello import boincvm_cli
 from tests.integration.jobs import SCALE, bound
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800 * max(1.0, SCALE))]

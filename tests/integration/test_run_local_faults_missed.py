@@ -5,41 +5,20 @@ cannot (a checkpoint, when the job's 600 s minimum interval outlasts the whole r
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from boincvm import proc
+from tests.example_hello import boincvm_cli, hello_workunits
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
-
-CHECKOUT = Path(__file__).resolve().parents[2]
-
-
-def _boincvm(*args: str, check: bool = True) -> proc.Completed:
-    return proc.run([sys.executable, "-m", "boincvm", *args], timeout=600, check=check)
 
 
 @pytest.fixture(scope="module")
 def example(guest_image: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     work = tmp_path_factory.mktemp("example")
-    _boincvm("package-image", str(guest_image), "--app", "hello", "-o", str(work / "av"))
-    rpm = _boincvm(
-        "package-rpm",
-        str(CHECKOUT / "examples/hello/program"),
-        "--name",
-        "hello",
-        "--version",
-        "1.0",
-        "-o",
-        str(work),
-    ).text.strip()
-    _boincvm(
-        "make-workunit", "--app", "hello", "--package", rpm, "--application", "/opt/hello/bin/hello",
-        "--input", f"in={CHECKOUT / 'examples/hello/world.txt'}", "--output", "out:100000",
-        "-o", str(work / "wu"),
-    )  # fmt: skip
+    boincvm_cli("package-image", str(guest_image), "--app", "hello", "-o", str(work / "av"))
+    hello_workunits(work, "wu")
     return work / "wu", work / "av"
 
 
@@ -47,7 +26,7 @@ def test_a_fault_the_run_never_reaches_is_named_with_the_checkpoint_interval(
     example: tuple[Path, Path], tmp_path: Path
 ) -> None:
     wu, av = example
-    done = _boincvm(
+    done = boincvm_cli(
         "run-local", str(wu), "--app-version", str(av), "--results", str(tmp_path / "r"),
         "--data-dir", str(tmp_path / "d"), "--checkpoint-period", "1", "--kill-at", "checkpoint:1", "--json",
         check=False,
@@ -67,7 +46,7 @@ def test_a_fault_the_run_never_reaches_is_named_with_the_checkpoint_interval(
 
 def test_a_fault_that_happens_leaves_nothing_missed(example: tuple[Path, Path], tmp_path: Path) -> None:
     wu, av = example
-    done = _boincvm(
+    done = boincvm_cli(
         "run-local", str(wu), "--app-version", str(av), "--results", str(tmp_path / "r"),
         "--data-dir", str(tmp_path / "d"), "--quit-at", "run", "--json",
     )  # fmt: skip
