@@ -3,7 +3,7 @@
 It bundles boincvm and the pure-Python libraries the wrapper imports (defusedxml,
 qemu.qmp, rpmfile), taken from this installation, with fixed timestamps so the same
 sources give the same bytes (and the same md5, so unchanged wrappers are not re-downloaded).
-The volunteer's host needs a Python 3.11+ interpreter on PATH; see the README.
+The volunteer's host needs a Python 3.11+ interpreter on PATH; see docs/commands.md.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ class LazyGroup(click.Group):
         "package-image": ("boincvm.cli.package_image", "Turn a base VM image into a BOINC app version."),
         "build-image": (
             "boincvm.cli.build_image",
-            "Build the bundled example guest image from Debian packages.",
+            "Build a guest image: the example from Debian packages, or from a container image (--from-oci).",
         ),
         "package-rpm": (
             "boincvm.cli.package_rpm",

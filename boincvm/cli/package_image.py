@@ -145,13 +145,11 @@ def command(
     result = package_image(req, lambda step, *_: console.info(step))
     console.success(f"app version {app_name} {version} ({result.version_num}) in {result.directory}")
     console.info(
-        f"next: copy it to apps/{app_name}/{version}/{dirname}/ in the project and run bin/update_versions"
+        f"next: boincvm deploy PROJECT_DIR {result.directory} (as the project's owner) installs it as "
+        f"apps/{app_name}/{version}/{dirname}/"
+        + (", merges its plan class into plan_class_spec.xml" if plan_class else "")
+        + " and runs bin/update_versions"
     )
-    if plan_class:
-        console.info(
-            f"and merge the <plan_class> in {result.directory}/.plan_class_spec.xml into the "
-            "project's plan_class_spec.xml (the README says how)"
-        )
     if as_json:
         console.out(json.dumps(result.as_dict(), indent=2))
     else:

@@ -11,7 +11,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 BACKEND_OPTION_HELP = (
     "A backend option NAME=VALUE (repeatable), e.g. machine=pc for QEMU or guest_user=boinc for "
-    "VMware; the README lists them."
+    "VMware; docs/vm-job.md lists them."
 )
 
 

@@ -6,7 +6,7 @@ program to run. :meth:`VmJob.merged` lays the workunit job over the defaults and
 :func:`resolve` turns the result into a :class:`ResolvedJob` with every value concrete.
 
 The vocabulary borrows BOINC's ``job.xml`` (wrapper) and ``vbox_job.xml`` (vboxwrapper)
-names wherever they mean the same thing; the README documents every element.
+names wherever they mean the same thing; docs/vm-job.md documents every element.
 
 The parts: :mod:`.model` (the typed objects, defaults and slot names), :mod:`.parse`
 (XML -> :class:`VmJob`), :mod:`.validate` (findings, :func:`resolve`) and

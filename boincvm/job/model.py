@@ -118,7 +118,7 @@ class ImageFile:
 class BackendOption:
     """One setting for the backend (QEMU's ``machine``, VMware's ``guest_user`` ...), as text.
 
-    Each backend names and checks its own (``Backend.check_options``); the README lists them.
+    Each backend names and checks its own (``Backend.check_options``); docs/vm-job.md lists them.
     """
 
     name: str

@@ -80,7 +80,7 @@ def _convert(place: str, elem: ET.Element, conv: Callable[[str], Any], findings:
     return value
 
 
-_VALUE_HINT = "write a finite number (no nan, inf or 1e999) or the value the README lists"
+_VALUE_HINT = "write a finite number (no nan, inf or 1e999) or the value docs/vm-job.md lists"
 
 
 def _flag(place: str, elem: ET.Element, findings: list[Finding]) -> bool | None:
@@ -104,7 +104,7 @@ def parse_job(data: bytes | str, *, what: str = "vm job file") -> tuple[VmJob, l
     if root.tag != ROOT:
         raise XmlError(
             f"{what} has root element <{root.tag}>, expected <{ROOT}>",
-            hint="a vm job file starts with <vm_job>; see the README's vm job format",
+            hint="a vm job file starts with <vm_job>; see docs/vm-job.md",
         )
     findings: list[Finding] = []
     values: dict[str, Any] = {}
@@ -154,7 +154,7 @@ def parse_job(data: bytes | str, *, what: str = "vm job file") -> tuple[VmJob, l
                 options.append(option)
         else:
             findings.append(
-                warning(place, "unknown element, ignored", hint="check the spelling against the README")
+                warning(place, "unknown element, ignored", hint="check the spelling against docs/vm-job.md")
             )
     job = VmJob(
         **values,
@@ -199,7 +199,7 @@ def _parse_task(elem: ET.Element, findings: list[Finding]) -> Task:
             setenv.append(text_of(child))
         else:
             findings.append(
-                warning(place, "unknown element, ignored", hint="check the spelling against the README")
+                warning(place, "unknown element, ignored", hint="check the spelling against docs/vm-job.md")
             )
     return Task(**values, setenv=tuple(setenv))
 

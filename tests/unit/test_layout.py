@@ -1,4 +1,4 @@
-"""The layout's import rules (README "Architecture"), read from every module with ``ast``.
+"""The layout's import rules (docs/architecture.md), read from every module with ``ast``.
 
 Every ``import`` counts, at module level, under ``if TYPE_CHECKING:`` and inside functions:
 a circle hidden in a function or behind ``TYPE_CHECKING`` is still a circle. So do imports by
