@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from boincvm.appversion.model import app_version_defaults, check_app_matches, parse_version_xml
 from boincvm.boinc.slot import LocalTask, OutputFile, TaskFile
-from boincvm.errors import InputError
+from boincvm.errors import BoincvmError, InputError
 from boincvm.findings import errors_in
 from boincvm.job import DEFAULT_CHECKPOINT_INTERVAL, JOB_OPEN_NAME, VmJob, load_job
 from boincvm.runlocal.request import RunLocalRequest
@@ -91,13 +91,17 @@ def checkpoint_interval(req: RunLocalRequest) -> tuple[float, str]:
     only when its program asks: ``inf``.
 
     Raises:
-        InputError, XmlError: the workunit's or the app version's job is unreadable.
+        InputError: the workunit directory is unusable.
     """
     wud = open_workunit_dir(req.workunit_dir)
     record = wud.record(req.workunit)
-    defaults = app_version_defaults(req.app_version_dir)
     own = next((f for f in record.files if f.open_name == JOB_OPEN_NAME), None)
-    job = load_job(wud.download / own.physical_name) if own is not None else VmJob()
+    try:
+        defaults = app_version_defaults(req.app_version_dir)
+        job = load_job(wud.download / own.physical_name) if own is not None else VmJob()
+    except BoincvmError:
+        # A job run-local cannot read is the wrapper's to refuse, as it would on a volunteer's host.
+        return req.checkpoint_period, "the client's checkpoint period (the job is unreadable here)"
     merged = defaults.merged(job)
     if merged.disable_automatic_checkpoints:
         return float("inf"), "the job disables automatic checkpoints (only the program's own)"
