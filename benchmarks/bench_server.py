@@ -44,8 +44,10 @@ from tests.example_hello import boincvm_cli
 TIMEOUT = 1800.0
 
 
-def _fmt(values: list[float]) -> str:
-    return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f} s"
+def _fmt(values: list[float], unit: str = "s") -> str:
+    scale = 1000.0 if unit == "ms" else 1.0
+    low, mid, high = (v * scale for v in (min(values), statistics.median(values), max(values)))
+    return f"{low:.2f} / {mid:.2f} / {high:.2f} {unit} (min / median / max of {len(values)})"
 
 
 def _until(what: str, ready: Callable[[], object], timeout: float = TIMEOUT, interval: float = 0.1) -> float:
@@ -66,7 +68,10 @@ def _builds(quick: bool) -> None:
             print(f"   server build, cold (make -j2): {time.perf_counter() - t0:.0f} s")
     t0 = time.perf_counter()
     build_server(source)
-    print(f"   server build, cached: {time.perf_counter() - t0:.2f} s (the source hashed, the tree found)")
+    print(
+        f"   server build, cached: {(time.perf_counter() - t0) * 1000:.1f} ms "
+        "(the source identified, the tree found)"
+    )
 
 
 def _clients(server: BoincServer, work: Path) -> list[Client[BoincServer]]:
@@ -194,7 +199,7 @@ def main(quick: bool = False) -> None:
                 f"   create_work to the task's start in a slot: {_fmt(_first_start(admin, clients, rounds))}"
             )
             latency = _scheduler_latency(server, clients[0], rounds * 4)
-            print(f"   scheduler request (the client's own, posted again): {_fmt(latency)}")
+            print(f"   scheduler request (the client's own, posted again): {_fmt(latency, 'ms')}")
         finally:
             for c in clients:
                 c.stop()
