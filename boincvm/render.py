@@ -172,24 +172,44 @@ class _TooSlow(Exception):
     """A user template ran past :data:`MAX_USER_SECONDS`."""
 
 
+def _expired(signum: int, frame: object) -> None:  # noqa: ARG001 - the signal API
+    raise _TooSlow
+
+
+#: Whether :func:`user_templates_bounded` has installed :func:`_expired` for SIGALRM.
+_installed = [False]
+
+
 @contextlib.contextmanager
-def _deadline(seconds: float) -> Iterator[None]:
-    """Interrupt the block with :class:`_TooSlow` after ``seconds`` (a real-time timer; only the
-    main thread receives signals, elsewhere the block runs unbounded in time)."""
-    if threading.current_thread() is not threading.main_thread():
+def user_templates_bounded() -> Iterator[None]:
+    """Install the handler of the time bound once for many renders (a batch's rows): each
+    render then only arms and disarms the timer. Only the main thread receives signals;
+    elsewhere renders are bounded in size and recursion, not in time."""
+    if _installed[0] or threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def expired(signum: int, frame: object) -> None:  # noqa: ARG001 - the signal API
-        raise _TooSlow
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    previous = signal.signal(signal.SIGALRM, _expired)
+    _installed[0] = True
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        _installed[0] = False
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Interrupt the block with :class:`_TooSlow` after ``seconds`` (a real-time timer)."""
+    with user_templates_bounded():
+        if not _installed[0]:  # not the main thread
+            yield
+            return
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def _bounded_render(template: jinja2.Template, row: dict[str, Any]) -> str:

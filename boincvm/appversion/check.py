@@ -11,7 +11,14 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from boincvm.appversion.model import AppVersionFile
-from boincvm.appversion.model import API_VERSION, LEGACY_SUMMARY_NAME, SUMMARY_NAME, parse_version_xml
+from boincvm.appversion.model import (
+    API_VERSION,
+    LEGACY_SUMMARY_NAME,
+    SUMMARY_NAME,
+    parse_version_xml,
+    read_summary,
+    summary_path,
+)
 from boincvm.appversion.plan_class import ENTRY_NAME as PLAN_CLASS_ENTRY
 from boincvm.appversion.plan_class import FILE_NAME as PLAN_CLASS_FILE
 from boincvm.appversion.plan_class import check_plan_class_spec
@@ -119,7 +126,7 @@ def check_app_version(path: Path) -> list[Finding]:
             out += check_vmware_app_version(directory, job, logical)
     out += _check_plan_class(directory, logical)
     out += _check_strays(directory, vx.files)
-    summary = _summary_path(directory)
+    summary = summary_path(directory)
     if summary.is_file() and not has_errors(out):
         try:
             recorded = {f["physical_name"]: f for f in json.loads(summary.read_text())["files"]}
@@ -139,12 +146,6 @@ def check_app_version(path: Path) -> list[Finding]:
                         )
                     )
     return out
-
-
-def _summary_path(directory: Path) -> Path:
-    """package-image's summary: the dot-name, or the name older versions gave it."""
-    summary = directory / SUMMARY_NAME
-    return summary if summary.exists() else directory / LEGACY_SUMMARY_NAME
 
 
 def _check_strays(directory: Path, files: Sequence[AppVersionFile]) -> list[Finding]:
@@ -181,12 +182,9 @@ def _check_strays(directory: Path, files: Sequence[AppVersionFile]) -> list[Find
 def _plan_class_of(directory: Path) -> str | None:
     """The app version's plan class: package-image's summary says it, else the directory name
     (BOINC's ``PLATFORM__PLAN_CLASS``)."""
-    try:
-        recorded = json.loads(_summary_path(directory).read_text(encoding="utf-8"))
-        if isinstance(recorded, dict) and isinstance(recorded.get("plan_class"), str):
-            return str(recorded["plan_class"])
-    except (OSError, ValueError):
-        pass
+    plan_class = (read_summary(directory) or {}).get("plan_class")
+    if isinstance(plan_class, str):
+        return plan_class
     _, sep, plan_class = directory.name.partition("__")
     return plan_class if sep and plan_class else None
 

@@ -220,15 +220,27 @@ def parse_version_xml(data: bytes, what: str = "version.xml") -> tuple[VersionXm
     ), out
 
 
+def summary_path(directory: Path) -> Path:
+    """package-image's summary in an app version directory: the dot-name, or the name older
+    versions gave it (which may not exist either)."""
+    summary = directory / SUMMARY_NAME
+    return summary if summary.exists() else directory / LEGACY_SUMMARY_NAME
+
+
+def read_summary(directory: Path) -> dict[str, object] | None:
+    """What package-image recorded of an app version (:meth:`AppVersion.as_dict`); None when
+    there is no summary or it is not a JSON object."""
+    try:
+        recorded = json.loads(summary_path(directory).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
 def app_version_app_name(directory: Path) -> str | None:
     """The app an app version directory is for, as package-image recorded it (None: unknown)."""
-    for name in (SUMMARY_NAME, LEGACY_SUMMARY_NAME):
-        try:
-            value = json.loads((directory / name).read_text(encoding="utf-8")).get("app_name")
-        except (OSError, ValueError, AttributeError):
-            continue
-        return value if isinstance(value, str) else None
-    return None
+    value = (read_summary(directory) or {}).get("app_name")
+    return value if isinstance(value, str) else None
 
 
 def check_app_matches(directory: Path, app_name: str) -> None:

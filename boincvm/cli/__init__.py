@@ -161,11 +161,17 @@ def _show_click_error(exc: click.ClickException) -> None:
     sys.stderr.flush()
 
 
-def _fail(code: int, sentence: str, hint: str, *, as_json: bool) -> NoReturn:
-    """Say what went wrong on stderr (and, with ``--json``, as one JSON object on stdout), then exit."""
-    console.error(sentence, hint)
+def _json_failure(code: int, sentence: str, hint: str | None, *, as_json: bool) -> None:
+    """With ``--json``, the failure as one JSON object on stdout, unless the command wrote its own."""
     if as_json and not console.wrote_stdout():
-        console.out(json.dumps({"ok": False, "exit_code": code, "error": sentence, "hint": hint}, indent=2))
+        doc = {"ok": False, "exit_code": code, "error": sentence} | ({"hint": hint} if hint else {})
+        console.out(json.dumps(doc, indent=2))
+
+
+def _fail(code: int, sentence: str, hint: str, *, as_json: bool) -> NoReturn:
+    """Say what went wrong on stderr (and, with ``--json``, on stdout), then exit."""
+    console.error(sentence, hint)
+    _json_failure(code, sentence, hint, as_json=as_json)
     sys.exit(code)
 
 
@@ -191,8 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(130, "interrupted", "nothing half-made was left behind; run the command again", as_json=as_json)
     except click.ClickException as exc:
         _show_click_error(exc)
-        if as_json and not console.wrote_stdout():
-            console.out(json.dumps({"ok": False, "exit_code": exc.exit_code, "error": exc.format_message()}))
+        _json_failure(exc.exit_code, exc.format_message(), None, as_json=as_json)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _fail(130, "interrupted", "nothing half-made was left behind; run the command again", as_json=as_json)

@@ -218,9 +218,9 @@ class _View:
 
 def _interval(seconds: float, source: str) -> str:
     """The effective checkpoint interval and what decides it, in words."""
-    if seconds == float("inf"):
-        return f"only when the program asks ({source})"
-    return f"at most every {seconds:g} s ({source})"
+    from boincvm.runlocal.faults import describe_interval
+
+    return f"{describe_interval(seconds)} ({source})"
 
 
 def _show_summary(summary: object) -> None:

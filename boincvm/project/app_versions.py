@@ -14,7 +14,7 @@ Steps, each skipped when the project already has it:
 
 from __future__ import annotations
 
-import json
+import filecmp
 import os
 import re
 import shutil
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm.appversion.check import check_app_version
-from boincvm.appversion.model import LEGACY_SUMMARY_NAME, SUMMARY_NAME, parse_version_xml
+from boincvm.appversion.model import SUMMARY_NAME, parse_version_xml, read_summary, summary_path
 from boincvm.appversion.plan_class import ENTRY_NAME as PLAN_CLASS_ENTRY
 from boincvm.appversion.plan_class import FILE_NAME as PLAN_CLASS_FILE
 from boincvm.atomicdir import write_file_atomically
@@ -49,6 +49,9 @@ class AppVersionSource:
     platform: str
     plan_class: str | None
     files: tuple[str, ...]  # every file to copy: version.xml, the files it names, their .sig
+    #: md5 and size of each file version.xml names, as package-image recorded them (validate has
+    #: checked the files against them), so an installed copy is compared without hashing ours again.
+    recorded: dict[str, tuple[str, int]]
 
     @property
     def platform_dir(self) -> str:
@@ -71,10 +74,8 @@ def read_app_version(directory: Path) -> AppVersionSource:
     Raises:
         InputError: not an app version package-image made, or ``validate`` finds an error in it.
     """
-    summary = directory / SUMMARY_NAME
-    if not summary.is_file():
-        summary = directory / LEGACY_SUMMARY_NAME
-    if not (directory / "version.xml").is_file() or not summary.is_file():
+    recorded = read_summary(directory)
+    if not (directory / "version.xml").is_file() or recorded is None:
         raise InputError(
             f"{directory} is not an app version made by boincvm package-image "
             f"(no version.xml and {SUMMARY_NAME})",
@@ -88,21 +89,27 @@ def read_app_version(directory: Path) -> AppVersionSource:
             + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
             hint=f"'boincvm validate {directory}' lists every problem",
         )
-    try:
-        d = json.loads(summary.read_text(encoding="utf-8"))
-        app, version, platform = str(d["app_name"]), str(d["version"]), str(d["platform"])
-        plan_class = str(d["plan_class"]) if d.get("plan_class") else None
-    except (ValueError, KeyError, TypeError):
+    app, version, platform = (recorded.get(k) for k in ("app_name", "version", "platform"))
+    plan = recorded.get("plan_class")
+    plan_class = plan if isinstance(plan, str) and plan else None
+    if not all(isinstance(v, str) for v in (app, version, platform)):
         raise InputError(
-            f"{summary} is not a boincvm app version summary", hint="make the app version again"
-        ) from None
+            f"{summary_path(directory)} is not a boincvm app version summary",
+            hint="make the app version again",
+        )
     vx, _ = parse_version_xml(read_bytes(directory / "version.xml", what="version.xml"))
     files = ["version.xml"]
     for f in vx.files:
         files.append(f.physical_name)
         if (directory / f"{f.physical_name}.sig").is_file():
             files.append(f"{f.physical_name}.sig")
-    return AppVersionSource(directory, app, version, platform, plan_class, tuple(files))
+    files_recorded = recorded.get("files")
+    known = {
+        str(f["physical_name"]): (str(f["md5"]), int(f["nbytes"]))
+        for f in (files_recorded if isinstance(files_recorded, list) else [])
+        if isinstance(f, dict) and {"physical_name", "md5", "nbytes"} <= f.keys()
+    }
+    return AppVersionSource(directory, str(app), str(version), str(platform), plan_class, tuple(files), known)
 
 
 def app_version_steps(project: BoincProject, av: AppVersionSource, apps_added: set[str]) -> list[Step]:
@@ -242,15 +249,20 @@ def _same_files(av: AppVersionSource, dest: Path) -> bool:
     if not dest.exists():
         return False
     present = sorted(p.name for p in dest.iterdir() if not p.name.startswith("."))
-    same = present == sorted(av.files) and all(
-        md5_file(dest / n) == md5_file(av.directory / n) for n in av.files
-    )
+    same = present == sorted(av.files) and all(_same_file(av, dest / n) for n in av.files)
     if not same:
         raise InputError(
             f"the project already has app version {av.label()} with other files ({dest})",
             hint="BOINC app versions are immutable: package the image again with a new --version",
         )
     return True
+
+
+def _same_file(av: AppVersionSource, installed: Path) -> bool:
+    md5_size = av.recorded.get(installed.name)
+    if md5_size is None:  # version.xml and the signatures: small, compared byte for byte
+        return filecmp.cmp(installed, av.directory / installed.name, shallow=False)
+    return installed.stat().st_size == md5_size[1] and md5_file(installed) == md5_size
 
 
 def _copy_app_version(av: AppVersionSource, dest: Path) -> None:

@@ -140,11 +140,13 @@ def _copy_templates(templates: Path, missing: list[tuple[Path, str]]) -> None:
 
 
 def _stage(project: BoincProject, wud: WorkunitDir, sub: Submission, staged: list[Path]) -> None:
-    use_tool = False
-    for i, (name, md5, size) in enumerate(sub.files):
-        dest = project.tool_download_path(name) if use_tool or i == 0 else project.download_path(name)
-        if i == 0 and dest != project.download_path(name):
-            use_tool = True  # the project places files otherwise than BOINC's own rule: ask it each time
+    ask = True  # the project's own bin/dir_hier_path places the first file; the rule, the rest
+    for name, md5, size in sub.files:
+        dest = project.download_path(name)
+        if ask:
+            told = project.tool_download_path(name)
+            ask = told != dest  # a project that places files otherwise is asked for every file
+            dest = told
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(f".{name}.boincvm-part")
         shutil.copyfile(wud.download / name, part)

@@ -18,8 +18,13 @@ from pathlib import Path
 
 from boincvm.boinc.client import ClientOptions, LocalClient, Outcome, OutcomeKind
 from boincvm.boinc.slot import LocalTask, clean_slot
-from boincvm.runlocal.faults import FaultKind
-from boincvm.runlocal.request import CREDIT_PER_FLOP, LiveState, RunLocalRequest, RunSummary
+from boincvm.runlocal.faults import FaultKind, describe_interval
+from boincvm.runlocal.request import (
+    CREDIT_PER_FLOP,
+    LiveState,
+    RunLocalRequest,
+    RunSummary,
+)
 from boincvm.runlocal.task import build_task, checkpoint_interval
 from boincvm.wrapper.status import STATUS_FILE, StatusReport
 
@@ -59,11 +64,7 @@ def run_local(req: RunLocalRequest, on_update: Callable[[LiveState], None] | Non
     )
     live = LiveState()
     live.checkpoint_interval, live.checkpoint_interval_source = checkpoint_interval(req)
-    every = (
-        "only when the program asks"
-        if live.checkpoint_interval == float("inf")
-        else (f"at most every {live.checkpoint_interval:g} s")
-    )
+    every = describe_interval(live.checkpoint_interval)
     live.events.append(f"   0.0s  checkpoints {every}: {live.checkpoint_interval_source}")
     pending = list(enumerate(req.faults))
     reached_at: dict[int, float] = {}  # when each pending fault's point was reached

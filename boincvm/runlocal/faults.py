@@ -13,6 +13,11 @@ from boincvm.errors import InputError
 from boincvm.wrapper.status import Phase
 
 
+def describe_interval(seconds: float) -> str:
+    """How often the wrapper checkpoints, in words (``inf``: only when the program asks)."""
+    return "only when the program asks" if math.isinf(seconds) else f"at most every {seconds:g} s"
+
+
 class FaultKind(enum.StrEnum):
     """What run-local can do to the wrapper."""
 
@@ -134,7 +139,7 @@ class Fault:
             f"with {live.checkpoints} checkpoint{'s' if live.checkpoints != 1 else ''}"
         )
         if self.checkpoints is not None:
-            every = "only when the program asks" if math.isinf(interval) else f"at most every {interval:g} s"
+            every = describe_interval(interval)
             return f"{self.option()} never happened: {ended}; checkpoints come {every} ({interval_source})"
         if self.progress is not None:
             return f"{self.option()} never happened: {ended} (the wrapper never reported {self.progress:.0%})"

@@ -12,7 +12,8 @@
 
 Files are content-addressed (``APP_<md5><suffix>``): identical inputs are staged once and
 shared by every workunit that uses them, hard-linked from their source where the file
-system allows (``create_work.sh`` then copies them into the project with ``stage_file``).
+system allows (``create_work.sh`` or ``boincvm deploy`` then stage them in the project's download
+hierarchy).
 Everything is written to a temporary sibling directory and moved into place at the end, so
 a failure never leaves half a batch.
 """
@@ -55,7 +56,7 @@ from boincvm.names import (
 )
 from boincvm.package.inspect import check_package
 from boincvm.paths import inside, refuse_output_overlapping
-from boincvm.render import compile_user_template, render, render_user_template
+from boincvm.render import compile_user_template, render, render_user_template, user_templates_bounded
 from boincvm.workunit.directory import (
     FORMAT_VERSION,
     JOBS_NAME,
@@ -475,6 +476,7 @@ def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> Workun
     with (
         (tmp / RECORDS_NAME).open("w", encoding="utf-8") as records,
         (tmp / JOBS_NAME).open("w", encoding="utf-8") as jobs,
+        user_templates_bounded(),
     ):
         for index, row in enumerate(rows):
             where = f"batch row {index + 1}" if req.batch else "workunit"
