@@ -30,7 +30,13 @@ from boincvm.image.inspect import check_guest_tools
 from boincvm.image.oci import load_image
 from boincvm.job import JOB_OPEN_NAME, parse_job, validate_job
 from boincvm.package import check_package
-from boincvm.workunit.directory import SUMMARY_NAME, open_workunit_dir
+from boincvm.workunit.directory import (
+    SUMMARY_NAME,
+    StagedFile,
+    WorkunitDir,
+    WorkunitRecord,
+    open_workunit_dir,
+)
 from boincvm.workunit.templates import check_input_template, check_output_template
 from boincvm.xmlio import read_bytes
 
@@ -270,7 +276,29 @@ def check_workunit_dir(path: Path) -> list[Finding]:
         wud = open_workunit_dir(path)
     except BoincvmError as exc:
         return [error(path.name, exc.message, exc.hint)]
-    out: list[Finding] = []
+    out, out_sizes = _check_wu_templates(wud)
+    records = _RecordChecker(wud, out_sizes, out)
+    count = 0
+    try:
+        for rec in wud.records():
+            count += 1
+            records.check(rec)
+    except BoincvmError as exc:
+        out.append(error("workunits.jsonl", exc.message, exc.hint))
+    if count != wud.count:
+        out.append(error("workunits.jsonl", f"has {count} workunits, the summary says {wud.count}"))
+    for key, n in records.repeats.items():
+        if n > MAX_REPEATS:
+            out.append(
+                warning("workunits", f"{n - MAX_REPEATS} more findings like {key.split(':')[0]!r} not shown")
+            )
+    if not has_errors(out):
+        out.append(info(path.name, f"{count} workunits, {len(records.checked)} distinct files checked"))
+    return out
+
+
+def _check_wu_templates(wud: WorkunitDir) -> tuple[list[Finding], dict[str, float | None]]:
+    """Findings for a workunit directory's templates, and the output template's max_nbytes by open name."""
     in_findings, in_names = (
         check_input_template(read_bytes(wud.input_template, what="input template"), wud.input_template.name)
         if wud.input_template.is_file()
@@ -283,80 +311,73 @@ def check_workunit_dir(path: Path) -> list[Finding]:
         if wud.output_template.is_file()
         else ([error("output_template", f"{wud.output_template} is missing")], {})
     )
-    out += in_findings + out_findings
+    out = in_findings + out_findings
     if in_names and in_names != list(wud.open_names):
         out.append(
             error(
                 "input_template", f"open names {in_names} differ from the workunits' {list(wud.open_names)}"
             )
         )
+    return out, out_sizes
 
-    checked: dict[str, Finding | None] = {}
-    jobs_checked: dict[str, list[Finding]] = {}
-    repeats: Counter[str] = Counter()
 
-    def add(key: str, finding: Finding) -> None:
-        repeats[key] += 1
-        if repeats[key] <= MAX_REPEATS:
-            out.append(finding)
+class _RecordChecker:
+    """Checks workunit records into ``out``: each staged file and job once, repeated findings cut."""
 
-    count = 0
-    try:
-        for rec in wud.records():
-            count += 1
-            where = f"workunit {rec.name}"
-            names = [f.open_name for f in rec.files]
-            if names != list(wud.open_names):
-                add(
-                    "names", error(where, f"files {names} do not match the template's {list(wud.open_names)}")
+    def __init__(self, wud: WorkunitDir, out_sizes: dict[str, float | None], out: list[Finding]) -> None:
+        self.wud, self.out_sizes, self.out = wud, out_sizes, out
+        self.checked: dict[str, Finding | None] = {}
+        self.jobs_checked: dict[str, list[Finding]] = {}
+        self.repeats: Counter[str] = Counter()
+
+    def add(self, key: str, finding: Finding) -> None:
+        self.repeats[key] += 1
+        if self.repeats[key] <= MAX_REPEATS:
+            self.out.append(finding)
+
+    def check(self, rec: WorkunitRecord) -> None:
+        where = f"workunit {rec.name}"
+        names = [f.open_name for f in rec.files]
+        expected = list(self.wud.open_names)
+        if names != expected:
+            self.add("names", error(where, f"files {names} do not match the template's {expected}"))
+        for f in rec.files:
+            if f.physical_name not in self.checked:
+                self.checked[f.physical_name] = self._staged_problem(f, where)
+            if (problem := self.checked[f.physical_name]) is not None:
+                self.add("file", problem)
+            if f.open_name != JOB_OPEN_NAME:
+                continue
+            if f.physical_name not in self.jobs_checked:
+                self.jobs_checked[f.physical_name] = (
+                    _check_wu_job(self.wud.download / f.physical_name, set(names), self.out_sizes)
+                    if problem is None
+                    else []
                 )
-            for f in rec.files:
-                if f.physical_name not in checked:
-                    staged = wud.download / f.physical_name
-                    problem: Finding | None = None
-                    if not staged.is_file():
-                        problem = error(
-                            f"{where}.{f.open_name}", f"staged file download/{f.physical_name} is missing"
-                        )
-                    else:
-                        md5, size = md5_file(staged)
-                        if size != f.nbytes:
-                            problem = error(
-                                f"{where}.{f.open_name}",
-                                f"download/{f.physical_name} has {size} bytes, the record says {f.nbytes}",
-                            )
-                        elif md5 != f.md5:
-                            problem = error(
-                                f"{where}.{f.open_name}",
-                                f"download/{f.physical_name} md5 {md5} differs from the record's {f.md5}",
-                                hint="a staged file was changed; make the workunits again",
-                            )
-                    checked[f.physical_name] = problem
-                if (problem := checked[f.physical_name]) is not None:
-                    add("file", problem)
-                if f.open_name == JOB_OPEN_NAME and f.physical_name not in jobs_checked:
-                    jobs_checked[f.physical_name] = (
-                        _check_wu_job(wud.download / f.physical_name, set(names), out_sizes)
-                        if checked[f.physical_name] is None
-                        else []
-                    )
-                for jf in jobs_checked.get(f.physical_name, []) if f.open_name == JOB_OPEN_NAME else []:
-                    add(
-                        "job:" + jf.place + jf.message,
-                        Finding(f"{where}.{jf.place}", jf.message, jf.severity, jf.hint),
-                    )
-    except BoincvmError as exc:
-        out.append(error("workunits.jsonl", exc.message, exc.hint))
-    if count != wud.count:
-        out.append(error("workunits.jsonl", f"has {count} workunits, the summary says {wud.count}"))
-    for key, n in repeats.items():
-        if n > MAX_REPEATS:
-            out.append(
-                warning("workunits", f"{n - MAX_REPEATS} more findings like {key.split(':')[0]!r} not shown")
+            for jf in self.jobs_checked[f.physical_name]:
+                self.add(
+                    "job:" + jf.place + jf.message,
+                    Finding(f"{where}.{jf.place}", jf.message, jf.severity, jf.hint),
+                )
+
+    def _staged_problem(self, f: StagedFile, where: str) -> Finding | None:
+        """What is wrong with the staged copy of ``f`` (missing, size or md5), or None."""
+        staged = self.wud.download / f.physical_name
+        if not staged.is_file():
+            return error(f"{where}.{f.open_name}", f"staged file download/{f.physical_name} is missing")
+        md5, size = md5_file(staged)
+        if size != f.nbytes:
+            return error(
+                f"{where}.{f.open_name}",
+                f"download/{f.physical_name} has {size} bytes, the record says {f.nbytes}",
             )
-    if not has_errors(out):
-        out.append(info(path.name, f"{count} workunits, {len(checked)} distinct files checked"))
-    return out
+        if md5 != f.md5:
+            return error(
+                f"{where}.{f.open_name}",
+                f"download/{f.physical_name} md5 {md5} differs from the record's {f.md5}",
+                hint="a staged file was changed; make the workunits again",
+            )
+        return None
 
 
 def _check_wu_job(path: Path, open_names: set[str], out_sizes: dict[str, float | None]) -> list[Finding]:

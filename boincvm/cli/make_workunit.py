@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from boincvm.cli import console
 from boincvm.cli.params import backend_option
+
+if TYPE_CHECKING:
+    from boincvm.job import VmJob
+    from boincvm.workunit.make import WorkunitRequest, WorkunitSet
 
 # The core is imported inside the command, not here: the group imports this module to list
 # the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
@@ -104,8 +110,8 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
     help="A file the program keeps as its checkpoint, relative to the job's directory (repeat; app mode).",
 )
 @backend_option()
-# The rsc_* defaults are Resources' own (workunit/templates.py), filled in by the command:
-# reading them here would import the core when click builds the command.
+# The rsc_* defaults are Resources' own (workunit/templates.py, Resources.for_job fills in
+# what is not given): reading them here would import the core when click builds the command.
 @click.option("--fpops-est", type=float, help="rsc_fpops_est (default: the input template's).")
 @click.option("--fpops-bound", type=float, help="rsc_fpops_bound (default: the input template's).")
 @click.option("--memory-bound", type=float, default=None, help="rsc_memory_bound (default: VM memory + 25%).")
@@ -147,147 +153,187 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
 )
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def command(
-    app_name: str,
-    package: Path | None,
-    program_dir: Path | None,
-    program_version: str,
-    application: str | None,
-    command_line: str | None,
-    inputs: tuple[str, ...],
-    outputs: tuple[str, ...],
-    job_file: Path | None,
-    exec_dir: str | None,
-    setenv: tuple[str, ...],
-    memory_mb: int | None,
-    ncpus: int | None,
-    network: bool | None,
-    require_kvm: bool,
-    checkpoint_interval: float | None,
-    fraction_done_file: str | None,
-    credit_file: str | None,
-    cpu_time: str | None,
-    checkpoint_mode: str | None,
-    checkpoint_files: tuple[str, ...],
-    backend_options: tuple[tuple[str, str], ...],
-    fpops_est: float | None,
-    fpops_bound: float | None,
-    memory_bound: float | None,
-    disk_bound: float | None,
-    delay_bound: float,
-    target_nresults: int,
-    min_quorum: int,
-    name_template: str,
-    batch: Path | None,
-    output_dir: Path,
-    buda_batch: Path | None,
-    app_version: Path | None,
-    force: bool,
-    as_json: bool,
-) -> None:
+def command(**options: Any) -> None:
     """Make BOINC workunits: a vm job, input/output templates, staged files and create_work commands.
 
     One workunit, or with --batch one per row (thousands in one run; identical files are stored once).
     """
     import tempfile
-    from dataclasses import replace
 
+    opts = _Options(**options)
+    request = _request(opts)
+    if opts.package is not None and opts.program_dir is not None:
+        raise click.UsageError("give --package or --program, not both")
+    if opts.buda_batch is not None and opts.batch is not None:
+        raise click.UsageError("give --batch or --buda-batch, not both")
+    with tempfile.TemporaryDirectory(prefix="boincvm-package-") as scratch:
+        request = _with_buda_batch(request, opts, Path(scratch))
+        request = _with_program(request, opts, Path(scratch))
+        result = _make(request)
+    _show(result, as_json=opts.as_json)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The command's options, by their parameter names (click passes them so), typed once."""
+
+    app_name: str
+    package: Path | None
+    program_dir: Path | None
+    program_version: str
+    application: str | None
+    command_line: str | None
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    job_file: Path | None
+    exec_dir: str | None
+    setenv: tuple[str, ...]
+    memory_mb: int | None
+    ncpus: int | None
+    network: bool | None
+    require_kvm: bool
+    checkpoint_interval: float | None
+    fraction_done_file: str | None
+    credit_file: str | None
+    cpu_time: str | None
+    checkpoint_mode: str | None
+    checkpoint_files: tuple[str, ...]
+    backend_options: tuple[tuple[str, str], ...]
+    fpops_est: float | None
+    fpops_bound: float | None
+    memory_bound: float | None
+    disk_bound: float | None
+    delay_bound: float
+    target_nresults: int
+    min_quorum: int
+    name_template: str
+    batch: Path | None
+    output_dir: Path
+    buda_batch: Path | None
+    app_version: Path | None
+    force: bool
+    as_json: bool
+
+
+def _job(o: _Options) -> VmJob:
+    """The vm job: ``--job``'s (or an empty one) with the options given laid over it."""
     from boincvm.job import BackendOption, CheckpointMode, CpuTimeSource, OutputFile, Task, VmJob, load_job
-    from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
-    from boincvm.workunit.templates import Resources
 
-    job = load_job(job_file) if job_file else VmJob()
+    job = load_job(o.job_file) if o.job_file else VmJob()
     task = job.task or Task()
     task = replace(
         task,
-        application=application if application is not None else task.application,
-        exec_dir=exec_dir if exec_dir is not None else task.exec_dir,
-        setenv=setenv or task.setenv,
-        fraction_done_filename=fraction_done_file or task.fraction_done_filename,
-        credit_report_filename=credit_file or task.credit_report_filename,
+        application=o.application if o.application is not None else task.application,
+        exec_dir=o.exec_dir if o.exec_dir is not None else task.exec_dir,
+        setenv=o.setenv or task.setenv,
+        fraction_done_filename=o.fraction_done_file or task.fraction_done_filename,
+        credit_report_filename=o.credit_file or task.credit_report_filename,
     )
-    outs = tuple(OutputFile(o, n, g) for o, g, n in map(_parse_output, outputs)) or job.output_files
+    outs = tuple(OutputFile(n, m, g) for n, g, m in map(_parse_output, o.outputs)) or job.output_files
     job = replace(
         job,
         task=task,
         output_files=outs,
-        memory_size_mb=memory_mb if memory_mb is not None else job.memory_size_mb,
-        ncpus=ncpus if ncpus is not None else job.ncpus,
-        enable_network=network if network is not None else job.enable_network,
-        vm_accel_required=True if require_kvm else job.vm_accel_required,
-        minimum_checkpoint_interval=checkpoint_interval
-        if checkpoint_interval is not None
+        memory_size_mb=o.memory_mb if o.memory_mb is not None else job.memory_size_mb,
+        ncpus=o.ncpus if o.ncpus is not None else job.ncpus,
+        enable_network=o.network if o.network is not None else job.enable_network,
+        vm_accel_required=True if o.require_kvm else job.vm_accel_required,
+        minimum_checkpoint_interval=o.checkpoint_interval
+        if o.checkpoint_interval is not None
         else job.minimum_checkpoint_interval,
-        cpu_time_source=CpuTimeSource(cpu_time) if cpu_time else job.cpu_time_source,
-        checkpoint_mode=CheckpointMode(checkpoint_mode) if checkpoint_mode else job.checkpoint_mode,
-        checkpoint_files=checkpoint_files or job.checkpoint_files,
+        cpu_time_source=CpuTimeSource(o.cpu_time) if o.cpu_time else job.cpu_time_source,
+        checkpoint_mode=CheckpointMode(o.checkpoint_mode) if o.checkpoint_mode else job.checkpoint_mode,
+        checkpoint_files=o.checkpoint_files or job.checkpoint_files,
     )
-    job = job.merged(VmJob(backend_options=tuple(BackendOption(n, v) for n, v in backend_options)))
-    specs = tuple(InputSpec(o, p, g) for o, p, g in map(_parse_input, inputs))
-    defaults = Resources()
+    return job.merged(VmJob(backend_options=tuple(BackendOption(n, v) for n, v in o.backend_options)))
+
+
+def _request(o: _Options) -> WorkunitRequest:
+    """The typed request the core takes (before a BUDA batch or a --program package joins it)."""
+    from boincvm.workunit.make import InputSpec, WorkunitRequest
+    from boincvm.workunit.templates import Resources
+
+    job = _job(o)
     resources = Resources.for_job(
         job,
-        fpops_est=defaults.rsc_fpops_est if fpops_est is None else fpops_est,
-        fpops_bound=defaults.rsc_fpops_bound if fpops_bound is None else fpops_bound,
-        memory_bound=memory_bound,
-        disk_bound=defaults.rsc_disk_bound if disk_bound is None else disk_bound,
-        delay_bound=delay_bound,
-        target_nresults=target_nresults,
-        min_quorum=min_quorum,
+        fpops_est=o.fpops_est,
+        fpops_bound=o.fpops_bound,
+        memory_bound=o.memory_bound,
+        disk_bound=o.disk_bound,
+        delay_bound=o.delay_bound,
+        target_nresults=o.target_nresults,
+        min_quorum=o.min_quorum,
     )
     request = WorkunitRequest(
-        app_name=app_name,
+        app_name=o.app_name,
         job=job,
-        output_dir=output_dir,
-        package=package,
-        inputs=specs,
-        command_line=command_line or "",
-        name=name_template,
+        output_dir=o.output_dir,
+        package=o.package,
+        inputs=tuple(InputSpec(n, p, g) for n, p, g in map(_parse_input, o.inputs)),
+        command_line=o.command_line or "",
+        name=o.name_template,
         resources=resources,
-        batch=batch,
-        force=force,
+        batch=o.batch,
+        force=o.force,
         also_reads=tuple(
             (what, path)
-            for what, path in (("--job", job_file), ("--program", program_dir))
+            for what, path in (("--job", o.job_file), ("--program", o.program_dir))
             if path is not None
         ),
     )
-    if app_version is not None:
+    if o.app_version is not None:
         from boincvm.appversion.model import app_version_defaults, check_app_matches
 
-        check_app_matches(app_version, app_name)
-        request = replace(request, defaults=app_version_defaults(app_version))
-    if package is not None and program_dir is not None:
-        raise click.UsageError("give --package or --program, not both")
-    if buda_batch is not None and batch is not None:
-        raise click.UsageError("give --batch or --buda-batch, not both")
-    with tempfile.TemporaryDirectory(prefix="boincvm-package-") as scratch:
-        if buda_batch is not None:
-            from boincvm.workunit.buda import read_buda_batch
+        check_app_matches(o.app_version, o.app_name)
+        request = replace(request, defaults=app_version_defaults(o.app_version))
+    return request
 
-            buda = read_buda_batch(buda_batch, Path(scratch))
-            request = replace(
-                request,
-                batch=buda.rows,
-                inputs=request.inputs + buda.inputs,
-                command_line=" ".join(w for w in (command_line or "", "{{ cmdline }}") if w),
-                name="{{ app }}_{{ job }}" if name_template == "{{ app }}_{{ index }}" else name_template,
-                also_reads=(*request.also_reads, ("--buda-batch", buda_batch)),
-            )
-        if program_dir is not None:
-            from boincvm.package import PackageRequest, build_package
 
-            built = build_package(PackageRequest(program_dir, app_name, program_version), Path(scratch))
-            console.info(f"packaged {program_dir} as {built.path.name}")
-            request = replace(request, package=built.path)
-        with console.progress_bar("making workunits") as bar:
-            task_id = bar.add_task("making workunits", total=None)
+def _with_buda_batch(request: WorkunitRequest, o: _Options, scratch: Path) -> WorkunitRequest:
+    """With --buda-batch: one row per job directory, the shared inputs added, ``{{ cmdline }}`` appended."""
+    if o.buda_batch is None:
+        return request
+    from boincvm.workunit.buda import read_buda_batch
 
-            def progress(done: int, total: int | None) -> None:
-                if done % 256 == 0 or done == total:
-                    bar.update(task_id, completed=done, total=total)
+    buda = read_buda_batch(o.buda_batch, scratch)
+    default_name = o.name_template == "{{ app }}_{{ index }}"
+    return replace(
+        request,
+        batch=buda.rows,
+        inputs=request.inputs + buda.inputs,
+        command_line=" ".join(w for w in (o.command_line or "", "{{ cmdline }}") if w),
+        name="{{ app }}_{{ job }}" if default_name else o.name_template,
+        also_reads=(*request.also_reads, ("--buda-batch", o.buda_batch)),
+    )
 
-            result = make_workunits(request, progress)
+
+def _with_program(request: WorkunitRequest, o: _Options, scratch: Path) -> WorkunitRequest:
+    """With --program: the directory packaged as an RPM in ``scratch``, and that package used."""
+    if o.program_dir is None:
+        return request
+    from boincvm.package import PackageRequest, build_package
+
+    built = build_package(PackageRequest(o.program_dir, o.app_name, o.program_version), scratch)
+    console.info(f"packaged {o.program_dir} as {built.path.name}")
+    return replace(request, package=built.path)
+
+
+def _make(request: WorkunitRequest) -> WorkunitSet:
+    """Make the workunits under a progress bar (updated every 256, not per workunit)."""
+    from boincvm.workunit.make import make_workunits
+
+    with console.progress_bar("making workunits") as bar:
+        task_id = bar.add_task("making workunits", total=None)
+
+        def progress(done: int, total: int | None) -> None:
+            if done % 256 == 0 or done == total:
+                bar.update(task_id, completed=done, total=total)
+
+        return make_workunits(request, progress)
+
+
+def _show(result: WorkunitSet, *, as_json: bool) -> None:
+    """What was made on stderr, warnings as notes; the directory (or a JSON summary) on stdout."""
     console.success(
         f"made {result.count} workunit{'s' if result.count != 1 else ''} in {result.directory} "
         f"({result.unique_files} files staged, {result.staged_bytes} bytes)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,64 +108,84 @@ def parse_job(data: bytes | str, *, what: str = "vm job file") -> tuple[VmJob, l
             hint="a vm job file starts with <vm_job>; see docs/vm-job.md",
         )
     findings: list[Finding] = []
-    values: dict[str, Any] = {}
-    inputs: list[InputFile] = []
-    outputs: list[OutputFile] = []
-    images: list[ImageFile] = []
-    options: list[BackendOption] = []
-    checkpoint_files: list[str] = []
+    parts = _JobParts()
     seen: set[str] = set()
     for child in root:
-        tag = child.tag
-        place = f"{ROOT}.{tag}"
-        if tag in seen and tag not in (
-            "input_file",
-            "output_file",
-            "image_file",
-            "backend_option",
-            "checkpoint_file",
-        ):
+        place = f"{ROOT}.{child.tag}"
+        if child.tag in seen and child.tag not in _REPEATED:
             findings.append(error(place, "appears more than once"))
-        seen.add(tag)
-        if tag in _SCALARS:
-            values[tag] = _convert(place, child, _SCALARS[tag], findings)
-        elif tag in _FLAGS:
-            values[tag] = _flag(place, child, findings)
-        elif tag == "package":
-            values[tag] = _parse_package(child, findings)
-        elif tag == "task":
-            values[tag] = _parse_task(child, findings)
-        elif tag == "input_file":
-            item = _parse_file(child, f"{place}[{len(inputs)}]", findings, output=False)
-            if isinstance(item, InputFile):
-                inputs.append(item)
-        elif tag == "output_file":
-            item = _parse_file(child, f"{place}[{len(outputs)}]", findings, output=True)
-            if isinstance(item, OutputFile):
-                outputs.append(item)
-        elif tag == "image_file":
-            image = _parse_image_file(child, f"{place}[{len(images)}]", findings)
-            if image is not None:
-                images.append(image)
-        elif tag == "checkpoint_file":
-            checkpoint_files.append(text_of(child))
-        elif tag == "backend_option":
-            option = _parse_backend_option(child, f"{place}[{len(options)}]", findings)
-            if option is not None:
-                options.append(option)
-        else:
+        seen.add(child.tag)
+        if not (parts.take_single(child, place, findings) or parts.take_repeated(child, place, findings)):
             findings.append(
                 warning(place, "unknown element, ignored", hint="check the spelling against docs/vm-job.md")
             )
-    job = VmJob(
-        **values,
-        input_files=tuple(inputs),
-        output_files=tuple(outputs),
-        image_files=tuple(images),
-        backend_options=tuple(options),
-        checkpoint_files=tuple(checkpoint_files),
-    )
-    return job, findings
+    return parts.job(), findings
+
+
+#: Elements a job may hold several of.
+_REPEATED = ("input_file", "output_file", "image_file", "backend_option", "checkpoint_file")
+
+
+@dataclass
+class _JobParts:
+    """What the elements read so far say, until they become a :class:`VmJob`."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    inputs: list[InputFile] = field(default_factory=list)
+    outputs: list[OutputFile] = field(default_factory=list)
+    images: list[ImageFile] = field(default_factory=list)
+    options: list[BackendOption] = field(default_factory=list)
+    checkpoint_files: list[str] = field(default_factory=list)
+
+    def take_single(self, child: ET.Element, place: str, findings: list[Finding]) -> bool:
+        """Read an element a job holds once (a later one replaces it); False if it is none."""
+        tag = child.tag
+        if tag in _SCALARS:
+            self.values[tag] = _convert(place, child, _SCALARS[tag], findings)
+        elif tag in _FLAGS:
+            self.values[tag] = _flag(place, child, findings)
+        elif tag == "package":
+            self.values[tag] = _parse_package(child, findings)
+        elif tag == "task":
+            self.values[tag] = _parse_task(child, findings)
+        else:
+            return False
+        return True
+
+    def take_repeated(self, child: ET.Element, place: str, findings: list[Finding]) -> bool:
+        """Read an element a job may hold several of; False if it is none."""
+        tag = child.tag
+        if tag == "input_file":
+            item = _parse_file(child, f"{place}[{len(self.inputs)}]", findings, output=False)
+            if isinstance(item, InputFile):
+                self.inputs.append(item)
+        elif tag == "output_file":
+            item = _parse_file(child, f"{place}[{len(self.outputs)}]", findings, output=True)
+            if isinstance(item, OutputFile):
+                self.outputs.append(item)
+        elif tag == "image_file":
+            image = _parse_image_file(child, f"{place}[{len(self.images)}]", findings)
+            if image is not None:
+                self.images.append(image)
+        elif tag == "checkpoint_file":
+            self.checkpoint_files.append(text_of(child))
+        elif tag == "backend_option":
+            option = _parse_backend_option(child, f"{place}[{len(self.options)}]", findings)
+            if option is not None:
+                self.options.append(option)
+        else:
+            return False
+        return True
+
+    def job(self) -> VmJob:
+        return VmJob(
+            **self.values,
+            input_files=tuple(self.inputs),
+            output_files=tuple(self.outputs),
+            image_files=tuple(self.images),
+            backend_options=tuple(self.options),
+            checkpoint_files=tuple(self.checkpoint_files),
+        )
 
 
 def _parse_package(elem: ET.Element, findings: list[Finding]) -> Package | None:

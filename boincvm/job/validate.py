@@ -27,6 +27,7 @@ from boincvm.job.model import (
     CpuTimeSource,
     InputFile,
     OutputFile,
+    Package,
     ResolvedJob,
     Task,
     VmJob,
@@ -101,6 +102,30 @@ def validate_job(job: VmJob, *, complete: bool = False) -> list[Finding]:
 
     Returns findings, each naming its place; never raises.
     """
+    out = _validate_machine(job)
+    if job.package is not None:
+        out.extend(_validate_package(job.package))
+    if job.task is not None:
+        out.extend(_validate_task(job.task))
+    out.extend(_validate_files(job))
+    out.extend(_validate_image_files(job))
+    out.extend(_validate_backend_options(job, complete=complete))
+    if job.vm_accel_required and any(o.name == "accel" and o.value == "tcg" for o in job.backend_options):
+        out.append(
+            error(
+                f"{ROOT}.vm_accel_required",
+                "contradicts backend_option accel=tcg",
+                hint="drop one of them: KVM is either required or never used",
+            )
+        )
+    out.extend(_validate_checkpoint_files(job, complete=complete))
+    if complete:
+        out.extend(_validate_runnable(job))
+    return out
+
+
+def _validate_machine(job: VmJob) -> list[Finding]:
+    """The backend, the image's files, memory, CPUs and the time values."""
     out: list[Finding] = []
     p = ROOT
     if job.backend is not None and job.backend not in _BACKENDS:
@@ -125,44 +150,38 @@ def validate_job(job: VmJob, *, complete: bool = False) -> list[Finding]:
         value = getattr(job, name)
         if value is not None and (problem := number_problem(value, low=low, low_open=low_open)):
             out.append(error(f"{p}.{name}", problem, hint="give a finite number of seconds"))
-    if job.package is not None:
-        if problem := logical_name_problem(job.package.file_name):
-            out.append(error(f"{p}.package.file_name", problem, hint=_NAME_HINT))
-        elif job.package.resolved_kind is None:
-            out.append(
-                error(
-                    f"{p}.package.kind",
-                    "cannot tell rpm from tar",
-                    hint="add <kind>rpm</kind> or <kind>tar</kind>",
-                )
+    return out
+
+
+def _validate_package(package: Package) -> list[Finding]:
+    if problem := logical_name_problem(package.file_name):
+        return [error(f"{ROOT}.package.file_name", problem, hint=_NAME_HINT)]
+    if package.resolved_kind is None:
+        return [
+            error(
+                f"{ROOT}.package.kind",
+                "cannot tell rpm from tar",
+                hint="add <kind>rpm</kind> or <kind>tar</kind>",
             )
-    if job.task is not None:
-        out.extend(_validate_task(job.task))
-    out.extend(_validate_files(job))
-    out.extend(_validate_image_files(job))
-    out.extend(_validate_backend_options(job, complete=complete))
-    if job.vm_accel_required and any(o.name == "accel" and o.value == "tcg" for o in job.backend_options):
+        ]
+    return []
+
+
+def _validate_runnable(job: VmJob) -> list[Finding]:
+    """What a complete job needs: a program to run and an image to run it in."""
+    out: list[Finding] = []
+    if job.task is None or not job.task.application:
+        out.append(
+            error(f"{ROOT}.task.application", "must not be empty", hint="say which program the guest runs")
+        )
+    if not job.vm_image and not job.vm_kernel:
         out.append(
             error(
-                f"{p}.vm_accel_required",
-                "contradicts backend_option accel=tcg",
-                hint="drop one of them: KVM is either required or never used",
+                f"{ROOT}.vm_image",
+                "is missing",
+                hint="the app version's vm_job_defaults.xml names the image",
             )
         )
-    out.extend(_validate_checkpoint_files(job, complete=complete))
-    if complete:
-        if job.task is None or not job.task.application:
-            out.append(
-                error(f"{p}.task.application", "must not be empty", hint="say which program the guest runs")
-            )
-        if not job.vm_image and not job.vm_kernel:
-            out.append(
-                error(
-                    f"{p}.vm_image",
-                    "is missing",
-                    hint="the app version's vm_job_defaults.xml names the image",
-                )
-            )
     return out
 
 

@@ -10,7 +10,6 @@ sorted members, root ownership and zero times, for guests without rpm.
 
 from __future__ import annotations
 
-import enum
 import gzip
 import io
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from boincvm import proc
 from boincvm.errors import InputError, PackageError
 from boincvm.hashing import md5_file
+from boincvm.job.model import PackageKind
 from boincvm.package.inspect import DEFAULT_PREFIXES
 from boincvm.render import render
 
@@ -39,11 +39,9 @@ def _spec_text(value: str) -> str:
     return value.replace("%", "%%")
 
 
-class PackageFormat(enum.StrEnum):
-    """What ``package-rpm`` builds."""
-
-    RPM = "rpm"
-    TAR = "tar"
+#: What ``package-rpm`` builds: one of the kinds a vm job installs (the job model's enum,
+#: under the name this module has always exported).
+PackageFormat = PackageKind
 
 
 @dataclass(frozen=True)

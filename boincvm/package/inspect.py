@@ -25,7 +25,7 @@ from pathlib import Path
 from boincvm.errors import PackageError
 from boincvm.findings import Finding, error, info, warning
 from boincvm.job.model import PackageKind
-from boincvm.package.payload import BUSYBOX_RPM, Compression, read_payload, sniff
+from boincvm.package.payload import BUSYBOX_RPM, Compression, Payload, read_payload, sniff
 
 DEFAULT_PREFIXES = ("/opt/", "/usr/local/")
 DEFAULT_MAX_INSTALLED = 4 * 1024**3
@@ -119,6 +119,38 @@ def inspect_rpm(path: Path, *, max_installed: int = DEFAULT_MAX_INSTALLED) -> Pa
     Raises:
         PackageError: not a readable RPM, a forged or truncated header, a corrupt payload.
     """
+    h, payload = _read_rpm(path, max_installed)
+    entries = _rpm_entries(path, h)
+    scriptlets = {
+        tag: _text(h.get(tag))
+        for tag in ("prein", "postin", "preun", "postun", "pretrans", "posttrans")
+        if h.get(tag)
+    }
+    declared = _ints(path, h, "size")
+    return PackageInfo(
+        kind=PackageKind.RPM,
+        name=_text(h.get("name")),
+        version=f"{_text(h.get('version'))}-{_text(h.get('release'))}",
+        arch=_text(h.get("arch")),
+        payload=payload.compression.value,
+        entries=entries,
+        scriptlets=scriptlets,
+        payload_entries=(
+            tuple(PackageEntry(_cpio_path(m.name), m.mode, m.size, m.link_target) for m in payload.members)
+            if payload.members or payload.complete
+            else None
+        ),
+        complete=payload.complete or payload.compression in (Compression.ZSTD, Compression.UNKNOWN),
+        declared_size=declared[0] if declared else 0,
+        declared_payload=_text(h.get("archive_compression") or h.get("payloadcompressor") or "gzip"),
+        requires=tuple(
+            r for r in (_text(x) for x in _list(h.get("requirename"))) if r and not r.startswith("rpmlib(")
+        ),
+    )
+
+
+def _read_rpm(path: Path, max_installed: int) -> tuple[dict[object, object], Payload]:
+    """The RPM's header (rpmfile's mapping) and what its payload holds, read up to the limit."""
     import rpmfile
 
     unreadable = "rebuild it with boincvm package-rpm, or check that the download is complete"
@@ -146,6 +178,11 @@ def inspect_rpm(path: Path, *, max_installed: int = DEFAULT_MAX_INSTALLED) -> Pa
             payload = read_payload(f, max_bytes=max_installed)
         except PackageError as exc:
             raise PackageError(f"{path.name}: {exc.message}", hint=unreadable) from None
+    return h, payload
+
+
+def _rpm_entries(path: Path, h: dict[object, object]) -> tuple[PackageEntry, ...]:
+    """The files the header lists (``%ghost`` files left out: they are never installed)."""
     basenames = [_text(b) for b in _list(h.get("basenames"))]
     dirnames = [_text(d) for d in _list(h.get("dirnames"))]
     dirindexes = _ints(path, h, "dirindexes")
@@ -164,32 +201,7 @@ def inspect_rpm(path: Path, *, max_installed: int = DEFAULT_MAX_INSTALLED) -> Pa
             raise PackageError(
                 f"{path.name}: its file list is inconsistent (truncated or forged header)"
             ) from None
-    scriptlets = {
-        tag: _text(h.get(tag))
-        for tag in ("prein", "postin", "preun", "postun", "pretrans", "posttrans")
-        if h.get(tag)
-    }
-    declared = _ints(path, h, "size")
-    return PackageInfo(
-        kind=PackageKind.RPM,
-        name=_text(h.get("name")),
-        version=f"{_text(h.get('version'))}-{_text(h.get('release'))}",
-        arch=_text(h.get("arch")),
-        payload=payload.compression.value,
-        entries=tuple(entries),
-        scriptlets=scriptlets,
-        payload_entries=(
-            tuple(PackageEntry(_cpio_path(m.name), m.mode, m.size, m.link_target) for m in payload.members)
-            if payload.members or payload.complete
-            else None
-        ),
-        complete=payload.complete or payload.compression in (Compression.ZSTD, Compression.UNKNOWN),
-        declared_size=declared[0] if declared else 0,
-        declared_payload=_text(h.get("archive_compression") or h.get("payloadcompressor") or "gzip"),
-        requires=tuple(
-            r for r in (_text(x) for x in _list(h.get("requirename"))) if r and not r.startswith("rpmlib(")
-        ),
-    )
+    return tuple(entries)
 
 
 def _cpio_path(name: str) -> str:
@@ -297,31 +309,8 @@ def check_package(
                 hint="compress it with gzip (boincvm package-rpm --format tar does)",
             )
         )
-    bad = 0
-    seen: set[tuple[str, str]] = set()
-    entries = pkg.entries + (pkg.payload_entries or ())
-    symlinks = {posixpath.normpath(e.path) for e in entries if e.kind == "symlink"}
-    for e in entries:
-        problem = _entry_problem(e, allowed_prefixes, allow_setuid) or _through_symlink(e, symlinks)
-        if problem and (e.path, problem) not in seen:
-            seen.add((e.path, problem))
-            bad += 1
-            if bad <= 20:
-                out.append(error(f"{where}:{e.path.replace(chr(0), '')}", problem))
-    if bad > 20:
-        out.append(error(where, f"{bad - 20} more files refused"))
-    if not pkg.complete:
-        out.append(
-            error(
-                where,
-                f"unpacks to more than the limit of {max_installed} bytes (or {MAX_TAR_MEMBERS} files)",
-                hint="ship large data as workunit input files instead",
-            )
-        )
-    elif pkg.installed_size > max_installed:
-        out.append(
-            error(where, f"installs {pkg.installed_size} bytes, more than the limit of {max_installed}")
-        )
+    out += _entry_findings(pkg, where, allowed_prefixes, allow_setuid)
+    out += _size_findings(pkg, where, max_installed)
     if not out:
         files = sum(1 for e in pkg.entries if e.kind == "file")
         out.append(
@@ -332,6 +321,46 @@ def check_package(
             )
         )
     return out
+
+
+#: Files refused one by one before the rest are counted.
+_MAX_ENTRY_FINDINGS = 20
+
+
+def _entry_findings(
+    pkg: PackageInfo, where: str, prefixes: Sequence[str], allow_setuid: bool
+) -> list[Finding]:
+    """One error per file refused (header and payload, each problem once), the rest counted."""
+    out: list[Finding] = []
+    bad = 0
+    seen: set[tuple[str, str]] = set()
+    entries = pkg.entries + (pkg.payload_entries or ())
+    symlinks = {posixpath.normpath(e.path) for e in entries if e.kind == "symlink"}
+    for e in entries:
+        problem = _entry_problem(e, prefixes, allow_setuid) or _through_symlink(e, symlinks)
+        if problem and (e.path, problem) not in seen:
+            seen.add((e.path, problem))
+            bad += 1
+            if bad <= _MAX_ENTRY_FINDINGS:
+                out.append(error(f"{where}:{e.path.replace(chr(0), '')}", problem))
+    if bad > _MAX_ENTRY_FINDINGS:
+        out.append(error(where, f"{bad - _MAX_ENTRY_FINDINGS} more files refused"))
+    return out
+
+
+def _size_findings(pkg: PackageInfo, where: str, max_installed: int) -> list[Finding]:
+    """An error when reading stopped at the limit, or the files installed exceed it."""
+    if not pkg.complete:
+        return [
+            error(
+                where,
+                f"unpacks to more than the limit of {max_installed} bytes (or {MAX_TAR_MEMBERS} files)",
+                hint="ship large data as workunit input files instead",
+            )
+        ]
+    if pkg.installed_size > max_installed:
+        return [error(where, f"installs {pkg.installed_size} bytes, more than the limit of {max_installed}")]
+    return []
 
 
 def _rpm_findings(pkg: PackageInfo, where: str, arch: str, max_installed: int) -> list[Finding]:

@@ -20,7 +20,6 @@ a failure never leaves half a batch.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from boincvm.atomicdir import building
-from boincvm.bounds import decode_text, finite, os_hint, require_regular_file
+from boincvm.bounds import finite, os_hint
 from boincvm.errors import InputError, PackageError
 from boincvm.findings import errors_in, has_errors
 from boincvm.hashing import md5_file
@@ -56,7 +55,14 @@ from boincvm.names import (
 )
 from boincvm.package.inspect import check_package
 from boincvm.paths import inside, refuse_output_overlapping
-from boincvm.render import compile_user_template, render, render_user_template, user_templates_bounded
+from boincvm.render import (
+    UserTemplate,
+    compile_user_template,
+    render,
+    render_user_template,
+    user_templates_bounded,
+)
+from boincvm.workunit.batch import read_batch
 from boincvm.workunit.directory import (
     FORMAT_VERSION,
     JOBS_NAME,
@@ -278,64 +284,6 @@ def create_work_line(record: WorkunitRecord, *, where: str) -> str:
 CREATE_WORK_LINE_MAX = 4096
 
 
-# -- batches ---------------------------------------------------------------------------------
-
-
-def read_batch(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield the rows of a CSV (header line first) or JSON Lines batch file, streaming.
-
-    Raises:
-        InputError: unreadable file, not a regular file, not UTF-8, or a malformed row (its
-            line is named).
-    """
-    require_regular_file(path, what="batch file")
-    try:
-        f = path.open("rb")
-    except OSError as exc:
-        raise InputError(f"cannot read batch file {path}: {exc.strerror}", hint=os_hint(exc)) from None
-    # Streamed line by line (a batch may be large); each line is decoded on its own so that
-    # bad bytes are named by line instead of surfacing as a UnicodeDecodeError.
-    lines = (decode_text(raw, what=f"batch file {path.name}, line {n}") for n, raw in enumerate(f, 1))
-    with f:
-        if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-            for lineno, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(
-                        f"batch file {path.name}, line {lineno}: not JSON ({exc.msg})",
-                        hint="write one JSON object per line",
-                    ) from None
-                if not isinstance(row, dict):
-                    raise InputError(
-                        f"batch file {path.name}, line {lineno}: a row must be a JSON object",
-                        hint='write one object per line, e.g. {"x": 1}',
-                    )
-                yield row
-        elif path.suffix.lower() in (".csv", ".tsv"):
-            reader = csv.DictReader(lines, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            try:
-                for row in reader:
-                    if None in row:
-                        raise InputError(
-                            f"batch file {path.name}, line {reader.line_num}: more fields than the header",
-                            hint="quote fields that contain the delimiter",
-                        )
-                    yield dict(row)
-            except csv.Error as exc:
-                raise InputError(
-                    f"batch file {path.name}, line {reader.line_num}: not CSV ({exc})",
-                    hint="check the quoting on that line",
-                ) from None
-        else:
-            raise InputError(
-                f"batch file {path.name}: unknown format",
-                hint="use a .csv (header line first) or .jsonl file",
-            )
-
-
 # -- making workunits ------------------------------------------------------------------------
 
 
@@ -437,105 +385,23 @@ def _check_package(path: Path) -> None:
 
 
 def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> WorkunitSet:
-    app = req.app_name
     (tmp / "download").mkdir()
     (tmp / "templates").mkdir()
     replaced = req.output_dir if req.output_dir.exists() else None
-    stager = _Stager(app, tmp / "download", replaced)
-
-    base_job = req.job
-    package_file: StagedFile | None = None
-    if req.package is not None:
-        kind = (base_job.package.kind if base_job.package else None) or PackageKind.from_filename(
-            req.package.name
-        )
-        if kind is None:
-            raise InputError(
-                f"package {req.package.name}: cannot tell whether it is an RPM or a tarball",
-                hint="name it .rpm or .tar.gz",
-            )
-        open_name = "package.rpm" if kind is PackageKind.RPM else "package.tar.gz"
-        physical, md5, size = stager.add_file(req.package, place="package")
-        package_file = StagedFile(open_name, physical, md5, size)
-        base_job = replace(base_job, package=Package(open_name, kind))
+    stager = _Stager(req.app_name, tmp / "download", replaced)
+    base_job, package_file = _with_package(req, stager)
+    templates = _RowTemplates.of(req)
     base_job = replace(base_job, input_files=tuple(InputFile(s.open_name, s.guest_name) for s in req.inputs))
-    cmd_t = compile_user_template(req.command_line, place="command line")
-    name_t = compile_user_template(req.name, place="workunit name")
-    path_ts = [compile_user_template(s.path, place=f"input {s.open_name}") for s in req.inputs]
     # Every workunit of a batch shares one job file; what differs per row is the command
     # line (passed by create_work, appended by the wrapper) and the input files.
     job_file = StagedFile(JOB_OPEN_NAME, *stager.add_bytes(render_job(base_job).encode("utf-8"), "job.xml"))
     fixed = [job_file] + ([package_file] if package_file is not None else [])
-    # A single workunit is a batch of one row without columns.
-    rows: Iterator[dict[str, Any]] = read_batch(req.batch) if req.batch else iter([{}])
-    total = None if req.batch else 1
-    batch_dir = req.batch.parent if req.batch else None
-
-    names: set[str] = set()
-    count = 0
-    with (
-        (tmp / RECORDS_NAME).open("w", encoding="utf-8") as records,
-        (tmp / JOBS_NAME).open("w", encoding="utf-8") as jobs,
-        user_templates_bounded(),
-    ):
-        for index, row in enumerate(rows):
-            where = f"batch row {index + 1}" if req.batch else "workunit"
-            ctx = {"app": app, "index": index, **row}
-            name = sanitize_wu_name(render_user_template(name_t, ctx, place=f"{where}: name"))
-            if not name.strip("."):
-                raise InputError(
-                    f"{where}: workunit name {name!r} is not a usable name",
-                    hint="make --name render to letters and digits, e.g. {{ app }}_{{ index }}",
-                )
-            if name in names:
-                raise InputError(
-                    f"{where}: workunit name {name!r} is used twice",
-                    hint="make --name unique per row, e.g. include {{ index }}",
-                )
-            names.add(name)
-            command_line = render_user_template(cmd_t, ctx, place=f"{where}: command line")
-            files = list(fixed)
-            for spec, path_t in zip(req.inputs, path_ts, strict=True):
-                host = render_user_template(path_t, ctx, place=f"{where}: input {spec.open_name}")
-                if batch_dir is not None and not os.path.isabs(host):  # noqa: PTH117
-                    host = os.path.join(batch_dir, host)  # noqa: PTH118
-                files.append(
-                    StagedFile(spec.open_name, *stager.add_file(host, place=f"{where}: {spec.open_name}"))
-                )
-            record = WorkunitRecord(name, tuple(files), command_line)
-            records.write(record.to_json() + "\n")
-            jobs.write(create_work_line(record, where=where) + "\n")
-            count += 1
-            if progress is not None:
-                progress(count, total)
-    if count == 0:
-        raise InputError(
-            f"batch file {req.batch}: has no rows", hint="add a header line and one row per workunit"
-        )
-
+    count = _write_rows(req, tmp, _Row(templates, stager, fixed), progress)
     open_names = [f.open_name for f in fixed] + [s.open_name for s in req.inputs]
-    in_name = f"{app}_in.xml"
-    out_name = f"{app}_out.xml"
-    in_xml = render("input_template.xml.j2", open_names=open_names, r=req.resources).encode()
-    out_xml = render("output_template.xml.j2", outputs=base_job.output_files).encode()
-    (tmp / "templates" / in_name).write_bytes(in_xml)
-    (tmp / "templates" / out_name).write_bytes(out_xml)
-    script = tmp / "create_work.sh"
-    script.write_text(
-        render(
-            "create_work.sh.j2",
-            app=app,
-            in_name=in_name,
-            out_name=out_name,
-            in_project=project_template_name(in_name, in_xml),
-            out_project=project_template_name(out_name, out_xml),
-        ),
-        encoding="utf-8",
-    )
-    script.chmod(0o755)
+    in_name, out_name = _write_templates(req, tmp, open_names, base_job)
     summary = {
         "format": FORMAT_VERSION,
-        "app_name": app,
+        "app_name": req.app_name,
         "count": count,
         "unique_files": stager.unique,
         "staged_bytes": stager.staged_bytes,
@@ -546,7 +412,7 @@ def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> Workun
     (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return WorkunitSet(
         tmp,
-        app,
+        req.app_name,
         count,
         stager.unique,
         stager.staged_bytes,
@@ -554,6 +420,127 @@ def _write(req: WorkunitRequest, tmp: Path, progress: Progress | None) -> Workun
         f"templates/{out_name}",
         advisories(req),
     )
+
+
+def _with_package(req: WorkunitRequest, stager: _Stager) -> tuple[VmJob, StagedFile | None]:
+    """The job naming the package (staged), or the job as it is without one."""
+    if req.package is None:
+        return req.job, None
+    kind = (req.job.package.kind if req.job.package else None) or PackageKind.from_filename(req.package.name)
+    if kind is None:
+        raise InputError(
+            f"package {req.package.name}: cannot tell whether it is an RPM or a tarball",
+            hint="name it .rpm or .tar.gz",
+        )
+    open_name = "package.rpm" if kind is PackageKind.RPM else "package.tar.gz"
+    physical, md5, size = stager.add_file(req.package, place="package")
+    return replace(req.job, package=Package(open_name, kind)), StagedFile(open_name, physical, md5, size)
+
+
+@dataclass(frozen=True)
+class _RowTemplates:
+    """The request's user templates, compiled once for every row."""
+
+    command_line: UserTemplate
+    name: UserTemplate
+    paths: tuple[UserTemplate, ...]
+
+    @classmethod
+    def of(cls, req: WorkunitRequest) -> _RowTemplates:
+        return cls(
+            compile_user_template(req.command_line, place="command line"),
+            compile_user_template(req.name, place="workunit name"),
+            tuple(compile_user_template(s.path, place=f"input {s.open_name}") for s in req.inputs),
+        )
+
+
+@dataclass
+class _Row:
+    """What every row's workunit is made with: the templates, the stager, the shared files,
+    and the names taken so far."""
+
+    templates: _RowTemplates
+    stager: _Stager
+    fixed: list[StagedFile]
+    names: set[str] = field(default_factory=set)
+
+
+def _write_rows(req: WorkunitRequest, tmp: Path, make: _Row, progress: Progress | None) -> int:
+    """Write each row's record and create_work line, staging its inputs; the number of rows.
+
+    A single workunit is a batch of one row without columns.
+    """
+    rows: Iterator[dict[str, Any]] = read_batch(req.batch) if req.batch else iter([{}])
+    total = None if req.batch else 1
+    count = 0
+    with (
+        (tmp / RECORDS_NAME).open("w", encoding="utf-8") as records,
+        (tmp / JOBS_NAME).open("w", encoding="utf-8") as jobs,
+        user_templates_bounded(),
+    ):
+        for index, row in enumerate(rows):
+            where = f"batch row {index + 1}" if req.batch else "workunit"
+            record = _row_record(req, make, {"app": req.app_name, "index": index, **row}, where)
+            records.write(record.to_json() + "\n")
+            jobs.write(create_work_line(record, where=where) + "\n")
+            count += 1
+            if progress is not None:
+                progress(count, total)
+    if count == 0:
+        raise InputError(
+            f"batch file {req.batch}: has no rows", hint="add a header line and one row per workunit"
+        )
+    return count
+
+
+def _row_record(req: WorkunitRequest, make: _Row, ctx: dict[str, Any], where: str) -> WorkunitRecord:
+    """One row's workunit: its name (taken), command line and files (its inputs staged)."""
+    name = sanitize_wu_name(render_user_template(make.templates.name, ctx, place=f"{where}: name"))
+    if not name.strip("."):
+        raise InputError(
+            f"{where}: workunit name {name!r} is not a usable name",
+            hint="make --name render to letters and digits, e.g. {{ app }}_{{ index }}",
+        )
+    if name in make.names:
+        raise InputError(
+            f"{where}: workunit name {name!r} is used twice",
+            hint="make --name unique per row, e.g. include {{ index }}",
+        )
+    make.names.add(name)
+    command_line = render_user_template(make.templates.command_line, ctx, place=f"{where}: command line")
+    batch_dir = req.batch.parent if req.batch else None
+    files = list(make.fixed)
+    for spec, path_t in zip(req.inputs, make.templates.paths, strict=True):
+        host = render_user_template(path_t, ctx, place=f"{where}: input {spec.open_name}")
+        if batch_dir is not None and not os.path.isabs(host):  # noqa: PTH117
+            host = os.path.join(batch_dir, host)  # noqa: PTH118
+        staged = make.stager.add_file(host, place=f"{where}: {spec.open_name}")
+        files.append(StagedFile(spec.open_name, *staged))
+    return WorkunitRecord(name, tuple(files), command_line)
+
+
+def _write_templates(req: WorkunitRequest, tmp: Path, open_names: list[str], job: VmJob) -> tuple[str, str]:
+    """The input and output templates and create_work.sh; the templates' names."""
+    in_name = f"{req.app_name}_in.xml"
+    out_name = f"{req.app_name}_out.xml"
+    in_xml = render("input_template.xml.j2", open_names=open_names, r=req.resources).encode()
+    out_xml = render("output_template.xml.j2", outputs=job.output_files).encode()
+    (tmp / "templates" / in_name).write_bytes(in_xml)
+    (tmp / "templates" / out_name).write_bytes(out_xml)
+    script = tmp / "create_work.sh"
+    script.write_text(
+        render(
+            "create_work.sh.j2",
+            app=req.app_name,
+            in_name=in_name,
+            out_name=out_name,
+            in_project=project_template_name(in_name, in_xml),
+            out_project=project_template_name(out_name, out_xml),
+        ),
+        encoding="utf-8",
+    )
+    script.chmod(0o755)
+    return in_name, out_name
 
 
 def advisories(req: WorkunitRequest) -> tuple[str, ...]:
@@ -575,6 +562,3 @@ def advisories(req: WorkunitRequest) -> tuple[str, ...]:
             f"then aborts the task; --disk-bound {checkpoint_disk_mb(memory_mb) * 2**20} leaves room for two"
         )
     return tuple(found)
-
-
-# -- reading a workunit directory back -------------------------------------------------------

@@ -37,29 +37,31 @@ class Resources:
         cls,
         job: VmJob,
         *,
-        fpops_est: float,
-        fpops_bound: float,
-        memory_bound: float | None,
-        disk_bound: float,
-        delay_bound: float,
-        target_nresults: int,
-        min_quorum: int,
+        fpops_est: float | None = None,
+        fpops_bound: float | None = None,
+        memory_bound: float | None = None,
+        disk_bound: float | None = None,
+        delay_bound: float | None = None,
+        target_nresults: int | None = None,
+        min_quorum: int | None = None,
     ) -> Resources:
-        """make-workunit's rules: the memory bound covers the VM (a quarter more than its
-        memory, 512 MB when the job names none) unless given; the result limits grow with
-        ``target_nresults``."""
+        """make-workunit's rules: what is not given takes the class's default, except the
+        memory bound, which covers the VM (a quarter more than its memory, 512 MB when the
+        job names none); the result limits grow with ``target_nresults``."""
         vm_bytes = (job.memory_size_mb or 512) * 1024 * 1024
+        base = cls()
+        replicas = base.target_nresults if target_nresults is None else target_nresults
         return cls(
-            rsc_fpops_est=fpops_est,
-            rsc_fpops_bound=fpops_bound,
+            rsc_fpops_est=base.rsc_fpops_est if fpops_est is None else fpops_est,
+            rsc_fpops_bound=base.rsc_fpops_bound if fpops_bound is None else fpops_bound,
             rsc_memory_bound=memory_bound if memory_bound is not None else vm_bytes * 1.25,
-            rsc_disk_bound=disk_bound,
-            delay_bound=delay_bound,
-            target_nresults=target_nresults,
-            min_quorum=min_quorum,
-            max_success_results=max(1, target_nresults),
-            max_total_results=max(5, 2 * target_nresults),
-            max_error_results=max(3, target_nresults),
+            rsc_disk_bound=base.rsc_disk_bound if disk_bound is None else disk_bound,
+            delay_bound=base.delay_bound if delay_bound is None else delay_bound,
+            target_nresults=replicas,
+            min_quorum=base.min_quorum if min_quorum is None else min_quorum,
+            max_success_results=max(1, replicas),
+            max_total_results=max(5, 2 * replicas),
+            max_error_results=max(3, replicas),
         )
 
 
@@ -173,8 +175,20 @@ def read_output_template(data: bytes, what: str) -> tuple[list[Finding], tuple[R
     p = "output_template"
     if root.tag != p:
         return [error(what, f"root element is <{root.tag}>, expected <{p}>")], ()
-    out: list[Finding] = []
+    out, by_name = _file_infos(root, p)
+    result = root.find("result")
+    if result is None:
+        return out + [error(f"{p}.result", "is missing")], ()
+    refs: dict[str, ET.Element] = {}
     sizes: dict[str, float | None] = {}
+    out += _result_refs(result, by_name, p, refs, sizes)
+    optional = {name for name, ref in refs.items() if ref.find("optional") is not None}
+    return out, tuple(ResultFile(name, size, name in optional) for name, size in sizes.items())
+
+
+def _file_infos(root: ET.Element, p: str) -> tuple[list[Finding], dict[str, ET.Element]]:
+    """Findings for the template's ``<file_info>`` elements, and those elements by name."""
+    out: list[Finding] = []
     by_name: dict[str, ET.Element] = {}
     for i, fi in enumerate(root.findall("file_info")):
         key = _name_key(fi.find("name"))
@@ -193,11 +207,19 @@ def read_output_template(data: bytes, what: str) -> tuple[list[Finding], tuple[R
         url = fi.find("url")
         if url is None and fi.find("upload_url") is None:
             out.append(error(f"{p}.file_info[{i}].url", "is missing", hint="add <url><UPLOAD_URL/></url>"))
-    result = root.find("result")
-    if result is None:
-        return out + [error(f"{p}.result", "is missing")], ()
+    return out, by_name
+
+
+def _result_refs(
+    result: ET.Element,
+    by_name: dict[str, ET.Element],
+    p: str,
+    refs: dict[str, ET.Element],
+    sizes: dict[str, float | None],
+) -> list[Finding]:
+    """Findings for ``<result>``'s file_refs; fills ``refs`` (by open name) and their ``sizes``."""
+    out: list[Finding] = []
     names: list[str] = []
-    refs: dict[str, ET.Element] = {}
     for i, ref in enumerate(result.findall("file_ref")):
         key = _name_key(ref.find("file_name"))
         open_name = ref.find("open_name")
@@ -225,8 +247,7 @@ def read_output_template(data: bytes, what: str) -> tuple[list[Finding], tuple[R
                     f"{p}.result.file_ref.open_name", f"{name!r} appears {n} times; open names must be unique"
                 )
             )
-    optional = {name for name, ref in refs.items() if ref.find("optional") is not None}
-    return out, tuple(ResultFile(name, size, name in optional) for name, size in sizes.items())
+    return out
 
 
 def _name_key(elem: ET.Element | None) -> str:
