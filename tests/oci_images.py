@@ -189,7 +189,6 @@ def debian_rootfs_tar() -> Path:
     args = [
         "--variant=essential",
         "--include=python3-minimal",
-        "--skip=output/dev",
         "--format=tar",
         "bookworm",
     ]

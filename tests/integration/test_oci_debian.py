@@ -7,6 +7,7 @@ resumes from it with a byte-identical result.
 from __future__ import annotations
 
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -47,9 +48,12 @@ STEPS = 20
 @pytest.fixture(scope="module")
 def debian_app_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("oci-debian")
+    root = debian_rootfs_tar()
+    with tarfile.open(root) as tar:  # the root as mmdebstrap makes it: device nodes and all
+        assert any(m.ischr() for m in tar.getmembers()), "mmdebstrap's root has no device node"
     layout = umoci_layout(
         work / "layout",
-        debian_rootfs_tar(),
+        root,
         "--config.entrypoint=/usr/bin/python3",
         "--config.cmd=/app/job.py",
         "--config.workingdir=/app",
