@@ -19,7 +19,7 @@ import enum
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -65,6 +65,9 @@ class VmSpec:
             each file's name in the VM directory -> where it is on this host; ``image`` is one
             of these paths. Empty for single-file images. The backend rebuilds the directory
             in ``workdir`` and never writes to these files.
+        resolve_file: where a file that ``options`` names by its logical name (an app-version
+            file, e.g. QEMU's ``runtime``) is on this host; the wrapper passes the slot's
+            link-file resolution. None: such option values are host paths already.
     """
 
     name: str
@@ -79,6 +82,7 @@ class VmSpec:
     boot_timeout: float = 120.0
     options: Mapping[str, str] = field(default_factory=dict)
     image_files: Mapping[str, Path] = field(default_factory=dict)
+    resolve_file: Callable[[str], Path] | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,11 @@ class Backend(ABC):
     def probe(cls) -> Availability:
         """Say whether this backend can run on this host, and if not, exactly why."""
 
+    def availability(self) -> Availability:
+        """Say whether this VM, as its spec sets it up, can run here: :meth:`probe` unless the
+        spec changes the answer (a QEMU job that brings its own QEMU needs none installed)."""
+        return type(self).probe()
+
     # -- power ----------------------------------------------------------------
     @abstractmethod
     def power_on(self, *, snapshot: str | None = None) -> None:
@@ -217,16 +226,11 @@ class Backend(ABC):
     ) -> ProcessStatus:
         """Run a program in the guest and wait for it (bounded by ``timeout``)."""
         proc = self.start_program(argv, env=env, cwd=cwd)
-        deadline = time.monotonic() + timeout
-        delay = 0.01
-        while True:
+        for _ in polls(timeout, 0.01, max_interval=0.2):
             status = self.poll_program(proc)
             if not status.running:
                 return status
-            if time.monotonic() > deadline:
-                raise VmTimeout(f"{self.kind}: {argv[0]} did not finish in the guest within {timeout:g} s")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
+        raise VmTimeout(f"{self.kind}: {argv[0]} did not finish in the guest within {timeout:g} s")
 
     # -- files ----------------------------------------------------------------
     @abstractmethod
@@ -308,6 +312,25 @@ class Backend(ABC):
             self.power_off()
         except Exception as second:  # noqa: BLE001
             logging.getLogger(__name__).warning("powering off after an error failed too: %s", second)
+
+
+def polls(timeout: float, interval: float, *, max_interval: float | None = None) -> Iterator[None]:
+    """The turns of a bounded wait: ``for _ in polls(30, 0.01): if done(): break`` (``else``: timed out).
+
+    The first turn comes at once; after each turn, the wait ends once ``timeout`` seconds
+    have passed since it began, else it sleeps ``interval`` (doubling up to ``max_interval``
+    when given) before the next turn. So the condition is always tested once more after the
+    last sleep, and the loop ends by itself instead of waiting forever.
+    """
+    deadline = time.monotonic() + timeout
+    delay = interval
+    while True:
+        yield
+        if time.monotonic() > deadline:
+            return
+        time.sleep(delay)
+        if max_interval is not None:
+            delay = min(delay * 2, max_interval)
 
 
 def backend_class(kind: BackendKind | str) -> type[Backend]:

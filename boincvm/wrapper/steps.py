@@ -30,7 +30,6 @@ import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from boincvm.boinc.api import BoincApp
 from boincvm.boinc.files import ExitCode, resolve_filename
@@ -48,7 +47,6 @@ from boincvm.errors import (
 )
 from boincvm.hypervisor.base import Backend, GuestProcess, VmSpec
 from boincvm.job import CheckpointMode
-from boincvm.names import logical_name_problem
 from boincvm.wrapper import app_checkpoint, hostcheck
 from boincvm.wrapper.checkpoint import CheckpointRecord
 from boincvm.wrapper.guest_install import install_script, package_guest_path
@@ -123,7 +121,8 @@ class Wrapper:
             enable_network=job.enable_network,
             boot_timeout=job.boot_timeout,
             image_files=dict(inputs.image_files),
-            options=_resolve_runtime(dict(job.backend_options), self.slot),
+            options=dict(job.backend_options),
+            resolve_file=lambda name: resolve_filename(name, self.slot),
         )
         self.vm = backend_factory(self.spec)
         self.task = Task(app, inputs, self.vm, clock)
@@ -134,7 +133,7 @@ class Wrapper:
         record = self.task.store.load()
         try:
             try:
-                available = type(self.vm).probe()
+                available = self.vm.availability()
                 if not available.ok:
                     raise HypervisorUnavailable(
                         f"{self.vm.kind}: {available.reason}", hint=available.detail or None
@@ -295,19 +294,3 @@ __all__ = [
     "Wrapper",
     "WrapperInputs",
 ]
-
-
-def _resolve_runtime(options: dict[str, str], slot: Path) -> dict[str, str]:
-    """``options`` with the QEMU ``runtime`` option's logical name (an app-version file the
-    slot links to) replaced by the file it names, in the project directory.
-
-    Raises:
-        InputError: the name is not a plain logical name.
-    """
-    name = options.get("runtime")
-    if not name:
-        return options
-    problem = logical_name_problem(name)
-    if problem:
-        raise InputError(f"backend option runtime: {problem}")
-    return {**options, "runtime": str(resolve_filename(name, slot).resolve())}

@@ -14,15 +14,12 @@ from boincvm.appversion.runtime import FIRMWARE, MODULES, RuntimeFiles, collect_
 from boincvm.errors import ToolError
 from boincvm.hypervisor.qemu.runtime import (
     MANIFEST,
+    PATH_QEMU,
     PREFIX,
+    QemuTools,
     RuntimeArchiveError,
     archive_digest,
     archive_problem,
-    qemu_binary,
-    qemu_command,
-    qemu_env,
-    qemu_img_command,
-    select,
     unpack_once,
 )
 
@@ -167,21 +164,18 @@ def test_archive_problem_reads_without_extracting(archive: Path, tmp_path: Path)
 
 def test_selected_runtime_gives_loader_commands(archive: Path, tmp_path: Path) -> None:
     rt = unpack_once(archive, tmp_path)
-    assert qemu_command() == ["qemu-system-x86_64"] and qemu_env() is None
-    select(rt)
-    try:
-        loader = str(rt.root / "lib/ld-linux-x86-64.so.2")
-        assert qemu_command()[:4] == [
-            loader,
-            "--library-path",
-            str(rt.root / "lib"),
-            str(rt.root / "bin/qemu-system-x86_64"),
-        ]
-        assert qemu_command()[4:] == ["-L", str(rt.root / "share")]
-        assert qemu_img_command()[0] == loader and qemu_img_command()[-1].endswith("bin/qemu-img")
-        assert qemu_binary() == rt.root / "bin/qemu-system-x86_64"
-    finally:
-        select(None)
+    assert PATH_QEMU.system_command() == ["qemu-system-x86_64"] and PATH_QEMU.env is None
+    tools = QemuTools(rt)
+    loader = str(rt.root / "lib/ld-linux-x86-64.so.2")
+    assert tools.system_command()[:4] == [
+        loader,
+        "--library-path",
+        str(rt.root / "lib"),
+        str(rt.root / "bin/qemu-system-x86_64"),
+    ]
+    assert tools.system_command()[4:] == ["-L", str(rt.root / "share")]
+    assert tools.img_command()[0] == loader and tools.img_command()[-1].endswith("bin/qemu-img")
+    assert tools.binary() == rt.root / "bin/qemu-system-x86_64"
 
 
 def test_unwritable_parent_is_a_clear_error(archive: Path, tmp_path: Path) -> None:

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm import proc
+from boincvm.atomicdir import write_file_atomically
 from boincvm.cache import cache_root, content_digest
 from boincvm.errors import CommandNotFound
-from boincvm.hypervisor.qemu import runtime as qemu_rt
+from boincvm.hypervisor.qemu.runtime import PATH_QEMU, QemuTools
 
 QEMU = "qemu-system-x86_64"
 TRIAL_TIMEOUT = 8.0
@@ -114,8 +115,8 @@ def kvm_device() -> str | None:
     return None if problem is None else f"{problem.reason}; {problem.hint}"
 
 
-def qemu_identity() -> str:
-    """What identifies the installed QEMU in cache keys, without running it.
+def qemu_identity(tools: QemuTools) -> str:
+    """What identifies the QEMU ``tools`` run in cache keys, without running it.
 
     The binary's size and content digest (hashed once per file, :func:`content_digest`):
     an upgrade changes them, and every project directory's unpacked copy of one bundled
@@ -126,27 +127,27 @@ def qemu_identity() -> str:
     Raises:
         CommandNotFound: QEMU is not installed.
     """
-    path = qemu_rt.qemu_binary()
+    path = tools.binary()
     if path is None:
         raise CommandNotFound(f"{QEMU} was not found", hint=proc.INSTALL_HINTS.get(QEMU, f"install {QEMU}"))
     real = path.resolve()
     return f"{real.stat().st_size}:{content_digest(real)}"
 
 
-def _cache_file(kernel: Path) -> Path:
+def _cache_file(kernel: Path, tools: QemuTools) -> Path:
     st = kernel.stat()
     # The kernel by content: every data directory's copy of it shares the verdict.
-    key = json.dumps([qemu_identity(), os.uname().release, st.st_size, content_digest(kernel)])
+    key = json.dumps([qemu_identity(tools), os.uname().release, st.st_size, content_digest(kernel)])
     return cache_root() / "accel" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
 
 
-def _trial(kernel: Path, workdir: Path) -> AccelChoice:
+def _trial(kernel: Path, workdir: Path, tools: QemuTools) -> AccelChoice:
     log_file = workdir / "kvm-probe.log"
-    argv = [*qemu_rt.qemu_command(), "-accel", "kvm", "-cpu", "host", "-machine", "pc", "-m", "128",
+    argv = [*tools.system_command(), "-accel", "kvm", "-cpu", "host", "-machine", "pc", "-m", "128",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", f"file:{log_file}",
             "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 root=/dev/boincvm-none"]  # fmt: skip
     started = time.monotonic()
-    child = proc.spawn(argv, stderr=subprocess.PIPE, env=qemu_rt.qemu_env())
+    child = proc.spawn(argv, stderr=subprocess.PIPE, env=tools.env)
     try:
         child.wait(TRIAL_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -170,8 +171,11 @@ def _trial(kernel: Path, workdir: Path) -> AccelChoice:
     return AccelChoice("tcg", f"KVM trial boot failed ({last})", "check dmesg for kvm errors")
 
 
-def choose_accel(kernel: Path | None, workdir: Path, override: str | None = None) -> AccelChoice:
-    """Pick ``kvm`` or ``tcg`` for VMs on this host, probing KVM with a bounded boot of ``kernel``.
+def choose_accel(
+    kernel: Path | None, workdir: Path, override: str | None = None, tools: QemuTools = PATH_QEMU
+) -> AccelChoice:
+    """Pick ``kvm`` or ``tcg`` for VMs on this host, probing KVM with a bounded boot of ``kernel``
+    by the QEMU of ``tools``.
 
     ``override`` (or the ``BOINCVM_QEMU_ACCEL`` environment variable) forces ``kvm`` or
     ``tcg``. Without a kernel to try, KVM is not trusted.
@@ -184,15 +188,14 @@ def choose_accel(kernel: Path | None, workdir: Path, override: str | None = None
         return problem
     if kernel is None:
         return AccelChoice("tcg", "KVM not tried: no guest kernel to probe it with")
-    cache = _cache_file(kernel)
+    cache = _cache_file(kernel, tools)
     try:
         data = json.loads(cache.read_text())
         return AccelChoice(str(data["accel"]), str(data["reason"]) + " (cached)", str(data["hint"]))
     except (OSError, ValueError, KeyError):
         pass
-    choice = _trial(kernel, workdir)
+    choice = _trial(kernel, workdir, tools)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"accel": choice.accel, "reason": choice.reason, "hint": choice.hint}))
-    tmp.replace(cache)
+    verdict = {"accel": choice.accel, "reason": choice.reason, "hint": choice.hint}
+    write_file_atomically(cache, json.dumps(verdict).encode())
     return choice

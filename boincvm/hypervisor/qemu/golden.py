@@ -30,7 +30,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING
 from boincvm import proc
 from boincvm.cache import cache_root, content_digest
 from boincvm.errors import HypervisorError, ToolError
-from boincvm.hypervisor.qemu import runtime as qemu_rt
 
 if TYPE_CHECKING:
     from boincvm.hypervisor.base import VmSpec
@@ -175,10 +174,11 @@ def mark_broken(golden: Golden, reason: str) -> None:
         log.warning("cannot mark the golden checkpoint %s broken: %s", golden.state.parent, exc)
 
 
-def _own_base(image: Path, out: Path) -> None:
+def _own_base(image: Path, out: Path, img: Sequence[str]) -> None:
     """Give the golden disk its own base: ``image`` linked (or copied) next to it and named
     as its backing file by a relative name, so the golden checkpoint, keyed by content and
     shared by every data directory, outlives the project directory whose copy built it.
+    ``img`` is the argv prefix of the qemu-img to use.
 
     Raises:
         ToolError: qemu-img failed, or the copy did.
@@ -188,19 +188,21 @@ def _own_base(image: Path, out: Path) -> None:
         os.link(image, base)  # app version files never change: one inode serves both
     except OSError:
         proc.run(["cp", "--reflink=auto", "--sparse=always", image, base], timeout=1800)
-    img = qemu_rt.qemu_img_command()
     info = json.loads(proc.run([*img, "info", "-U", "--output=json", base], timeout=60).text)
     fmt = str(info["format"])
     proc.run([*img, "rebase", "-u", "-b", GOLDEN_BASE, "-F", fmt, out / GOLDEN_DISK], timeout=60)
 
 
-def build(spec: VmSpec, key: str, accel: str, save: Callable[[VmSpec, Path], None]) -> Golden:
+def build(
+    spec: VmSpec, key: str, accel: str, save: Callable[[VmSpec, Path], None], img: Sequence[str]
+) -> Golden:
     """Boot ``spec`` once, save the running guest and freeze its disk; return the result.
 
     ``save(boot, state)`` boots ``boot`` (its work directory under the build directory) with
     its RAM in ``GOLDEN_RAM`` next to ``state``, waits for the agent and writes the stopped
     guest's device state to ``state``; the QEMU backend
-    passes its own (this module knows the cache, the backend knows QEMU).
+    passes its own (this module knows the cache, the backend knows QEMU), and ``img`` the
+    argv prefix of its qemu-img.
 
     Raises:
         HypervisorError: the boot or the migration failed.
@@ -219,7 +221,7 @@ def build(spec: VmSpec, key: str, accel: str, save: Callable[[VmSpec, Path], Non
         out.mkdir()
         (work / "vm" / "disk.qcow2").rename(out / GOLDEN_DISK)
         if spec.image is not None:
-            _own_base(spec.image.resolve(), out)
+            _own_base(spec.image.resolve(), out, img)
         (work / "vm" / GOLDEN_STATE).rename(out / GOLDEN_STATE)
         ram = work / "vm" / GOLDEN_RAM
         # A guest booted with init_on_free=1 zeroes every page it frees, so the file is

@@ -30,13 +30,14 @@ import os
 import shutil
 import tarfile
 import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm.errors import InputError, ToolError
 from boincvm.hashing import sha256_file
+from boincvm.hypervisor.base import polls
+from boincvm.names import logical_name_problem
 
 #: Names inside the archive (and so in the unpacked directory).
 MANIFEST = "runtime.json"
@@ -131,19 +132,28 @@ def check_unpacked(root: Path, *, verify: bool = False) -> Runtime:
     return Runtime(root, str(data.get("qemu_version", "")))
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(root: Path) -> None:
+    # A whole directory is renamed into place, so every file and directory in it is synced
+    # first (boincvm.atomicdir.write_file_atomically covers one file, not a tree).
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
-            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
+
+
+def _lock_taken(path: Path, timeout: float) -> ToolError:
+    return ToolError(
+        f"the QEMU runtime lock {path} stayed taken for {timeout:.0f} s",
+        hint="another task is unpacking the runtime; it starts again later",
+    )
 
 
 @contextlib.contextmanager
@@ -156,18 +166,15 @@ def _locked(path: Path, timeout: float) -> Iterator[None]:
             hint="the BOINC data directory must be writable by the client's user",
         ) from exc
     try:
-        deadline = time.monotonic() + timeout
-        while True:
+        for _ in polls(timeout, 0.1):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                    raise ToolError(
-                        f"the QEMU runtime lock {path} stayed taken for {timeout:.0f} s",
-                        hint="another task is unpacking the runtime; it starts again later",
-                    ) from exc
-                time.sleep(0.1)
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise _lock_taken(path, timeout) from exc
+        else:
+            raise _lock_taken(path, timeout)
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -217,57 +224,74 @@ def unpack_once(archive: Path, parent: Path | None = None, *, lock_timeout: floa
             check_unpacked(work, verify=True)
             _fsync_tree(work)
             work.rename(final)
-            fd = os.open(parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(parent)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
     return check_unpacked(final)
 
 
-# -- the QEMU this process runs ------------------------------------------------------
-#: The bundled runtime the backend uses, once a VM of this process named one; None: PATH's QEMU.
-_selected: Runtime | None = None
+# -- the QEMU a VM runs ----------------------------------------------------------------
+@dataclass(frozen=True)
+class QemuTools:
+    """The QEMU programs one VM runs: a bundled runtime's, or PATH's (``bundled`` None).
+
+    Chosen once per VM from its options (:func:`tools_for`) and handed to everything that
+    starts QEMU or qemu-img for it, so nothing depends on which VM of a process came first.
+    """
+
+    bundled: Runtime | None = None
+
+    def system_command(self) -> list[str]:
+        """argv prefix for ``qemu-system-x86_64``: the bundled one through its loader with its
+        firmware directory (``-L``), or PATH's."""
+        if self.bundled is None:
+            return ["qemu-system-x86_64"]
+        return [*self.bundled.command("qemu-system-x86_64"), "-L", str(self.bundled.firmware_dir)]
+
+    def img_command(self) -> list[str]:
+        """argv prefix for ``qemu-img``: the bundled one, or PATH's."""
+        return ["qemu-img"] if self.bundled is None else self.bundled.command("qemu-img")
+
+    @property
+    def env(self) -> dict[str, str] | None:
+        """Extra environment for QEMU processes (the bundled module directory), or None."""
+        return None if self.bundled is None else self.bundled.env
+
+    def binary(self) -> Path | None:
+        """The ``qemu-system-x86_64`` file that runs: the bundled one, or PATH's (None: not installed)."""
+        if self.bundled is not None:
+            return self.bundled.root / "bin" / "qemu-system-x86_64"
+        found = shutil.which("qemu-system-x86_64")
+        return Path(found) if found else None
 
 
-def select(runtime: Runtime | None) -> None:
-    """Make every later QEMU and qemu-img start of this process use ``runtime`` (None: PATH's)."""
-    global _selected  # noqa: PLW0603 - one QEMU per wrapper process, chosen once by its job
-    _selected = runtime
+#: QEMU as installed on the host (found on PATH).
+PATH_QEMU = QemuTools()
 
 
-def selected() -> Runtime | None:
-    """The bundled runtime in use, or None when QEMU comes from PATH."""
-    return _selected
+def tools_for(runtime: str, resolve_file: Callable[[str], Path] | None = None) -> QemuTools:
+    """The QEMU the ``runtime`` option names: "" for PATH's, else the archive, unpacked once.
 
+    With ``resolve_file`` (the wrapper's: through the slot's link files) ``runtime`` is an
+    app-version file's logical name; without it, a path.
 
-def qemu_command() -> list[str]:
-    """argv prefix for ``qemu-system-x86_64``: the bundled one through its loader with its
-    firmware directory (``-L``), or PATH's."""
-    if _selected is None:
-        return ["qemu-system-x86_64"]
-    return [*_selected.command("qemu-system-x86_64"), "-L", str(_selected.firmware_dir)]
-
-
-def qemu_img_command() -> list[str]:
-    """argv prefix for ``qemu-img``: the bundled one, or PATH's."""
-    return ["qemu-img"] if _selected is None else _selected.command("qemu-img")
-
-
-def qemu_env() -> dict[str, str] | None:
-    """Extra environment for QEMU processes (the bundled module directory), or None."""
-    return None if _selected is None else _selected.env
-
-
-def qemu_binary() -> Path | None:
-    """The ``qemu-system-x86_64`` file that runs: the bundled one, or PATH's (None: not installed)."""
-    if _selected is not None:
-        return _selected.root / "bin" / "qemu-system-x86_64"
-    found = shutil.which("qemu-system-x86_64")
-    return Path(found) if found else None
+    Raises:
+        InputError: ``runtime`` is not a plain logical name.
+        RuntimeArchiveError: the archive is damaged or not a runtime archive.
+        ToolError: another unpack held the lock too long, or the disk is full.
+    """
+    if not runtime:
+        return PATH_QEMU
+    if resolve_file is None:
+        archive = Path(runtime)
+    else:
+        problem = logical_name_problem(runtime)
+        if problem:
+            raise InputError(f"backend option runtime: {problem}")
+        archive = resolve_file(runtime).resolve()
+    # Unpacked once per host beside the archive; later VMs find the directory done.
+    return QemuTools(unpack_once(archive))
 
 
 def archive_problem(archive: Path) -> str | None:

@@ -26,7 +26,6 @@ Hot-plug needs ACPI PCI hot-plug (machine ``pc``, or ``q35`` through the root po
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from boincvm.errors import GuestError, HypervisorError, OutputError, VmTimeout
-from boincvm.hypervisor.base import GuestProcess, ProcessStatus, VmSpec
+from boincvm.hypervisor.base import GuestProcess, ProcessStatus, VmSpec, polls
 from boincvm.hypervisor.qemu import cmdline as cl
 from boincvm.hypervisor.qemu.options import DEFAULT_TRANSFER_MIN_BYTES, QemuOptions
 
@@ -246,7 +245,7 @@ class TransferDisk:
 
     def _run_guest(self, serial: str, direction: str, guest_path: str, size: int) -> tuple[int, str, str]:
         vm = self.vm
-        polls = int(PLUG_TIMEOUT / POLL)
+        tries = int(PLUG_TIMEOUT / POLL)
         argv = [
             "/bin/sh",
             "-c",
@@ -256,13 +255,11 @@ class TransferDisk:
             direction,
             guest_path,
             str(size),
-            str(polls),
+            str(tries),
         ]
         started = vm.start_program(argv)
         timeout = PLUG_TIMEOUT + 30.0 + size / SLOWEST
-        deadline = time.monotonic() + timeout
-        delay = 0.01
-        while True:
+        for _ in polls(timeout, 0.01, max_interval=0.1):
             st = vm.poll_program(started)
             if not st.running:
                 return (
@@ -270,17 +267,12 @@ class TransferDisk:
                     st.stdout_tail.decode(errors="replace"),
                     st.stderr_tail.decode(errors="replace"),
                 )
-            if time.monotonic() > deadline:
-                # Stop the copy so the guest lets go of the device before it is unplugged.
-                try:
-                    vm.run_program(["kill", "-9", str(started.pid)], timeout=10)
-                except (GuestError, VmTimeout) as exc:
-                    log.debug("killing the stuck copy: %s", exc)
-                raise VmTimeout(
-                    f"qemu: copying {guest_path} through the transfer disk took over {timeout:g} s"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+        # Stop the copy so the guest lets go of the device before it is unplugged.
+        try:
+            vm.run_program(["kill", "-9", str(started.pid)], timeout=10)
+        except (GuestError, VmTimeout) as exc:
+            log.debug("killing the stuck copy: %s", exc)
+        raise VmTimeout(f"qemu: copying {guest_path} through the transfer disk took over {timeout:g} s")
 
 
 def _peripherals(vm: QemuVm) -> list[str]:
@@ -300,14 +292,13 @@ def _unplug(vm: QemuVm, name: str) -> None:
     except HypervisorError as exc:
         if "is already in the process of unplug" not in str(exc):
             raise
-    deadline = time.monotonic() + UNPLUG_TIMEOUT
-    while name in _peripherals(vm):
-        if time.monotonic() > deadline:
-            raise VmTimeout(
-                f"qemu: the guest did not release the transfer disk {name} within {UNPLUG_TIMEOUT:g} s",
-                hint="snapshots of this VM are refused while the disk is attached; power it off",
-            )
-        time.sleep(0.01)
+    for _ in polls(UNPLUG_TIMEOUT, 0.01):
+        if name not in _peripherals(vm):
+            return
+    raise VmTimeout(
+        f"qemu: the guest did not release the transfer disk {name} within {UNPLUG_TIMEOUT:g} s",
+        hint="snapshots of this VM are refused while the disk is attached; power it off",
+    )
 
 
 def _blockdev_del(vm: QemuVm, name: str) -> None:
@@ -316,8 +307,8 @@ def _blockdev_del(vm: QemuVm, name: str) -> None:
     Raises:
         VmTimeout: the node stayed in use.
     """
-    deadline = time.monotonic() + UNPLUG_TIMEOUT
-    while True:
+    in_use: HypervisorError | None = None
+    for _ in polls(UNPLUG_TIMEOUT, 0.01):
         try:
             vm.qmp("blockdev-del", {"node-name": name})
             return
@@ -325,9 +316,11 @@ def _blockdev_del(vm: QemuVm, name: str) -> None:
             text = str(exc)
             if "Failed to find node" in text or "Cannot find node" in text:
                 return
-            if "is in use" not in text or time.monotonic() > deadline:
+            if "is in use" not in text:
                 raise
-        time.sleep(0.01)
+            in_use = exc
+    assert in_use is not None
+    raise in_use
 
 
 def release_leftovers(vm: QemuVm) -> None:

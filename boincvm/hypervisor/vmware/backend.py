@@ -110,9 +110,9 @@ from boincvm.hypervisor.vmware.config import (
     read_secret,
     share_settings,
 )
-from boincvm.hypervisor.vmware.files import rebuild_vm_dir
+from boincvm.hypervisor.vmware.files import base_vmx
 from boincvm.hypervisor.vmware.guestinfo import GuestinfoChannel
-from boincvm.hypervisor.vmware.guestops import GuestopsChannel
+from boincvm.hypervisor.vmware.guestops import GuestopsChannel, read_fetched
 from boincvm.hypervisor.vmware.host import LockFile, Pyvix, bounded, norm, vmx_process_cpu_seconds
 from boincvm.hypervisor.vmware.vmx import VmxFile
 
@@ -269,7 +269,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
             if not self.vmx.is_file():
                 raise vr.SnapshotNotFound(f"vmware: no VM in {self.spec.workdir} to revert to {snapshot!r}")
             if self.spec.image_files:
-                self._base()  # the clone's parent disks live there
+                base_vmx(self.spec, self.spec.workdir / BASE_DIR)  # the clone's parent disks live there
             self._call("revertToSnapshot", self.vmx, [snapshot], timeout=SNAPSHOT_TIMEOUT)
             self._after_revert()
             return
@@ -299,45 +299,8 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
                 log.debug("pyvix poweron failed (%s); using vmrun", exc)
         self._call("start", self.vmx, ["gui" if self.opts.gui else "nogui"])
 
-    def _base(self) -> Path:
-        image = self.spec.image
-        if image is not None and self.spec.image_files:
-            return self._rebuilt_base(image)
-        if image is None or image.suffix.lower() != ".vmx":
-            raise InputError(
-                f"vmware: the image must be a VMware .vmx file, not {image.name if image else 'none'}",
-                hint="ship the base VM's .vmx and disks; a bare .vmdk needs a .vmx around it",
-            )
-        if not image.is_file():
-            raise InputError(f"vmware: {image} does not exist")
-        return image
-
-    def _rebuilt_base(self, image: Path) -> Path:
-        """The base VM of an app version, rebuilt under its original names in ``workdir/base``.
-
-        Small files are copied, large ones linked (:func:`rebuild_vm_dir`), so VMware's
-        writes (the .vmx, the .vmsd a linked clone is registered in) land in the slot and
-        never in the project's immutable files.
-        """
-        names = [n for n, p in self.spec.image_files.items() if p == image]
-        if not names or not names[0].lower().endswith(".vmx"):
-            raise InputError(
-                "vmware: the image must be the .vmx among the image files",
-                hint="make the app version with boincvm package-image VM_DIRECTORY",
-            )
-        how = rebuild_vm_dir(self.spec.workdir / BASE_DIR, self.spec.image_files)
-        if how:
-            linked = sum(1 for v in how.values() if v == "linked")
-            log.info(
-                "vmware: rebuilt the base VM in %s (%d files copied, %d linked)",
-                BASE_DIR,
-                len(how) - linked,
-                linked,
-            )
-        return self.spec.workdir / BASE_DIR / names[0]
-
     def _make_clone(self) -> None:
-        base = self._base()
+        base = base_vmx(self.spec, self.spec.workdir / BASE_DIR)
         name = self.opts.base_snapshot
         if name not in vr.parse_snapshots(self._call("listSnapshots", base).text):
             if self.spec.image_files:
@@ -516,14 +479,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
 
     def read_guest_file(self, guest_path: str, *, max_bytes: int = 65536) -> bytes | None:
         """Copy a small guest file out and return at most ``max_bytes`` of it, or None if it is missing."""
-        fetched = self.channel.fetch(guest_path)
-        if fetched is None:
-            return None
-        try:
-            with fetched.open("rb") as f:
-                return f.read(max_bytes)
-        finally:
-            fetched.unlink(missing_ok=True)
+        return read_fetched(self.channel.fetch, guest_path, max_bytes)
 
     # -- snapshots -------------------------------------------------------------------------
     def snapshot_create(self, name: str) -> None:

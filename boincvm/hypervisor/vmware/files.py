@@ -9,7 +9,8 @@ cannot be shipped: references that leave the directory or are absolute, missing 
 that is running, suspended or encrypted, and a VM without the base snapshot that per-task
 linked clones start from.
 
-:func:`rebuild_vm_dir` lays such a set out again under its original names (in a slot): small
+:func:`rebuild_vm_dir` lays such a set out again under its original names (in a slot, for
+:func:`base_vmx`): small
 files, which VMware may rewrite (``.vmx``, ``.vmsd``, descriptors, ``.nvram``), are copied;
 large ones (extents, snapshot memory) are symbolic links to the read-only originals, which a
 linked clone only ever opens as a parent disk, read-only.
@@ -17,6 +18,7 @@ linked clone only ever opens as a parent disk, read-only.
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import re
@@ -26,9 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boincvm.errors import InputError, PathEscapeError
+from boincvm.hypervisor.base import VmSpec
 from boincvm.hypervisor.vmware.inspect import check_vmware
 from boincvm.hypervisor.vmware.vmx import VmxFile, find_vmx, parse_vmsd, read_vmdk_descriptor
 from boincvm.paths import check_regular
+
+log = logging.getLogger(__name__)
 
 #: The snapshot every task's linked clone starts from (vmrun clone ... -snapshot=NAME).
 BASE_SNAPSHOT = "boincvm-base"
@@ -82,13 +87,32 @@ def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT, follow_links: bool 
         PathEscapeError: a file reference is absolute or leaves the VM directory.
     """
     vmx_path = find_vmx(path)
-    root = vmx_path.parent
     if not follow_links:
         check_regular(vmx_path, f"the VM's .vmx file {vmx_path.name}")
-    refuse_in_use(root)
+    refuse_in_use(vmx_path.parent)
     vmx = VmxFile.load(vmx_path)
+    _refuse_unshippable(vmx_path, vmx, follow_links)
+    walk = _Walk(vmx_path, follow_links)
+    walk.add(vmx_path.name, "vmx")
+    walk.add_vmx_references(vmx)
+    walk.add_snapshots(snapshot)
+    memsize = vmx.get("memsize")
+    return VmDirectory(
+        root=walk.root,
+        files=tuple(walk.files.values()),
+        snapshot=snapshot,
+        memsize_mb=int(memsize) if memsize and memsize.isdigit() else None,
+    )
+
+
+def _refuse_unshippable(vmx_path: Path, vmx: VmxFile, follow_links: bool) -> None:
+    """Refuse what :func:`check_vmware` calls an error (but missing files) and a suspended VM.
+
+    Raises:
+        InputError: naming the first such problem.
+    """
     for f in check_vmware(vmx_path, follow_links=follow_links):
-        # Missing files are left to the walk below, which follows every reference (and
+        # Missing files are left to the walk, which follows every reference (and
         # refuses one that leaves the directory before asking whether it exists).
         if f.is_error and not re.search(r"(\.filename|\.extent|\.parentfilenamehint)$", f.place.lower()):
             raise InputError(
@@ -100,86 +124,108 @@ def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT, follow_links: bool 
             f"{vmx_path.name}: the VM is suspended",
             hint="power it off (not suspend), take the snapshot again, then package it",
         )
-    files: dict[str, VmFile] = {}
 
-    def add(name: str, role: str) -> Path:
-        p = root / name
-        if name not in files:
-            if not p.is_file() and (follow_links or not p.is_symlink()):
+
+class _Walk:
+    """The files of one VM directory, collected by following the references from its .vmx."""
+
+    def __init__(self, vmx_path: Path, follow_links: bool) -> None:
+        self.vmx_path = vmx_path
+        self.root = vmx_path.parent
+        self.follow_links = follow_links
+        self.files: dict[str, VmFile] = {}
+
+    def present(self, name: str) -> bool:
+        """Whether ``name`` is there: a file, or a link (refused later) unless links are followed."""
+        p = self.root / name
+        return p.is_file() or (not self.follow_links and p.is_symlink())
+
+    def add(self, name: str, role: str) -> Path:
+        """Record file ``name`` (once); its path.
+
+        Raises:
+            InputError: it is missing or not a regular file.
+            PathEscapeError: it resolves outside the VM directory through a link.
+        """
+        p = self.root / name
+        where = f"{self.vmx_path.name}: {role} file {name}"
+        if name not in self.files:
+            if not self.present(name):
                 raise InputError(
-                    f"{vmx_path.name}: {role} file {name} does not exist",
+                    f"{where} does not exist",
                     hint="the VM directory is incomplete: copy it whole (power it on in VMware to check)",
                 )
-            if not follow_links:
-                if not p.resolve().is_relative_to(root.resolve()):
+            if not self.follow_links:
+                if not p.resolve().is_relative_to(self.root.resolve()):
                     raise PathEscapeError(
-                        f"{vmx_path.name}: {role} file {name} resolves outside the VM directory"
-                        " through a symbolic link",
+                        f"{where} resolves outside the VM directory through a symbolic link",
                         hint="keep the VM's files in its own directory, without links",
                     )
-                check_regular(p, f"{vmx_path.name}: {role} file {name}")
-            files[name] = VmFile(name, p, role)
+                check_regular(p, where)
+            self.files[name] = VmFile(name, p, role)
         return p
 
-    add(vmx_path.name, "vmx")
-    settings = vmx.as_dict()
-    for key, value in vmx.items():
-        m = _DISK_KEY.match(key)
-        if not m or not value:
-            continue
-        dev = m.group(1).lower()
-        if settings.get(f"{dev}.present", "TRUE").upper() == "FALSE":
-            continue
-        if "cdrom" in settings.get(f"{dev}.devicetype", "") or value.lower().endswith(".iso"):
-            continue
-        _add_disk(root, _reference(root, "", value, f"vmx.{key}"), add)
-    for key, role, default in (
-        ("nvram", "nvram", f"{vmx_path.stem}.nvram"),
-        ("extendedConfigFile", "vmxf", None),
-    ):
-        ref = vmx.get(key, default)
-        if ref:
-            name = _reference(root, "", ref, f"vmx.{key}")
-            if (root / name).is_file() or (not follow_links and (root / name).is_symlink()):
-                add(name, role)
-    vmsd_name = f"{vmx_path.stem}.vmsd"  # VMware keeps the snapshot dictionary beside the .vmx, by its name
-    hint = (
-        f'power the VM off and take it: vmrun -T ws snapshot "{vmx_path.name}" {snapshot}'
-        " (Fusion: -T fusion; or Snapshot > Take Snapshot in Workstation)"
-    )
-    if not (root / vmsd_name).is_file() and (follow_links or not (root / vmsd_name).is_symlink()):
-        raise InputError(f"{vmx_path.name}: no snapshots; the VM needs one named {snapshot!r}", hint=hint)
-    add(vmsd_name, "vmsd")
-    snapshots = parse_vmsd((root / vmsd_name).read_text(encoding="utf-8", errors="replace"))
-    named = [s for s in snapshots if s.display_name == snapshot]
-    if not named:
-        have = ", ".join(repr(s.display_name) for s in snapshots) or "none"
-        raise InputError(
-            f"{vmx_path.name}: no snapshot named {snapshot!r} (snapshots: {have})",
-            hint=hint + "; each task runs a linked clone of that snapshot",
+    def add_vmx_references(self, vmx: VmxFile) -> None:
+        """The disks the .vmx attaches (with their chains), its nvram and its .vmxf."""
+        settings = vmx.as_dict()
+        for key, value in vmx.items():
+            m = _DISK_KEY.match(key)
+            if not m or not value:
+                continue
+            dev = m.group(1).lower()
+            if settings.get(f"{dev}.present", "TRUE").upper() == "FALSE":
+                continue
+            if "cdrom" in settings.get(f"{dev}.devicetype", "") or value.lower().endswith(".iso"):
+                continue
+            _add_disk(self.root, _reference(self.root, "", value, f"vmx.{key}"), self.add)
+        for key, role, default in (
+            ("nvram", "nvram", f"{self.vmx_path.stem}.nvram"),
+            ("extendedConfigFile", "vmxf", None),
+        ):
+            ref = vmx.get(key, default)
+            if ref:
+                name = _reference(self.root, "", ref, f"vmx.{key}")
+                if self.present(name):
+                    self.add(name, role)
+
+    def add_snapshots(self, snapshot: str) -> None:
+        """The snapshot dictionary and every snapshot's files; ``snapshot`` must be among them, once.
+
+        Raises:
+            InputError: no snapshots, none named ``snapshot``, or more than one.
+        """
+        vmx_name = self.vmx_path.name
+        vmsd_name = f"{self.vmx_path.stem}.vmsd"  # VMware keeps it beside the .vmx, by its name
+        hint = (
+            f'power the VM off and take it: vmrun -T ws snapshot "{vmx_name}" {snapshot}'
+            " (Fusion: -T fusion; or Snapshot > Take Snapshot in Workstation)"
         )
-    if len(named) > 1:
-        raise InputError(
-            f"{vmx_path.name}: {len(named)} snapshots are named {snapshot!r}; VMware needs a unique name",
-            hint="delete or rename the others in the Snapshot Manager",
-        )
-    for snap in snapshots:
-        place = f"{vmsd_name}.snapshot{snap.index}"
-        if snap.state_file:
-            state = _reference(root, "", snap.state_file, f"{place}.filename")
-            add(state, "snapshot-state")
-            memory = posixpath.splitext(state)[0] + ".vmem"
-            if (root / memory).is_file() or (not follow_links and (root / memory).is_symlink()):
-                add(memory, "snapshot-memory")
-        for disk in snap.disks:
-            _add_disk(root, _reference(root, "", disk, f"{place}.disk.fileName"), add)
-    memsize = vmx.get("memsize")
-    return VmDirectory(
-        root=root,
-        files=tuple(files.values()),
-        snapshot=snapshot,
-        memsize_mb=int(memsize) if memsize and memsize.isdigit() else None,
-    )
+        if not self.present(vmsd_name):
+            raise InputError(f"{vmx_name}: no snapshots; the VM needs one named {snapshot!r}", hint=hint)
+        self.add(vmsd_name, "vmsd")
+        snapshots = parse_vmsd((self.root / vmsd_name).read_text(encoding="utf-8", errors="replace"))
+        named = [s for s in snapshots if s.display_name == snapshot]
+        if not named:
+            have = ", ".join(repr(s.display_name) for s in snapshots) or "none"
+            raise InputError(
+                f"{vmx_name}: no snapshot named {snapshot!r} (snapshots: {have})",
+                hint=hint + "; each task runs a linked clone of that snapshot",
+            )
+        if len(named) > 1:
+            raise InputError(
+                f"{vmx_name}: {len(named)} snapshots are named {snapshot!r}; VMware needs a unique name",
+                hint="delete or rename the others in the Snapshot Manager",
+            )
+        for snap in snapshots:
+            place = f"{vmsd_name}.snapshot{snap.index}"
+            if snap.state_file:
+                state = _reference(self.root, "", snap.state_file, f"{place}.filename")
+                self.add(state, "snapshot-state")
+                memory = posixpath.splitext(state)[0] + ".vmem"
+                if self.present(memory):
+                    self.add(memory, "snapshot-memory")
+            for disk in snap.disks:
+                _add_disk(self.root, _reference(self.root, "", disk, f"{place}.disk.fileName"), self.add)
 
 
 def refuse_in_use(root: Path) -> None:
@@ -289,3 +335,37 @@ def rebuild_vm_dir(dest: Path, files: Mapping[str, Path]) -> dict[str, str]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return how
+
+
+def base_vmx(spec: VmSpec, base_dir: Path) -> Path:
+    """The .vmx of the base VM that ``spec`` clones: its image, or for an app version (its
+    ``image_files``) the VM rebuilt in ``base_dir`` (:func:`rebuild_vm_dir`, once).
+
+    Small files are copied, large ones linked, so VMware's writes (the .vmx, the .vmsd a
+    linked clone is registered in) land in the slot and never in the project's immutable files.
+
+    Raises:
+        InputError: the image is not a .vmx (or not the .vmx among the image files), or is missing.
+    """
+    image = spec.image
+    if image is not None and spec.image_files:
+        names = [n for n, p in spec.image_files.items() if p == image]
+        if not names or not names[0].lower().endswith(".vmx"):
+            raise InputError(
+                "vmware: the image must be the .vmx among the image files",
+                hint="make the app version with boincvm package-image VM_DIRECTORY",
+            )
+        how = rebuild_vm_dir(base_dir, spec.image_files)
+        if how:
+            linked = sum(1 for v in how.values() if v == "linked")
+            log.info("vmware: rebuilt the base VM in %s (%d files copied, %d linked)", base_dir.name,
+                     len(how) - linked, linked)  # fmt: skip
+        return base_dir / names[0]
+    if image is None or image.suffix.lower() != ".vmx":
+        raise InputError(
+            f"vmware: the image must be a VMware .vmx file, not {image.name if image else 'none'}",
+            hint="ship the base VM's .vmx and disks; a bare .vmdk needs a .vmx around it",
+        )
+    if not image.is_file():
+        raise InputError(f"vmware: {image} does not exist")
+    return image

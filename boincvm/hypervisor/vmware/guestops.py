@@ -171,11 +171,17 @@ class GuestopsChannel:
 
     def read(self, guest_path: str, max_bytes: int) -> bytes | None:
         """At most ``max_bytes`` of a guest file, or None when it is missing."""
-        host = self.fetch(guest_path)
-        if host is None:
-            return None
-        try:
-            with host.open("rb") as f:
-                return f.read(max_bytes)
-        finally:
-            host.unlink(missing_ok=True)
+        return read_fetched(self.fetch, guest_path, max_bytes)
+
+
+def read_fetched(fetch: Callable[[str], Path | None], guest_path: str, max_bytes: int) -> bytes | None:
+    """At most ``max_bytes`` of a guest file copied out by ``fetch`` (a channel's, which returns
+    a host copy to consume, or None when the guest file is missing); the copy is removed."""
+    host = fetch(guest_path)
+    if host is None:
+        return None
+    try:
+        with host.open("rb") as f:
+            return f.read(max_bytes)
+    finally:
+        host.unlink(missing_ok=True)

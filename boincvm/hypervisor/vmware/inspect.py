@@ -11,6 +11,7 @@ Each finding names its place: ``vmx.<key>``, ``vmdk.ddb.<key>`` or the file.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from boincvm.errors import BoincvmError, InputError
@@ -137,13 +138,35 @@ def _check_vm_files(path: Path, vmx: VmxFile, follow_links: bool) -> list[Findin
 
 
 def _check_vmx(path: Path, vmx: VmxFile, follow_links: bool = False) -> list[Finding]:
-    out: list[Finding] = []
     settings = vmx.as_dict()
     spelled = {k.lower(): k for k, _ in vmx.items()}
 
     def place(key: str) -> str:
         return f"vmx.{spelled.get(key.lower(), key)}"
 
+    out = _settings_findings(path, settings, place)
+    evidence: list[str] = [k for k in _VMX_TOOLS_HINTS if k.lower() in settings]
+    disk_findings, disk_evidence = _vmx_disks(path, vmx, settings, place, follow_links)
+    out += disk_findings
+    evidence += disk_evidence
+    if evidence:
+        out.append(
+            info("vmx", "evidence of VMware Tools (hints, not proof): " + ", ".join(sorted(set(evidence))))
+        )
+    else:
+        out.append(
+            warning(
+                "vmx",
+                "no static evidence of VMware Tools / open-vm-tools in the .vmx or its disks",
+                hint="install open-vm-tools in the guest; guest operations need it",
+            )
+        )
+    return out
+
+
+def _settings_findings(path: Path, settings: dict[str, str], place: Callable[[str], str]) -> list[Finding]:
+    """What the .vmx's settings (lower-case keys) say: encryption, breakers, memory, network, state."""
+    out: list[Finding] = []
     for key in ("encryption.keySafe", "encryption.data"):
         if key.lower() in settings:
             out.append(
@@ -177,8 +200,16 @@ def _check_vmx(path: Path, vmx: VmxFile, follow_links: bool = False) -> list[Fin
         out.append(
             warning(f"{path.name}.lck", "the VM looks in use (lock directory present); power it off first")
         )
+    return out
 
-    evidence: list[str] = [k for k in _VMX_TOOLS_HINTS if k.lower() in settings]
+
+def _vmx_disks(
+    path: Path, vmx: VmxFile, settings: dict[str, str], place: Callable[[str], str], follow_links: bool
+) -> tuple[list[Finding], list[str]]:
+    """Findings about the disks the .vmx attaches (CD-ROMs and absent devices skipped), and
+    the Tools evidence their descriptors hold."""
+    out: list[Finding] = []
+    evidence: list[str] = []
     for key, value in vmx.items():
         m = _DISK.match(key)
         if not m:
@@ -201,30 +232,16 @@ def _check_vmx(path: Path, vmx: VmxFile, follow_links: bool = False) -> list[Fin
         disk, problem = _file(path.parent, "", value, f"vmx.{key}", follow_links)
         if problem is not None:
             out.append(problem)
-            continue
-        if disk is None:
+        elif disk is None:
             out.append(error(f"vmx.{key}", f"the disk file {value} does not exist"))
-            continue
-        if disk.suffix.lower() == ".vmdk":
+        elif disk.suffix.lower() == ".vmdk":
             rel = str(disk.parent.relative_to(path.parent))
             disk_findings, disk_evidence = _check_vmdk(
                 disk, f"vmx.{key}", path.parent, follow_links, base=rel
             )
             out += disk_findings
             evidence += disk_evidence
-    if evidence:
-        out.append(
-            info("vmx", "evidence of VMware Tools (hints, not proof): " + ", ".join(sorted(set(evidence))))
-        )
-    else:
-        out.append(
-            warning(
-                "vmx",
-                "no static evidence of VMware Tools / open-vm-tools in the .vmx or its disks",
-                hint="install open-vm-tools in the guest; guest operations need it",
-            )
-        )
-    return out
+    return out, evidence
 
 
 #: Longest chain of delta disks followed (Workstation allows 100 snapshots deep).
@@ -249,6 +266,18 @@ def _check_vmdk(
         desc = read_vmdk_descriptor(path)
     except InputError as exc:
         return [error(where, exc.message)], []
+    out = _descriptor_findings(desc, where) + _extent_findings(desc, where, root, base, follow_links)
+    tools, evidence = _tools_from_ddb(desc, where)
+    out += tools
+    if desc.is_delta:
+        parent_findings, parent_evidence = _check_parent(desc, path, where, root, follow_links, seen, base)
+        out += parent_findings
+        evidence += parent_evidence
+    return out, evidence
+
+
+def _descriptor_findings(desc: VmdkDescriptor, where: str) -> list[Finding]:
+    """A disk that cannot run as it is: stream-optimised, or with no extents."""
     out: list[Finding] = []
     if desc.create_type.lower() == "streamoptimized":
         out.append(
@@ -266,6 +295,14 @@ def _check_vmdk(
                 "make the disk again",
             )
         )
+    return out
+
+
+def _extent_findings(
+    desc: VmdkDescriptor, where: str, root: Path, base: str, follow_links: bool
+) -> list[Finding]:
+    """Extent files that are unsafe to read, and one error naming those that are missing."""
+    out: list[Finding] = []
     missing: list[str] = []
     for e in desc.extents:
         if e.filename and e.kind != "ZERO":
@@ -277,43 +314,47 @@ def _check_vmdk(
     if missing:
         files = ", ".join(missing)
         out.append(error(f"{where}.extent", f"the extent file(s) {files} do not exist"))
-    tools, evidence = _tools_from_ddb(desc, where)
-    out += tools
-    if desc.is_delta:
-        hint = desc.parent_hint
-        parent, problem = (
-            _file(root, base, hint, f"{where}.parentFileNameHint", follow_links) if hint else (None, None)
-        )
-        if problem is not None:
-            out.append(problem)
-        elif parent is None:
-            out.append(
-                error(
-                    f"{where}.parentFileNameHint",
-                    f"a delta disk whose parent {hint or '(unnamed)'} is missing",
-                    hint="ship the whole chain or consolidate the snapshots first",
-                )
+    return out
+
+
+def _check_parent(
+    desc: VmdkDescriptor,
+    path: Path,
+    where: str,
+    root: Path,
+    follow_links: bool,
+    seen: frozenset[Path],
+    base: str,
+) -> tuple[list[Finding], list[str]]:
+    """The parent chain of the delta disk ``path`` (descriptor ``desc``): see :func:`_check_vmdk`."""
+    hint = desc.parent_hint
+    parent, problem = (
+        _file(root, base, hint, f"{where}.parentFileNameHint", follow_links) if hint else (None, None)
+    )
+    if problem is not None:
+        return [problem], []
+    if parent is None:
+        return [
+            error(
+                f"{where}.parentFileNameHint",
+                f"a delta disk whose parent {hint or '(unnamed)'} is missing",
+                hint="ship the whole chain or consolidate the snapshots first",
             )
-        elif parent.resolve() in seen or len(seen) >= MAX_CHAIN:
-            out.append(
-                error(
-                    f"{where}.parentFileNameHint", f"the chain of parent disks loops or runs past {MAX_CHAIN}"
-                )
-            )
-        else:
-            # The base of a chain usually carries the Tools evidence, and a missing extent of a
-            # grandparent breaks the VM as surely as one of the disk the .vmx names.
-            parent_findings, parent_evidence = _check_vmdk(
-                parent,
-                f"{where}.parent",
-                root,
-                follow_links,
-                seen | {path.resolve()},
-                base=str(parent.parent.relative_to(root)),
-            )
-            out += parent_findings
-            evidence += parent_evidence
-    return out, evidence
+        ], []
+    if parent.resolve() in seen or len(seen) >= MAX_CHAIN:
+        return [
+            error(f"{where}.parentFileNameHint", f"the chain of parent disks loops or runs past {MAX_CHAIN}")
+        ], []
+    # The base of a chain usually carries the Tools evidence, and a missing extent of a
+    # grandparent breaks the VM as surely as one of the disk the .vmx names.
+    return _check_vmdk(
+        parent,
+        f"{where}.parent",
+        root,
+        follow_links,
+        seen | {path.resolve()},
+        base=str(parent.parent.relative_to(root)),
+    )
 
 
 def _tools_from_ddb(desc: VmdkDescriptor, where: str) -> tuple[list[Finding], list[str]]:
