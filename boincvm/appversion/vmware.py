@@ -13,46 +13,25 @@ The VM (its directory or its ``.vmx``) must be powered off and carry the snapsho
 
 ``vm_job_defaults.xml`` names the ``.vmx`` as ``vm_image`` and lists every file as an
 ``<image_file>`` with the name it must have in the VM directory, which the wrapper rebuilds
-in the slot. Files are read once: copied with their md5 and the gzip estimate computed on
-the way, and runs of zeros are skipped rather than written, so sparse files stay sparse.
+in the slot. The files are copied as every app-version file is (:mod:`boincvm.appversion.staging`):
+read once, runs of zeros skipped rather than written, so sparse files stay sparse.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import posixpath
 import re
-import zlib
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from boincvm.appversion.model import (
-    GZIP_MIN_SAVING,
-    AppVersionFile,
-    AppVersionRequest,
-)
 from boincvm.errors import BoincvmError, InputError
 from boincvm.findings import Finding, error, info
+from boincvm.hypervisor.base import BackendKind
 from boincvm.hypervisor.vmware.files import BASE_SNAPSHOT, collect_vm, refuse_in_use
-from boincvm.image.descriptor import DESCRIPTOR_NAME
+from boincvm.image.for_app_version import ImageParts, ImageSource, ShippedFile
 from boincvm.job import DEFAULTS_OPEN_NAME, ImageFile, VmJob
-from boincvm.paths import open_regular
-
-if TYPE_CHECKING:
-    from boincvm.appversion.model import AppVersionFile, AppVersionRequest
 
 LOGICAL_PREFIX = "vmware_"
-_BLOCK = 1 << 20
-_ZEROS = bytes(_BLOCK)
-
-
-def is_vmware_vm(path: Path) -> bool:
-    """True for a ``.vmx`` file or a directory holding one (and no ``boincvm-image.json``)."""
-    if path.is_dir():
-        has_vmx = any(p.suffix.lower() == ".vmx" for p in path.iterdir())
-        return has_vmx and not (path / DESCRIPTOR_NAME).exists()
-    return path.suffix.lower() == ".vmx"
 
 
 def safe_name(name: str) -> str:
@@ -60,40 +39,14 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name.replace("/", "_")).lstrip(".") or "file"
 
 
-def copy_hashed(src: Path, dst: Path, *, estimate_gzip: bool) -> tuple[str, int, int | None]:
-    """Copy ``src`` to ``dst`` in one pass: md5, size and (optionally) the gzip -6 size.
-
-    Blocks of zeros are skipped with a seek, so holes stay holes (a preallocated flat
-    extent is mostly zeros).
-    """
-    md5 = hashlib.md5(usedforsecurity=False)
-    comp = zlib.compressobj(6, zlib.DEFLATED, 31) if estimate_gzip else None
-    size = packed = 0
-    with open_regular(src, f"VM file {src}") as fi, dst.open("wb") as fo:
-        while block := fi.read(_BLOCK):
-            md5.update(block)
-            size += len(block)
-            if comp is not None:
-                packed += len(comp.compress(block))
-            if block == _ZEROS[: len(block)]:
-                fo.seek(len(block), 1)
-            else:
-                fo.write(block)
-        fo.truncate(size)
-    if comp is not None:
-        packed += len(comp.flush())
-    return md5.hexdigest(), size, packed if comp is not None else None
-
-
 def base_snapshot(options: dict[str, str]) -> str:
     """The snapshot tasks clone from: the ``base_snapshot`` backend option, else ``boincvm-base``."""
     return options.get("base_snapshot", BASE_SNAPSHOT)
 
 
-def package_vmware(
-    req: AppVersionRequest, tmp: Path, prefix: str, note: Callable[[str], None]
-) -> tuple[list[AppVersionFile], VmJob]:
-    """Add the VM's files to the app version being built in ``tmp``; return them and the job defaults.
+def vmware_parts(source: ImageSource) -> ImageParts:
+    """What the app version ships of a VMware VM: every file it needs, and the job defaults
+    that name them.
 
     Raises:
         InputError: options that do not apply to a VMware VM, or a VM that cannot be shipped
@@ -101,15 +54,14 @@ def package_vmware(
         PathEscapeError: a file reference is absolute or leaves the VM directory.
     """
     for option, value in (
-        ("--initrd", req.initrd),
-        ("--kernel-cmdline", req.kernel_cmdline),
-        ("--disk", req.disk),
+        ("--initrd", source.initrd),
+        ("--kernel-cmdline", source.kernel_cmdline),
+        ("--disk", source.disk),
     ):
         if value is not None:
             raise InputError(f"{option} does not apply to a VMware VM", hint=f"drop {option}")
-    vm = collect_vm(req.image, snapshot=base_snapshot(dict(req.backend_options)))
-    files: list[AppVersionFile] = []
-    images: list[ImageFile] = []
+    vm = collect_vm(source.image, snapshot=base_snapshot(dict(source.backend_options)))
+    files: list[ShippedFile] = []
     used: set[str] = set()
     for f in vm.files:
         safe = safe_name(f.name)
@@ -119,24 +71,17 @@ def package_vmware(
             n += 1
             safe = f"{stem}-{n}{ext}"
         used.add(safe)
-        logical = LOGICAL_PREFIX + safe
-        note(f"adding {f.name} ({f.role})")
-        staging = tmp / f".{safe}.part"
-        md5, size, packed = copy_hashed(f.path, staging, estimate_gzip=req.gzip_downloads)
-        physical = f"{prefix}_{md5[:12]}_{safe}"
-        staging.rename(tmp / physical)
-        gz = packed is not None and size > 4096 and packed < size * (1 - GZIP_MIN_SAVING)
-        files.append(AppVersionFile(physical, logical, md5, size, gzip=gz))
-        images.append(ImageFile(logical, f.name))
-    # Powered on while we copied? Then the copies may be torn: refuse rather than ship them.
-    refuse_in_use(vm.root)
-    job = VmJob(
-        backend="vmware",
+        files.append(ShippedFile(f.path, LOGICAL_PREFIX + safe, safe, f"{f.name} ({f.role})", "VM file"))
+    images = tuple(ImageFile(s.logical_name, f.name) for s, f in zip(files, vm.files, strict=True))
+    return ImageParts(
+        files=tuple(files),
+        backend=BackendKind.VMWARE,
         vm_image=images[0].open_name,
-        memory_size_mb=req.memory_mb or vm.memsize_mb,
-        image_files=tuple(images),
+        memory_mb=vm.memsize_mb,
+        image_files=images,
+        # Powered on while we copied? Then the copies may be torn: refuse rather than ship them.
+        recheck=functools.partial(refuse_in_use, vm.root),
     )
-    return files, job
 
 
 def check_vmware_app_version(directory: Path, job: VmJob, logical: dict[str, str]) -> list[Finding]:
@@ -149,7 +94,7 @@ def check_vmware_app_version(directory: Path, job: VmJob, logical: dict[str, str
 
     place = f"{DEFAULTS_OPEN_NAME}:vm_job"
     out: list[Finding] = []
-    if job.backend != "vmware":
+    if job.backend != BackendKind.VMWARE:
         out.append(error(f"{place}.backend", "image_file entries are read by the vmware backend only"))
     if not job.image_files:
         return [

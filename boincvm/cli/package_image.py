@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from boincvm.cli import console
 from boincvm.cli.params import backend_option
+
+if TYPE_CHECKING:
+    from boincvm.appversion.model import AppVersion
 
 # The core is imported inside the command, not here: the group imports this module to list
 # the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
@@ -117,13 +121,11 @@ def command(
     from boincvm.appversion.build import package_image
     from boincvm.appversion.model import AppVersionRequest, RuntimeKind, WrapperKind
 
-    dirname = f"{platform}__{plan_class}" if plan_class else platform
-    out = output_dir or Path(f"{app_name}_{version}_{dirname}")
     req = AppVersionRequest(
         image=image,
         app_name=app_name,
         version=version,
-        output_dir=out,
+        output_dir=output_dir or Path(f"{app_name}_{version}_{_dirname(platform, plan_class)}"),
         platform=platform,
         plan_class=plan_class,
         memory_mb=memory_mb,
@@ -142,12 +144,23 @@ def command(
         kvm_cpu_feature=kvm_cpu_feature,
         runtime=RuntimeKind(runtime) if runtime else None,
     )
-    result = package_image(req, lambda step, *_: console.info(step))
-    console.success(f"app version {app_name} {version} ({result.version_num}) in {result.directory}")
+    _report(package_image(req, lambda step, *_: console.info(step)), as_json=as_json)
+
+
+def _dirname(platform: str, plan_class: str | None) -> str:
+    """The app version's directory name in the project: ``PLATFORM[__PLAN_CLASS]``."""
+    return f"{platform}__{plan_class}" if plan_class else platform
+
+
+def _report(result: AppVersion, *, as_json: bool) -> None:
+    """What was made and what to do next on stderr; the directory (or the summary) on stdout."""
+    console.success(
+        f"app version {result.app_name} {result.version} ({result.version_num}) in {result.directory}"
+    )
     console.info(
         f"next: boincvm deploy PROJECT_DIR {result.directory} (as the project's owner) installs it as "
-        f"apps/{app_name}/{version}/{dirname}/"
-        + (", merges its plan class into plan_class_spec.xml" if plan_class else "")
+        f"apps/{result.app_name}/{result.version}/{_dirname(result.platform, result.plan_class)}/"
+        + (", merges its plan class into plan_class_spec.xml" if result.plan_class else "")
         + " and runs bin/update_versions"
     )
     if as_json:

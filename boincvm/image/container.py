@@ -36,7 +36,6 @@ import os
 import shlex
 import shutil
 import stat
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,17 +45,25 @@ from boincvm.bounds import read_file_bytes
 from boincvm.cache import cache_root
 from boincvm.errors import InputError, ToolError
 from boincvm.image.cpio import Entry, write_newc
-from boincvm.image.descriptor import ImageDescriptor, ImageFormat
+from boincvm.image.descriptor import IMAGE_JOB_NAME, ImageDescriptor, ImageFormat
 from boincvm.image.guest import (
     AGENT_PORT,
     RECIPES,
     build_guest_image,
+    build_space,
     claim_target,
     find_cached_image,
-    is_built,
+    publish,
 )
-from boincvm.image.oci import DEFAULT_MAX_ROOT_BYTES, ImageConfig, RootTree, apply_layers, load_image
-from boincvm.job import Task, VmJob, load_job
+from boincvm.image.oci import (
+    DEFAULT_MAX_ROOT_BYTES,
+    ImageConfig,
+    OciImage,
+    RootTree,
+    apply_layers,
+    load_image,
+)
+from boincvm.job import Task, VmJob
 from boincvm.job.render import render_job
 from boincvm.render import render, templates_dir
 
@@ -68,8 +75,6 @@ BUILD_VERSION = 1
 CONTAINER_ROOT = "/container"
 #: The launcher in the initramfs that enters the container root.
 LAUNCHER = "/boincvm/oci-run"
-#: The vm job (only a task) a container guest's directory carries for package-image.
-IMAGE_JOB_NAME = "boincvm-job.xml"
 #: The PATH a container gets when its image sets none (Docker's default).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _TEMPLATES = ("guest/oci-init.sh.j2", "guest/oci-run.sh.j2")
@@ -158,18 +163,6 @@ def container_task(config: ImageConfig, run_as: RunAs) -> Task:
         else CONTAINER_ROOT,
         setenv=tuple(env),
     )
-
-
-def image_task(image_dir: Path) -> Task | None:
-    """The task a container guest's directory carries (``boincvm-job.xml``), or None for other images.
-
-    Raises:
-        InputError, XmlError: the file is there but unreadable or not a valid vm job.
-    """
-    path = image_dir / IMAGE_JOB_NAME
-    if not path.is_file():
-        return None
-    return load_job(path).task
 
 
 # -- the disk ----------------------------------------------------------------------------
@@ -357,70 +350,73 @@ def build_container_image(
     if claim_target(target, digest):
         say(f"cached: {target}")
         return target
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.build-"))
-    try:
+    with build_space(target) as work:
         root = work / "rootfs"
-        root.mkdir()
-        tree = apply_layers(image, root, max_bytes=max_root_bytes, progress=say)
-        run_as = resolve_user(root, image.config.user)
-        for rel in add_guest_api(tree):
-            say(f"guest API: /{rel}")
-        task = container_task(image.config, run_as)
+        tree, task = _container_root(image, root, max_root_bytes=max_root_bytes, say=say)
         out_dir = work / "image"
         out_dir.mkdir()
         say("formatting the root disk")
         disk = _root_disk(tree, work, out_dir, free_mb=free_mb, entries=len(tree.meta))
         shutil.rmtree(root)
         say("writing the initramfs")
-        context = {
-            "hostname": "boincvm",
-            "modules": RECIPES["minimal"].modules,
-            "agent_port": AGENT_PORT,
-            "root": CONTAINER_ROOT,
-            "launcher": LAUNCHER,
-        }
-        with (out_dir / "initramfs.cpio").open("wb") as f:
-            f.write((base_dir / base.initrd).read_bytes())
-            write_newc(
-                f,
-                [
-                    Entry.file("init", render("guest/oci-init.sh.j2", **context).encode(), executable=True),
-                    Entry.dir(LAUNCHER.lstrip("/").rsplit("/", 1)[0]),
-                    Entry.file(
-                        LAUNCHER.lstrip("/"),
-                        render("guest/oci-run.sh.j2", **context).encode(),
-                        executable=True,
-                    ),
-                ],
-            )
+        _write_initramfs(out_dir / "initramfs.cpio", base_dir / base.initrd)
         shutil.copyfile(base_dir / base.kernel, out_dir / base.kernel)
         (out_dir / IMAGE_JOB_NAME).write_text(render_job(VmJob(task=task)), encoding="utf-8")
-        desc = ImageDescriptor(
-            format=ImageFormat.KERNEL_INITRD,
-            kernel=base.kernel,
-            initrd="initramfs.cpio",
-            disk=disk,
-            disk_format="qcow2",
-            kernel_cmdline=base.kernel_cmdline,
-            guest_tools="qemu-ga",
-            exec_dir=task.exec_dir or CONTAINER_ROOT,
-            memory_mb=base.memory_mb,
-            recipe="oci",
-            input_hash=digest,
-            packages=base.packages,
-        )
-        desc.save(out_dir)
-        for member in out_dir.iterdir():
-            member.chmod(0o444)
-        out_dir.chmod(0o755)
-        if target.exists():
-            target.rmdir()
-        try:
-            out_dir.rename(target)
-        except OSError:
-            if not is_built(target, digest):
-                raise
+        publish(out_dir, _descriptor(base, disk, task, digest), target)
         say(f"built: {target}")
         return target
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+
+def _container_root(
+    image: OciImage, root: Path, *, max_root_bytes: int, say: Progress
+) -> tuple[RootTree, Task]:
+    """The image's layers applied in ``root`` with the guest API added, and the task its config calls for."""
+    root.mkdir()
+    tree = apply_layers(image, root, max_bytes=max_root_bytes, progress=say)
+    run_as = resolve_user(root, image.config.user)
+    for rel in add_guest_api(tree):
+        say(f"guest API: /{rel}")
+    return tree, container_task(image.config, run_as)
+
+
+def _write_initramfs(path: Path, base_initrd: Path) -> None:
+    """The bundled guest's initramfs with a second archive appended: our init and the launcher."""
+    context = {
+        "hostname": "boincvm",
+        "modules": RECIPES["minimal"].modules,
+        "agent_port": AGENT_PORT,
+        "root": CONTAINER_ROOT,
+        "launcher": LAUNCHER,
+    }
+    with path.open("wb") as f:
+        f.write(base_initrd.read_bytes())
+        write_newc(
+            f,
+            [
+                Entry.file("init", render("guest/oci-init.sh.j2", **context).encode(), executable=True),
+                Entry.dir(LAUNCHER.lstrip("/").rsplit("/", 1)[0]),
+                Entry.file(
+                    LAUNCHER.lstrip("/"),
+                    render("guest/oci-run.sh.j2", **context).encode(),
+                    executable=True,
+                ),
+            ],
+        )
+
+
+def _descriptor(base: ImageDescriptor, disk: str, task: Task, digest: str) -> ImageDescriptor:
+    """The container guest's descriptor: the bundled guest's kernel and settings, our disk."""
+    return ImageDescriptor(
+        format=ImageFormat.KERNEL_INITRD,
+        kernel=base.kernel,
+        initrd="initramfs.cpio",
+        disk=disk,
+        disk_format="qcow2",
+        kernel_cmdline=base.kernel_cmdline,
+        guest_tools="qemu-ga",
+        exec_dir=task.exec_dir or CONTAINER_ROOT,
+        memory_mb=base.memory_mb,
+        recipe="oci",
+        input_hash=digest,
+        packages=base.packages,
+    )

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from boincvm.hypervisor.base import VmSpec
 
 DESCRIPTOR_NAME = "boincvm-image.json"
+#: The vm job (only a task) a container guest's directory carries for package-image.
+IMAGE_JOB_NAME = "boincvm-job.xml"
 SCHEMA = 1
 
 

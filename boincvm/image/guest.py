@@ -22,7 +22,7 @@ import logging
 import lzma
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -203,6 +203,15 @@ def _download(packages: dict[str, str], dest: Path) -> list[Path]:
     return debs
 
 
+def _unpack(packages: dict[str, str], work: Path) -> tuple[Path, str]:
+    """Download the packages and unpack them into one root; return it and the kernel's version."""
+    root = work / "root"
+    for deb in _download(packages, work / "debs"):
+        proc.run(["dpkg-deb", "-x", deb, root], timeout=300)
+    kernel_pkg = next(p for p in packages if p.startswith("linux-image-"))
+    return root, kernel_pkg.removeprefix("linux-image-")
+
+
 def _find_lib(root: Path, soname: str) -> Path:
     for d in LIB_DIRS:
         candidate = root / d / soname
@@ -229,11 +238,9 @@ def _module_file(root: Path, kver: str, name: str) -> bytes:
     raise ToolError(f"kernel module {name} is not in the kernel package {kver}")
 
 
-def _initramfs_entries(root: Path, rec: Recipe, kver: str) -> list[Entry]:
-    busybox = root / "bin" / "busybox"
-    applets = proc.run([busybox, "--list-full"], timeout=30).text.split()
-    files: dict[str, Entry] = {}
-    dirs = {
+#: Directories every initramfs has, whether or not a file lands in them.
+_INITRAMFS_DIRS = frozenset(
+    {
         "bin",
         "sbin",
         "usr",
@@ -253,45 +260,68 @@ def _initramfs_entries(root: Path, rec: Recipe, kver: str) -> list[Entry]:
         "lib64",
         "var",
     }
+)
 
-    def add(entry: Entry) -> None:
-        parent = entry.path.rsplit("/", 1)[0] if "/" in entry.path else ""
+
+def _initramfs_entries(root: Path, rec: Recipe, kver: str) -> list[Entry]:
+    """The initramfs: busybox, qemu-ga with its libraries, the modules, our init and files;
+    every directory first, then the files by path (a later entry replaces one of its path)."""
+    entries = [
+        *_busybox_entries(root),
+        *_agent_entries(root),
+        *(Entry.file(f"lib/modules/{m}.ko", _module_file(root, kver, m)) for m in rec.modules),
+        *_config_entries(rec),
+    ]
+    files = {e.path: e for e in entries}
+    dirs = set(_INITRAMFS_DIRS)
+    for path in files:
+        parent = path.rpartition("/")[0]
         while parent:
             dirs.add(parent)
-            parent = parent.rsplit("/", 1)[0] if "/" in parent else ""
-        files[entry.path] = entry
+            parent = parent.rpartition("/")[0]
+    return [Entry.dir(d) for d in sorted(dirs)] + [files[p] for p in sorted(files)]
 
-    add(Entry.file("bin/busybox", busybox.read_bytes(), executable=True))
-    for applet in applets:
-        if applet != "bin/busybox":
-            add(Entry.symlink(applet, "/bin/busybox"))
-    add(Entry.symlink("sbin/hwclock", "/bin/busybox"))  # guest-set-time needs it
+
+def _busybox_entries(root: Path) -> list[Entry]:
+    """busybox and a link for each of its applets."""
+    busybox = root / "bin" / "busybox"
+    applets = proc.run([busybox, "--list-full"], timeout=30).text.split()
+    out = [Entry.file("bin/busybox", busybox.read_bytes(), executable=True)]
+    out += [Entry.symlink(applet, "/bin/busybox") for applet in applets if applet != "bin/busybox"]
+    out.append(Entry.symlink("sbin/hwclock", "/bin/busybox"))  # guest-set-time needs it
+    return out
+
+
+def _agent_entries(root: Path) -> list[Entry]:
+    """qemu-ga, the libraries it loads and the dynamic loader's usual path."""
     qga = root / "usr" / "sbin" / "qemu-ga"
-    add(Entry.file("usr/sbin/qemu-ga", qga.read_bytes(), executable=True))
+    out = [Entry.file("usr/sbin/qemu-ga", qga.read_bytes(), executable=True)]
     for soname, path in sorted(_library_closure(root, qga).items()):
-        add(Entry.file(f"lib/x86_64-linux-gnu/{soname}", path.resolve().read_bytes(), executable=True))
-    add(Entry.symlink("lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"))
-    for module in rec.modules:
-        add(Entry.file(f"lib/modules/{module}.ko", _module_file(root, kver, module)))
+        out.append(Entry.file(f"lib/x86_64-linux-gnu/{soname}", path.resolve().read_bytes(), executable=True))
+    out.append(Entry.symlink("lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"))
+    return out
+
+
+def _config_entries(rec: Recipe) -> list[Entry]:
+    """Our init, the guest-side BOINC API, users and groups, and the device nodes init needs first."""
     context = {
         "hostname": "boincvm",
         "modules": rec.modules,
         "agent_port": AGENT_PORT,
         "exec_dir": rec.exec_dir,
     }
-    add(Entry.file("init", render("guest/init.sh.j2", **context).encode(), executable=True))
-    # The guest-side BOINC API for shell scripts and Python programs (boincvm guest-api).
-    add(
+    return [
+        Entry.file("init", render("guest/init.sh.j2", **context).encode(), executable=True),
+        # The guest-side BOINC API for shell scripts and Python programs (boincvm guest-api).
         Entry.file(
             guestapi.GUEST_COMMAND_PATH, guestapi.source(guestapi.SHELL_SCRIPT).read_bytes(), executable=True
-        )
-    )
-    add(Entry.file(guestapi.GUEST_PYTHON_PATH, guestapi.source(guestapi.PYTHON_MODULE).read_bytes()))
-    add(Entry.file("etc/passwd", render("guest/passwd.j2").encode()))
-    add(Entry.file("etc/group", render("guest/group.j2").encode()))
-    add(Entry.chardev("dev/console", 5, 1))
-    add(Entry.chardev("dev/null", 1, 3, 0o666))
-    return [Entry.dir(d) for d in sorted(dirs)] + [files[p] for p in sorted(files)]
+        ),
+        Entry.file(guestapi.GUEST_PYTHON_PATH, guestapi.source(guestapi.PYTHON_MODULE).read_bytes()),
+        Entry.file("etc/passwd", render("guest/passwd.j2").encode()),
+        Entry.file("etc/group", render("guest/group.j2").encode()),
+        Entry.chardev("dev/console", 5, 1),
+        Entry.chardev("dev/null", 1, 3, 0o666),
+    ]
 
 
 def _kernel(root: Path, kver: str, out_dir: Path) -> str:
@@ -363,6 +393,33 @@ def claim_target(target: Path, digest: str) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def build_space(target: Path) -> Iterator[Path]:
+    """A temporary directory beside ``target`` to build in (so the result can be renamed into
+    place), removed afterwards whatever happens."""
+    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.build-"))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def publish(out_dir: Path, desc: ImageDescriptor, target: Path) -> None:
+    """Describe the image built in ``out_dir``, make it read-only and rename it to ``target``
+    (empty or absent: see :func:`claim_target`)."""
+    desc.save(out_dir)
+    for member in out_dir.iterdir():
+        member.chmod(0o444)  # the base image is read-only; VMs write to their overlays
+    out_dir.chmod(0o755)
+    if target.exists():
+        target.rmdir()  # empty (checked above); rename needs it gone
+    try:
+        out_dir.rename(target)
+    except OSError:
+        if not is_built(target, desc.input_hash):  # a concurrent build won the race: fine
+            raise
+
+
 def build_guest_image(
     recipe_name: str = "minimal",
     *,
@@ -391,16 +448,11 @@ def build_guest_image(
     if claim_target(target, digest):
         say(f"cached: {target}")
         return target
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.build-"))
-    try:
+    with build_space(target) as work:
         out_dir = work / "image"
         out_dir.mkdir()
         say(f"downloading {len(packages)} packages")
-        root = work / "root"
-        for deb in _download(packages, work / "debs"):
-            proc.run(["dpkg-deb", "-x", deb, root], timeout=300)
-        kernel_pkg = next(p for p in packages if p.startswith("linux-image-"))
-        kver = kernel_pkg.removeprefix("linux-image-")
+        root, kver = _unpack(packages, work)
         say("writing the initramfs")
         with (out_dir / "initramfs.cpio").open("wb") as f:
             write_newc(f, _initramfs_entries(root, rec, kver))
@@ -422,21 +474,9 @@ def build_guest_image(
             input_hash=digest,
             packages=packages,
         )
-        desc.save(out_dir)
-        for member in out_dir.iterdir():
-            member.chmod(0o444)  # the base image is read-only; VMs write to their overlays
-        out_dir.chmod(0o755)
-        if target.exists():
-            target.rmdir()  # empty (checked above); rename needs it gone
-        try:
-            out_dir.rename(target)
-        except OSError:
-            if not is_built(target, digest):  # a concurrent build won the race: fine
-                raise
+        publish(out_dir, desc, target)
         say(f"built: {target}")
         return target
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def find_cached_image(recipe_name: str = "minimal") -> Path | None:
