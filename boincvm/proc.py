@@ -12,7 +12,7 @@ import os
 import shlex
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,11 +152,14 @@ def spawn(
     env: Mapping[str, str] | None = None,
     new_session: bool = False,
     pass_fds: Sequence[int] = (),
+    die_with_parent: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start a long-lived process (a VM, the wrapper) and return its handle.
 
     The caller owns the process and must wait for or kill it. With ``log_file`` both
-    output streams are appended to that file.
+    output streams are appended to that file. ``die_with_parent``: the process gets SIGKILL
+    when the thread that started it ends (Linux's parent-death signal, set in the child
+    before it runs the program), so it cannot outlive a killed caller.
 
     Raises:
         CommandNotFound: the program is not installed.
@@ -178,6 +181,7 @@ def spawn(
             env=full_env,
             start_new_session=new_session,
             pass_fds=tuple(pass_fds),
+            preexec_fn=_parent_death_signal() if die_with_parent else None,  # noqa: PLW1509
         )
     except FileNotFoundError as exc:
         name = Path(argv[0]).name
@@ -187,6 +191,33 @@ def spawn(
     finally:
         if sink is not None:
             sink.close()
+
+
+#: prctl's PR_SET_PDEATHSIG.
+_PR_SET_PDEATHSIG = 1
+
+
+def _parent_death_signal() -> Callable[[], None]:
+    """The function a child runs between fork and exec to die with the thread that forked it.
+
+    Done in the child itself rather than through util-linux's ``setpriv --pdeathsig``:
+    the host may have no setpriv, or busybox's, which has no such option (Alpine, the
+    distro BOINC's Windows installer sets up). Everything is looked up before the fork; the
+    child only calls prctl and getppid. A parent gone before prctl took effect would leave
+    the child unwatched, so the child then exits at once.
+    """
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+    getppid, exit_now = os.getppid, os._exit
+
+    def set_in_child() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0 or getppid() != parent:
+            exit_now(127)
+
+    return set_in_child
 
 
 def _redact(argv: list[str], secrets: Sequence[str]) -> list[str]:

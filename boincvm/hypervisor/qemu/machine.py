@@ -5,7 +5,7 @@ the agent, pauses and continues it, accounts its CPU time and stops it, softly t
 firmly. The layers above it add checkpoints (:mod:`.snapshots`), the start paths
 (:mod:`.launch`) and the guest programs and files (:mod:`.backend`).
 
-QEMU cannot outlive its owner: it is started through ``setpriv --pdeathsig KILL`` from a
+QEMU cannot outlive its owner: it is started with a parent-death signal (SIGKILL) from a
 thread that lives as long as the process, an ``atexit`` hook kills what is left, and
 the pidfile is reaped when the slot starts again.
 """
@@ -206,9 +206,6 @@ class QemuMachine(Backend):
     def _spawn(self, args: cl.QemuArgs, pass_fds: Sequence[int] = ()) -> None:
         # The bundled QEMU (through its loader, with its firmware) when the job named one.
         argv: list[str] = [*self.tools.system_command(), *cl.build_argv(args)[1:]]
-        setpriv = proc.which("setpriv")
-        if setpriv is not None:
-            argv = [str(setpriv), "--pdeathsig", "KILL", *argv]
         for sock in (cl.QMP_SOCKET, cl.QGA_SOCKET):
             self._path(sock).unlink(missing_ok=True)
         # Forked from the long-lived I/O thread: the parent-death signal follows the
@@ -220,6 +217,7 @@ class QemuMachine(Backend):
                 cwd=self.workdir,
                 pass_fds=pass_fds,
                 env=self.tools.env,
+                die_with_parent=True,
             )
         )
         with _live_lock:
