@@ -110,6 +110,8 @@ class MainLoop:
             return app.exit_quit()
         if app.quit_requested:
             return self._quit(run, now)
+        if not run.paused:
+            self.api.tell_network_suspended(app.network_suspended)
         if app.suspended and not run.paused:
             self.vm.pause()
             run.paused = True
