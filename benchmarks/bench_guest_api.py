@@ -6,13 +6,23 @@ prints the time per checkpoint (the wrapper's checkpoint phase over the checkpoi
 took), the bytes a checkpoint keeps (VM mode: the slot's overlay, which holds the disk
 snapshot, and the checkpoint directory with the guest's own pages and device state; app
 mode: the program's checkpoint files), and the time to resume.
+
+Then how soon a checkpoint the program times is answered (issue #27): a busybox program
+steps every 0.2 s and, each time the wrapper asks, says it is ready and waits for the
+snapshot, as ``boinc_checkpoint_completed()`` does; it notes from the guest's clock
+(``/proc/uptime``, 10 ms steps) how long each wait took. Beside it, the wrapper's own CPU
+per second of the run, with checkpoints asked every few seconds and with none asked.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
+
+from procstat import TreeSampler
 
 from boincvm.appversion.build import package_image
 from boincvm.appversion.model import AppVersionRequest
@@ -27,6 +37,31 @@ from boincvm.workunit.templates import Resources
 APIJOB = Path(__file__).resolve().parent.parent / "examples/apijob/apijob.sh"
 STEPS = 20
 MEMORY_MB = 1024
+#: The program of the answer-time figure: ANSWERS checkpoints asked, then it ends.
+ANSWER_JOB = r"""#!/bin/sh
+A=$BOINCVM_API_DIR
+up() { read -r u _ < /proc/uptime; echo "$u"; }
+: > stalls
+i=0
+n=0
+while [ "$n" -lt "$1" ] && [ "$i" -lt 3000 ]; do
+    i=$((i + 1))
+    sleep 0.2
+    printf 'uses_checkpoints=1\nfraction_done=0.%04d\n' "$((n * 9999 / $1))" > "$A/status.tmp"
+    mv "$A/status.tmp" "$A/status"
+    if [ -f "$A/checkpoint_request" ]; then
+        read -r req < "$A/checkpoint_request"
+        t0=$(up)
+        printf '%s\n' "$req" > "$A/checkpoint_ready.tmp" && mv "$A/checkpoint_ready.tmp" "$A/checkpoint_ready"
+        while [ -f "$A/checkpoint_request" ]; do sleep 0.02; done
+        t1=$(up)
+        rm -f "$A/checkpoint_ready"
+        echo "$t0 $t1" >> stalls
+        n=$((n + 1))
+    fi
+done
+"""
+ANSWERS = 12
 
 
 def _wu(root: Path, mode: CheckpointMode) -> Path:
@@ -84,6 +119,70 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _answer_wu(root: Path, period_checkpoints: bool) -> Path:
+    """A workunit of the answer-time program (``period_checkpoints`` False: no checkpoint is
+    ever asked, the program steps for the same time and the wrapper idles beside it)."""
+    script = root / "answer.sh"
+    script.write_text(ANSWER_JOB)
+    out = root / f"wu-answer-{period_checkpoints}"
+    job = VmJob(
+        task=Task(application="/bin/sh", time_limit=None if period_checkpoints else 30.0),
+        output_files=(OutputFile("stalls", 100_000),),
+        minimum_checkpoint_interval=0,
+        checkpoint_mode=CheckpointMode.VM,
+    )
+    make_workunits(
+        WorkunitRequest(
+            app_name="bench",
+            job=job,
+            output_dir=out,
+            inputs=(InputSpec("answer.sh", str(script)),),
+            command_line=f"answer.sh {ANSWERS if period_checkpoints else 1000}",
+        )
+    )
+    return out
+
+
+def _answers(root: Path, av: Path, period_checkpoints: bool) -> tuple[list[float], float, float]:
+    """(each answer in seconds, the wrapper's CPU seconds per second of run, the run's seconds)."""
+    wu = _answer_wu(root, period_checkpoints)
+    tag = f"answer-{period_checkpoints}"
+    with TreeSampler([os.getpid()], include_roots=False, interval=0.2) as sampler:
+        summary = run_local(
+            RunLocalRequest(
+                workunit_dir=wu,
+                app_version_dir=av,
+                results_dir=root / f"res-{tag}",
+                data_dir=root / f"client-{tag}",
+                checkpoint_period=2.0 if period_checkpoints else 3600.0,
+            )
+        )
+    assert summary.ok, summary.message + summary.stderr_tail
+    peaks = sampler.peaks
+    wrapper_cpu = sum(c for p, c in peaks.cpu.items() if not peaks.comm.get(p, "").startswith("qemu"))
+    run = summary.timings.get("run", summary.elapsed)
+    lines = (root / f"res-{tag}/stalls").read_text().split("\n")
+    waits = [float(b) - float(a) for a, b in (ln.split() for ln in lines if ln.strip())]
+    return waits, wrapper_cpu / max(summary.elapsed, 1e-9), run
+
+
+def answer_figures(root: Path, av: Path) -> None:
+    """Print how soon a checkpoint the program times is answered, and the wrapper's CPU."""
+    waits, cpu_asked, _ = _answers(root, av, True)
+    _, cpu_idle, _ = _answers(root, av, False)
+    if not waits:
+        print("  answer: no checkpoint was asked")
+        return
+    print(
+        f"  answer to boinc_checkpoint_completed() over {len(waits)} checkpoints (guest clock): "
+        f"min {min(waits):.2f} s, median {statistics.median(waits):.2f} s, max {max(waits):.2f} s"
+    )
+    print(
+        f"  wrapper CPU per second of run (its process and helpers, QEMU aside): "
+        f"{cpu_asked:.3f} with a checkpoint asked every 2 s, {cpu_idle:.3f} with none asked"
+    )
+
+
 def main() -> None:
     """Print the figures."""
     print(f"== guest API checkpoints on a {MEMORY_MB} MiB guest (TCG, run-local, apijob {STEPS} x 1 s)")
@@ -115,6 +214,7 @@ def main() -> None:
                 f"{kept:,} bytes kept ({what}); "
                 f"resume after a kill {resume:.2f} s; whole run {through.elapsed:.1f} s"
             )
+        answer_figures(root, av)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,18 @@ def building(out: Path, *, force: bool) -> Iterator[Path]:
         raise
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries (a rename in it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_file_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` whole or not at all: a temporary sibling, fsync, rename.
+    """Replace ``path`` with ``data`` whole or not at all, durably: a temporary sibling,
+    fsync, rename, fsync of the directory (so the new file survives a power cut too).
 
     The file keeps the mode of the one it replaces (0644 for a new one), so a project's web
     server and daemons read it as before.
@@ -70,3 +80,4 @@ def write_file_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)

@@ -46,8 +46,11 @@ boincvm guest API
 BOINCified programs built against these files run unchanged inside a boincvm VM.
 
 C / C++:  gcc -O2 prog.c -static -I . -L . -lboinc_api -o prog
-          (g++ for C++; boinc_resolve_filename_s, boinc_temporary_exit and
-          boinc_finish_message are inline C++ functions in boinc_api.h)
+          (g++ for C++; boinc_resolve_filename_s, boinc_temporary_exit,
+          boinc_finish_message and boinc_waiting_for_network are inline functions
+          in boinc_api.h; the calls follow BOINC's boinc_api.h of May 2026, and the
+          older network calls boinc_need_network, boinc_network_poll,
+          boinc_network_done and boinc_network_usage are kept)
 Python:   import boinc   (boinc.py; the bundled guest image has it on Python's path)
 Shell:    boinc fraction-done 0.3   (boinc.sh; the bundled guest image has it as /usr/bin/boinc)
 

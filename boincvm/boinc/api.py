@@ -99,6 +99,21 @@ def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+#: How the Windows client names its host's OS in ``init_data.xml``.
+WINDOWS_OS_NAME = "Microsoft Windows"
+
+
+def behind_wsl_wrapper(data: InitData, slot_dir: Path) -> bool:
+    """Whether BOINC's ``wsl_wrapper`` started this process inside WSL: the client describes
+    a Windows host and left no ``boinc_mmap_file`` (its shared memory is a Windows object).
+
+    There the app has no channel to the client: it is never told to suspend, quit or abort
+    (wsl_wrapper stops, continues and kills the whole process group itself), its status
+    goes nowhere, and it times its checkpoints by ``checkpoint_period`` alone.
+    """
+    return data.host_info.os_name.startswith(WINDOWS_OS_NAME) and not (slot_dir / MMAP_FILE_NAME).exists()
+
+
 def slot_locked_exit(slot_dir: Path, err: SlotLocked) -> int:
     """Write the temporary-exit file BOINC's API writes when the slot lock is busy.
 
@@ -127,8 +142,12 @@ class BoincApp:
         lock: SlotLock,
         options: AppOptions,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        wsl: bool = False,
     ) -> None:
         self.slot_dir = slot_dir
+        #: Started by BOINC's wsl_wrapper inside WSL (see :func:`behind_wsl_wrapper`).
+        self.behind_wsl_wrapper = wsl
         self.init_data = init_data
         self.options = options
         self._channels = channels
@@ -196,6 +215,10 @@ class BoincApp:
                 log.info("no %s in %s: running standalone", INIT_DATA_FILE, slot)
                 return cls(slot, InitData(), None, lock, opts, clock)
             data = read_init_data(init_path)
+            if behind_wsl_wrapper(data, slot):
+                # BOINC's wsl_wrapper started us inside WSL: the Windows client's channel
+                # is not reachable from here, so there are no messages either way.
+                return cls(slot, data, None, lock, opts, clock, wsl=True)
             if not data.uses_mmap:
                 raise BoincApiError(
                     f"the client gave shm_key {data.shm_key}: System V shared memory, "
@@ -215,7 +238,7 @@ class BoincApp:
     @property
     def standalone(self) -> bool:
         """No client: no ``init_data.xml`` was found."""
-        return self._channels is None
+        return self._channels is None and not self.behind_wsl_wrapper
 
     @property
     def suspended(self) -> bool:

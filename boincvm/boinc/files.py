@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from boincvm.atomicdir import write_file_atomically
+
 INIT_DATA_FILE = "init_data.xml"
 FINISH_FILE = "boinc_finish_called"
 TEMPORARY_EXIT_FILE = "boinc_temporary_exit"
@@ -258,12 +260,7 @@ def _one_line(text: str) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_file_atomically(path, text.encode("utf-8"))
 
 
 def finish_file_text(status: int, message: str | None = None, *, is_notice: bool = False) -> str:

@@ -15,6 +15,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+from boincvm.atomicdir import fsync_path
 from boincvm.errors import GuestError
 from boincvm.wrapper.guest_contract import GuestFileKind, kind_problem
 from boincvm.wrapper.guest_files import GuestFiles
@@ -50,9 +51,9 @@ def save(files: GuestFiles, target: Path) -> None:
         if problem := kind_problem(kind):
             raise GuestError(f"checkpoint file {name}: guest file {guest} {problem}")
         files.vm.copy_from_guest(guest, tmp / str(i), max_bytes=APP_CHECKPOINT_MAX_BYTES)
-        _fsync(tmp / str(i))
+        fsync_path(tmp / str(i))
     tmp.replace(target)
-    _fsync(target.parent)
+    fsync_path(target.parent)
 
 
 def put_back(files: GuestFiles, saved: Path) -> None:
@@ -72,14 +73,6 @@ def put_back(files: GuestFiles, saved: Path) -> None:
 def drop(saved: Path) -> None:
     """Delete the checkpoint ``saved`` (a later one is committed, or the job is over)."""
     shutil.rmtree(saved, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["APP_CHECKPOINT_MAX_BYTES", "directory_name", "drop", "put_back", "save"]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from boincvm.atomicdir import write_file_atomically
 from boincvm.job import CheckpointMode
 
 log = logging.getLogger(__name__)
@@ -74,17 +74,7 @@ class CheckpointStore:
 
     def commit(self, record: CheckpointRecord) -> None:
         """Write the record durably: temp file, fsync, rename, fsync of the directory."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            json.dump(record.to_json(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_file_atomically(self.path, json.dumps(record.to_json()).encode("utf-8"))
 
     def clear(self) -> None:
         """Forget the checkpoint (the job is over)."""

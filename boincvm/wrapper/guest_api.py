@@ -6,14 +6,16 @@ program by ``BOINCVM_API_DIR``. Every file is written as ``NAME.tmp`` and rename
 reader never sees half of one:
 
 * ``resolve`` (wrapper): ``LOGICAL<TAB>GUEST_PATH`` lines, the job's logical file names;
-* ``status`` (library): ``key=value`` lines (fraction done, operations, ``uses_checkpoints``);
+* ``status`` (library): ``key=value`` lines (fraction done, operations, ``uses_checkpoints``,
+  ``want_network``: BOINC's ``boinc_waiting_for_network``);
 * ``critical`` (library): exists while the program is in a critical section;
 * ``checkpoint_request`` (wrapper) / ``checkpoint_ready`` (library): a sequence number each,
   the handshake of an app-timed checkpoint;
 * ``finish`` (library): the status on the first line, then a message;
 * ``temporary_exit`` (library): vboxwrapper's trigger format (delay, notice flag, reason);
 * ``trickle_up/NNNNNNNN.msg`` (library): the variety on the first line, then the text;
-* ``trickle_down/NAME`` (wrapper): the client's trickle-down messages for the task.
+* ``trickle_down/NAME`` (wrapper): the client's trickle-down messages for the task;
+* ``network_suspended`` (wrapper): present while the client keeps the network off.
 
 The numbers are checked as :mod:`boincvm.wrapper.guest_contract` checks the older files.
 """
@@ -45,6 +47,7 @@ FINISH = "finish"
 TEMPORARY_EXIT = "temporary_exit"
 TRICKLE_UP_DIR = "trickle_up"
 TRICKLE_DOWN_DIR = "trickle_down"
+NETWORK_SUSPENDED = "network_suspended"
 #: At most this much of ``status`` is read.
 STATUS_MAX_BYTES = 4096
 #: At most this much of one trickle-up message is read (BOINC's own limit is the
@@ -66,11 +69,13 @@ class ApiStatus:
         fraction: the fraction done (see :func:`boincvm.wrapper.guest_contract.fraction_done`).
         ops: the operations claimed (``fpops_cumulative``, else ``ops_cumulative``), checked.
         uses_checkpoints: the program has asked ``boinc_time_to_checkpoint()`` at least once.
+        want_network: the program waits for the network (``boinc_waiting_for_network(true)``).
     """
 
     fraction: Reading
     ops: Reading
     uses_checkpoints: bool
+    want_network: bool = False
 
 
 def parse_status(data: bytes, ops_limit: float | None) -> ApiStatus:
@@ -87,7 +92,9 @@ def parse_status(data: bytes, ops_limit: float | None) -> ApiStatus:
     )
     claim = values.get("fpops_cumulative", values.get("ops_cumulative"))
     ops = credit_report(claim, ops_limit, "status operations") if claim is not None else Reading(None)
-    return ApiStatus(fraction, ops, values.get("uses_checkpoints") == b"1")
+    return ApiStatus(
+        fraction, ops, values.get("uses_checkpoints") == b"1", values.get("want_network") == b"1"
+    )
 
 
 def parse_finish(data: bytes) -> Trigger:
@@ -146,6 +153,7 @@ __all__ = [
     "CHECKPOINT_REQUEST",
     "CRITICAL",
     "FINISH",
+    "NETWORK_SUSPENDED",
     "RESOLVE",
     "STATUS",
     "TEMPORARY_EXIT",

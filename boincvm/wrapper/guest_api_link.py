@@ -42,6 +42,7 @@ class GuestApiLink:
         self._request: int | None = None  # the pending checkpoint request
         self._requested_at = 0.0
         self._sequence = 0
+        self._network_suspended = False  # what the guest was last told
 
     def file(self, name: str) -> str:
         """The guest path of one of the API's files."""
@@ -143,6 +144,17 @@ class GuestApiLink:
             f"rm -f {shlex.quote(self.file(guest_api.CHECKPOINT_REQUEST))}",
             what="ending the checkpoint request",
         )
+
+    def tell_network_suspended(self, suspended: bool) -> None:
+        """Make ``network_suspended`` say what the client says (written only when it changes)."""
+        if suspended == self._network_suspended:
+            return
+        if suspended:
+            self._write(guest_api.NETWORK_SUSPENDED, "1\n")
+        else:
+            path = shlex.quote(self.file(guest_api.NETWORK_SUSPENDED))
+            self.files.sh(f"rm -f {path}", what="ending the network suspension")
+        self._network_suspended = suspended
 
     def _write(self, name: str, text: str) -> None:
         path = shlex.quote(self.file(name))

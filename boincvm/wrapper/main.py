@@ -23,13 +23,13 @@ from types import FrameType
 from boincvm import __version__
 from boincvm.boinc.api import BoincApp, slot_locked_exit
 from boincvm.boinc.errors import SlotLocked
-from boincvm.boinc.files import ExitCode, write_finish_file
+from boincvm.boinc.files import ExitCode, read_temporary_exit, write_finish_file
 from boincvm.bounds import parse_number
 from boincvm.errors import BoincvmError, InputError
 from boincvm.findings import errors_in, has_errors
 from boincvm.hypervisor.base import backend_class
 from boincvm.job import DEFAULTS_OPEN_NAME, JOB_OPEN_NAME, VmJob, load_job, resolve
-from boincvm.wrapper import memory
+from boincvm.wrapper import memory, wsl_mode
 from boincvm.wrapper.steps import Wrapper, WrapperInputs
 
 log = logging.getLogger("boincvm.wrapper")
@@ -226,42 +226,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     _follow_bootloader()
     memory.keep_heap_small()
     logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s.%(msecs)03d boincvm: %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
+        level=logging.INFO, stream=sys.stderr, format=wsl_mode.LOG_FORMAT, datefmt=wsl_mode.LOG_DATE_FORMAT
     )
     signal.signal(signal.SIGTERM, _sigterm)
     own, wu_args = split_args(args)
     slot = Path.cwd()
+    while True:
+        code, wsl = run_once(slot, own, wu_args)
+        if not wsl:
+            return code
+        later = read_temporary_exit(slot)
+        if later is None:
+            return wsl_mode.end(code)
+        wsl_mode.wait_out(slot, later)
+
+
+def run_once(slot: Path, own: dict[str, str], wu_args: tuple[str, ...]) -> tuple[int, bool]:
+    """One run of the task in ``slot``: (the exit code, whether wsl_wrapper started us)."""
     try:
         app = BoincApp.start(slot)
     except SlotLocked as err:
-        return slot_locked_exit(slot, err)
+        return slot_locked_exit(slot, err), False
     except BoincvmError as exc:
         _log_init_failure(exc)
         write_finish_file(slot, int(ExitCode.INIT_FAILURE), exc.message)
-        return int(ExitCode.INIT_FAILURE)
+        return int(ExitCode.INIT_FAILURE), False
+    if app.behind_wsl_wrapper:
+        wsl_mode.log_to_slot(slot)
     # The main loop ticks at each turn; this thread covers the long steps (snapshots, copies).
     with app.ticking(TICK_PERIOD):
-        try:
-            inputs = load_inputs(app, wu_args, own)
-            if inputs.package is not None:
-                _check_package(inputs.package)
-        except BoincvmError as exc:
-            _log_init_failure(exc)
-            return app.finish(int(ExitCode.INIT_FAILURE), exc.message)
+        return _run(app, own, wu_args), app.behind_wsl_wrapper
 
-        try:
-            factory = backend_class(inputs.job.backend)
-        except BoincvmError as exc:
-            _log_init_failure(exc)
-            return app.finish(int(ExitCode.INIT_FAILURE), exc.message)
-        try:
-            return Wrapper(app, inputs, factory).run()
-        except KeyboardInterrupt:
-            log.warning("terminated; the VM was stopped")
-            return app.exit_quit()
+
+def _run(app: BoincApp, own: dict[str, str], wu_args: tuple[str, ...]) -> int:
+    try:
+        inputs = load_inputs(app, wu_args, own)
+        if inputs.package is not None:
+            _check_package(inputs.package)
+        factory = backend_class(inputs.job.backend)
+    except BoincvmError as exc:
+        _log_init_failure(exc)
+        return app.finish(int(ExitCode.INIT_FAILURE), exc.message)
+    try:
+        return Wrapper(app, inputs, factory).run()
+    except KeyboardInterrupt:
+        log.warning("terminated; the VM was stopped")
+        return app.exit_quit()
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ def report(task: Task, status: ProcessStatus, survey: Survey) -> None:
     if api is not None:
         fraction = api.fraction.value if api.fraction.value is not None else fraction
         ops = api.ops.value if api.ops.value is not None else ops
-    task.app.report(fraction, cpu_time=cpu, fpops_cumulative=ops)
+    want_network = api.want_network if api is not None else None
+    task.app.report(fraction, cpu_time=cpu, fpops_cumulative=ops, want_network=want_network)
     if fraction is not None:
         task.status.fraction_done = fraction
     task.status.cpu_time = task.app.last_status.current_cpu_time

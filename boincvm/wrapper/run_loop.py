@@ -36,6 +36,11 @@ STEADY_AFTER = 10.0
 PROGRESS_PERIOD = 2.0
 #: Seconds a program that wrote ``finish`` or ``temporary_exit`` may take to exit.
 PROGRAM_EXIT_WAIT = 30.0
+#: While the program is asked to checkpoint (it times its own checkpoints through the guest
+#: API), its answer is looked for this often: it waits in boinc_checkpoint_completed()
+#: until the snapshot is taken. The handshake lasts until it answers, one step of the
+#: program, so the quicker polls cost little beside the checkpoints they serve.
+HANDSHAKE_POLL = 0.1
 
 
 @dataclass
@@ -81,7 +86,15 @@ class MainLoop:
                 code = self._poll(run, now)
                 if code is not None:
                     return code
-            time.sleep(0.05 if now - run.t0 < 2.0 else min(LOOP_SLEEP, self.poll_period))
+            time.sleep(self._pause(run, now))
+
+    def _pause(self, run: _Run, now: float) -> float:
+        """How long to sleep before the next turn: short at first and while a poll is
+        soon due (a checkpoint handshake), else one loop period."""
+        if now - run.t0 < 2.0:
+            return 0.05
+        until_poll = max(run.next_poll - self.task.clock(), 0.02)
+        return min(LOOP_SLEEP, self.poll_period, until_poll)
 
     def _heed_client(self, run: _Run, now: float) -> int | None:
         """Abort, a lost client, quit, suspend and resume; the exit code when the task stops."""
@@ -97,6 +110,8 @@ class MainLoop:
             return app.exit_quit()
         if app.quit_requested:
             return self._quit(run, now)
+        if not run.paused:
+            self.api.tell_network_suspended(app.network_suspended)
         if app.suspended and not run.paused:
             self.vm.pause()
             run.paused = True
@@ -154,6 +169,8 @@ class MainLoop:
         if survey is not None and checkpoint_wanted and self.api.ready_to_checkpoint(survey, now):
             run.record = self.task.checkpoint(run.proc, run.record)
             self.api.checkpoint_taken()
+        if self.api.checkpoint_requested and self.api.uses_checkpoints:
+            run.next_poll = min(run.next_poll, now + HANDSHAKE_POLL)
         return None
 
     def _program_end(self, run: _Run, status: ProcessStatus, survey: Survey) -> int | None:

@@ -21,6 +21,7 @@ _state = {
     "dirty": False,
     "last_write": -1e30,
     "uses_checkpoints": False,
+    "want_network": False,
     "critical": 0,
     "last_check": -1e30,
     "request": False,
@@ -61,6 +62,8 @@ def _write_status(force=False):
     lines = ["%s=%.17g\n" % (k, values[k]) for k in _ORDER if k in values]
     if _state["uses_checkpoints"]:
         lines.append("uses_checkpoints=1\n")
+    if _state["want_network"]:
+        lines.append("want_network=1\n")
     try:
         _write("status", "".join(lines))
     except OSError:
@@ -303,3 +306,38 @@ def boinc_receive_trickle_down():
             continue
         return text
     return None
+
+
+def boinc_waiting_for_network(waiting):
+    """BOINC's API since May 2026: say the program waits for the network (the client then
+    tells the volunteer a task needs it), or no longer does."""
+    _setup()
+    waiting = bool(waiting)
+    if _state["want_network"] != waiting:
+        _state["want_network"] = waiting
+        _write_status(force=True)
+
+
+def boinc_network_suspended():
+    """True while the client keeps the network off (BOINC_STATUS.network_suspended)."""
+    _setup()
+    return _state["dir"] is not None and os.path.exists(_path("network_suspended"))
+
+
+# The names BOINC's API had before May 2026, kept for programs that still call them.
+def boinc_need_network():
+    boinc_waiting_for_network(True)
+    return 0
+
+
+def boinc_network_poll():
+    """0 while the network is available, 1 while the client keeps it off."""
+    return 1 if boinc_network_suspended() else 0
+
+
+def boinc_network_done():
+    boinc_waiting_for_network(False)
+
+
+def boinc_network_usage(sent, received):
+    """Ignored, as BOINC's client ignored it."""

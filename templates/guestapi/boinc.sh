@@ -11,6 +11,8 @@
 #   boinc temporary-exit DELAY REASON [--notice]     then: exit 0
 #   boinc finish STATUS [MESSAGE]    then: exit STATUS (the command exits with STATUS too)
 #   boinc standalone                 exit 0 when no wrapper is there
+#   boinc waiting-for-network 1|0    say the program waits for the network (or no longer)
+#   boinc network-suspended          exit 0 while the client keeps the network off
 # The status file this command writes holds what the last call said: call fraction-done
 # and ops-cumulative with the values you want reported together, or one of them alone.
 set -u
@@ -108,5 +110,11 @@ $2
 "; fi
     fi
     exit "$st" ;;
+waiting-for-network)
+    case ${1:-} in 1) [ -z "$dir" ] || status_set want_network 1 ;;
+    0) [ -z "$dir" ] || status_set want_network 0 ;;
+    *) echo "usage: boinc waiting-for-network 1|0" >&2; exit 2 ;; esac
+    exit 0 ;;
+network-suspended) [ -n "$dir" ] && [ -e "$dir/network_suspended" ] ;;
 *) echo "usage: boinc COMMAND [ARGS] (see the comment at the top of this script)" >&2; exit 2 ;;
 esac

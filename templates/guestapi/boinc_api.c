@@ -2,7 +2,8 @@
  *
  * Every call is plain file I/O in the API directory ($BOINCVM_API_DIR):
  *   resolve             the wrapper's map of logical names to guest paths (LOGICAL\tPATH)
- *   status              key=value lines: fraction_done, operations, uses_checkpoints
+ *   status              key=value lines: fraction_done, operations, uses_checkpoints,
+ *                       want_network
  *   critical            present while the program is inside a critical section
  *   checkpoint_request  the wrapper's "checkpoint now" (a sequence number)
  *   checkpoint_ready    the program's "my checkpoint is written" (the same number)
@@ -10,6 +11,7 @@
  *   finish              exit status, message
  *   trickle_up/NNNNNNNN.msg    variety on the first line, then the text
  *   trickle_down/NAME          the wrapper's trickle-down messages
+ *   network_suspended   the wrapper's: present while the client keeps the network off
  * Files are written as NAME.tmp and renamed, so a reader never sees half of one.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -49,6 +51,7 @@ static double fraction_done;
 static double ops_cumulative, fpops_cumulative, ops_per_cpu_sec, fpops_per_cpu_sec;
 static int have;
 static int uses_checkpoints;
+static int want_network;
 static int status_dirty;
 static double last_status_write = -1e30;
 
@@ -160,6 +163,7 @@ static void write_status(int force) {
     if (have & HAS_OPS_RATE) n += snprintf(buf + n, sizeof(buf) - (size_t)n, "ops_per_cpu_sec=%.17g\n", ops_per_cpu_sec);
     if (have & HAS_FPOPS_RATE) n += snprintf(buf + n, sizeof(buf) - (size_t)n, "fpops_per_cpu_sec=%.17g\n", fpops_per_cpu_sec);
     if (uses_checkpoints) n += snprintf(buf + n, sizeof(buf) - (size_t)n, "uses_checkpoints=1\n");
+    if (want_network) n += snprintf(buf + n, sizeof(buf) - (size_t)n, "want_network=1\n");
     if (write_api_file("status", buf, (size_t)n) == 0) {
         status_dirty = 0;
         last_status_write = t;
@@ -190,7 +194,38 @@ double boinc_elapsed_time(void) {
 int boinc_get_status(BOINC_STATUS* s) {
     setup();
     memset(s, 0, sizeof(*s));
+    if (!standalone) s->network_suspended = api_exists("network_suspended");
     return 0;
+}
+
+/* BOINC's API since May 2026: the program says it is waiting for the network; the client
+ * then tells the volunteer a task needs it. */
+void boincvm_waiting_for_network(int waiting) {
+    setup();
+    if (want_network == (waiting != 0)) return;
+    want_network = waiting != 0;
+    write_status(1);
+}
+
+/* The names BOINC's API had before May 2026, kept for programs that still call them. */
+int boinc_need_network(void) {
+    boincvm_waiting_for_network(1);
+    return 0;
+}
+
+int boinc_network_poll(void) {
+    setup();
+    if (standalone) return 0;
+    return api_exists("network_suspended") ? 1 : 0;
+}
+
+void boinc_network_done(void) {
+    boincvm_waiting_for_network(0);
+}
+
+void boinc_network_usage(double sent, double received) {
+    (void)sent; /* BOINC's client ignored these figures; so does the wrapper */
+    (void)received;
 }
 
 int boinc_set_min_checkpoint_period(int seconds) {

@@ -61,10 +61,20 @@ extern int boinc_receive_trickle_down(char* buf, int len);
 extern int boinc_get_status(BOINC_STATUS*);
 extern double boinc_elapsed_time(void);
 
-/* boinc_temporary_exit and boinc_finish_message are C++ functions with default
- * arguments in BOINC's API; the library exports them under these C names. */
+/* Before May 2026 BOINC's API had these network calls; programs that still call them
+ * keep working: need and done set what boinc_waiting_for_network() sets, poll answers 0
+ * while the network is available, usage is ignored (as the client ignored it). */
+extern int boinc_need_network(void);
+extern int boinc_network_poll(void);
+extern void boinc_network_done(void);
+extern void boinc_network_usage(double sent, double received);
+
+/* boinc_temporary_exit, boinc_finish_message and boinc_waiting_for_network are C++
+ * functions in BOINC's API (the first two with default arguments); the library exports
+ * them under these C names, and the inline functions below keep BOINC's names in C too. */
 extern int boincvm_temporary_exit(int delay, const char* reason, int is_notice);
 extern int boincvm_finish_message(int status, const char* message, int is_notice);
+extern void boincvm_waiting_for_network(int waiting);
 
 #ifdef __cplusplus
 }  /* extern "C" */
@@ -95,6 +105,10 @@ inline int boinc_finish_message(int status, const char* message, bool is_notice)
     return boincvm_finish_message(status, message, is_notice ? 1 : 0);
 }
 
+inline void boinc_waiting_for_network(bool waiting) {
+    boincvm_waiting_for_network(waiting ? 1 : 0);
+}
+
 inline int boinc_resolve_filename_s(const char* virtual_name, std::string& physical_name) {
     char buf[4096];
     int retval = boinc_resolve_filename(virtual_name, buf, (int)sizeof(buf));
@@ -108,6 +122,10 @@ static inline int boinc_temporary_exit(int delay, const char* reason, bool is_no
 
 static inline int boinc_finish_message(int status, const char* message, bool is_notice) {
     return boincvm_finish_message(status, message, is_notice ? 1 : 0);
+}
+
+static inline void boinc_waiting_for_network(bool waiting) {
+    boincvm_waiting_for_network(waiting ? 1 : 0);
 }
 #endif
 

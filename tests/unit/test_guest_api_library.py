@@ -203,6 +203,20 @@ int main(int argc, char** argv) {
         return n;
     }
     if (strcmp(argv[1], "temporary") == 0) return boinc_temporary_exit(120, "no network yet", true);
+    if (strcmp(argv[1], "network") == 0) {
+        BOINC_STATUS st;
+        boinc_waiting_for_network(true);
+        boinc_get_status(&st);
+        printf("%d %d\n", boinc_network_poll(), st.network_suspended);
+        return 0;
+    }
+    if (strcmp(argv[1], "need") == 0) return boinc_need_network();
+    if (strcmp(argv[1], "done") == 0) {
+        boinc_waiting_for_network(true);
+        boinc_network_done();
+        boinc_network_usage(1.0, 2.0);
+        return 0;
+    }
     return 99;
 }
 """
@@ -238,6 +252,7 @@ def test_cpp_programs_compile_against_the_header(tmp_path: Path) -> None:
     (tmp_path / "p.cpp").write_text(
         '#include "boinc_api.h"\n#include <string>\n'
         'int main() { std::string s; boinc_init(); boinc_resolve_filename_s("in", s);'
+        " boinc_waiting_for_network(true); boinc_waiting_for_network(false);"
         ' return s == "in" ? boinc_finish(0) : 1; }\n'
     )
     lib, _ = static_library()
@@ -316,6 +331,26 @@ def test_c_temporary_exit(c_probe: Path, tmp_path: Path) -> None:
     assert (api_dir / "temporary_exit").read_text() == "120\n1\nno network yet\n"
 
 
+def test_c_waiting_for_network_and_the_older_names(c_probe: Path, tmp_path: Path) -> None:
+    _, api_dir = _workdir(tmp_path)
+
+    def run(what: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(c_probe), what], env=_env(api_dir), capture_output=True, text=True, check=False
+        )
+
+    got = run("network")  # BOINC's current call; the network is there
+    assert (got.returncode, got.stdout) == (0, "0 0\n")
+    assert _status(api_dir)["want_network"] == 1.0
+    (api_dir / "network_suspended").write_text("1\n")  # the wrapper: the client keeps it off
+    assert run("network").stdout == "1 1\n"
+    (api_dir / "status").unlink()
+    assert run("need").returncode == 0  # the names BOINC's API had before May 2026
+    assert _status(api_dir)["want_network"] == 1.0
+    assert run("done").returncode == 0
+    assert "want_network" not in _status(api_dir)
+
+
 @pytest.fixture
 def shell(api: Path) -> Iterator[object]:
     def run(api_dir: Path | None, *args: str) -> subprocess.CompletedProcess[str]:
@@ -368,6 +403,14 @@ def test_shell_command(shell: object, tmp_path: Path) -> None:
     assert not (api_dir / "trickle_down" / "m1").exists()
     assert shell(api_dir, "temporary-exit", "60", "waiting", "--notice").returncode == 0
     assert (api_dir / "temporary_exit").read_text() == "60\n1\nwaiting\n"
+    assert shell(api_dir, "network-suspended").returncode == 1
+    (api_dir / "network_suspended").write_text("1\n")
+    assert shell(api_dir, "network-suspended").returncode == 0
+    assert shell(api_dir, "waiting-for-network", "1").returncode == 0
+    assert _status(api_dir)["want_network"] == 1.0
+    assert shell(api_dir, "waiting-for-network", "0").returncode == 0
+    assert _status(api_dir)["want_network"] == 0.0
+    assert shell(api_dir, "waiting-for-network", "maybe").returncode == 2
     assert shell(api_dir, "finish", "3", "bad input").returncode == 3
     assert (api_dir / "finish").read_text() == "3\nbad input\n"
     assert not list(api_dir.glob("*.tmp")) and work.is_dir()
@@ -387,6 +430,10 @@ def test_python_module_temporary_exit_and_trickle_down(tmp_path: Path) -> None:
         "import os; assert os.path.exists(os.path.join(os.environ['BOINCVM_API_DIR'], 'critical'))\n"
         "boinc.boinc_end_critical_section()\n"
         "assert not os.path.exists(os.path.join(os.environ['BOINCVM_API_DIR'], 'critical'))\n"
+        "boinc.boinc_waiting_for_network(True)\n"
+        "assert boinc.boinc_network_poll() == 0\n"
+        "open(os.path.join(os.environ['BOINCVM_API_DIR'], 'network_suspended'), 'w').close()\n"
+        "assert boinc.boinc_network_poll() == 1 and boinc.boinc_network_suspended()\n"
         "boinc.boinc_temporary_exit(30, 'later', True)\n"
     )
     done = subprocess.run(
@@ -394,6 +441,7 @@ def test_python_module_temporary_exit_and_trickle_down(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert (api_dir / "temporary_exit").read_text() == "30\n1\nlater\n"
+    assert _status(api_dir)["want_network"] == 1.0
 
 
 def test_the_bundled_guest_carries_the_python_module_and_the_shell_command(guest_image: Path) -> None:

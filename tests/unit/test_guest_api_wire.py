@@ -17,6 +17,8 @@ def test_status_forwards_checked_numbers() -> None:
     assert got.fraction.value == 0.25
     assert got.ops.value == 3e9
     assert got.uses_checkpoints
+    assert not got.want_network
+    assert guest_api.parse_status(b"want_network=1\n", None).want_network
 
 
 def test_status_clamps_and_ignores_what_it_cannot_believe() -> None:
