@@ -17,7 +17,6 @@ and memory limits, trickle/upload transfers, process priorities.
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import signal
@@ -36,12 +35,10 @@ from boincvm.boinc.files import (
     TASK_STATE_FILE,
     TEMPORARY_EXIT_FILE,
     TRICKLE_UP_FILE,
-    FinishFile,
-    TemporaryExit,
     read_finish_file,
-    read_temporary_exit,
 )
 from boincvm.boinc.init_data import SHM_KEY_MMAP, HostInfo, InitData, write_init_data
+from boincvm.boinc.outcome import Outcome, OutcomeKind, TaskState, TaskStatus, classify_exit
 from boincvm.boinc.shm import HAVE_NEW_TRICKLE_UP, MMAP_FILE_NAME, ClientChannels, Control, SharedMemory
 from boincvm.boinc.slot import (
     LocalTask,
@@ -60,112 +57,7 @@ log = logging.getLogger(__name__)
 
 #: Client version written into init_data.xml.
 CLIENT_VERSION = (7, 20, 5)
-#: Signals after which the client restarts the task instead of failing it.
-RESTART_SIGNALS = frozenset(
-    {signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP}
-)
 STDERR_TAIL_BYTES = 63 * 1024
-
-
-class TaskState(enum.StrEnum):
-    """The emulated ``ACTIVE_TASK`` state."""
-
-    UNINITIALIZED = "uninitialized"  # not running (before start, between restarts)
-    EXECUTING = "executing"
-    SUSPENDED = "suspended"
-    QUIT_PENDING = "quit_pending"
-    ABORT_PENDING = "abort_pending"
-    EXITED = "exited"  # finally ended
-
-
-class OutcomeKind(enum.StrEnum):
-    """How one run of the app process ended, as the client classifies it."""
-
-    SUCCESS = "success"  # exit 0 and boinc_finish_called
-    COMPUTE_ERROR = "compute_error"  # non-zero exit code
-    TEMPORARY_EXIT = "temporary_exit"  # boinc_temporary_exit with a reason: restart after the delay
-    PREMATURE_EXIT = "premature_exit"  # exit 0 without a finish file: restart
-    QUIT = "quit"  # exited (or was killed) after <quit/>: restart
-    ABORTED = "aborted"  # exited (or was killed) after <abort/>
-    KILLED = "killed"  # HUP/INT/QUIT/KILL/TERM/STOP: restart
-    SIGNALED = "signaled"  # any other signal: error
-    TOO_MANY_EXITS = "too_many_exits"  # more than 100 exits without a checkpoint
-
-
-_RESTARTING = frozenset(
-    {OutcomeKind.TEMPORARY_EXIT, OutcomeKind.PREMATURE_EXIT, OutcomeKind.QUIT, OutcomeKind.KILLED}
-)
-
-
-@dataclass(frozen=True)
-class TaskStatus:
-    """What the client knows about the task (a snapshot).
-
-    Attributes:
-        state: the task state.
-        fraction_done: last non-zero fraction done the app reported (0 before).
-        current_cpu_time: CPU seconds the app reported (cumulative over runs).
-        checkpoint_cpu_time: CPU seconds at the app's last checkpoint.
-        fpops_cumulative: floating-point operations reported for credit, if any.
-        intops_cumulative: integer operations reported for credit, if any.
-        other_pid: the extra process the app named, if any.
-        want_network: the app asked for the network.
-        elapsed_time: seconds the task has run, over all runs.
-        checkpoint_elapsed_time: elapsed time at the last checkpoint.
-        status_messages: status messages read during the current or last run.
-        heartbeats_sent: heartbeats delivered into the channel during the current or last run.
-        starts: how many times the process was started.
-        pid: the running process, or None.
-    """
-
-    state: TaskState = TaskState.UNINITIALIZED
-    fraction_done: float = 0.0
-    current_cpu_time: float = 0.0
-    checkpoint_cpu_time: float = 0.0
-    fpops_cumulative: float | None = None
-    intops_cumulative: float | None = None
-    other_pid: int | None = None
-    want_network: bool = False
-    elapsed_time: float = 0.0
-    checkpoint_elapsed_time: float = 0.0
-    status_messages: int = 0
-    heartbeats_sent: int = 0
-    starts: int = 0
-    pid: int | None = None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a run of the process ended.
-
-    Attributes:
-        kind: the client's classification.
-        will_restart: the client would start the task again (same slot).
-        exit_code: the process exit code, or None when a signal ended it.
-        signal: the signal that ended it, or None.
-        finish: the parsed ``boinc_finish_called``, if the file exists.
-        temporary_exit: the parsed ``boinc_temporary_exit``, if honoured.
-        message: the client's words for it ("process exited with code 3").
-        status: the task status at the exit.
-        outputs: the checked output files (final outcomes only).
-        stderr_tail: the end of ``stderr.txt`` (final outcomes only).
-    """
-
-    kind: OutcomeKind
-    will_restart: bool
-    exit_code: int | None
-    signal: int | None
-    finish: FinishFile | None
-    temporary_exit: TemporaryExit | None
-    message: str
-    status: TaskStatus
-    outputs: tuple[OutputResult, ...] = ()
-    stderr_tail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """Success with every required output present and within its size."""
-        return self.kind is OutcomeKind.SUCCESS and all(o.error is None for o in self.outputs)
 
 
 def _available_ram() -> float:
@@ -532,36 +424,14 @@ class LocalClient:
         returncode = self._proc.wait()
         self._read_messages()  # the final status and trickle messages
         self._proc = None
-        state = self._status.state
-        code = returncode if returncode >= 0 else None
-        sig = -returncode if returncode < 0 else None
         finish = read_finish_file(self.slot_dir)
-        temp: TemporaryExit | None = None
-        if state is TaskState.ABORT_PENDING:
-            kind, message = OutcomeKind.ABORTED, "aborted by the client"
-        elif state is TaskState.QUIT_PENDING:
-            kind, message = OutcomeKind.QUIT, "exited after <quit/>"
-        elif code is not None:
-            temp = read_temporary_exit(self.slot_dir)
-            if temp is not None:
-                notice = " (shown as a notice)" if temp.is_notice else ""
-                kind = OutcomeKind.TEMPORARY_EXIT
-                message = f"postponed for {temp.delay} s{notice}: {temp.reason}"
-            elif code != 0:
-                kind, message = OutcomeKind.COMPUTE_ERROR, f"process exited with code {code}"
-            elif finish is not None:
-                kind, message = OutcomeKind.SUCCESS, "finished"
-            else:
-                kind, message = OutcomeKind.PREMATURE_EXIT, "exited with zero status but no 'finished' file"
-        elif sig is not None and sig in RESTART_SIGNALS:
-            kind, message = OutcomeKind.KILLED, f"process got signal {sig}; restarting"
-        else:
-            kind, message = OutcomeKind.SIGNALED, f"process got signal {sig}"
-        if kind in (OutcomeKind.PREMATURE_EXIT, OutcomeKind.TEMPORARY_EXIT):
+        exit_ = classify_exit(self._status.state, returncode, finish, self.slot_dir)
+        kind, message = exit_.kind, exit_.message
+        if kind.counts_as_premature:
             self._premature_exits += 1
             if self._premature_exits > MAX_PREMATURE_EXITS:
                 kind, message = OutcomeKind.TOO_MANY_EXITS, "too many exits without a checkpoint"
-        will_restart = kind in _RESTARTING
+        will_restart = kind.restarts
         self._status = replace(
             self._status, state=TaskState.UNINITIALIZED if will_restart else TaskState.EXITED, pid=None
         )
@@ -576,7 +446,20 @@ class LocalClient:
             if self.options.clean_slot:
                 clean_slot(self.slot_dir)
         log.info("%s: %s", self.task.result_name, message)
-        return Outcome(kind, will_restart, code, sig, finish, temp, message, self._status, outputs, stderr)
+        code = returncode if returncode >= 0 else None
+        sig = -returncode if returncode < 0 else None
+        return Outcome(
+            kind,
+            will_restart,
+            code,
+            sig,
+            finish,
+            exit_.temporary_exit,
+            message,
+            self._status,
+            outputs,
+            stderr,
+        )
 
     def _stderr_tail(self) -> str:
         path = self.slot_dir / STDERR_FILE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,10 @@ from boincvm.cli import console
 
 
 if TYPE_CHECKING:
-    from boincvm.runlocal.request import LiveState
+    from rich.table import Table
+
+    from boincvm.runlocal.faults import Fault, FaultKind
+    from boincvm.runlocal.request import LiveState, RunLocalRequest, RunSummary
 
 
 @click.command("run-local")
@@ -98,27 +102,82 @@ def command(
     checkpoint points land mid-run on any host, however fast its guest computes.
     --suspend-at appends :SECONDS of suspension (run+2:20, progress:0.3:5).
     """
-    from boincvm.errors import WorkunitFailed
-    from boincvm.runlocal.emulator import default_data_dir, run_local
-    from boincvm.runlocal.faults import Fault, FaultKind
-    from boincvm.runlocal.request import RunLocalRequest
+    from boincvm.runlocal.faults import FaultKind
 
-    faults = tuple(
-        Fault.parse(kind, spec)
-        for kind, specs in (
-            (FaultKind.SUSPEND, suspend_at),
-            (FaultKind.QUIT, quit_at),
-            (FaultKind.KILL, kill_at),
-            (FaultKind.ABORT, abort_at),
-            (FaultKind.HEARTBEAT_LOSS, heartbeat_loss_at),
-        )
-        for spec in specs
+    faults = _faults(
+        {
+            FaultKind.SUSPEND: suspend_at,
+            FaultKind.QUIT: quit_at,
+            FaultKind.KILL: kill_at,
+            FaultKind.ABORT: abort_at,
+            FaultKind.HEARTBEAT_LOSS: heartbeat_loss_at,
+        }
     )
+    if client == "boinc" and faults:
+        raise click.UsageError("fault injection needs the emulator; drop --client boinc")
+    req = _request(
+        workunit_dir,
+        app_version,
+        results_dir,
+        data_dir,
+        faults,
+        name=name,
+        timeout=timeout,
+        checkpoint_period=checkpoint_period,
+        keep_slot=keep_slot,
+    )
+    run = _runner(client)
+    with _View() as view:
+        summary = run(req, view.update)
+    _report(summary, results_dir, as_json=as_json, asked=len(faults))
+
+
+def _runner(client: str) -> Callable[[RunLocalRequest, Callable[[LiveState], None]], RunSummary]:
+    """What runs the workunit: the client emulator, or the real client (``--client boinc``)."""
+    if client == "boinc":
+        from boincvm.runlocal.real_client import run_with_boinc_client
+
+        return run_with_boinc_client
+    from boincvm.runlocal.emulator import run_local
+
+    return run_local
+
+
+def _faults(specs: Mapping[FaultKind, tuple[str, ...]]) -> tuple[Fault, ...]:
+    """The faults the ``--KIND-at WHEN`` options ask for.
+
+    Raises:
+        InputError: a WHEN is not of the documented form.
+    """
+    from boincvm.runlocal.faults import Fault
+
+    return tuple(Fault.parse(kind, spec) for kind, kind_specs in specs.items() for spec in kind_specs)
+
+
+def _request(
+    workunit_dir: Path,
+    app_version: Path,
+    results_dir: Path,
+    data_dir: Path | None,
+    faults: tuple[Fault, ...],
+    *,
+    name: str | None,
+    timeout: float,
+    checkpoint_period: float,
+    keep_slot: bool,
+) -> RunLocalRequest:
+    """The request, once the results directory is known to be no symlink.
+
+    Raises:
+        InputError: the results directory is or lies under a symlink.
+    """
     from boincvm.paths import refuse_symlinks_in
+    from boincvm.runlocal.emulator import default_data_dir
+    from boincvm.runlocal.request import RunLocalRequest
 
     # Outputs, stderr.txt and summary.json are written there: never through a symlink.
     refuse_symlinks_in(results_dir, "--results directory")
-    req = RunLocalRequest(
+    return RunLocalRequest(
         workunit_dir=workunit_dir,
         app_version_dir=app_version,
         results_dir=results_dir,
@@ -129,16 +188,17 @@ def command(
         checkpoint_period=checkpoint_period,
         keep_slot=keep_slot,
     )
-    view = _View()
-    with view:
-        if client == "boinc":
-            if faults:
-                raise click.UsageError("fault injection needs the emulator; drop --client boinc")
-            from boincvm.runlocal.real_client import run_with_boinc_client
 
-            summary = run_with_boinc_client(req, view.update)
-        else:
-            summary = run_local(req, view.update)
+
+def _report(summary: RunSummary, results_dir: Path, *, as_json: bool, asked: int) -> None:
+    """Show the summary, write ``summary.json``; a failure or a missed fault is an error.
+
+    Raises:
+        WorkunitFailed: the workunit did not succeed.
+        FaultsMissed: it did, but some of the ``asked`` faults never happened.
+    """
+    from boincvm.errors import FaultsMissed, WorkunitFailed
+
     _show_summary(summary)
     if as_json:
         console.out(json.dumps(summary.as_dict(), indent=2))
@@ -151,18 +211,22 @@ def command(
             hint=f"see {results_dir / 'stderr.txt'} for the wrapper's log",
         )
     if summary.faults_missed:
-        from boincvm.errors import FaultsMissed
-
         raise FaultsMissed(
-            f"the workunit succeeded, but {len(summary.faults_missed)} of {len(faults)} requested faults "
+            f"the workunit succeeded, but {len(summary.faults_missed)} of {asked} requested faults "
             f"never happened: {summary.faults_missed[0]}",
             hint="pick a point the run reaches: for checkpoint:N, make the workunit with "
             "--checkpoint-interval below the run's length and give --checkpoint-period as short",
         )
 
 
+#: How many of the guest program's latest output lines the live view shows, and how much of each.
+OUTPUT_LINES = 3
+OUTPUT_WIDTH = 100
+
+
 class _View:
-    """A rich live panel on a terminal; plain lines for phase changes and events elsewhere."""
+    """A rich live panel on a terminal; elsewhere plain lines for events, phase changes and
+    the guest program's output as it comes."""
 
     def __init__(self) -> None:
         from rich.live import Live
@@ -174,6 +238,7 @@ class _View:
         )
         self.last_phase = ""
         self.events_shown = 0
+        self.output_shown = ""
 
     def __enter__(self) -> _View:
         if self.live is not None:
@@ -185,25 +250,9 @@ class _View:
             self.live.__exit__(None, None, None)
 
     def update(self, state: LiveState) -> None:
+        """Show ``state``: redraw the panel, or print what is new since the last call."""
         if self.live is not None:
-            from rich.table import Table
-
-            table = Table.grid(padding=(0, 2))
-            table.add_row("phase", state.phase)
-            table.add_row("fraction done", f"{state.fraction_done:6.1%}")
-            table.add_row("CPU time", f"{state.cpu_time:8.1f} s")
-            table.add_row("elapsed", f"{state.elapsed:8.1f} s")
-            table.add_row("checkpoints", str(state.checkpoints))
-            table.add_row(
-                "checkpoint interval", _interval(state.checkpoint_interval, state.checkpoint_interval_source)
-            )
-            table.add_row("starts", str(state.starts))
-            if state.accel:
-                table.add_row("accelerator", state.accel)
-            table.add_row("guest output", state.last_output[-80:])
-            for event in state.events[-4:]:
-                table.add_row("event", event)
-            self.live.update(table)
+            self.live.update(_panel(state))
             return
         for event in state.events[self.events_shown :]:
             console.info(event)
@@ -214,6 +263,46 @@ class _View:
                 f"cpu {state.cpu_time:.1f} s, {state.checkpoints} checkpoints)"
             )
             self.last_phase = state.phase
+        if state.last_output != self.output_shown:
+            for line in _output_lines(state.last_output)[-1:]:
+                console.info(f"{state.elapsed:6.1f}s  guest: {line}")
+            self.output_shown = state.last_output
+
+
+def _panel(state: LiveState) -> Table:
+    """The live panel: where the run is, the phases so far, the guest's output, recent events."""
+    from rich.table import Table
+
+    table = Table.grid(padding=(0, 2))
+    table.add_row("phase", state.phase)
+    if phases := state.history.render():
+        table.add_row("phases", phases)
+    table.add_row("fraction done", f"{state.fraction_done:6.1%}")
+    table.add_row("CPU time", f"{state.cpu_time:8.1f} s")
+    table.add_row("elapsed", f"{state.elapsed:8.1f} s")
+    table.add_row("checkpoints", str(state.checkpoints))
+    table.add_row(
+        "checkpoint interval", _interval(state.checkpoint_interval, state.checkpoint_interval_source)
+    )
+    table.add_row("starts", str(state.starts))
+    if state.accel:
+        table.add_row("accelerator", state.accel)
+    lines = _output_lines(state.last_output) or [""]
+    for label, line in zip(["guest output"] + [""] * (len(lines) - 1), lines, strict=True):
+        table.add_row(label, line)
+    for event in state.events[-4:]:
+        table.add_row("event", event)
+    return table
+
+
+def _output_lines(output: str) -> list[str]:
+    """The guest's latest non-blank output lines, made safe for a terminal and cut to
+    :data:`OUTPUT_WIDTH` (the start of a line says more than its end)."""
+    lines = [console.printable(line.rstrip()) for line in output.splitlines() if line.strip()]
+    return [
+        line if len(line) <= OUTPUT_WIDTH else line[: OUTPUT_WIDTH - 3] + "..."
+        for line in lines[-OUTPUT_LINES:]
+    ]
 
 
 def _interval(seconds: float, source: str) -> str:
@@ -223,12 +312,9 @@ def _interval(seconds: float, source: str) -> str:
     return f"{describe_interval(seconds)} ({source})"
 
 
-def _show_summary(summary: object) -> None:
+def _show_summary(summary: RunSummary) -> None:
     from rich.table import Table
 
-    from boincvm.runlocal.request import RunSummary
-
-    assert isinstance(summary, RunSummary)
     table = Table(title=f"workunit {summary.workunit}", show_header=False)
     table.add_row("outcome", f"{summary.outcome} ({'ok' if summary.ok else 'FAILED'})")
     table.add_row("message", summary.message)
@@ -250,6 +336,10 @@ def _show_summary(summary: object) -> None:
             ("missing" if o["size"] is None else f"{o['size']} bytes")
             + (f"  ERROR: {o['error']}" if o.get("error") else ""),
         )
+    for n, phases in enumerate(summary.phases, 1):
+        table.add_row(f"phases, start {n}" if len(summary.phases) > 1 else "phases", phases)
     for t in summary.trickles:
-        table.add_row(f"trickle up {t['variety']}", t["text"].strip()[:200])
+        table.add_row(
+            f"trickle up {console.printable(t['variety'])}", console.printable(t["text"].strip()[:200])
+        )
     console.err.print(table)

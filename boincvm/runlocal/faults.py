@@ -60,6 +60,7 @@ class Fault:
 
     kind: FaultKind
     seconds: float = 0.0
+    #: A :class:`Phase`'s value (:meth:`parse` gives the Phase itself).
     phase: str | None = None
     duration: float = 10.0
     progress: float | None = None
@@ -101,7 +102,12 @@ class Fault:
             if value < 1 or value != int(value):
                 raise InputError(f"{option}: the checkpoint count must be a whole number from 1", hint=hint)
             checkpoints = int(value)
-        return cls(kind, seconds, phase, duration, progress, checkpoints)
+        return cls(kind, seconds, Phase(phase) if phase else None, duration, progress, checkpoints)
+
+    @property
+    def lasts(self) -> float | None:
+        """Seconds until run-local undoes the fault (a suspend's resume); None: it is for good."""
+        return self.duration if self.kind is FaultKind.SUSPEND else None
 
     def point_reached(self, live: RunPoint) -> bool | None:
         """Whether the run has reached this fault's point; None when the point is the start."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from boincvm.runlocal.faults import Fault
+from boincvm.runlocal.phases import PhaseHistory
 
 #: Cobblestones: 200 credits per day of a 1 GFLOPS computer.
 CREDIT_PER_FLOP = 200.0 / 86400e9
@@ -31,7 +32,13 @@ class RunLocalRequest:
 
 @dataclass
 class LiveState:
-    """What the live view shows; updated about once a second."""
+    """What the live view shows; updated a few times a second.
+
+    ``phase`` is the wrapper's phase (a :class:`~boincvm.wrapper.status.Phase`'s value) as
+    ``history`` tells it, "starting" before the wrapper's first report; under the real client,
+    the client's word for the task's state. ``last_output`` is the guest program's latest
+    output line(s) the wrapper reported.
+    """
 
     phase: str = "starting"
     fraction_done: float = 0.0
@@ -46,6 +53,7 @@ class LiveState:
     checkpoint_interval: float = 0.0
     checkpoint_interval_source: str = ""
     events: list[str] = field(default_factory=list)
+    history: PhaseHistory = field(default_factory=PhaseHistory)
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,8 @@ class RunSummary:
     checkpoint_interval_source: str = ""
     #: The requested faults that never happened, each with why (the run ended first).
     faults_missed: list[str] = field(default_factory=list)
+    #: Each start of the wrapper's steps in words (``boot -> install -> run (1 checkpoint)``).
+    phases: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready form (an interval of "only when the program asks" is null)."""

@@ -20,6 +20,9 @@ from boincvm.wrapper.task import Task
 
 log = logging.getLogger(__name__)
 
+#: Characters of the guest program's output the wrapper logs at the end (into the task's stderr.txt).
+OUTPUT_TAIL_CHARS = 2000
+
 
 def complete(task: Task, status: ProcessStatus, record: CheckpointRecord | None, message: str = "") -> int:
     """End the task as the program's ``status`` says; the process exit code.
@@ -29,9 +32,9 @@ def complete(task: Task, status: ProcessStatus, record: CheckpointRecord | None,
         OutputMissing: a required output is missing.
         PathEscapeError: an output's slot name resolves outside the slot and project.
     """
-    out = (status.stdout_tail + status.stderr_tail).decode("utf-8", "replace").strip()
+    out = output_tail(status.stdout_tail, status.stderr_tail)
     if out:
-        log.info("guest program output (tail):\n%s", out[-2000:])
+        log.info("guest program output (tail):\n%s", out)
     if status.exit_code != 0 or status.signal is not None:
         what = f"signal {status.signal}" if status.signal is not None else f"code {status.exit_code}"
         return task.fail(ExitCode.CHILD_FAILED, message or f"the guest program exited with {what}")
@@ -50,6 +53,21 @@ def complete(task: Task, status: ProcessStatus, record: CheckpointRecord | None,
     return task.app.finish(0, message or None)
 
 
+def output_tail(stdout: bytes, stderr: bytes, limit: int = OUTPUT_TAIL_CHARS) -> str:
+    """The end of the program's output (stdout, then stderr), at most ``limit`` characters,
+    starting at the start of a line: the first line a cut would split is left out whole,
+    unless it is the only one, whose end is then kept after ``...``."""
+    parts = [p.decode("utf-8", "replace").strip("\n") for p in (stdout, stderr)]
+    text = "\n".join(p for p in parts if p.strip()).rstrip()
+    if len(text) <= limit:
+        return text.lstrip("\n")
+    kept = text[-limit:]
+    if text[-limit - 1] == "\n":  # the cut fell at the start of a line
+        return kept
+    _, newline, whole_lines = kept.partition("\n")
+    return whole_lines if newline else "..." + kept[3:]
+
+
 def _copy_out(task: Task) -> None:
     app, job, files = task.app, task.job, task.files
     # One look at every output first: copying a FIFO, a device or a symlink out of the
@@ -57,8 +75,7 @@ def _copy_out(task: Task) -> None:
     kinds = files.kinds(sorted({files.path(o.guest_path) for o in job.output_files}))
     for out in job.output_files:
         target = app.resolve(out.open_name)
-        project = Path(app.init_data.project_dir) if app.init_data.project_dir else None
-        _check_inside(target, (task.slot, project))
+        _check_inside(target, (task.slot, app.project_dir))
         guest = files.path(out.guest_path)
         if problem := kind_problem(kinds.get(guest, GuestFileKind.MISSING)):
             raise OutputError(
@@ -103,4 +120,4 @@ def _check_inside(path: Path, roots: Sequence[Path | None]) -> None:
     raise PathEscapeError(f"output path {path} resolves outside the slot and project directories")
 
 
-__all__ = ["complete"]
+__all__ = ["OUTPUT_TAIL_CHARS", "complete", "output_tail"]

@@ -37,7 +37,12 @@ class StatusReport:
     """What the wrapper tells run-local through ``boincvm_status.json`` (not part of BOINC's protocol).
 
     On disk ``phase`` and the keys of ``timings`` (seconds spent in each phase) are the
-    phases' values.
+    phases' values. ``last_output`` is the guest program's latest output, whole lines, newest
+    last (run-local's live view shows the last few); the wrapper has it only once the program
+    has ended, as long as the backend reports a program's output only at its exit (QEMU's
+    guest agent does). Between two phases ``phase`` is the one the wrapper was in before
+    them (``boot`` when it was in none yet), so a reader sees ``boot -> install -> boot ->
+    run`` for one boot (:mod:`boincvm.runlocal.phases` shows it as the wrapper went).
     """
 
     phase: Phase = Phase.BOOT

@@ -24,7 +24,8 @@ import pytest
 from boincvm.appversion.build import package_image
 from boincvm.appversion.model import AppVersionRequest, WrapperKind
 from boincvm.runlocal.emulator import run_local
-from boincvm.runlocal.real_client import Client, LoopbackProject
+from boincvm.runlocal.loopback import LoopbackProject
+from boincvm.runlocal.real_client import Client
 from boincvm.runlocal.request import RunLocalRequest
 from boincvm.signing import write_key_pair
 from boincvm.wrapper.status import Phase, StatusReport

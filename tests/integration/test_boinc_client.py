@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from boincvm.boinc.client import ClientOptions, LocalClient, OutcomeKind, TaskState
+from boincvm.boinc.client import ClientOptions, LocalClient
 from boincvm.boinc.files import FINISH_FILE, ExitCode, FinishFile, TemporaryExit, read_soft_link
 from boincvm.boinc.init_data import read_init_data
+from boincvm.boinc.outcome import OutcomeKind, TaskState
 from boincvm.boinc.slot import LocalTask, OutputFile, TaskFile
 
 APP = Path(__file__).with_name("boinc_test_app.py")

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from boincvm.job import CheckpointMode, OutputFile, Task, VmJob
-from boincvm.runlocal.real_client import Client, LoopbackProject
+from boincvm.runlocal.loopback import LoopbackProject
+from boincvm.runlocal.real_client import Client
 from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
 from boincvm.workunit.templates import Resources
 from tests.integration.jobs import SCALE

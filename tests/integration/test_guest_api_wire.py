@@ -16,7 +16,8 @@ import pytest
 
 from boincvm.job import CheckpointMode
 from boincvm.runlocal.faults import Fault, FaultKind
-from boincvm.runlocal.real_client import Client, LoopbackProject
+from boincvm.runlocal.loopback import LoopbackProject
+from boincvm.runlocal.real_client import Client
 from boincvm.runlocal.request import LiveState
 from boincvm.workunit.make import InputSpec
 from tests.integration.jobs import SCALE

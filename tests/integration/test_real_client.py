@@ -18,7 +18,8 @@ from boincvm.appversion.build import package_image
 from boincvm.appversion.model import AppVersionRequest
 from boincvm.job import OutputFile, Task, VmJob
 from boincvm.runlocal.emulator import run_local
-from boincvm.runlocal.real_client import Client, LoopbackProject
+from boincvm.runlocal.loopback import LoopbackProject
+from boincvm.runlocal.real_client import Client
 from boincvm.runlocal.request import RunLocalRequest
 from boincvm.signing import write_key_pair
 from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
