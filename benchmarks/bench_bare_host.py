@@ -23,7 +23,8 @@ from boincvm.appversion.model import AppVersionRequest  # noqa: E402
 from boincvm.image.guest import build_guest_image  # noqa: E402
 from boincvm.job import OutputFile, Task, VmJob  # noqa: E402
 from boincvm.runlocal.emulator import run_local  # noqa: E402
-from boincvm.runlocal.real_client import Client, LoopbackProject  # noqa: E402
+from boincvm.runlocal.loopback import LoopbackProject  # noqa: E402
+from boincvm.runlocal.real_client import Client  # noqa: E402
 from boincvm.runlocal.request import RunLocalRequest  # noqa: E402
 from boincvm.signing import write_key_pair  # noqa: E402
 from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits  # noqa: E402

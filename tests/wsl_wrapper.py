@@ -51,6 +51,8 @@ from boincvm.runlocal.task import build_task
 #: wsl_wrapper's POLL_PERIOD and CMD_TIMEOUT.
 POLL_PERIOD = 1.0
 CMD_TIMEOUT = 10.0
+#: The Windows client's data directory, as its init_data.xml names it.
+WINDOWS_DATA_DIR = "C:\\ProgramData\\BOINC"
 #: The distro BOINC's Windows installer sets up since June 2026.
 DISTRO = "boinc-buda-runner"
 F_SETPIPE_SZ = 1031
@@ -81,8 +83,9 @@ def windows_init_data(layout: SlotLayout, task_name: str, wu_name: str, checkpoi
         minor_version=2,
         release=0,
         app_name="itest",
-        project_dir=str(layout.project_dir),
-        boinc_dir=str(layout.data_dir),
+        # As the Windows client names them: Windows paths, meaningless inside WSL.
+        project_dir=f"{WINDOWS_DATA_DIR}\\projects\\{layout.project_dir_name}",
+        boinc_dir=WINDOWS_DATA_DIR,
         wu_name=wu_name,
         result_name=task_name,
         slot=layout.slot,
@@ -113,14 +116,56 @@ def windows_init_data(layout: SlotLayout, task_name: str, wu_name: str, checkpoi
     return text
 
 
+#: Enters a distro root for the launch line: the mounts a WSL distro has (/proc, /dev,
+#: /sys, a tmpfs /tmp) in a private mount namespace, then chroot with a clean environment.
+#: ``unshare`` and ``chroot`` exec, so the shell inside keeps the launched pid: ``echo $$``
+#: names the group as it does under wsl_wrapper.
+ENTER_DISTRO = (
+    "set -e; root=$1; shift; "
+    'mount -t proc proc "$root/proc"; '
+    'mount --rbind /dev "$root/dev"; '
+    'mount --rbind /sys "$root/sys"; '
+    'mount -t tmpfs -o mode=1777 tmp "$root/tmp"; '
+    'exec chroot "$root" /bin/env -i PATH=/bin HOME=/root "$@"'
+)
+
+
+def busybox_root(dest: Path) -> Path:
+    """A distro root with no libc of its own: busybox-static and its applets, nothing else
+    (the frozen main program and the bundled QEMU must bring all they need)."""
+    busybox = shutil.which("busybox")
+    assert busybox is not None, "busybox-static is not installed (scripts/bootstrap.sh installs it)"
+    for d in ("bin", "proc", "dev", "sys", "tmp", "etc", "root"):
+        (dest / d).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(busybox, dest / "bin/busybox")
+    (dest / "bin/busybox").chmod(0o755)
+    listed = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout
+    for applet in listed.split():
+        if applet != "busybox":
+            (dest / "bin" / applet).symlink_to("busybox")
+    (dest / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    return dest
+
+
+def libc_files(root: Path) -> list[str]:
+    """Files of a C library or its dynamic loader under ``root`` (none in a busybox root)."""
+    names = ("libc.so", "libc-", "ld-linux", "ld-musl", "libc.musl")
+    return [str(p.relative_to(root)) for p in root.rglob("*") if p.name.startswith(names)]
+
+
 @dataclass
 class WslWrapper:
-    """One task's slot, and wsl_wrapper's launch and control of its Linux program."""
+    """One task's slot, and wsl_wrapper's launch and control of its Linux program.
+
+    ``distro``: a root the launch line runs in (chrooted, as a WSL distro); ``data_dir``
+    must then be inside it. None: the launch line runs on this host's own root.
+    """
 
     workunit_dir: Path
     app_version_dir: Path
     data_dir: Path
     checkpoint_period: float = 2.0
+    distro: Path | None = None
     args: tuple[str, ...] = ()
     pgid: int = 0
     output: bytes = b""
@@ -162,8 +207,14 @@ class WslWrapper:
     def launch(self) -> int:
         """``echo $$; ./main ARGS; touch boinc_job_done`` in a shell of its own; the group."""
         main_cmd = " ".join(["./main", *self.args])
+        launch_line = f"echo $$; {main_cmd}; touch boinc_job_done"
+        argv = ["sh", "-c", launch_line]
+        if self.distro is not None:
+            inside = "/" + str(self.slot.relative_to(self.distro))
+            enter = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", ENTER_DISTRO]
+            argv = [*enter, "sh", str(self.distro), "/bin/sh", "-c", f"cd {inside} && {launch_line}"]
         self._app = subprocess.Popen(
-            ["sh", "-c", f"echo $$; {main_cmd}; touch boinc_job_done"],
+            argv,
             cwd=self.slot,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -172,13 +223,13 @@ class WslWrapper:
         )
         assert self._app.stdout is not None
         fcntl.fcntl(self._app.stdout.fileno(), F_SETPIPE_SZ, os.sysconf("SC_PAGE_SIZE"))
-        line = b""
-        while not line.endswith(b"\n"):
+        first = b""
+        while not first.endswith(b"\n"):
             got = os.read(self._app.stdout.fileno(), 1)
             if not got:
                 break
-            line += got
-        self.pgid = int(line)
+            first += got
+        self.pgid = int(first)
         self._ctl = subprocess.Popen(
             ["sh"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )

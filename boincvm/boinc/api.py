@@ -52,7 +52,7 @@ from boincvm.boinc.files import (
     write_finish_file,
     write_temporary_exit,
 )
-from boincvm.boinc.init_data import InitData, read_init_data
+from boincvm.boinc.init_data import InitData, behind_wsl_wrapper, read_init_data
 from boincvm.boinc.shm import MMAP_FILE_NAME, AppChannels, AppStatus, Control, Heartbeat, SharedMemory
 
 log = logging.getLogger(__name__)
@@ -97,21 +97,6 @@ def process_cpu_time() -> float:
 
 def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
-
-
-#: How the Windows client names its host's OS in ``init_data.xml``.
-WINDOWS_OS_NAME = "Microsoft Windows"
-
-
-def behind_wsl_wrapper(data: InitData, slot_dir: Path) -> bool:
-    """Whether BOINC's ``wsl_wrapper`` started this process inside WSL: the client describes
-    a Windows host and left no ``boinc_mmap_file`` (its shared memory is a Windows object).
-
-    There the app has no channel to the client: it is never told to suspend, quit or abort
-    (wsl_wrapper stops, continues and kills the whole process group itself), its status
-    goes nowhere, and it times its checkpoints by ``checkpoint_period`` alone.
-    """
-    return data.host_info.os_name.startswith(WINDOWS_OS_NAME) and not (slot_dir / MMAP_FILE_NAME).exists()
 
 
 def slot_locked_exit(slot_dir: Path, err: SlotLocked) -> int:
@@ -294,6 +279,22 @@ class BoincApp:
         """CPU seconds of the task's earlier runs, up to its last checkpoint (``wu_cpu_time``)."""
         return self.init_data.wu_cpu_time
 
+    @property
+    def project_dir(self) -> Path | None:
+        """The project directory, as this process sees it (None when the client names none).
+
+        Behind wsl_wrapper ``init_data.xml`` names it as the Windows client sees it
+        (``C:\\ProgramData\\BOINC\\projects\\NAME``); inside WSL it is ``projects/NAME``
+        two levels above the slot, as the client lays its data directory out.
+        """
+        named = self.init_data.project_dir
+        if not named:
+            return None
+        if not self.behind_wsl_wrapper:
+            return Path(named)
+        name = named.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        return self.slot_dir.resolve().parent.parent / "projects" / name
+
     def resolve(self, logical: str) -> Path:
         """The physical path of a logical file name in the slot (``boinc_resolve_filename``)."""
         return resolve_filename(logical, self.slot_dir)
@@ -433,35 +434,24 @@ class BoincApp:
         """
         # The last boundary before the client: a NaN or an infinity would reach its
         # scheduler and credit as is (every comparison with NaN is false), so drop them.
-        fraction_done = _finite_or_none(fraction_done)
-        cpu_time = _finite_or_none(cpu_time)
-        fpops_cumulative, intops_cumulative = (
-            _finite_or_none(fpops_cumulative),
-            _finite_or_none(intops_cumulative),
+        numbers = {
+            "fpops_cumulative": fpops_cumulative,
+            "intops_cumulative": intops_cumulative,
+            "fpops_per_cpu_sec": fpops_per_cpu_sec,
+            "intops_per_cpu_sec": intops_per_cpu_sec,
+            "bytes_sent": bytes_sent,
+            "bytes_received": bytes_received,
+        }
+        changes: dict[str, object] = {k: v for k, v in numbers.items() if _finite_or_none(v) is not None}
+        changes.update(
+            {k: v for k, v in (("other_pid", other_pid), ("want_network", want_network)) if v is not None}
         )
-        fpops_per_cpu_sec, intops_per_cpu_sec = (
-            _finite_or_none(fpops_per_cpu_sec),
-            _finite_or_none(intops_per_cpu_sec),
-        )
-        bytes_sent, bytes_received = _finite_or_none(bytes_sent), _finite_or_none(bytes_received)
+        fraction_done, cpu_time = _finite_or_none(fraction_done), _finite_or_none(cpu_time)
         with self._mutex:
-            changes: dict[str, object] = {}
             if fraction_done is not None:
                 changes["fraction_done"] = self.init_data.fraction_for_client(
                     min(max(fraction_done, 0.0), 1.0)
                 )
-            for name, value in (
-                ("fpops_cumulative", fpops_cumulative),
-                ("intops_cumulative", intops_cumulative),
-                ("fpops_per_cpu_sec", fpops_per_cpu_sec),
-                ("intops_per_cpu_sec", intops_per_cpu_sec),
-                ("other_pid", other_pid),
-                ("want_network", want_network),
-                ("bytes_sent", bytes_sent),
-                ("bytes_received", bytes_received),
-            ):
-                if value is not None:
-                    changes[name] = value
             self._status = replace(self._status, **changes)  # type: ignore[arg-type]
             if cpu_time is not None:
                 self._cpu_time = cpu_time

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from boincvm.boinc.files import INIT_DATA_FILE
+from boincvm.boinc.files import INIT_DATA_FILE, MMAP_FILE
 from boincvm.bounds import number_problem
 from boincvm.errors import XmlError
 from boincvm.xmlio import escape_text, is_flag_true, parse_xml, read_bytes, text_of
@@ -413,3 +413,18 @@ def write_init_data(path: Path, data: InitData) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(render_init_data(data), encoding="utf-8")
     tmp.replace(path)
+
+
+#: How the Windows client names its host's OS in ``init_data.xml``.
+WINDOWS_OS_NAME = "Microsoft Windows"
+
+
+def behind_wsl_wrapper(data: InitData, slot_dir: Path) -> bool:
+    """Whether BOINC's ``wsl_wrapper`` started this process inside WSL: the client describes
+    a Windows host and left no ``boinc_mmap_file`` (its shared memory is a Windows object).
+
+    There the app has no channel to the client: it is never told to suspend, quit or abort
+    (wsl_wrapper stops, continues and kills the whole process group itself), its status
+    goes nowhere, and it times its checkpoints by ``checkpoint_period`` alone.
+    """
+    return data.host_info.os_name.startswith(WINDOWS_OS_NAME) and not (slot_dir / MMAP_FILE).exists()

@@ -60,8 +60,8 @@ class Fault:
 
     kind: FaultKind
     seconds: float = 0.0
-    #: A :class:`Phase`'s value (:meth:`parse` gives the Phase itself).
-    phase: str | None = None
+    #: The wrapper phase the fault waits for.
+    phase: Phase | None = None
     duration: float = 10.0
     progress: float | None = None
     checkpoints: int | None = None

@@ -29,7 +29,7 @@ from boincvm.boinc.slot import escape_project_url
 from boincvm.errors import CommandNotFound
 
 # Re-exported for benchmarks/bench_bare_host.py until it imports it from .loopback.
-from boincvm.runlocal.loopback import LoopbackProject as LoopbackProject
+from boincvm.runlocal.loopback import LoopbackProject
 from boincvm.runlocal.request import CREDIT_PER_FLOP, LiveState, RunLocalRequest, RunSummary
 from boincvm.signing import load_private_key, sign_file, write_key_pair
 from boincvm.wrapper.status import StatusReport

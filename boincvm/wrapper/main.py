@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
         later = read_temporary_exit(slot)
         if later is None:
-            return wsl_mode.end(code)
+            return wsl_mode.end(slot, code)
         wsl_mode.wait_out(slot, later)
 
 

@@ -12,7 +12,8 @@ the client's ``stderr.txt``.
 wsl_wrapper reads the program's output only once the job is over, through a pipe: a
 wrapper that logged there as it does under a Linux client would fill the pipe and block.
 Behind wsl_wrapper the log goes to :data:`LOG_FILE` in the slot, and only the reason of
-a failure, one line, to stderr (which wsl_wrapper passes on to the client's ``stderr.txt``).
+a failure, one line (the finish file's message), to stderr (which wsl_wrapper passes on
+to the client's ``stderr.txt``).
 
 Nobody restarts the program after a temporary exit either (the Windows client restarts
 ``wsl_wrapper``, not us, and only when it exits), so the wrapper waits the delay out
@@ -28,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from boincvm.boinc.files import TEMPORARY_EXIT_FILE, TemporaryExit
+from boincvm.boinc.files import TEMPORARY_EXIT_FILE, TemporaryExit, read_finish_file
 
 log = logging.getLogger(__name__)
 
@@ -43,42 +44,26 @@ LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 MAX_WAIT = 3600.0
 
 
-class _FirstError(logging.Handler):
-    """Keeps the first error of a run (the cause; later ones follow from it): the one line
-    a failure leaves on stderr."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.message = ""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not self.message:
-            self.message = record.getMessage()
-
-
-_first_error = _FirstError()
-
-
 def log_to_slot(slot: Path) -> None:
     """Send the log to :data:`LOG_FILE` in ``slot`` instead of stderr (idempotent)."""
     root = logging.getLogger()
-    if _first_error in root.handlers:
+    if any(isinstance(h, logging.FileHandler) for h in root.handlers):
         return
     for handler in list(root.handlers):
         root.removeHandler(handler)
     to_file = logging.FileHandler(slot / LOG_FILE, encoding="utf-8")
     to_file.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
     root.addHandler(to_file)
-    root.addHandler(_first_error)
     log.info("started by wsl_wrapper: the client runs on Windows, the slot has no boinc_mmap_file")
 
 
-def end(code: int) -> int:
-    """Return ``code`` when the task succeeded; otherwise say why on stderr in one line and
-    kill the process group (never returns)."""
+def end(slot: Path, code: int) -> int:
+    """Return ``code`` when the task succeeded; otherwise say why on stderr in one line (the
+    finish file's message) and kill the process group (never returns)."""
     if code == 0:
         return 0
-    reason = _first_error.message or f"see {LOG_FILE}"
+    finished = read_finish_file(slot)
+    reason = finished.message if finished is not None and finished.message else f"see {LOG_FILE}"
     log.error("the task failed (exit code %d); ending the process group so wsl_wrapper reports it", code)
     sys.stderr.write(f"boincvm: the task failed with exit code {code}: {reason[:500]}\n")
     for stream in (sys.stdout, sys.stderr):
@@ -90,7 +75,6 @@ def end(code: int) -> int:
 def wait_out(slot: Path, later: TemporaryExit) -> None:
     """Sleep the temporary exit's delay (at most :data:`MAX_WAIT`), then let the task run again."""
     (slot / TEMPORARY_EXIT_FILE).unlink(missing_ok=True)
-    _first_error.message = ""  # the next run's errors are its own
     delay = min(float(later.delay), MAX_WAIT)
     log.info("temporary exit (%s): running the task again in %.0f s", later.reason, delay)
     time.sleep(delay)

@@ -21,7 +21,7 @@ from boincvm.wrapper.checkpoint import CHECKPOINT_FILE
 from boincvm.wrapper.wsl_mode import LOG_FILE
 from tests.integration.jobs import LongJob, bound
 from tests.integration.test_run_local import app_version, make_wu, qemu_pids_under
-from tests.wsl_wrapper import JobStatus, WslWrapper
+from tests.wsl_wrapper import JobStatus, WslWrapper, busybox_root, libc_files
 
 pytestmark = pytest.mark.integration
 
@@ -37,8 +37,11 @@ def harness(tmp_path: Path) -> Iterator[list[WslWrapper]]:
     assert qemu_pids_under(tmp_path) == [], "a QEMU process outlived its wrapper"
 
 
-def _wrapper(made: list[WslWrapper], wu: Path, app_version: Path, tmp_path: Path) -> WslWrapper:
-    h = WslWrapper(wu, app_version, tmp_path / "client")
+def _wrapper(
+    made: list[WslWrapper], wu: Path, app_version: Path, tmp_path: Path, distro: Path | None = None
+) -> WslWrapper:
+    data = (distro or tmp_path) / "client"
+    h = WslWrapper(wu, app_version, data, distro=distro)
     h.prepare()
     made.append(h)
     return h
@@ -146,3 +149,28 @@ def test_a_failing_program_fails_where_the_server_sees_it(
     assert "exited with code 3" in said, said
     assert len(said.splitlines()) == 1, said
     assert h.group_processes() == []
+
+
+def test_a_task_with_a_kill_runs_in_a_root_with_no_libc(
+    harness: list[WslWrapper], app_version: Path, tmp_path: Path
+) -> None:
+    """As in BOINC's own distro (Alpine, musl) or any other: the frozen main program and the
+    bundled QEMU bring what they need; the distro gives a shell, ``touch`` and a kernel."""
+    distro = busybox_root(tmp_path / "distro")
+    assert libc_files(distro) == []
+    job = LongJob(steps=10)
+    wu = make_wu(tmp_path, job.command_line, inputs=job.inputs)
+    h = _wrapper(harness, wu, app_version, tmp_path, distro)
+    h.launch()
+    _wait("checkpoint 1", h, lambda: _checkpoints(h) >= 1, 200)
+    h.abort()
+    _group_gone(h)
+    h.copy_output()
+    h.launch()
+    assert h.run(until=time.monotonic() + bound(240)) is JobStatus.SUCCESS, h.output.decode()
+    assert list(h.outputs().values()) == [job.expected_out.encode()]
+    assert "resuming from checkpoint" in (h.slot / LOG_FILE).read_text()
+    # The bundled QEMU runtime, unpacked in the project directory, brings its own loader
+    # and libraries; the distro itself still has none.
+    theirs = [f for f in libc_files(distro) if not f.startswith("client/")]
+    assert theirs == [], "something put a C library into the distro"

@@ -7,16 +7,17 @@ import pytest
 from boincvm.errors import InputError
 from boincvm.runlocal.faults import Fault, FaultKind
 from boincvm.runlocal.request import LiveState
+from boincvm.wrapper.status import Phase
 
 
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
         ("30", Fault(FaultKind.SUSPEND, seconds=30)),
-        ("run+5", Fault(FaultKind.SUSPEND, seconds=5, phase="run")),
-        ("run+2:5", Fault(FaultKind.SUSPEND, seconds=2, phase="run", duration=5)),
-        ("checkpoint", Fault(FaultKind.SUSPEND, phase="checkpoint")),
-        ("checkpoint+0:5", Fault(FaultKind.SUSPEND, phase="checkpoint", duration=5)),
+        ("run+5", Fault(FaultKind.SUSPEND, seconds=5, phase=Phase.RUN)),
+        ("run+2:5", Fault(FaultKind.SUSPEND, seconds=2, phase=Phase.RUN, duration=5)),
+        ("checkpoint", Fault(FaultKind.SUSPEND, phase=Phase.CHECKPOINT)),
+        ("checkpoint+0:5", Fault(FaultKind.SUSPEND, phase=Phase.CHECKPOINT, duration=5)),
         ("progress:0.3", Fault(FaultKind.SUSPEND, progress=0.3)),
         ("progress:1", Fault(FaultKind.SUSPEND, progress=1.0)),
         ("progress:0.5+2", Fault(FaultKind.SUSPEND, seconds=2, progress=0.5)),
@@ -51,7 +52,7 @@ def test_bad_when_is_refused_with_a_hint(spec: str, says: str) -> None:
 
 
 def test_points_are_reached_by_progress_and_checkpoints_not_by_time() -> None:
-    live = LiveState(phase="run", fraction_done=0.29, checkpoints=1)
+    live = LiveState(phase=Phase.RUN, fraction_done=0.29, checkpoints=1)
     assert Fault.parse(FaultKind.KILL, "30").point_reached(live) is None  # the start: a time
     assert Fault.parse(FaultKind.KILL, "run").point_reached(live) is True
     assert Fault.parse(FaultKind.KILL, "progress:0.3").point_reached(live) is False

@@ -12,7 +12,16 @@ import pytest
 
 from boincvm.boinc.files import ExitCode
 from boincvm.hypervisor.base import Availability
-from boincvm.hypervisor.qemu.accel import PERMISSION_HINT, TEST_DEVICE_ENV, kvm_device_problem
+from boincvm.hypervisor.qemu.accel import (
+    PERMISSION_HINT,
+    TEST_DEVICE_ENV,
+    WSL_NESTED_HINT,
+    WSL_PERMISSION_HINT,
+    AccelChoice,
+    for_this_host,
+    in_wsl,
+    kvm_device_problem,
+)
 from boincvm.wrapper import hostcheck
 from boincvm.wrapper.hostcheck import HostFacts, Verdict
 
@@ -128,3 +137,18 @@ def test_the_device_path_is_injectable_for_tests_only_through_the_environment(
     monkeypatch.setenv(TEST_DEVICE_ENV, str(plain))
     problem = kvm_device_problem()
     assert problem is not None and problem.reason == f"{plain} is not a character device"
+
+
+WSL_RELEASE = "5.15.167.4-microsoft-standard-WSL2"
+
+
+def test_inside_wsl_the_fix_is_wsl_s_own(tmp_path: Path) -> None:
+    assert in_wsl(WSL_RELEASE) and not in_wsl("6.1.0-28-amd64")
+    missing = kvm_device_problem(tmp_path / "kvm", kernel_release=WSL_RELEASE)
+    assert missing is not None and missing.accel == "tcg" and missing.hint == WSL_NESTED_HINT
+    assert "nestedVirtualization=true" in missing.note and ".wslconfig" in missing.note
+    denied = AccelChoice("tcg", "/dev/kvm exists but user boinc may not open it", PERMISSION_HINT)
+    assert for_this_host(denied, WSL_RELEASE).hint == WSL_PERMISSION_HINT
+    assert for_this_host(denied, "6.1.0-28-amd64") == denied
+    usable = AccelChoice("kvm", "trial boot reached the root mount")
+    assert for_this_host(usable, WSL_RELEASE) == usable

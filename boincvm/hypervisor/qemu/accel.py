@@ -10,6 +10,7 @@ first VM on a host pays for it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -65,6 +66,37 @@ TEST_DEVICE_ENV = "BOINCVM_TEST_KVM_DEVICE"
 PERMISSION_HINT = "add the BOINC user to group kvm (sudo usermod -aG kvm boinc) and restart the client"
 
 
+#: What a Windows volunteer does when WSL 2 (BOINC's distro) shows no usable KVM. WSL 2's
+#: kernel has KVM; nested virtualisation is on by default on x86 Windows 11.
+WSL_NESTED_HINT = (
+    r"inside WSL 2: on Windows 11 put nestedVirtualization=true under [wsl2] in %UserProfile%\.wslconfig, "
+    "run wsl --shutdown and start BOINC again (the task runs on TCG meanwhile)"
+)
+#: ... and when /dev/kvm is there but the distro's user may not open it.
+WSL_PERMISSION_HINT = (
+    "inside WSL 2: let the distro's user open /dev/kvm "
+    "(as root in the distro: chmod 0666 /dev/kvm, or add the user to group kvm)"
+)
+
+
+def in_wsl(kernel_release: str | None = None) -> bool:
+    """Whether this Linux is WSL 2 (its kernel release names Microsoft)."""
+    if kernel_release is None:
+        try:
+            kernel_release = Path("/proc/sys/kernel/osrelease").read_text(encoding="ascii", errors="replace")
+        except OSError:
+            return False
+    return "microsoft" in kernel_release.lower()
+
+
+def for_this_host(choice: AccelChoice, kernel_release: str | None = None) -> AccelChoice:
+    """``choice`` with the fix a volunteer on this kind of host can apply (WSL's own under WSL)."""
+    if choice.accel != "tcg" or not choice.hint or not in_wsl(kernel_release):
+        return choice
+    hint = WSL_PERMISSION_HINT if choice.hint == PERMISSION_HINT else WSL_NESTED_HINT
+    return dataclasses.replace(choice, hint=hint)
+
+
 def kvm_device_path() -> Path:
     """``/dev/kvm``, unless a test named another path in ``BOINCVM_TEST_KVM_DEVICE``."""
     return Path(os.environ.get(TEST_DEVICE_ENV) or KVM_DEVICE)
@@ -77,13 +109,18 @@ def _user() -> str:
         return f"uid {os.geteuid()}"
 
 
-def kvm_device_problem(device: Path | None = None) -> AccelChoice | None:
-    """None if the KVM device can be opened for reading and writing, else why not (and the fix).
+def kvm_device_problem(device: Path | None = None, kernel_release: str | None = None) -> AccelChoice | None:
+    """None if the KVM device can be opened for reading and writing, else why not (and the
+    fix, WSL's own under WSL; ``kernel_release`` stands in for this host's in tests).
 
     It really opens the device (``os.access`` answers for the real uid and ignores ACLs
     set by udev); opening /dev/kvm creates nothing until a VM is asked for.
     """
-    dev = device or kvm_device_path()
+    problem = _device_problem(device or kvm_device_path())
+    return None if problem is None else for_this_host(problem, kernel_release)
+
+
+def _device_problem(dev: Path) -> AccelChoice | None:
     try:
         st = dev.stat()
     except FileNotFoundError:
@@ -194,7 +231,7 @@ def choose_accel(
         return AccelChoice(str(data["accel"]), str(data["reason"]) + " (cached)", str(data["hint"]))
     except (OSError, ValueError, KeyError):
         pass
-    choice = _trial(kernel, workdir, tools)
+    choice = for_this_host(_trial(kernel, workdir, tools))
     cache.parent.mkdir(parents=True, exist_ok=True)
     verdict = {"accel": choice.accel, "reason": choice.reason, "hint": choice.hint}
     write_file_atomically(cache, json.dumps(verdict).encode())

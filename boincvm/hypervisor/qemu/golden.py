@@ -30,14 +30,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from boincvm import proc
 from boincvm.cache import cache_root, content_digest
-from boincvm.errors import HypervisorError, ToolError
+from boincvm.errors import HypervisorError
 
 if TYPE_CHECKING:
     from boincvm.hypervisor.base import VmSpec
@@ -174,6 +174,72 @@ def mark_broken(golden: Golden, reason: str) -> None:
         log.warning("cannot mark the golden checkpoint %s broken: %s", golden.state.parent, exc)
 
 
+#: Blocks read at a time when copying sparsely or digging holes.
+_BLOCK = 1 << 20
+_FS_BLOCK = 4096
+#: fallocate(2)'s FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE.
+_PUNCH_HOLE = 0x01 | 0x02
+
+
+def _zero_runs(data: bytes, at: int) -> Iterator[tuple[int, int]]:
+    """``(offset, length)`` of the runs of all-zero 4 KiB blocks in ``data`` read at ``at``."""
+    zero = bytes(_FS_BLOCK)
+    start = None
+    for i in range(0, len(data), _FS_BLOCK):
+        block = data[i : i + _FS_BLOCK]
+        if block == zero[: len(block)]:
+            start = i if start is None else start
+        elif start is not None:
+            yield at + start, i - start
+            start = None
+    if start is not None:
+        yield at + start, len(data) - start
+
+
+def dig_holes(path: Path) -> None:
+    """Turn the all-zero blocks of ``path`` into holes (``fallocate --dig-holes``, in
+    Python: busybox's fallocate, the one Alpine has, cannot).
+
+    Raises:
+        OSError: the file cannot be read, or the file system cannot punch holes.
+    """
+    import ctypes
+
+    fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        size, at = os.fstat(fd).st_size, 0
+        while at < size:
+            try:
+                at = os.lseek(fd, at, os.SEEK_DATA)  # skip what is a hole already
+            except OSError:
+                break  # ENXIO: only holes after ``at``
+            data = os.pread(fd, _BLOCK, at)
+            if not data:
+                break
+            for offset, length in _zero_runs(data, at):
+                if fallocate(fd, _PUNCH_HOLE, offset, length) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err), str(path))
+            at += len(data)
+    finally:
+        os.close(fd)
+
+
+def _copy_sparse(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` leaving its all-zero blocks as holes (``cp --sparse=always``,
+    in Python: busybox's cp has no such option)."""
+    zero = bytes(_BLOCK)
+    with src.open("rb") as r, dst.open("wb") as w:
+        while data := r.read(_BLOCK):
+            if data == zero[: len(data)]:
+                w.seek(len(data), os.SEEK_CUR)
+            else:
+                w.write(data)
+        w.truncate()
+
+
 def _own_base(image: Path, out: Path, img: Sequence[str]) -> None:
     """Give the golden disk its own base: ``image`` linked (or copied) next to it and named
     as its backing file by a relative name, so the golden checkpoint, keyed by content and
@@ -187,7 +253,7 @@ def _own_base(image: Path, out: Path, img: Sequence[str]) -> None:
     try:
         os.link(image, base)  # app version files never change: one inode serves both
     except OSError:
-        proc.run(["cp", "--reflink=auto", "--sparse=always", image, base], timeout=1800)
+        _copy_sparse(image, base)
     info = json.loads(proc.run([*img, "info", "-U", "--output=json", base], timeout=60).text)
     fmt = str(info["format"])
     proc.run([*img, "rebase", "-u", "-b", GOLDEN_BASE, "-F", fmt, out / GOLDEN_DISK], timeout=60)
@@ -227,9 +293,9 @@ def build(
         # A guest booted with init_on_free=1 zeroes every page it frees, so the file is
         # fully written; its zero blocks become holes again (disk use = what the guest holds).
         try:
-            proc.run(["fallocate", "--dig-holes", ram], timeout=600)
-        except ToolError as exc:  # only disk space: the checkpoint works as it is
-            log.info("could not make %s sparse: %s", ram, exc.message)
+            dig_holes(ram)
+        except OSError as exc:  # only disk space: the checkpoint works as it is
+            log.info("could not make %s sparse: %s", ram, exc)
         with ram.open("rb") as r:  # what the saving QEMU wrote through its shared mapping
             os.fsync(r.fileno())
         ram.rename(out / GOLDEN_RAM)
