@@ -16,6 +16,10 @@ The directory made by :func:`package_image` is the platform directory of an app 
     .boincvm-app-version.json          what boincvm made (read by validate and run-local; a dot-name,
                                        which update_versions skips, so volunteers never download it)
 
+A Windows app version (``--wsl-wrapper``, :mod:`boincvm.appversion.wsl`) has BOINC's
+``APP_VERSION_<md5>_wsl_wrapper.exe`` as its main program instead, and the frozen wrapper
+with the logical name ``main`` and ``<copy_file/>``; the other files are the same.
+
 Physical names carry the version and content hash, so they are globally unique and
 immutable as BOINC requires. Images are never inflated: ``qemu-img convert`` keeps holes
 and compresses qcow2 clusters; files that compress well get BOINC's ``<gzip/>`` download
@@ -48,8 +52,10 @@ from boincvm.appversion.model import (
 from boincvm.appversion.plan_class import ENTRY_NAME as PLAN_CLASS_ENTRY
 from boincvm.appversion.plan_class import KVM_CPU_FEATURES, PlanClassSpec
 from boincvm.appversion.runtime import cached_runtime_archive
-from boincvm.appversion.staging import StagedFiles
+from boincvm.appversion.staging import StagedFiles, copy_hashed
 from boincvm.appversion.vmware import base_snapshot, vmware_parts
+from boincvm.appversion.wsl import EXE_TAIL, MAIN_OPEN_NAME, check_wsl_request
+from boincvm.appversion.wsl import PLATFORM as WSL_PLATFORM
 from boincvm.appversion.zipapp import build_wrapper_zipapp
 from boincvm.atomicdir import building
 from boincvm.errors import InputError
@@ -121,8 +127,8 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
     """Make an app version directory from a base image.
 
     Raises:
-        InputError: bad request, unreadable image, a VMware VM that cannot be shipped, or the
-            output exists (without force).
+        InputError: bad request, unreadable image, a VMware VM that cannot be shipped, a
+            ``wsl_wrapper`` that is no Windows x86-64 program, or the output exists (without force).
         PathEscapeError: a VMware VM's file reference is absolute or leaves its directory.
         ToolError: qemu-img is missing or failed.
     """
@@ -132,36 +138,18 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
         key = load_private_key(req.sign_key)  # fail before any work if the key is unusable
         if req.sign_key.resolve().parent == req.output_dir.resolve():
             raise InputError("the private key may not live in the app version directory")
-    # These become directory and file names on the project server (and the default -o).
-    check_identifier(req.app_name, "app name")
-    check_identifier(req.platform, "platform")
-    if req.plan_class is not None:
-        check_identifier(req.plan_class, "plan class")
-    if req.kvm_cpu_feature not in KVM_CPU_FEATURES:
-        raise InputError(
-            f"--kvm-cpu-feature {req.kvm_cpu_feature!r} is not a hardware-virtualisation flag",
-            hint="use vmx (Intel VT-x) or svm (AMD-V)",
-        )
-    if req.ncpus is not None and not 1 <= req.ncpus <= 256:  # validate_job's range
-        raise InputError(f"--ncpus {req.ncpus} is out of range", hint="give 1 to 256")
-    if req.wrapper is WrapperKind.FROZEN and req.platform != FROZEN_PLATFORM:
-        raise InputError(
-            f"the frozen wrapper runs on {FROZEN_PLATFORM} only, not {req.platform}",
-            hint="package with --wrapper pyz for other platforms (the host then needs Python 3.11+)",
-        )
-    for what, path in (("image", req.image), ("initrd", req.initrd), ("disk", req.disk)):
-        if path is not None and not path.exists():
-            raise InputError(
-                f"{what} {path} does not exist", hint="check the name and that the file is there"
-            )
+    _check_request(req)
 
     # Every file the image will cause to be read is checked before anything is written
     # (no reference out of its directory, no symbolic link, no FIFO, a readable image), and
     # the output may not overlap any of them: --force replaces the output whole.
     inputs = image_inputs(req)
-    reads = [("the input", p) for p in inputs] + ([("the signing key", req.sign_key)] if req.sign_key else [])
+    reads = [("the input", p) for p in inputs]
+    reads += [("the signing key", req.sign_key)] if req.sign_key else []
+    reads += [("the WSL wrapper", req.wsl_wrapper)] if req.wsl_wrapper else []
     refuse_output_overlapping(req.output_dir, reads, option="--output-dir")
     backend = image_kind(req.image).backend
+    check_wsl_request(req, backend)
     if req.runtime is RuntimeKind.BUNDLED and backend is BackendKind.VMWARE:
         raise InputError(
             "--runtime bundled applies to QEMU app versions only, and this image is a VMware VM",
@@ -175,6 +163,39 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
         build_wrapper = build_frozen_wrapper if req.wrapper is WrapperKind.FROZEN else build_wrapper_zipapp
         wrapper = pool.submit(build_wrapper, tmp / ".wrapper.part")
         return _package_into(req, tmp, vnum, progress, wrapper, key)
+
+
+def _check_request(req: AppVersionRequest) -> None:
+    """Refuse a request whose names or numbers are bad, before any file is read.
+
+    Raises:
+        InputError: a bad name, CPU flag or count, a platform the wrapper does not run on, or a
+            missing input.
+    """
+    # These become directory and file names on the project server (and the default -o).
+    check_identifier(req.app_name, "app name")
+    check_identifier(req.platform, "platform")
+    if req.plan_class is not None:
+        check_identifier(req.plan_class, "plan class")
+    if req.kvm_cpu_feature not in KVM_CPU_FEATURES:
+        raise InputError(
+            f"--kvm-cpu-feature {req.kvm_cpu_feature!r} is not a hardware-virtualisation flag",
+            hint="use vmx (Intel VT-x) or svm (AMD-V)",
+        )
+    if req.ncpus is not None and not 1 <= req.ncpus <= 256:  # validate_job's range
+        raise InputError(f"--ncpus {req.ncpus} is out of range", hint="give 1 to 256")
+    # Through WSL the frozen wrapper runs on Linux whatever the platform (checked with the rest
+    # of the WSL request).
+    if req.wrapper is WrapperKind.FROZEN and req.platform != FROZEN_PLATFORM and req.wsl_wrapper is None:
+        hint = "package with --wrapper pyz for other platforms (the host then needs Python 3.11+)"
+        if req.platform == WSL_PLATFORM:
+            hint += "; for Windows, --wsl-wrapper wsl_wrapper.exe runs the frozen wrapper through WSL"
+        raise InputError(f"the frozen wrapper runs on {FROZEN_PLATFORM} only, not {req.platform}", hint=hint)
+    for what, path in (("image", req.image), ("initrd", req.initrd), ("disk", req.disk)):
+        if path is not None and not path.exists():
+            raise InputError(
+                f"{what} {path} does not exist", hint="check the name and that the file is there"
+            )
 
 
 def _package_into(
@@ -202,10 +223,25 @@ def _package_into(
     staged.add_bytes(render_job(job).encode("utf-8"), DEFAULTS_OPEN_NAME, "vm_job_defaults.xml")
     staged.note("adding the wrapper")
     wrapper.result()
-    staged.add_main_program(tmp / ".wrapper.part", WRAPPER_FILE_NAMES[req.wrapper])
+    if req.wsl_wrapper is None:
+        staged.add_main_program(tmp / ".wrapper.part", WRAPPER_FILE_NAMES[req.wrapper])
+    else:
+        staged.add_copied_program(tmp / ".wrapper.part", WRAPPER_FILE_NAMES[req.wrapper], MAIN_OPEN_NAME)
+        staged.note("adding wsl_wrapper.exe")
+        staged.add_main_program(_stage_exe(req.wsl_wrapper, tmp), EXE_TAIL)
     if key is not None:
         staged.sign(key)
     return _write_descriptions(req, tmp, vnum, job, staged)
+
+
+def _stage_exe(exe: Path, tmp: Path) -> Path:
+    """Copy the admin's ``wsl_wrapper.exe`` into the directory being built, executable:
+    update_versions marks a file ``<executable/>`` from its mode, and the client runs no main
+    program without it."""
+    staging = tmp / f".{EXE_TAIL}.part"
+    copy_hashed(exe, staging, what="--wsl-wrapper", estimate_gzip=False)
+    staging.chmod(0o755)
+    return staging
 
 
 def _add_runtime(req: AppVersionRequest, parts: ImageParts, staged: StagedFiles) -> tuple[BackendOption, ...]:
@@ -255,10 +291,19 @@ def _write_descriptions(
     if req.plan_class is not None:
         # Not an app-version file (a dot-name update_versions skips): the project merges it
         # into its own plan_class_spec.xml.
-        spec = PlanClassSpec.for_job(req.plan_class, job, kvm_cpu_feature=req.kvm_cpu_feature)
+        spec = PlanClassSpec.for_job(
+            req.plan_class, job, kvm_cpu_feature=req.kvm_cpu_feature, wsl=req.wsl_wrapper is not None
+        )
         (tmp / PLAN_CLASS_ENTRY).write_text(spec.render(), encoding="utf-8")
     result = AppVersion(
-        req.output_dir, req.app_name, req.version, vnum, req.platform, tuple(files), req.plan_class
+        req.output_dir,
+        req.app_name,
+        req.version,
+        vnum,
+        req.platform,
+        tuple(files),
+        req.plan_class,
+        wsl=req.wsl_wrapper is not None,
     )
     (tmp / SUMMARY_NAME).write_text(
         json.dumps(result.as_dict() | {"directory": "."}, indent=2) + "\n", encoding="utf-8"

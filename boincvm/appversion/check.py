@@ -23,6 +23,7 @@ from boincvm.appversion.plan_class import ENTRY_NAME as PLAN_CLASS_ENTRY
 from boincvm.appversion.plan_class import FILE_NAME as PLAN_CLASS_FILE
 from boincvm.appversion.plan_class import check_plan_class_spec
 from boincvm.appversion.vmware import check_vmware_app_version
+from boincvm.appversion.wsl import check_wsl_app_version, is_wsl_app_version
 from boincvm.errors import BoincvmError
 from boincvm.findings import Finding, error, has_errors, info, warning
 from boincvm.hashing import md5_file
@@ -57,7 +58,12 @@ def check_app_version(path: Path) -> list[Finding]:
             )
         )
     out += _check_defaults(directory, logical, vx.files)
-    out += _check_plan_class(directory, logical)
+    # A Windows app version through WSL: its main program is wsl_wrapper.exe, its Linux one `main`.
+    summary = read_summary(directory) or {}
+    wsl = is_wsl_app_version(vx.files, summary)
+    if wsl:
+        out += check_wsl_app_version(directory, vx.files, summary, _plan_class_of(directory))
+    out += _check_plan_class(directory, logical, wsl=wsl)
     out += _check_strays(directory, vx.files)
     if not has_errors(out):
         out += _check_recorded_files(directory)
@@ -227,8 +233,9 @@ def _plan_class_of(directory: Path) -> str | None:
     return plan_class if sep and plan_class else None
 
 
-def _check_plan_class(directory: Path, logical: dict[str, str]) -> list[Finding]:
-    """The plan_class_spec.xml entry package-image wrote, against the app version and its job defaults."""
+def _check_plan_class(directory: Path, logical: dict[str, str], *, wsl: bool) -> list[Finding]:
+    """The plan_class_spec.xml entry package-image wrote, against the app version (``wsl``: one
+    that runs through WSL) and its job defaults."""
     spec_path = directory / PLAN_CLASS_ENTRY
     plan_class = _plan_class_of(directory)
     if not spec_path.exists():
@@ -258,7 +265,7 @@ def _check_plan_class(directory: Path, logical: dict[str, str]) -> list[Finding]
     if DEFAULTS_OPEN_NAME in logical and defaults.is_file():
         job, findings = parse_job(defaults.read_bytes(), what=defaults.name)
         job = None if has_errors(findings) else job  # reported above already
-    return check_plan_class_spec(data, plan_class=plan_class, job=job)
+    return check_plan_class_spec(data, plan_class=plan_class, job=job, wsl=wsl)
 
 
 def _check_runtime(

@@ -60,7 +60,7 @@ FROZEN_PLATFORM = "x86_64-pc-linux-gnu"
 
 @dataclass(frozen=True)
 class AppVersionFile:
-    """One file of an app version."""
+    """One file of an app version (``copy_file``: the slot gets a copy, not a link file)."""
 
     physical_name: str
     logical_name: str | None
@@ -68,6 +68,7 @@ class AppVersionFile:
     nbytes: int
     main_program: bool = False
     gzip: bool = False
+    copy_file: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ class AppVersionRequest:
             with ``require_kvm`` (BOINC's feature list is an AND: one vendor per plan class).
         runtime: QEMU bundled or the host's; None: bundled for QEMU app versions (VMware
             app versions have none).
+        wsl_wrapper: BOINC's ``wsl_wrapper.exe``: make a Windows app version that runs the
+            frozen wrapper inside WSL (:mod:`boincvm.appversion.wsl`); None: a Linux one.
     """
 
     image: Path
@@ -123,11 +126,12 @@ class AppVersionRequest:
     require_kvm: bool = False
     kvm_cpu_feature: str = "vmx"
     runtime: RuntimeKind | None = None
+    wsl_wrapper: Path | None = None
 
 
 @dataclass(frozen=True)
 class AppVersion:
-    """The result of ``package_image``."""
+    """The result of ``package_image`` (``wsl``: a Windows app version that runs through WSL)."""
 
     directory: Path
     app_name: str
@@ -136,6 +140,7 @@ class AppVersion:
     platform: str
     files: tuple[AppVersionFile, ...] = field(default_factory=tuple)
     plan_class: str | None = None
+    wsl: bool = False
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready summary."""
@@ -146,6 +151,7 @@ class AppVersion:
             "version_num": self.version_num,
             "platform": self.platform,
             "plan_class": self.plan_class,
+            "wsl": self.wsl,
             "files": [f.__dict__ for f in self.files],
         }
 
@@ -209,6 +215,7 @@ def parse_version_xml(data: bytes, what: str = "version.xml") -> tuple[VersionXm
                 nbytes=0,
                 main_program=f.find("main_program") is not None,
                 gzip=f.find("gzip") is not None,
+                copy_file=f.find("copy_file") is not None,
             )
         )
     api = root.find("api_version")

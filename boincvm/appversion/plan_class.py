@@ -16,7 +16,9 @@ says, from the app version's vm job defaults:
   "vmx or svm" exists only as ``<vm_accel_required/>`` inside ``<virtualbox/>`` classes,
   so one entry asks for ``vmx`` (Intel) or ``svm`` (AMD), and a project that wants both
   ships the same files as a second app version with a second plan class;
-- ``<min_core_client_version>``: the mmap channel (``api_version`` 7) needs a 7.0 client.
+- ``<min_core_client_version>``: the mmap channel (``api_version`` 7) needs a 7.0 client;
+- ``<wsl/>`` for a Windows app version that runs through WSL: the scheduler then sends it
+  only to hosts that report a usable WSL distro (``PLAN_CLASS_SPEC::check``).
 
 Memory is not a plan-class field for CPU apps: the scheduler keeps a job from hosts with
 less usable RAM through the workunit's ``rsc_memory_bound`` (``make-workunit`` sets it).
@@ -87,16 +89,20 @@ class PlanClassSpec:
     max_threads: int | None = None
     cpu_features: tuple[str, ...] = ()
     min_core_client_version: int | None = MIN_CLIENT_VERSION
+    wsl: bool = False
 
     @classmethod
-    def for_job(cls, name: str, job: VmJob, *, kvm_cpu_feature: str = "vmx") -> PlanClassSpec:
-        """The entry the app version's job defaults call for."""
+    def for_job(
+        cls, name: str, job: VmJob, *, kvm_cpu_feature: str = "vmx", wsl: bool = False
+    ) -> PlanClassSpec:
+        """The entry the app version's job defaults call for (``wsl``: it runs through WSL)."""
         ncpus = job.ncpus or DEFAULT_NCPUS
         return cls(
             name=name,
             min_ncpus=ncpus,
             max_threads=ncpus if ncpus > 1 else None,
             cpu_features=(kvm_cpu_feature,) if job.vm_accel_required else (),
+            wsl=wsl,
         )
 
     def render(self) -> str:
@@ -109,10 +115,16 @@ def _place(i: int) -> str:
 
 
 def check_plan_class_spec(
-    data: bytes, *, plan_class: str | None, job: VmJob | None, in_app_version: bool = True
+    data: bytes,
+    *,
+    plan_class: str | None,
+    job: VmJob | None,
+    in_app_version: bool = True,
+    wsl: bool = False,
 ) -> list[Finding]:
     """Findings for a ``plan_class_spec.xml``: well-formed and safe, tags BOINC knows, an entry
-    named ``plan_class`` (when the app version has one), values that agree with ``job``.
+    named ``plan_class`` (when the app version has one), values that agree with ``job``, and
+    ``<wsl/>`` exactly when the app version runs through WSL (``wsl``).
 
     ``in_app_version`` False: a project's own (merged) file, judged on its own: no entry is
     expected by name, but every entry must parse (one bad entry makes the scheduler refuse
@@ -149,10 +161,40 @@ def check_plan_class_spec(
             )
         )
         return out
+    i, pc = entries[plan_class]
+    out += _check_wsl(pc, _place(i), wsl=wsl)
     if job is not None:
-        i, pc = entries[plan_class]
         out += _check_against_job(pc, job, _place(i))
     return out
+
+
+def _check_wsl(pc: ET.Element, place: str, *, wsl: bool) -> list[Finding]:
+    """``<wsl/>`` (or ``<wsl>N</wsl>`` with N not 0, as BOINC's ``parse_bool`` reads it) exactly
+    when the app version runs through WSL."""
+    asks = False
+    for child in (c for c in pc if c.tag == "wsl"):
+        value = text_of(child)
+        try:
+            asks = not value or int(value, 0) != 0
+        except ValueError:
+            return [error(f"{place}.wsl", f"{value!r} is not a boolean", hint="write <wsl/>")]
+    if wsl and not asks:
+        return [
+            error(
+                f"{place}.wsl",
+                "the app version runs through WSL, but the entry does not ask for <wsl/>",
+                hint="add <wsl/>: without it the scheduler sends the app version to hosts without WSL",
+            )
+        ]
+    if asks and not wsl:
+        return [
+            error(
+                f"{place}.wsl",
+                "asks for WSL, but the app version does not run through it",
+                hint="remove <wsl/>, or package with --wsl-wrapper",
+            )
+        ]
+    return []
 
 
 def _entries(root: ET.Element) -> tuple[dict[str, tuple[int, ET.Element]], list[Finding]]:

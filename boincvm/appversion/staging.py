@@ -128,10 +128,21 @@ class StagedFiles:
 
     def add_main_program(self, staging: Path, tail: str) -> None:
         """Name the main program (built at ``staging``), the first file of ``version.xml``."""
+        physical, md5, size = self._name_built(staging, tail)
+        self.files.insert(0, AppVersionFile(physical, None, md5, size, main_program=True))
+
+    def add_copied_program(self, staging: Path, tail: str, logical_name: str) -> None:
+        """Name a program the main program runs (built at ``staging``): a ``<copy_file/>``,
+        so the slot holds the program itself rather than a BOINC link file."""
+        physical, md5, size = self._name_built(staging, tail)
+        self.files.append(AppVersionFile(physical, logical_name, md5, size, copy_file=True))
+
+    def _name_built(self, staging: Path, tail: str) -> tuple[str, str, int]:
+        """Rename a file built at ``staging`` to its physical name; (that name, md5, size)."""
         md5, size = md5_file(staging)
         physical = f"{self.prefix}_{md5[:12]}_{tail}"
         staging.rename(self.directory / physical)
-        self.files.insert(0, AppVersionFile(physical, None, md5, size, main_program=True))
+        return physical, md5, size
 
     def sign(self, key: rsa.RSAPrivateKey) -> None:
         """Write ``FILE.sig`` beside every file so far."""

@@ -22,11 +22,22 @@ if TYPE_CHECKING:
 @click.argument("image", type=click.Path(path_type=Path, exists=True))
 @click.option("--app", "app_name", required=True, help="BOINC application name.")
 @click.option("--version", "version", default="1.00", help="App version (X.YY).")
-@click.option("--platform", default="x86_64-pc-linux-gnu", help="BOINC platform.")
+@click.option(
+    "--platform",
+    default=None,
+    help="BOINC platform [default: x86_64-pc-linux-gnu; windows_x86_64 with --wsl-wrapper].",
+)
 @click.option(
     "--plan-class",
     default=None,
-    help="Plan class (the directory gets a __PLAN_CLASS suffix); writes its plan_class_spec.xml entry.",
+    help="Plan class (the directory gets a __PLAN_CLASS suffix); writes its plan_class_spec.xml entry "
+    "[default: none; wsl with --wsl-wrapper].",
+)
+@click.option(
+    "--wsl-wrapper",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="BOINC's wsl_wrapper.exe: a Windows app version whose main program it is; the frozen "
+    "wrapper goes in as main and runs inside WSL (its plan class entry carries <wsl/>).",
 )
 @click.option("--ncpus", type=int, default=None, help="The VM's CPUs (the plan class's min_ncpus).")
 @click.option(
@@ -93,8 +104,9 @@ def command(
     image: Path,
     app_name: str,
     version: str,
-    platform: str,
+    platform: str | None,
     plan_class: str | None,
+    wsl_wrapper: Path | None,
     ncpus: int | None,
     require_kvm: bool,
     kvm_cpu_feature: str,
@@ -120,7 +132,9 @@ def command(
     """
     from boincvm.appversion.build import package_image
     from boincvm.appversion.model import AppVersionRequest, RuntimeKind, WrapperKind
+    from boincvm.appversion.wsl import default_target
 
+    platform, plan_class = default_target(platform, plan_class, wsl=wsl_wrapper is not None)
     req = AppVersionRequest(
         image=image,
         app_name=app_name,
@@ -143,6 +157,7 @@ def command(
         require_kvm=require_kvm,
         kvm_cpu_feature=kvm_cpu_feature,
         runtime=RuntimeKind(runtime) if runtime else None,
+        wsl_wrapper=wsl_wrapper,
     )
     _report(package_image(req, lambda step, *_: console.info(step)), as_json=as_json)
 

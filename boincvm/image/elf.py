@@ -19,6 +19,9 @@ _SHT_NOTE = 7
 _SHT_DYNAMIC = 6
 _DT_NEEDED = 1
 _PT_NOTE = 4
+_PT_INTERP = 3
+_ET_EXEC, _ET_DYN = 2, 3
+_EM_X86_64 = 62
 #: XEN_ELFNOTE_PHYS32_ENTRY: the note QEMU looks for to boot a vmlinux through PVH.
 _XEN_ELFNOTE_PHYS32_ENTRY = 18
 
@@ -75,6 +78,29 @@ def has_pvh_entry(data: bytes) -> bool:
                 return True
             pos += 12 + ((namesz + 3) & ~3) + ((descsz + 3) & ~3)
     return False
+
+
+def static_x86_64_problem(data: bytes) -> str | None:
+    """What keeps ``data`` from being a static x86-64 executable (one with no ``PT_INTERP``, so
+    it runs without the host's dynamic loader); None when it is one.
+
+    ``data`` is the start of the file, its program headers included.
+    """
+    try:
+        phoff, phentsize, phnum, _, _, _, _ = _header(data, "file")
+    except InputError:
+        return "it is not a 64-bit little-endian ELF file"
+    e_type, e_machine = struct.unpack_from("<HH", data, 0x10)
+    if e_machine != _EM_X86_64:
+        return f"it is an ELF file for machine {e_machine}, not x86-64 ({_EM_X86_64})"
+    if e_type not in (_ET_EXEC, _ET_DYN):
+        return "it is an ELF file but not an executable"
+    if phoff + phentsize * phnum > len(data) or phentsize < 4:
+        return "its program headers are cut short"
+    for i in range(phnum):
+        if struct.unpack_from("<I", data, phoff + i * phentsize)[0] == _PT_INTERP:
+            return "it is dynamically linked (it names a program interpreter)"
+    return None
 
 
 def elf_size(data: bytes) -> int:
