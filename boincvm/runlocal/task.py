@@ -3,7 +3,7 @@ into the :class:`~boincvm.boinc.slot.LocalTask` the client (emulated or real) is
 
 from __future__ import annotations
 
-from boincvm.appversion.model import app_version_defaults, check_app_matches, parse_version_xml
+from boincvm.appversion.model import app_version_defaults, check_app_matches, parse_version_xml, read_summary
 from boincvm.boinc.slot import LocalTask, OutputFile, TaskFile
 from boincvm.errors import BoincvmError, InputError
 from boincvm.findings import errors_in
@@ -24,6 +24,13 @@ def build_task(req: RunLocalRequest) -> LocalTask:
     record = wud.record(req.workunit)
     av = req.app_version_dir
     check_app_matches(av, wud.app_name)
+    summary = read_summary(av)
+    if summary is not None and summary.get("wsl"):
+        raise InputError(
+            f"{av} is an app version for Windows hosts (BOINC's wsl_wrapper.exe runs it inside WSL), "
+            "and run-local runs Linux app versions",
+            hint="package the same image without --wsl-wrapper to try the workunit here",
+        )
     vx, findings = parse_version_xml(read_bytes(av / "version.xml", what="version.xml"))
     if findings:
         raise InputError(f"{av}/version.xml: {findings[0]}")

@@ -243,3 +243,14 @@ def test_windows_without_wsl_wrapper_is_told_of_it(run: RunFn, inputs: Path, tmp
     args = ["package-image", str(inputs / "base.img"), "--app", "a", "-o", str(tmp_path / "av")]
     code, _, err = run([*args, "--platform", "windows_x86_64"])
     assert code == 3 and "--wsl-wrapper" in err and "--wrapper pyz" in err, err
+
+
+def test_run_local_refuses_it_with_a_hint(
+    run: RunFn, signed_av: tuple[Path, dict[str, object]], tmp_path: Path
+) -> None:
+    wu = tmp_path / "wu"
+    _invoke(["-q", "make-workunit", "--app", "hello", "--application", "/bin/true", "-o", str(wu)])
+    code, _, err = run(["run-local", str(wu), "--app-version", str(signed_av[0])])
+    assert code == 3, err
+    assert "for Windows hosts" in err and "without --wsl-wrapper" in err, err
+    assert "Traceback" not in err
