@@ -3,6 +3,8 @@ into the :class:`~boincvm.boinc.slot.LocalTask` the client (emulated or real) is
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from boincvm.appversion.model import app_version_defaults, check_app_matches, parse_version_xml, read_summary
 from boincvm.boinc.slot import LocalTask, OutputFile, TaskFile
 from boincvm.errors import BoincvmError, InputError
@@ -22,30 +24,8 @@ def build_task(req: RunLocalRequest) -> LocalTask:
     """
     wud = open_workunit_dir(req.workunit_dir)
     record = wud.record(req.workunit)
-    av = req.app_version_dir
-    check_app_matches(av, wud.app_name)
-    summary = read_summary(av)
-    if summary is not None and summary.get("wsl"):
-        raise InputError(
-            f"{av} is an app version for Windows hosts (BOINC's wsl_wrapper.exe runs it inside WSL), "
-            "and run-local runs Linux app versions",
-            hint="package the same image without --wsl-wrapper to try the workunit here",
-        )
-    vx, findings = parse_version_xml(read_bytes(av / "version.xml", what="version.xml"))
-    if findings:
-        raise InputError(f"{av}/version.xml: {findings[0]}")
-    app_files = []
-    for f in vx.files:
-        src = av / f.physical_name
-        if not src.is_file():
-            raise InputError(f"app version file {src} is missing")
-        app_files.append(
-            TaskFile(
-                src, f.physical_name, f.logical_name, main_program=f.main_program, executable=f.main_program
-            )
-        )
-    if not any(f.main_program for f in app_files):
-        raise InputError(f"{av}/version.xml names no main program")
+    check_app_matches(req.app_version_dir, wud.app_name)
+    app_files = _app_files(req.app_version_dir)
     inputs = tuple(
         TaskFile(wud.download / f.physical_name, f.physical_name, f.open_name) for f in record.files
     )
@@ -81,6 +61,47 @@ def build_task(req: RunLocalRequest) -> LocalTask:
         rsc_disk_bound=res.rsc_disk_bound,
         delay_bound=res.delay_bound,
     )
+
+
+def _app_files(av: Path) -> list[TaskFile]:
+    """The files of the app version ``av`` as its version.xml names them.
+
+    Raises:
+        InputError: the app version is for Windows hosts, its version.xml is unusable, a file
+            is missing, or none is the main program.
+    """
+    _refuse_windows(av)
+    vx, findings = parse_version_xml(read_bytes(av / "version.xml", what="version.xml"))
+    if findings:
+        raise InputError(f"{av}/version.xml: {findings[0]}")
+    app_files = []
+    for f in vx.files:
+        src = av / f.physical_name
+        if not src.is_file():
+            raise InputError(f"app version file {src} is missing")
+        app_files.append(
+            TaskFile(
+                src, f.physical_name, f.logical_name, main_program=f.main_program, executable=f.main_program
+            )
+        )
+    if not any(f.main_program for f in app_files):
+        raise InputError(f"{av}/version.xml names no main program")
+    return app_files
+
+
+def _refuse_windows(av: Path) -> None:
+    """Refuse an app version for Windows hosts: its main program is BOINC's wsl_wrapper.exe.
+
+    Raises:
+        InputError: ``av`` was made with ``package-image --wsl-wrapper``.
+    """
+    summary = read_summary(av)
+    if summary is not None and summary.get("wsl"):
+        raise InputError(
+            f"{av} is an app version for Windows hosts (BOINC's wsl_wrapper.exe runs it inside WSL), "
+            "and run-local runs Linux app versions",
+            hint="package the same image without --wsl-wrapper to try the workunit here",
+        )
 
 
 def _quote_for_client(cmd: str) -> str:
