@@ -146,7 +146,7 @@ class _Session:
         live = self.live
         status = StatusReport.read(client.slot_dir)
         if status is not None:
-            live.history.observe(status.phase, status.checkpoints)
+            live.history.observe(status.phase, status.checkpoints, status.steps)
             live.phase = str(live.history.current or status.phase)
             live.fraction_done = status.fraction_done
             live.checkpoints = max(live.checkpoints, status.checkpoints)

@@ -1,8 +1,10 @@
 """The wrapper's phases as run-local shows them: each start's steps in the order the wrapper
 took them, once each.
 
-run-local samples the wrapper's status file a few times a second and sees what the file says,
-which is not quite the path the wrapper took:
+run-local samples the wrapper's status file a few times a second. The file's ``steps`` is the
+path the wrapper took, every step in order however short; what run-local adds is below. A
+file without ``steps`` (a wrapper older than the list) is read from its samples alone, which
+are not quite the path:
 
 * between two steps the file names the phase the wrapper was in before the first of them,
   ``boot`` when it was in none yet: a fresh start reads ``boot -> install -> boot -> run ->
@@ -21,12 +23,10 @@ which is not quite the path the wrapper took:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from boincvm.wrapper.status import Phase
-
-#: Trips out of ``run`` and back, counted rather than listed.
-EXCURSIONS = frozenset({Phase.CHECKPOINT, Phase.SUSPENDED})
+from boincvm.wrapper.status import EXCURSIONS, Phase
 
 
 @dataclass
@@ -43,16 +43,20 @@ class _Start:
     #: A ``boot`` seen after another step: shown only if an ``install`` follows.
     boot_pending: bool = False
 
-    def observe(self, phase: Phase, checkpoints: int) -> None:
+    def observe(self, phase: Phase, checkpoints: int, steps: Sequence[Phase] = ()) -> None:
         before = checkpoints if self.checkpoints_before is None else min(self.checkpoints_before, checkpoints)
         self.checkpoints_before = before  # a restore that failed starts afresh, from none
         self.checkpoints = checkpoints - before
+        if steps:  # the wrapper's own list of its steps: the truth, however short a step was
+            self.steps, self.boot_pending = list(steps), False
         if phase in EXCURSIONS:
             if phase is Phase.SUSPENDED and self.excursion is not Phase.SUSPENDED:
                 self.suspensions += 1
             self.excursion = phase
             return
         self.excursion = None
+        if steps:
+            return
         if phase in self.steps:  # the file between two steps, or the same step seen again
             return
         if phase is Phase.BOOT and self.steps:
@@ -92,11 +96,12 @@ class PhaseHistory:
         """The wrapper has been started (again): what follows is a history of its own."""
         self._starts.append(_Start())
 
-    def observe(self, phase: Phase, checkpoints: int) -> None:
-        """The status file says ``phase``, with ``checkpoints`` committed checkpoints."""
+    def observe(self, phase: Phase, checkpoints: int, steps: Sequence[Phase] = ()) -> None:
+        """The status file says ``phase``, with ``checkpoints`` committed checkpoints, and the
+        steps this start took (empty from a file that does not list them)."""
         if not self._starts:
             self.new_start()
-        self._starts[-1].observe(phase, checkpoints)
+        self._starts[-1].observe(phase, checkpoints, steps)
 
     @property
     def current(self) -> Phase | None:

@@ -46,8 +46,7 @@ def complete(task: Task, status: ProcessStatus, record: CheckpointRecord | None,
     task.app.report(1.0, cpu_time=cpu)
     task.status.cpu_time = task.app.last_status.current_cpu_time
     task.status.fraction_done = 1.0
-    task.status.phase = Phase.DONE
-    task.write_status()
+    task.enter(Phase.DONE)
     task.vm.power_off(soft_timeout=2.0)
     task.store.clear()
     return task.app.finish(0, message or None)

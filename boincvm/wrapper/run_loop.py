@@ -71,8 +71,7 @@ class MainLoop:
         task = self.task
         run = _Run(proc, record, task.clock())
         memory.trim()  # what copying the package and the inputs in left on the heap
-        task.status.phase = Phase.RUN
-        task.write_status()
+        task.enter(Phase.RUN)
         while True:
             self.app.tick()
             now = task.clock()
@@ -115,13 +114,11 @@ class MainLoop:
         if app.suspended and not run.paused:
             self.vm.pause()
             run.paused = True
-            task.status.phase = Phase.SUSPENDED
-            task.write_status()
+            task.enter(Phase.SUSPENDED)
         elif not app.suspended and run.paused:
             self.vm.resume()
             run.paused = False
-            task.status.phase = Phase.RUN
-            task.write_status()
+            task.enter(Phase.RUN)
         return None
 
     def _quit(self, run: _Run, now: float) -> int:

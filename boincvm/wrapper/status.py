@@ -31,6 +31,9 @@ class Phase(enum.StrEnum):
 
 _PHASES = frozenset(p.value for p in Phase)
 
+#: Trips out of ``run`` and back (a checkpoint, a suspension): not steps of their own.
+EXCURSIONS = frozenset({Phase.CHECKPOINT, Phase.SUSPENDED})
+
 
 @dataclass
 class StatusReport:
@@ -42,7 +45,9 @@ class StatusReport:
     has ended, as long as the backend reports a program's output only at its exit (QEMU's
     guest agent does). Between two phases ``phase`` is the one the wrapper was in before
     them (``boot`` when it was in none yet), so a reader sees ``boot -> install -> boot ->
-    run`` for one boot (:mod:`boincvm.runlocal.phases` shows it as the wrapper went).
+    run`` for one boot. ``steps`` is the path itself: every step this start of the wrapper
+    entered, in order, excursions aside, so a reader that looked too late for a short step
+    (an install of a few milliseconds) still has it (:mod:`boincvm.runlocal.phases` shows it).
     """
 
     phase: Phase = Phase.BOOT
@@ -54,6 +59,14 @@ class StatusReport:
     accel: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     message: str = ""
+    steps: list[Phase] = field(default_factory=list)
+
+    def enter(self, phase: Phase) -> None:
+        """Be in ``phase`` now; a step (not an excursion) is added to ``steps`` unless the
+        wrapper is already in it."""
+        self.phase = phase
+        if phase not in EXCURSIONS and (not self.steps or self.steps[-1] is not phase):
+            self.steps.append(phase)
 
     def write(self, slot_dir: Path) -> None:
         """Replace the slot's status file atomically (run-local never reads half of one).
@@ -66,6 +79,7 @@ class StatusReport:
         data = {
             **asdict(self),
             "phase": self.phase.value,
+            "steps": [p.value for p in self.steps],
             "timings": {str(k): v for k, v in self.timings.items()},
         }
         tmp.write_text(json.dumps(data), encoding="utf-8")
@@ -91,6 +105,9 @@ class StatusReport:
             if f.name == "phase":
                 if isinstance(value, str) and value in _PHASES:
                     out.phase = Phase(value)
+            elif f.name == "steps":
+                if isinstance(value, list):
+                    out.steps = [Phase(v) for v in value if isinstance(v, str) and v in _PHASES]
             elif f.name == "timings":
                 if isinstance(value, dict):
                     out.timings = {str(k): float(v) for k, v in value.items() if isinstance(v, int | float)}

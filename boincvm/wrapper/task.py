@@ -82,8 +82,7 @@ class Task:
     def phase(self, phase: Phase) -> Iterator[None]:
         """Be in ``phase`` (in the status file) for the block, its time added to the phase's."""
         previous = self.status.phase
-        self.status.phase = phase
-        self.write_status()
+        self.enter(phase)
         t0 = self.clock()
         try:
             yield
@@ -91,6 +90,11 @@ class Task:
             self.status.timings[phase] = self.status.timings.get(phase, 0.0) + self.clock() - t0
             self.status.phase = previous
             self.write_status()
+
+    def enter(self, phase: Phase) -> None:
+        """Be in ``phase`` from now on (in the status file, its ``steps`` included)."""
+        self.status.enter(phase)
+        self.write_status()
 
     def write_status(self) -> None:
         """Write the status file (a failure is only logged: only run-local reads it)."""
@@ -113,8 +117,7 @@ class Task:
         """End the task for good with ``code``: no VM, no checkpoint, the finish file written."""
         log.error("%s", message)
         self.status.message = message
-        self.status.phase = Phase.DONE
-        self.write_status()
+        self.enter(Phase.DONE)
         self.vm.power_off(soft_timeout=0)
         self.store.clear()
         return self.app.finish(int(code), message)

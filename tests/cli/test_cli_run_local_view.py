@@ -8,6 +8,7 @@ as the emulator feeds it, one update per status seen.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -16,7 +17,7 @@ from boincvm.cli import run_local as view_module
 from boincvm.runlocal.phases import PhaseHistory
 from boincvm.runlocal.request import LiveState
 from boincvm.wrapper.finish import output_tail
-from boincvm.wrapper.status import Phase
+from boincvm.wrapper.status import Phase, StatusReport
 
 B, IN, RS, R, C, S = Phase.BOOT, Phase.INSTALL, Phase.RESTORE, Phase.RUN, Phase.CHECKPOINT, Phase.SUSPENDED
 CO, CL, D = Phase.COPY_OUT, Phase.CLEANUP, Phase.DONE
@@ -124,3 +125,33 @@ def test_stderr_tail_of_the_guest_output_starts_at_a_line() -> None:
     assert all(len(line) == 88 for line in tail.splitlines())  # whole lines only
     assert output_tail(b"x" * 5000, b"").startswith("...x")  # one over-long line: its end
     assert output_tail(b"abc", b"oops\n") == "abc\noops"
+
+
+def test_the_wrappers_list_of_steps_keeps_a_step_no_sample_caught() -> None:
+    # A fresh start whose install was over between two looks: the samples read boot then run,
+    # the file's own list of steps has the install.
+    history = PhaseHistory()
+    history.new_start()
+    history.observe(B, 0, [B])
+    history.observe(R, 0, [B, IN, R])
+    history.observe(C, 0, [B, IN, R])  # an excursion keeps the steps and shows while under way
+    assert history.render() == "boot -> install -> run -> checkpoint"
+    history.observe(D, 1, [B, IN, R, CO, CL, D])
+    assert history.render() == "boot -> install -> run (1 checkpoint) -> copy-out -> cleanup -> done"
+    # A restore that failed: the wrapper's list says it booted afresh.
+    history.new_start()
+    history.observe(R, 0, [RS, B, IN, R])
+    assert history.per_start()[-1] == "restore -> boot -> install -> run"
+
+
+def test_the_status_file_lists_each_step_entered_once_excursions_aside(tmp_path: Path) -> None:
+    status = StatusReport()
+    for phase in (B, IN, R, C, R, S, R, CO, CL, D):
+        status.enter(phase)
+    assert status.steps == [B, IN, R, CO, CL, D]
+    status.write(tmp_path)
+    back = StatusReport.read(tmp_path)
+    assert back is not None and back.steps == status.steps and back.phase is D
+    (tmp_path / "boincvm_status.json").write_text('{"steps": ["boot", "nope", 3, "run"]}')
+    back = StatusReport.read(tmp_path)
+    assert back is not None and back.steps == [B, R]
