@@ -39,6 +39,7 @@ from pathlib import Path
 
 from boincvm.boinc.init_data import HostInfo, InitData, write_init_data
 from boincvm.boinc.slot import (
+    LocalTask,
     SlotLayout,
     collect_outputs,
     escape_project_url,
@@ -172,7 +173,7 @@ class WslWrapper:
     _app: subprocess.Popen[bytes] | None = None
     _ctl: subprocess.Popen[bytes] | None = None
     _layout: SlotLayout | None = None
-    _task: object = None
+    _task: LocalTask | None = None
     polls: list[Usage] = field(default_factory=list)
 
     # -- the slot, as the Windows client lays it out ------------------------------------
@@ -312,8 +313,8 @@ class WslWrapper:
 
     def outputs(self) -> dict[str, bytes]:
         """The result's output files, as the client collects them after the final exit."""
-        assert self._layout is not None
-        found = collect_outputs(self._task, self._layout)  # type: ignore[arg-type]
+        assert self._layout is not None and self._task is not None, "prepare() first"
+        found = collect_outputs(self._task, self._layout)
         return {o.name: o.path.read_bytes() for o in found if o.size is not None}
 
     def group_processes(self) -> list[int]:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from boincvm.boinc.api import BoincApp
-from boincvm.boinc.files import ExitCode, resolve_filename
+from boincvm.boinc.files import ExitCode
 from boincvm.errors import (
     BoincvmError,
     GuestError,
@@ -122,7 +122,7 @@ class Wrapper:
             boot_timeout=job.boot_timeout,
             image_files=dict(inputs.image_files),
             options=dict(job.backend_options),
-            resolve_file=lambda name: resolve_filename(name, self.slot),
+            resolve_file=self.app.resolve,
         )
         self.vm = backend_factory(self.spec)
         self.task = Task(app, inputs, self.vm, clock)

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from boincvm.atomicdir import fsync_path
 from boincvm.errors import HypervisorError
 from boincvm.hashing import sha256_file
 
@@ -148,13 +149,6 @@ def _split_zero(data: bytes | memoryview, first: int) -> Iterator[tuple[int, int
     if n:
         yield first + start, n - start, zero
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _open_proc(pid: int, what: str, flags: int) -> int:
@@ -345,11 +339,11 @@ def write(target: Path, build: Callable[[Path], Manifest]) -> Manifest:
     try:
         manifest = build(tmp)
         for name in (RAM_FILE, DEVICES_FILE):
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
         (tmp / MANIFEST).write_text(manifest.to_json())
-        _fsync(tmp / MANIFEST)
+        fsync_path(tmp / MANIFEST)
         tmp.rename(target)
-        _fsync(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

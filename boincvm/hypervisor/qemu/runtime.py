@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from boincvm.atomicdir import fsync_path
 from boincvm.errors import InputError, ToolError
 from boincvm.hashing import sha256_file
 from boincvm.hypervisor.base import polls
@@ -132,21 +133,14 @@ def check_unpacked(root: Path, *, verify: bool = False) -> Runtime:
     return Runtime(root, str(data.get("qemu_version", "")))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _fsync_tree(root: Path) -> None:
     # A whole directory is renamed into place, so every file and directory in it is synced
     # first (boincvm.atomicdir.write_file_atomically covers one file, not a tree).
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
-            _fsync(Path(dirpath) / name)
-        _fsync(Path(dirpath))
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
 
 
 def _lock_taken(path: Path, timeout: float) -> ToolError:
@@ -224,7 +218,7 @@ def unpack_once(archive: Path, parent: Path | None = None, *, lock_timeout: floa
             check_unpacked(work, verify=True)
             _fsync_tree(work)
             work.rename(final)
-            _fsync(parent)
+            fsync_path(parent)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
