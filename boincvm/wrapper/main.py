@@ -29,7 +29,7 @@ from boincvm.errors import BoincvmError, InputError
 from boincvm.findings import errors_in, has_errors
 from boincvm.hypervisor.base import backend_class
 from boincvm.job import DEFAULTS_OPEN_NAME, JOB_OPEN_NAME, VmJob, load_job, resolve
-from boincvm.wrapper import memory, wsl_mode
+from boincvm.wrapper import bundle_dirs, memory, wsl_mode
 from boincvm.wrapper.steps import Wrapper, WrapperInputs
 
 log = logging.getLogger("boincvm.wrapper")
@@ -229,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stderr, format=wsl_mode.LOG_FORMAT, datefmt=wsl_mode.LOG_DATE_FORMAT
     )
     signal.signal(signal.SIGTERM, _sigterm)
+    bundle = os.environ.get("STATICX_BUNDLE_DIR")
+    if bundle and getattr(sys, "frozen", False):
+        bundle_dirs.tidy(Path(bundle))  # what staticx left behind for killed wrappers
     own, wu_args = split_args(args)
     slot = Path.cwd()
     while True:

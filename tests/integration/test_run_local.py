@@ -200,11 +200,29 @@ def test_long_job_uninterrupted_checkpoints_and_reports(
     ],
 )
 def test_long_job_survives_faults(
-    app_version: Path, data_dir: Path, tmp_path: Path, kind: FaultKind, when: str
+    app_version: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    kind: FaultKind,
+    when: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The frozen wrapper's staticx unpacks into TMPDIR: a kill leaves its directory there.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    unpacked: set[str] = set()
+
+    def watch(_state: LiveState) -> None:
+        unpacked.update(p.name for p in tmp.glob("staticx-*"))
+
     job = LongJob(steps=FAULTED.steps, bulk_kib=2048) if when == "copy-out" else FAULTED
-    summary = run(longjob_wu(tmp_path, job), app_version, data_dir, tmp_path, Fault.parse(kind, when))
+    fault = Fault.parse(kind, when)
+    summary = run(longjob_wu(tmp_path, job), app_version, data_dir, tmp_path, fault, on_update=watch)
     assert summary.ok, summary.message + summary.stderr_tail
+    # One unpacked directory per start; the second start removed the one a kill left behind.
+    assert len(unpacked) == 2, unpacked
+    assert list(tmp.glob("staticx-*")) == []
     injected = [e for e in summary.events if f"injected {kind.value}" in e]
     assert injected, summary.events
     assert summary.starts == 2, summary.events
