@@ -71,7 +71,7 @@ def _wu(root: Path, mode: CheckpointMode) -> Path:
         task=Task(application="/bin/sh"),
         output_files=(OutputFile("out", 1_000_000),),
         minimum_checkpoint_interval=0,
-        memory_size_mb=MEMORY_MB,
+        memory_mb=MEMORY_MB,
         checkpoint_mode=mode,
         checkpoint_files=files,
     )

@@ -48,6 +48,26 @@ def building(out: Path, *, force: bool) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def file_in_place(target: Path, *, mode: int) -> Iterator[Path]:
+    """Yield a temporary sibling of ``target`` to write; when the block succeeds it gets
+    ``mode`` and is renamed to ``target``, so no reader ever meets half a file there.
+
+    A failure (an interrupt too) removes the temporary file and leaves ``target`` as it was.
+    Unlike :func:`write_file_atomically` nothing is synced: for files that can be made again.
+    """
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        tmp.chmod(mode)
+        tmp.rename(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file, or a directory's entries (a rename in it), to the disk."""
     fd = os.open(path, os.O_RDONLY)

@@ -37,26 +37,29 @@ def logical_name_problem(name: str) -> str | None:
     return None
 
 
-def relative_path_problem(path: str) -> str | None:
-    """Why ``path`` is not a safe relative path (no absolute, no ``..``), or None."""
-    if not path:
+def _empty_or_control(text: str) -> str | None:
+    """What no path or identifier may be: empty, or holding control characters."""
+    if not text:
         return "must not be empty"
-    if _CONTROL.search(path):
+    if _CONTROL.search(text):
         return "contains control characters"
-    if path.startswith("/") or path.startswith("\\") or re.match(r"^[A-Za-z]:", path):
-        return f"{path!r} is absolute; give a path relative to the job's directory"
-    parts = PurePosixPath(path.replace("\\", "/")).parts
-    if ".." in parts:
-        return f"{path!r} leaves its directory (contains '..')"
     return None
 
 
 def guest_path_problem(path: str) -> str | None:
     """Why ``path`` is not usable as a guest path (absolute or relative), or None."""
-    if not path:
-        return "must not be empty"
-    if _CONTROL.search(path):
-        return "contains control characters"
+    return _empty_or_control(path)
+
+
+def relative_path_problem(path: str) -> str | None:
+    """Why ``path`` is not a safe relative path (no absolute, no ``..``), or None."""
+    if problem := _empty_or_control(path):
+        return problem
+    if path.startswith("/") or path.startswith("\\") or re.match(r"^[A-Za-z]:", path):
+        return f"{path!r} is absolute; give a path relative to the job's directory"
+    parts = PurePosixPath(path.replace("\\", "/")).parts
+    if ".." in parts:
+        return f"{path!r} leaves its directory (contains '..')"
     return None
 
 
@@ -66,10 +69,8 @@ def identifier_problem(name: str) -> str | None:
     One path component of letters, digits and ``_ . + -``, not starting with ``.`` or
     ``-`` (so never ``..``, never an option), at most 128 bytes.
     """
-    if not name:
-        return "must not be empty"
-    if _CONTROL.search(name):
-        return "contains control characters"
+    if problem := _empty_or_control(name):
+        return problem
     if not _IDENTIFIER.fullmatch(name):
         return f"{name!r} may hold only letters, digits, '_', '.', '+', '-' (a letter or digit first)"
     if len(name) > 128:

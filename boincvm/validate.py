@@ -126,6 +126,14 @@ def validate_path(path: Path, *, boot: bool = False) -> Report:
 
 _PACKAGE_SUFFIXES = (".rpm", ".tar.gz", ".tgz", ".tar")
 _IMAGE_SUFFIXES = (".qcow2", ".img", ".raw", ".cpio", ".cpio.gz", ".cpio.lz4", ".cpio.zst", ".iso")
+#: What an XML file is, told by a root tag in its first 4 KiB (the tags are tried in this order).
+_XML_ROOTS = {
+    "<vm_job": PathKind.VM_JOB,
+    "<input_template": PathKind.INPUT_TEMPLATE,
+    "<output_template": PathKind.OUTPUT_TEMPLATE,
+    "<version": PathKind.APP_VERSION,
+    "<plan_classes": PathKind.PLAN_CLASS_SPEC,
+}
 
 
 def detect_kind(path: Path) -> PathKind:
@@ -163,13 +171,7 @@ def detect_kind(path: Path) -> PathKind:
         return PathKind.PLAN_CLASS_SPEC
     if name.endswith(".xml") or name.endswith("_in") or name.endswith("_out"):
         head = read_bytes(path, what="file")[:4096].decode("utf-8", "replace")
-        for tag, kind in (
-            ("<vm_job", PathKind.VM_JOB),
-            ("<input_template", PathKind.INPUT_TEMPLATE),
-            ("<output_template", PathKind.OUTPUT_TEMPLATE),
-            ("<version", PathKind.APP_VERSION),
-            ("<plan_classes", PathKind.PLAN_CLASS_SPEC),
-        ):
+        for tag, kind in _XML_ROOTS.items():
             if tag in head:
                 return kind
         return PathKind.VM_JOB  # an XML file we cannot place is judged as a job, with clear errors

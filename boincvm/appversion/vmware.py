@@ -76,9 +76,7 @@ def vmware_parts(source: ImageSource) -> ImageParts:
     return ImageParts(
         files=tuple(files),
         backend=BackendKind.VMWARE,
-        vm_image=images[0].open_name,
-        memory_mb=vm.memsize_mb,
-        image_files=images,
+        job=VmJob(vm_image=images[0].open_name, memory_mb=vm.memory_mb, image_files=images),
         # Powered on while we copied? Then the copies may be torn: refuse rather than ship them.
         recheck=functools.partial(refuse_in_use, vm.root),
     )

@@ -11,10 +11,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import marshal
-import os
-import tempfile
 import zipfile
 from pathlib import Path
+
+from boincvm.atomicdir import file_in_place
 
 #: Top-level packages the wrapper needs at run time.
 BUNDLED = ("boincvm", "defusedxml", "qemu", "rpmfile")
@@ -84,26 +84,18 @@ def wrapper_sources() -> tuple[list[tuple[str, Path]], list[tuple[str, bytes]]]:
 def build_wrapper_zipapp(target: Path) -> Path:
     """Write the wrapper zip application to ``target`` (atomically) and return it."""
     entries, extra = wrapper_sources()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            raw.write(b"#!/usr/bin/env python3\n")
-            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                files = [("__main__.py", _MAIN.encode()), *extra]
-                for arcname, path in entries:
-                    source = path.read_bytes()
-                    files.append((arcname, source))
-                    if arcname.endswith(".py"):
-                        files.append((arcname + "c", _pyc(source, arcname)))
-                for arcname, data in files:
-                    info = zipfile.ZipInfo(arcname, _EPOCH)
-                    info.external_attr = 0o644 << 16
-                    info.compress_type = zipfile.ZIP_DEFLATED
-                    zf.writestr(info, data)
-        tmp.chmod(0o755)
-        tmp.rename(target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with file_in_place(target, mode=0o755) as tmp, tmp.open("wb") as raw:
+        raw.write(b"#!/usr/bin/env python3\n")
+        with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            files = [("__main__.py", _MAIN.encode()), *extra]
+            for arcname, path in entries:
+                source = path.read_bytes()
+                files.append((arcname, source))
+                if arcname.endswith(".py"):
+                    files.append((arcname + "c", _pyc(source, arcname)))
+            for arcname, data in files:
+                info = zipfile.ZipInfo(arcname, _EPOCH)
+                info.external_attr = 0o644 << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                zf.writestr(info, data)
     return target

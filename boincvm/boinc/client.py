@@ -275,16 +275,35 @@ class LocalClient:
         if self._proc is None or self._channels is None:
             raise ClientError(f"cannot {what} task {self.task.result_name}: it is not running")
 
+    def _ask(
+        self,
+        what: str,
+        request: Control,
+        state: TaskState,
+        *,
+        cancels: Control | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Send ``request`` (or withdraw a queued ``cancels`` instead, as the client does) and
+        enter ``state``; with ``timeout``, the app is killed if it has not exited by then.
+
+        Raises:
+            ClientError: the task is not running.
+        """
+        self._require_running(what)
+        if cancels is None or not self._purge(cancels):
+            self._queue_send(request)
+        if timeout is not None:
+            self._pending_deadline = self._clock() + timeout
+        self._status = replace(self._status, state=state)
+
     def suspend(self) -> None:
         """Send ``<suspend/>`` (or cancel a queued ``<resume/>``), as a left-in-memory preemption.
 
         Raises:
             ClientError: the task is not running.
         """
-        self._require_running("suspend")
-        if not self._purge(Control.RESUME):
-            self._queue_send(Control.SUSPEND)
-        self._status = replace(self._status, state=TaskState.SUSPENDED)
+        self._ask("suspend", Control.SUSPEND, TaskState.SUSPENDED, cancels=Control.RESUME)
 
     def resume(self) -> None:
         """Send ``<resume/>`` (or cancel a queued ``<suspend/>``).
@@ -292,10 +311,7 @@ class LocalClient:
         Raises:
             ClientError: the task is not running.
         """
-        self._require_running("resume")
-        if not self._purge(Control.SUSPEND):
-            self._queue_send(Control.RESUME)
-        self._status = replace(self._status, state=TaskState.EXECUTING)
+        self._ask("resume", Control.RESUME, TaskState.EXECUTING, cancels=Control.SUSPEND)
 
     def quit(self) -> None:
         """Send ``<quit/>``: the app should exit 0 and is restarted later; killed after
@@ -304,10 +320,7 @@ class LocalClient:
         Raises:
             ClientError: the task is not running.
         """
-        self._require_running("quit")
-        self._queue_send(Control.QUIT)
-        self._pending_deadline = self._clock() + self.options.quit_timeout
-        self._status = replace(self._status, state=TaskState.QUIT_PENDING)
+        self._ask("quit", Control.QUIT, TaskState.QUIT_PENDING, timeout=self.options.quit_timeout)
 
     def abort(self) -> None:
         """Send ``<abort/>``: the app should exit 194; killed after ``abort_timeout``.
@@ -315,10 +328,7 @@ class LocalClient:
         Raises:
             ClientError: the task is not running.
         """
-        self._require_running("abort")
-        self._queue_send(Control.ABORT)
-        self._pending_deadline = self._clock() + self.options.abort_timeout
-        self._status = replace(self._status, state=TaskState.ABORT_PENDING)
+        self._ask("abort", Control.ABORT, TaskState.ABORT_PENDING, timeout=self.options.abort_timeout)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send a signal to the app process (inject a crash). Does nothing if not running."""

@@ -259,8 +259,20 @@ def _one_line(text: str) -> str:
     return " ".join(text.splitlines()).strip()
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _write_slot_file(slot_dir: Path, name: str, text: str) -> Path:
+    """Write one of the app's files to the client (atomically, so a crash never leaves half a file)."""
+    path = slot_dir / name
     write_file_atomically(path, text.encode("utf-8"))
+    return path
+
+
+def _read_slot_file(slot_dir: Path, name: str) -> str | None:
+    """One of the app's files to the client, or None when there is none; undecodable bytes
+    are replaced, since the client reads the file whatever it holds."""
+    try:
+        return (slot_dir / name).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
 
 
 def finish_file_text(status: int, message: str | None = None, *, is_notice: bool = False) -> str:
@@ -280,9 +292,7 @@ def write_finish_file(
     Raises:
         OSError: the file cannot be written.
     """
-    path = slot_dir / FINISH_FILE
-    _atomic_write(path, finish_file_text(status, message, is_notice=is_notice))
-    return path
+    return _write_slot_file(slot_dir, FINISH_FILE, finish_file_text(status, message, is_notice=is_notice))
 
 
 def read_finish_file(slot_dir: Path) -> FinishFile | None:
@@ -292,9 +302,8 @@ def read_finish_file(slot_dir: Path) -> FinishFile | None:
         None when the file does not exist. An unreadable status counts as 0; the message
         counts only when a third line follows it.
     """
-    try:
-        text = (slot_dir / FINISH_FILE).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
+    text = _read_slot_file(slot_dir, FINISH_FILE)
+    if text is None:
         return None
     lines = text.splitlines(keepends=True)
     status = 0
@@ -322,9 +331,9 @@ def write_temporary_exit(slot_dir: Path, delay: float, reason: str, *, is_notice
     Raises:
         OSError: the file cannot be written.
     """
-    path = slot_dir / TEMPORARY_EXIT_FILE
-    _atomic_write(path, temporary_exit_text(delay, reason, is_notice=is_notice))
-    return path
+    return _write_slot_file(
+        slot_dir, TEMPORARY_EXIT_FILE, temporary_exit_text(delay, reason, is_notice=is_notice)
+    )
 
 
 def read_temporary_exit(slot_dir: Path) -> TemporaryExit | None:
@@ -335,9 +344,8 @@ def read_temporary_exit(slot_dir: Path) -> TemporaryExit | None:
         and treats the exit as premature). A delay that is missing, negative or above
         86400 becomes 300.
     """
-    try:
-        text = (slot_dir / TEMPORARY_EXIT_FILE).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
+    text = _read_slot_file(slot_dir, TEMPORARY_EXIT_FILE)
+    if text is None:
         return None
     m = re.match(r"\s*([+-]?\d+)", text)
     delay = int(m.group(1)) if m else -1

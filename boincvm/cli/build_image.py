@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from boincvm.cli.params import DIRECTORY, EXISTING, json_option
+
 # The core is imported inside the command, not here: the group imports this module to list
 # the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
 
@@ -14,16 +16,11 @@ import click
 @click.command("build-image")
 @click.option("--recipe", "recipe_name", default="minimal", show_default=True, help="Which guest to build.")
 @click.option(
-    "--output",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Image directory to create (default: the content-addressed cache).",
+    "--output", type=DIRECTORY, help="Image directory to create (default: the content-addressed cache)."
 )
 @click.option(
     "--from-oci",
-    "from_oci",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
+    type=EXISTING,
     help="Build the guest from a container image: an OCI layout directory or a docker/podman save tarball.",
 )
 @click.option(
@@ -32,9 +29,7 @@ import click
     show_default=True,
     help="With --from-oci: refuse images whose layers unpack to more than this (K, M, G suffixes).",
 )
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print the image descriptor as JSON instead of the path."
-)
+@json_option("Print the image descriptor as JSON instead of the path.")
 def command(
     recipe_name: str, output: Path | None, from_oci: Path | None, max_root_size: str, as_json: bool
 ) -> None:

@@ -8,16 +8,17 @@ from pathlib import Path
 import click
 
 from boincvm.cli import console
+from boincvm.cli.params import DIRECTORY, EXISTING, json_option
 
 # The core is imported inside the command, not here: the group imports this module to list
 # the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
 
 
 @click.command("deploy")
-@click.argument("project", type=click.Path(path_type=Path, file_okay=False))
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
+@click.argument("project", type=DIRECTORY)
+@click.argument("paths", nargs=-1, required=True, type=EXISTING)
 @click.option("--dry-run", "-n", is_flag=True, help="Show every step; change nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan and what ran as JSON on stdout.")
+@json_option("Print the plan and what ran as JSON on stdout.")
 def command(project: Path, paths: tuple[Path, ...], dry_run: bool, as_json: bool) -> None:
     """Install app versions and submit workunits into the BOINC project PROJECT.
 

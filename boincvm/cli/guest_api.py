@@ -7,14 +7,16 @@ from pathlib import Path
 
 import click
 
+from boincvm.cli.params import DIRECTORY, json_option
+
 # The core is imported inside the command, not here: the group imports this module to list
 # the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
 
 
 @click.command("guest-api")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("directory", type=DIRECTORY)
 @click.option("--force", is_flag=True, help="Replace DIRECTORY whole even if it holds other files.")
-@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+@json_option("Print what was written as JSON.")
 def command(directory: Path, force: bool, as_json: bool) -> None:
     """Write the guest-side BOINC API into DIRECTORY.
 

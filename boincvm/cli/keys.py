@@ -7,9 +7,14 @@ from pathlib import Path
 import click
 
 from boincvm.cli import console
+from boincvm.cli.params import DIRECTORY, EXISTING_FILE
 
 # The core is imported inside the command, not here: the group imports this module to list
 # the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
+
+
+#: The file ``sign`` signs and ``verify`` checks.
+_file_argument = click.argument("file", type=EXISTING_FILE)
 
 
 @click.group("keys")
@@ -18,7 +23,7 @@ def command() -> None:
 
 
 @command.command("create")
-@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("directory", type=DIRECTORY)
 def create(directory: Path) -> None:
     """Write code_sign_private (mode 0600) and code_sign_public into DIRECTORY.
 
@@ -33,14 +38,8 @@ def create(directory: Path) -> None:
 
 
 @command.command("sign")
-@click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
-@click.option(
-    "--key",
-    "key_file",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    required=True,
-    help="code_sign_private",
-)
+@_file_argument
+@click.option("--key", "key_file", type=EXISTING_FILE, required=True, help="code_sign_private")
 def sign(file: Path, key_file: Path) -> None:
     """Print FILE's signature as BOINC's sign_executable does (put it in FILE.sig)."""
     from boincvm.signing import load_private_key, sign_file
@@ -49,20 +48,9 @@ def sign(file: Path, key_file: Path) -> None:
 
 
 @command.command("verify")
-@click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
-@click.option(
-    "--key",
-    "key_file",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    required=True,
-    help="code_sign_public",
-)
-@click.option(
-    "--signature",
-    "sig_file",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="The signature file [default: FILE.sig].",
-)
+@_file_argument
+@click.option("--key", "key_file", type=EXISTING_FILE, required=True, help="code_sign_public")
+@click.option("--signature", "sig_file", type=EXISTING_FILE, help="The signature file [default: FILE.sig].")
 def verify(file: Path, key_file: Path, sig_file: Path | None) -> None:
     """Check FILE's signature as the BOINC client does."""
     from boincvm.errors import ValidationFailed

@@ -10,7 +10,17 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from boincvm.cli import console
-from boincvm.cli.params import backend_option
+from boincvm.cli.params import (
+    DIRECTORY,
+    EXISTING,
+    EXISTING_DIR,
+    EXISTING_FILE,
+    FILE,
+    app_option,
+    backend_option,
+    force_option,
+    json_option,
+)
 
 if TYPE_CHECKING:
     from boincvm.job import VmJob
@@ -41,14 +51,12 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
 
 
 @click.command("make-workunit", context_settings={"show_default": True})
-@click.option("--app", "app_name", required=True, help="BOINC application name.")
-@click.option(
-    "--package", type=click.Path(path_type=Path, dir_okay=False), help="Guest package (.rpm or .tar.gz)."
-)
+@app_option
+@click.option("--package", type=FILE, help="Guest package (.rpm or .tar.gz).")
 @click.option(
     "--program",
     "program_dir",
-    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    type=EXISTING_DIR,
     help="A program directory: packaged as an RPM installed under /opt/APP (instead of --package).",
 )
 @click.option("--program-version", default="1.0", help="Version of the package --program builds.")
@@ -73,10 +81,7 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
     help="A result file: logical name, optional guest name, size limit in bytes.",
 )
 @click.option(
-    "--job",
-    "job_file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="A vm job file to start from; the options above override it.",
+    "--job", "job_file", type=FILE, help="A vm job file to start from; the options above override it."
 )
 @click.option("--exec-dir", help="Working directory of the program in the guest.")
 @click.option("--setenv", multiple=True, metavar="NAME=VALUE", help="Environment of the guest program.")
@@ -126,33 +131,21 @@ def _parse_output(value: str) -> tuple[str, str | None, int]:
     help="Workunit name; a jinja2 template with --batch (row columns, index, app).",
 )
 @click.option(
-    "--batch",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="CSV or JSON Lines file: one row of parameters per workunit.",
+    "--batch", type=EXISTING_FILE, help="CSV or JSON Lines file: one row of parameters per workunit."
 )
-@click.option(
-    "-o",
-    "--output-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    required=True,
-    help="Directory to create.",
-)
+@click.option("-o", "--output-dir", type=DIRECTORY, required=True, help="Directory to create.")
 @click.option(
     "--buda-batch",
-    "buda_batch",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
+    type=EXISTING,
     help="A BUDA job batch (zip or directory): one workunit per job directory, shared_input_files/ once.",
 )
 @click.option(
     "--app-version",
-    "app_version",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
+    type=EXISTING_DIR,
     help="The app version the workunits are for: its defaults may name the program (a container image's do).",
 )
-@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@force_option
+@json_option("Print a JSON summary on stdout.")
 def command(**options: Any) -> None:
     """Make BOINC workunits: a vm job, input/output templates, staged files and create_work commands.
 
@@ -234,7 +227,7 @@ def _job(o: _Options) -> VmJob:
         job,
         task=task,
         output_files=outs,
-        memory_size_mb=o.memory_mb if o.memory_mb is not None else job.memory_size_mb,
+        memory_mb=o.memory_mb if o.memory_mb is not None else job.memory_mb,
         ncpus=o.ncpus if o.ncpus is not None else job.ncpus,
         enable_network=o.network if o.network is not None else job.enable_network,
         vm_accel_required=True if o.require_kvm else job.vm_accel_required,

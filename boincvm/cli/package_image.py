@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING
 import click
 
 from boincvm.cli import console
-from boincvm.cli.params import backend_option
+from boincvm.cli.params import (
+    DIRECTORY,
+    EXISTING,
+    EXISTING_FILE,
+    app_option,
+    backend_option,
+    force_option,
+    json_option,
+)
 
 if TYPE_CHECKING:
     from boincvm.appversion.model import AppVersion
@@ -19,9 +27,9 @@ if TYPE_CHECKING:
 
 
 @click.command("package-image", context_settings={"show_default": True})
-@click.argument("image", type=click.Path(path_type=Path, exists=True))
-@click.option("--app", "app_name", required=True, help="BOINC application name.")
-@click.option("--version", "version", default="1.00", help="App version (X.YY).")
+@click.argument("image", type=EXISTING)
+@app_option
+@click.option("--version", default="1.00", help="App version (X.YY).")
 @click.option(
     "--platform",
     default=None,
@@ -35,7 +43,7 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--wsl-wrapper",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    type=EXISTING_FILE,
     help="BOINC's wsl_wrapper.exe: a Windows app version whose main program it is; the frozen "
     "wrapper goes in as main and runs inside WSL (its plan class entry carries <wsl/>).",
 )
@@ -55,20 +63,12 @@ if TYPE_CHECKING:
 )
 @click.option("--memory-mb", type=int, help="Guest memory (default: what the image suggests, else 512).")
 @click.option("--exec-dir", help="Working directory of jobs in the guest.")
-@click.option(
-    "--initrd",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="With a kernel as IMAGE: its initramfs.",
-)
+@click.option("--initrd", type=EXISTING_FILE, help="With a kernel as IMAGE: its initramfs.")
 @click.option("--kernel-cmdline", help="With a kernel as IMAGE: its command line.")
-@click.option(
-    "--disk",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="With a kernel as IMAGE: a disk image to attach.",
-)
+@click.option("--disk", type=EXISTING_FILE, help="With a kernel as IMAGE: a disk image to attach.")
 @click.option(
     "--sign-key",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    type=EXISTING_FILE,
     help="code_sign_private: write FILE.sig for every file (the key itself is never copied).",
 )
 @backend_option("Written into the job defaults of every task.")
@@ -93,13 +93,10 @@ if TYPE_CHECKING:
     help="Mark files that compress well for BOINC's <gzip/> download compression.",
 )
 @click.option(
-    "-o",
-    "--output-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Directory to create [default: APP_VERSION_PLATFORM].",
+    "-o", "--output-dir", type=DIRECTORY, help="Directory to create [default: APP_VERSION_PLATFORM]."
 )
-@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@force_option
+@json_option("Print a JSON summary on stdout.")
 def command(
     image: Path,
     app_name: str,

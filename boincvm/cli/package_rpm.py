@@ -8,22 +8,23 @@ from pathlib import Path
 import click
 
 from boincvm.cli import console
+from boincvm.cli.params import DIRECTORY, EXISTING_DIR, EXISTING_FILE, json_option
 
 # The core is imported inside the command, not here: the group imports this module to list
 # the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
 
 
 @click.command("package-rpm", context_settings={"show_default": True})
-@click.argument("program_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("program_dir", type=EXISTING_DIR)
 @click.option("--name", required=True, help="Package name.")
-@click.option("--version", "version", required=True, help="Package version.")
+@click.option("--version", required=True, help="Package version.")
 @click.option("--release", default="1", help="Package release.")
 @click.option("--prefix", help="Install directory in the guest [default: /opt/NAME].")
 @click.option("--entry-point", help="Program (relative to PROGRAM_DIR) linked as /usr/local/bin/NAME.")
 @click.option("--requires", multiple=True, help="RPM dependency (repeatable; busybox rpm ignores them).")
 @click.option(
     "--post-install",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    type=EXISTING_FILE,
     help="Shell script run after installing (RPM %post; busybox rpm does not run it).",
 )
 @click.option("--summary", default="", help="One line describing the package.")
@@ -39,11 +40,11 @@ from boincvm.cli import console
     "--output-dir",
     "--output",
     "output_dir",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=DIRECTORY,
     default=Path(),
     help="Directory the package is written to.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print name, path, md5 and size as JSON on stdout.")
+@json_option("Print name, path, md5 and size as JSON on stdout.")
 def command(
     program_dir: Path,
     name: str,

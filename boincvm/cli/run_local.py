@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from boincvm.cli import console
+from boincvm.cli.params import DIRECTORY, EXISTING_DIR, json_option
 
 # The core is imported inside the command, not here: the group imports this module to list
 # the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
@@ -23,26 +24,22 @@ if TYPE_CHECKING:
 
 
 @click.command("run-local")
-@click.argument("workunit_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("workunit_dir", type=EXISTING_DIR)
 @click.option(
-    "--app-version",
-    "app_version",
-    type=click.Path(path_type=Path, exists=True, file_okay=False),
-    required=True,
-    help="App version directory (from package-image).",
+    "--app-version", type=EXISTING_DIR, required=True, help="App version directory (from package-image)."
 )
 @click.option("--workunit", "name", help="Which workunit of a batch (default: the first).")
 @click.option(
     "--results",
     "results_dir",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=DIRECTORY,
     default=Path("results"),
     show_default=True,
     help="Where the outputs and summary go.",
 )
 @click.option(
     "--data-dir",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=DIRECTORY,
     help="The emulated client's data directory [default: ~/.cache/boincvm/client].",
 )
 @click.option(
@@ -75,7 +72,7 @@ if TYPE_CHECKING:
     show_default=True,
     help="boinc: run under the real BOINC client (boinc-client) against a loopback project on 127.0.0.1.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@json_option("Print the summary as JSON on stdout.")
 def command(
     workunit_dir: Path,
     app_version: Path,

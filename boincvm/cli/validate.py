@@ -8,15 +8,16 @@ from pathlib import Path
 import click
 
 from boincvm.cli import console
+from boincvm.cli.params import ANY_PATH, json_option
 
 # The core is imported inside the command, not here: the group imports this module to list
 # the command, and ``boincvm --help`` stays instant (start-up speed, not an import circle).
 
 
 @click.command("validate")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=ANY_PATH)
 @click.option("--boot", is_flag=True, help="For images: also boot and wait (bounded) for the guest tools.")
-@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON on stdout.")
+@json_option("Print the reports as JSON on stdout.")
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
 def command(paths: tuple[Path, ...], boot: bool, as_json: bool, strict: bool) -> None:
     """Check that each PATH is well-formed and consistent.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from boincvm.hypervisor.base import BackendKind
 from boincvm.image.descriptor import DESCRIPTOR_NAME, IMAGE_JOB_NAME, ImageDescriptor, ImageFormat
 from boincvm.image.elf import looks_like_kernel
 from boincvm.image.refs import declared_format, inspect_disk
-from boincvm.job import ImageFile, Task, load_job
+from boincvm.job import Task, VmJob, load_job, with_task
 
 KERNEL_OPEN_NAME = "vm_kernel"
 INITRD_OPEN_NAME = "vm_initrd"
@@ -133,24 +133,16 @@ class ImageParts:
     Attributes:
         files: the files to ship, in this order.
         backend: the hypervisor that runs the image.
-        vm_image, vm_kernel, vm_initrd, kernel_cmdline: the job defaults' image (logical names).
-        memory_mb: the memory the image suggests (None: no suggestion).
-        exec_dir: the working directory the image suggests.
-        task: the task the image carries (a container's program, environment and user).
-        image_files: a multi-file image's files (a VMware VM directory).
+        job: what the image says of the job defaults: its image, kernel and initrd (logical
+            names) and kernel command line, the memory and working directory it suggests, the
+            task it carries (a container's program, environment and user), a multi-file
+            image's files (a VMware VM directory).
         recheck: called once the files are copied; raises when the copies may be torn.
     """
 
     files: tuple[ShippedFile, ...]
     backend: BackendKind = BackendKind.QEMU
-    vm_image: str | None = None
-    vm_kernel: str | None = None
-    vm_initrd: str | None = None
-    kernel_cmdline: str | None = None
-    memory_mb: int | None = None
-    exec_dir: str | None = None
-    task: Task | None = None
-    image_files: tuple[ImageFile, ...] = ()
+    job: VmJob = field(default_factory=VmJob)
     recheck: Callable[[], None] | None = None
 
 
@@ -186,16 +178,16 @@ def directory_parts(source: ImageSource) -> ImageParts:
             initrd = INITRD_OPEN_NAME
     if desc.disk:
         files.append(ShippedFile.disk(directory / desc.disk))
-    return ImageParts(
-        files=tuple(files),
+    job = VmJob(
         vm_image=DISK_OPEN_NAME if desc.disk else None,
         vm_kernel=kernel,
         vm_initrd=initrd,
         kernel_cmdline=cmdline,
         memory_mb=desc.memory_mb,
-        exec_dir=desc.exec_dir,
         task=image_task(directory),
     )
+    # The descriptor's working directory wins over the one a container's task names.
+    return ImageParts(tuple(files), job=with_task(job, exec_dir=desc.exec_dir) if desc.exec_dir else job)
 
 
 def kernel_parts(source: ImageSource) -> ImageParts:
@@ -205,13 +197,13 @@ def kernel_parts(source: ImageSource) -> ImageParts:
         files.append(ShippedFile.copy(source.initrd, INITRD_OPEN_NAME))
     if source.disk is not None:
         files.append(ShippedFile.disk(source.disk))
-    return ImageParts(
-        files=tuple(files),
+    job = VmJob(
         vm_image=DISK_OPEN_NAME if source.disk is not None else None,
         vm_kernel=KERNEL_OPEN_NAME,
         vm_initrd=INITRD_OPEN_NAME if source.initrd is not None else None,
         kernel_cmdline=source.kernel_cmdline or DEFAULT_KERNEL_CMDLINE,
     )
+    return ImageParts(tuple(files), job=job)
 
 
 def disk_parts(source: ImageSource) -> ImageParts:
@@ -225,7 +217,7 @@ def disk_parts(source: ImageSource) -> ImageParts:
             f"{source.image.name} is not a kernel, so --initrd does not apply",
             hint="give a kernel (bzImage or vmlinux) as IMAGE, or drop --initrd",
         )
-    return ImageParts(files=(ShippedFile.disk(source.image),), vm_image=DISK_OPEN_NAME)
+    return ImageParts((ShippedFile.disk(source.image),), job=VmJob(vm_image=DISK_OPEN_NAME))
 
 
 def convert_disk(src: Path, dst: Path, *, compress: bool) -> None:

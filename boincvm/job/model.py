@@ -13,6 +13,10 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 ROOT = "vm_job"
+#: vboxwrapper's tag for the VM's memory (MiB), which the XML keeps; in Python the value is
+#: ``memory_mb`` everywhere. Only the XML's edge names the tag: parsing, the places findings
+#: name, and templates/vm_job.xml.j2.
+MEMORY_TAG = "memory_size_mb"
 
 #: Logical name of the workunit's job file in the slot.
 JOB_OPEN_NAME = "vm_job.xml"
@@ -149,7 +153,7 @@ class VmJob:
     vm_kernel: str | None = None
     vm_initrd: str | None = None
     kernel_cmdline: str | None = None
-    memory_size_mb: int | None = None
+    memory_mb: int | None = None
     ncpus: int | None = None
     enable_network: bool | None = None
     minimum_checkpoint_interval: float | None = None
@@ -227,7 +231,7 @@ class ResolvedJob:
     vm_kernel: str | None
     vm_initrd: str | None
     kernel_cmdline: str
-    memory_size_mb: int
+    memory_mb: int
     ncpus: int
     enable_network: bool
     minimum_checkpoint_interval: float

@@ -17,6 +17,7 @@ from boincvm.bounds import number_problem
 from boincvm.errors import XmlError
 from boincvm.findings import Finding, error, errors_in, warning
 from boincvm.job.model import (
+    MEMORY_TAG,
     ROOT,
     BackendOption,
     CheckpointMode,
@@ -38,13 +39,15 @@ _SCALARS: dict[str, Callable[[str], Any]] = {
     "vm_kernel": str,
     "vm_initrd": str,
     "kernel_cmdline": str,
-    "memory_size_mb": int,
+    MEMORY_TAG: int,
     "ncpus": int,
     "minimum_checkpoint_interval": float,
     "boot_timeout": float,
     "cpu_time_source": CpuTimeSource,
     "checkpoint_mode": CheckpointMode,
 }
+#: Tags whose value has another name in :class:`VmJob`.
+_FIELD_OF_TAG = {MEMORY_TAG: "memory_mb"}
 _FLAGS = ("enable_network", "disable_automatic_checkpoints", "vm_accel_required")
 _TASK_SCALARS: dict[str, Callable[[str], Any]] = {
     "application": str,
@@ -141,7 +144,7 @@ class _JobParts:
         """Read an element a job holds once (a later one replaces it); False if it is none."""
         tag = child.tag
         if tag in _SCALARS:
-            self.values[tag] = _convert(place, child, _SCALARS[tag], findings)
+            self.values[_FIELD_OF_TAG.get(tag, tag)] = _convert(place, child, _SCALARS[tag], findings)
         elif tag in _FLAGS:
             self.values[tag] = _flag(place, child, findings)
         elif tag == "package":

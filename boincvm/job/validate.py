@@ -22,6 +22,7 @@ from boincvm.job.model import (
     DEFAULT_MEMORY_MB,
     DEFAULT_NCPUS,
     JOB_OPEN_NAME,
+    MEMORY_TAG,
     ROOT,
     CheckpointMode,
     CpuTimeSource,
@@ -61,7 +62,7 @@ def resolve(job: VmJob) -> ResolvedJob:
         vm_kernel=job.vm_kernel,
         vm_initrd=job.vm_initrd,
         kernel_cmdline=job.kernel_cmdline or "",
-        memory_size_mb=job.memory_size_mb or DEFAULT_MEMORY_MB,
+        memory_mb=job.memory_mb or DEFAULT_MEMORY_MB,
         ncpus=job.ncpus or DEFAULT_NCPUS,
         enable_network=bool(job.enable_network),
         minimum_checkpoint_interval=(
@@ -138,10 +139,8 @@ def _validate_machine(job: VmJob) -> list[Finding]:
             out.append(error(f"{p}.{name}", problem, hint="give the logical name of an app version file"))
     if job.vm_initrd and not job.vm_kernel:
         out.append(error(f"{p}.vm_initrd", "needs vm_kernel"))
-    if job.memory_size_mb is not None and not 32 <= job.memory_size_mb <= 1024 * 1024:
-        out.append(
-            error(f"{p}.memory_size_mb", f"{job.memory_size_mb} is outside 32..1048576", hint="give MiB")
-        )
+    if job.memory_mb is not None and not 32 <= job.memory_mb <= 1024 * 1024:
+        out.append(error(f"{p}.{MEMORY_TAG}", f"{job.memory_mb} is outside 32..1048576", hint="give MiB"))
     if job.ncpus is not None and not 1 <= job.ncpus <= 256:
         out.append(error(f"{p}.ncpus", f"{job.ncpus} is outside 1..256", hint="give 1 to 256 CPUs"))
     # A job built from options (not parsed) may carry NaN or infinities too: checked here.

@@ -25,7 +25,16 @@ from pathlib import Path
 from boincvm.errors import PackageError
 from boincvm.findings import Finding, error, info, warning
 from boincvm.job.model import PackageKind
-from boincvm.package.payload import BUSYBOX_RPM, Compression, Payload, read_payload, sniff
+from boincvm.package.payload import (
+    ABSOLUTE_MARK,
+    BUSYBOX_RPM,
+    Compression,
+    PackageEntry,
+    Payload,
+    install_path,
+    read_payload,
+    sniff,
+)
 
 DEFAULT_PREFIXES = ("/opt/", "/usr/local/")
 DEFAULT_MAX_INSTALLED = 4 * 1024**3
@@ -35,32 +44,6 @@ BUSYBOX_RPM_PAYLOADS = tuple(sorted(c.value for c in BUSYBOX_RPM))
 MAX_TAR_MEMBERS = 200_000
 _RPM_LEAD = b"\xed\xab\xee\xdb"
 _RPMFILE_GHOST = 64
-
-
-@dataclass(frozen=True)
-class PackageEntry:
-    """One file of a package: absolute install path, mode (with type bits), size, link target."""
-
-    path: str
-    mode: int
-    size: int
-    link_target: str = ""
-
-    @property
-    def kind(self) -> str:
-        """file, dir, symlink, or the odd kinds a package must not have."""
-        m = self.mode
-        if stat.S_ISDIR(m):
-            return "dir"
-        if stat.S_ISLNK(m):
-            return "symlink"
-        if stat.S_ISREG(m) or m & 0o170000 == 0:
-            return "file"
-        if stat.S_ISCHR(m) or stat.S_ISBLK(m):
-            return "device"
-        if stat.S_ISFIFO(m):
-            return "fifo"
-        return "socket" if stat.S_ISSOCK(m) else "other"
 
 
 @dataclass(frozen=True)
@@ -135,11 +118,7 @@ def inspect_rpm(path: Path, *, max_installed: int = DEFAULT_MAX_INSTALLED) -> Pa
         payload=payload.compression.value,
         entries=entries,
         scriptlets=scriptlets,
-        payload_entries=(
-            tuple(PackageEntry(_cpio_path(m.name), m.mode, m.size, m.link_target) for m in payload.members)
-            if payload.members or payload.complete
-            else None
-        ),
+        payload_entries=payload.members if payload.members or payload.complete else None,
         complete=payload.complete or payload.compression in (Compression.ZSTD, Compression.UNKNOWN),
         declared_size=declared[0] if declared else 0,
         declared_payload=_text(h.get("archive_compression") or h.get("payloadcompressor") or "gzip"),
@@ -204,13 +183,6 @@ def _rpm_entries(path: Path, h: dict[object, object]) -> tuple[PackageEntry, ...
     return tuple(entries)
 
 
-def _cpio_path(name: str) -> str:
-    """The install path of a payload member (rpm stores ``./opt/x``); absolute names are marked."""
-    if name.startswith("/"):
-        return "\0abs:" + name
-    return "/" + (name[2:] if name.startswith("./") else name)
-
-
 def inspect_tarball(path: Path, *, max_installed: int = DEFAULT_MAX_INSTALLED) -> PackageInfo:
     """List a tarball's members (paths are taken relative to ``/``), stopping past ``max_installed``.
 
@@ -229,11 +201,7 @@ def inspect_tarball(path: Path, *, max_installed: int = DEFAULT_MAX_INSTALLED) -
                 if total > max_installed or len(entries) >= MAX_TAR_MEMBERS:
                     complete = False  # stop before reading (decompressing) past the limit
                     break
-                raw = m.name
-                if raw.startswith("/"):
-                    name = "\0abs:" + raw  # remembered as absolute: refused below
-                else:
-                    name = "/" + (raw[2:] if raw.startswith("./") else raw)
+                name = install_path(m.name)
                 mode = m.mode | {
                     tarfile.DIRTYPE: stat.S_IFDIR,
                     tarfile.SYMTYPE: stat.S_IFLNK,
@@ -419,7 +387,7 @@ def _through_symlink(e: PackageEntry, symlinks: set[str]) -> str | None:
 
 
 def _entry_problem(e: PackageEntry, prefixes: Sequence[str], allow_setuid: bool) -> str | None:
-    if e.path.startswith("\0abs:"):
+    if e.path.startswith(ABSOLUTE_MARK):
         return "is an absolute path in the archive"
     parts = e.path.split("/")
     if ".." in parts:

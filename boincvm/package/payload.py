@@ -16,6 +16,7 @@ import bz2
 import enum
 import gzip
 import lzma
+import stat
 import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -67,13 +68,42 @@ def sniff(magic: bytes) -> Compression:
 
 
 @dataclass(frozen=True)
-class CpioMember:
-    """One member of the payload: its name as stored (``./opt/x/f``), full mode, size, link target."""
+class PackageEntry:
+    """One file of a package (a header's list or a payload's member): absolute install path,
+    mode (with type bits), size, link target."""
 
-    name: str
+    path: str
     mode: int
     size: int
     link_target: str = ""
+
+    @property
+    def kind(self) -> str:
+        """file, dir, symlink, or the odd kinds a package must not have."""
+        m = self.mode
+        if stat.S_ISDIR(m):
+            return "dir"
+        if stat.S_ISLNK(m):
+            return "symlink"
+        if stat.S_ISREG(m) or m & 0o170000 == 0:
+            return "file"
+        if stat.S_ISCHR(m) or stat.S_ISBLK(m):
+            return "device"
+        if stat.S_ISFIFO(m):
+            return "fifo"
+        return "socket" if stat.S_ISSOCK(m) else "other"
+
+
+#: Marks the install path of a member stored with an absolute name (the checks refuse it).
+ABSOLUTE_MARK = "\0abs:"
+
+
+def install_path(name: str) -> str:
+    """The install path of an archive member (rpm and tar store ``./opt/x`` or ``opt/x``); an
+    absolute name keeps :data:`ABSOLUTE_MARK` in front, so the checks can refuse it."""
+    if name.startswith("/"):
+        return ABSOLUTE_MARK + name
+    return "/" + (name[2:] if name.startswith("./") else name)
 
 
 @dataclass(frozen=True)
@@ -82,13 +112,13 @@ class Payload:
 
     Attributes:
         compression: told by magic bytes.
-        members: the members read (all of them unless ``complete`` is False).
+        members: the members read, by install path (all of them unless ``complete`` is False).
         complete: False when reading stopped at the byte or member limit.
         data_bytes: bytes of file data read (regular files and link targets).
     """
 
     compression: Compression
-    members: tuple[CpioMember, ...]
+    members: tuple[PackageEntry, ...]
     complete: bool
     data_bytes: int
 
@@ -149,7 +179,7 @@ def read_payload(raw: BinaryIO, *, max_bytes: int, max_members: int = MAX_MEMBER
     raw.seek(start)
     if compression in (Compression.ZSTD, Compression.UNKNOWN):
         return Payload(compression, (), False, 0)
-    members: list[CpioMember] = []
+    members: list[PackageEntry] = []
     total = 0
     try:
         stream = _open(raw, compression)
@@ -186,6 +216,6 @@ def read_payload(raw: BinaryIO, *, max_bytes: int, max_members: int = MAX_MEMBER
                 _skip(stream, size, f"the data of {name}")
             _skip(stream, _pad(size), f"the data of {name}")
             total += size
-            members.append(CpioMember(name, mode, size, target))
+            members.append(PackageEntry(install_path(name), mode, size, target))
     except (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError) as exc:
         raise PackageError(f"the {compression.value} payload cannot be decompressed ({exc})") from None

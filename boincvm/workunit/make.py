@@ -334,10 +334,10 @@ def _check_request(req: WorkunitRequest) -> None:
             "max_total_results and max_error_results <= max_total_results",
             hint="lower --min-quorum or raise --target-nresults",
         )
-    if req.job.memory_size_mb is not None and req.job.memory_size_mb * 1024 * 1024 > r.rsc_memory_bound:
+    if req.job.memory_mb is not None and req.job.memory_mb * 1024 * 1024 > r.rsc_memory_bound:
         raise InputError(
             f"rsc_memory_bound ({r.rsc_memory_bound:g} bytes) is below the VM's memory "
-            f"({req.job.memory_size_mb} MiB)",
+            f"({req.job.memory_mb} MiB)",
             hint="raise --memory-bound; the client must not run the VM on hosts without that memory",
         )
 
@@ -553,7 +553,7 @@ def advisories(req: WorkunitRequest) -> tuple[str, ...]:
     """
     job = req.defaults.merged(req.job) if req.defaults is not None else req.job
     found = []
-    memory_mb = job.memory_size_mb or DEFAULT_MEMORY_MB
+    memory_mb = job.memory_mb or DEFAULT_MEMORY_MB
     bound = req.resources.rsc_disk_bound
     if bound < memory_mb * 2**20:
         found.append(

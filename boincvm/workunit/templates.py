@@ -13,7 +13,7 @@ from xml.etree import ElementTree as ET
 
 from boincvm.errors import BoincvmError
 from boincvm.findings import Finding, error, info
-from boincvm.job import VmJob
+from boincvm.job import DEFAULT_MEMORY_MB, VmJob
 from boincvm.xmlio import parse_xml, text_of
 
 
@@ -48,7 +48,7 @@ class Resources:
         """make-workunit's rules: what is not given takes the class's default, except the
         memory bound, which covers the VM (a quarter more than its memory, 512 MB when the
         job names none); the result limits grow with ``target_nresults``."""
-        vm_bytes = (job.memory_size_mb or 512) * 1024 * 1024
+        vm_bytes = (job.memory_mb or DEFAULT_MEMORY_MB) * 1024 * 1024
         base = cls()
         replicas = base.target_nresults if target_nresults is None else target_nresults
         return cls(

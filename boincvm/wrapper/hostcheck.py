@@ -98,60 +98,82 @@ def gather(slot: Path) -> HostFacts:
     return HostFacts(total, available, disk_total, disk_free)
 
 
-def memory_need_mb(guest_mb: int, overhead_mb: int) -> int:
-    """The host memory a VM of ``guest_mb`` needs: the guest's, plus the hypervisor's own."""
-    return guest_mb + overhead_mb
+def memory_need_mb(memory_mb: int, overhead_mb: int) -> int:
+    """The host memory a VM of ``memory_mb`` needs: the guest's, plus the hypervisor's own."""
+    return memory_mb + overhead_mb
 
 
-def disk_need_mb(guest_mb: int, rsc_disk_bound: float, used_mb: int = 0) -> int:
+def disk_need_mb(memory_mb: int, rsc_disk_bound: float, used_mb: int = 0) -> int:
     """Free disk the slot needs: two checkpoints' memory images (the new one is taken before the
     old one is dropped) plus room for the guest's writes, at most the workunit's ``rsc_disk_bound``
     (the client stops a task that uses more), less what the VM's files already use."""
-    need = checkpoint_disk_mb(guest_mb)
+    need = checkpoint_disk_mb(memory_mb)
     if rsc_disk_bound > 0:
         need = min(need, int(rsc_disk_bound // MIB))
     return max(0, need - used_mb)
 
 
-def check_memory(need_mb: int, facts: HostFacts) -> Decision:
-    """Refuse a job larger than the host's memory; postpone one larger than what is free now."""
-    total, available = facts.mem_total_mb, facts.mem_available_mb
+@dataclass(frozen=True)
+class _Room:
+    """How the host checks speak of one resource (memory or disk) in their lines."""
+
+    what: str
+    #: What the need covers, and what has the total, in the refusal.
+    need_covers: str
+    holder: str
+    #: Said after a refusal: who should have kept the job away.
+    refuse_note: str
+    #: Said after a postponement: how the volunteer frees some.
+    to_free: str
+    exit_code: ExitCode
+
+
+_MEMORY = _Room(
+    "memory",
+    " (VM and QEMU)",
+    "this host has",
+    " (the project's plan class or rsc_memory_bound should keep this job from such hosts)",
+    "close other programs to free memory",
+    ExitCode.MEM_LIMIT_EXCEEDED,
+)
+_DISK = _Room(
+    "disk",
+    " for its overlay and checkpoints",
+    "the slot's file system holds",
+    "",
+    "free disk space or raise BOINC's disk limit",
+    ExitCode.DISK_LIMIT_EXCEEDED,
+)
+
+
+def _check_room(need_mb: int, total: int | None, free: int | None, room: _Room) -> Decision:
+    """Refuse a job larger than all of ``room``; postpone one larger than what is free now
+    (an unknown total or free amount lets the job go)."""
     if total is not None and need_mb > total:
         return Decision(
             Verdict.REFUSE,
-            f"host check: the job needs {need_mb} MiB of memory (VM and QEMU) but this host has "
-            f"{total} MiB in all; refusing before the VM starts (the project's plan class or "
-            "rsc_memory_bound should keep this job from such hosts)",
-            ExitCode.MEM_LIMIT_EXCEEDED,
-        )
-    if available is not None and need_mb > available:
-        return Decision(
-            Verdict.POSTPONE,
-            f"host check: the job needs {need_mb} MiB of memory but only {available} MiB are free "
-            f"now; trying again in {SHORTAGE_DELAY:g} s (close other programs to free memory)",
-            delay=SHORTAGE_DELAY,
-        )
-    return GO
-
-
-def check_disk(need_mb: int, facts: HostFacts) -> Decision:
-    """Refuse a job larger than the slot's file system; postpone one larger than its free space."""
-    total, free = facts.disk_total_mb, facts.disk_free_mb
-    if total is not None and need_mb > total:
-        return Decision(
-            Verdict.REFUSE,
-            f"host check: the job needs {need_mb} MiB of disk for its overlay and checkpoints but "
-            f"the slot's file system holds {total} MiB in all; refusing before the VM starts",
-            ExitCode.DISK_LIMIT_EXCEEDED,
+            f"host check: the job needs {need_mb} MiB of {room.what}{room.need_covers} but "
+            f"{room.holder} {total} MiB in all; refusing before the VM starts{room.refuse_note}",
+            room.exit_code,
         )
     if free is not None and need_mb > free:
         return Decision(
             Verdict.POSTPONE,
-            f"host check: the job needs {need_mb} MiB of disk but only {free} MiB are free "
-            f"now; trying again in {SHORTAGE_DELAY:g} s (free disk space or raise BOINC's disk limit)",
+            f"host check: the job needs {need_mb} MiB of {room.what} but only {free} MiB are free "
+            f"now; trying again in {SHORTAGE_DELAY:g} s ({room.to_free})",
             delay=SHORTAGE_DELAY,
         )
     return GO
+
+
+def check_memory(need_mb: int, facts: HostFacts) -> Decision:
+    """Refuse a job larger than the host's memory; postpone one larger than what is free now."""
+    return _check_room(need_mb, facts.mem_total_mb, facts.mem_available_mb, _MEMORY)
+
+
+def check_disk(need_mb: int, facts: HostFacts) -> Decision:
+    """Refuse a job larger than the slot's file system; postpone one larger than its free space."""
+    return _check_room(need_mb, facts.disk_total_mb, facts.disk_free_mb, _DISK)
 
 
 def check_accel(accel: Availability, *, required: bool) -> Decision:

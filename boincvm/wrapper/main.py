@@ -81,7 +81,7 @@ def load_inputs(app: BoincApp, wu_args: tuple[str, ...], own: dict[str, str]) ->
         job = dataclasses.replace(job, ncpus=int(ncpus))
     if "memory_size_mb" in own:
         memory = parse_number(own["memory_size_mb"], "--memory_size_mb", low=1, high=MAX_MEMORY_MB)
-        job = dataclasses.replace(job, memory_size_mb=int(memory))
+        job = dataclasses.replace(job, memory_mb=int(memory))
     resolved = resolve(job)
 
     def existing(logical: str | None, what: str) -> Path | None:

@@ -116,7 +116,7 @@ class Wrapper:
             kernel=inputs.kernel,
             initrd=inputs.initrd,
             kernel_cmdline=job.kernel_cmdline,
-            memory_mb=job.memory_size_mb,
+            memory_mb=job.memory_mb,
             ncpus=job.ncpus,
             enable_network=job.enable_network,
             boot_timeout=job.boot_timeout,
@@ -182,10 +182,10 @@ class Wrapper:
     def _check_host(self) -> int | None:
         """Memory, disk, then KVM (see :mod:`.hostcheck`); the exit code when the task must not start."""
         facts = hostcheck.gather(self.slot)
-        need_mem = hostcheck.memory_need_mb(self.job.memory_size_mb, type(self.vm).memory_overhead_mb)
+        need_mem = hostcheck.memory_need_mb(self.job.memory_mb, type(self.vm).memory_overhead_mb)
         bound = self.app.init_data.rsc_disk_bound
         used = hostcheck.dir_size_mb(self.spec.workdir)  # a restarted task's overlay counts already
-        need_disk = hostcheck.disk_need_mb(self.job.memory_size_mb, bound, used)
+        need_disk = hostcheck.disk_need_mb(self.job.memory_mb, bound, used)
         checks: tuple[Callable[[], hostcheck.Decision], ...] = (
             lambda: hostcheck.check_memory(need_mem, facts),
             lambda: hostcheck.check_disk(need_disk, facts),

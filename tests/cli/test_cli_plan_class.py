@@ -61,7 +61,7 @@ def test_kvm_plan_class_entry_and_validate(tmp_path: Path, run: RunFn, base_imag
     }
     assert set(entry) <= KNOWN_TAGS
     defaults = load_job(next(out.glob("*vm_job_defaults.xml")))
-    assert defaults.vm_accel_required is True and defaults.ncpus == 2 and defaults.memory_size_mb == 768
+    assert defaults.vm_accel_required is True and defaults.ncpus == 2 and defaults.memory_mb == 768
     # The entry is not an app-version file: the project merges it into its own file.
     assert "plan_class_spec" not in (out / "version.xml").read_text()
     code, findings, err = _validate(run, out)

@@ -44,7 +44,7 @@ def app_version(guest_image: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def make_wu(tmp_path: Path, **job: object) -> Path:
     task = Task(application="/bin/sh")
-    memory = int(job.get("memory_size_mb", 512))  # type: ignore[call-overload]
+    memory = int(job.get("memory_mb", 512))  # type: ignore[call-overload]
     vm_job = VmJob(task=task, output_files=(OutputFile("out", 100_000),), **job)  # type: ignore[arg-type]
     wu = tmp_path / "wu"
     make_workunits(
@@ -79,7 +79,7 @@ def run(wu: Path, app_version: Path, tmp_path: Path, *, max_starts: int = 20) ->
 def test_a_job_larger_than_the_host_is_refused_before_qemu_starts(app_version: Path, tmp_path: Path) -> None:
     total, _ = parse_meminfo(Path("/proc/meminfo").read_text())
     assert total is not None
-    summary, slot = run(make_wu(tmp_path, memory_size_mb=total + 1024), app_version, tmp_path)
+    summary, slot = run(make_wu(tmp_path, memory_mb=total + 1024), app_version, tmp_path)
     assert summary.outcome == "compute_error"
     assert summary.exit_code == ExitCode.MEM_LIMIT_EXCEEDED
     assert summary.starts == 1
@@ -99,7 +99,7 @@ def test_run_local_shows_the_refusal_and_no_qemu_was_ever_executed(app_version: 
     assert total is not None
     strace = shutil.which("strace")
     assert strace is not None, "strace is part of the set-up (scripts/bootstrap.sh)"
-    wu = make_wu(tmp_path, memory_size_mb=total + 1024)
+    wu = make_wu(tmp_path, memory_mb=total + 1024)
     trace = tmp_path / "execve.trace"
     boincvm = Path(sys.executable).with_name("boincvm")
     done = subprocess.run(
@@ -139,7 +139,7 @@ def test_a_job_larger_than_free_memory_is_a_temporary_exit(app_version: Path, tm
     assert total is not None
     # Guest + QEMU's overhead is MemTotal - 1 MiB: always more than MemAvailable, never more than
     # the host has, so this is the "not now" case on any machine.
-    wu = make_wu(tmp_path, memory_size_mb=total - 256 - 1)
+    wu = make_wu(tmp_path, memory_mb=total - 256 - 1)
     summary, slot = run(wu, app_version, tmp_path, max_starts=1)
     assert summary.outcome == "temporary_exit", summary.message
     assert "are free now" in summary.message

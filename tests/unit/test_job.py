@@ -30,7 +30,7 @@ FULL = VmJob(
     vm_initrd="vm_initrd",
     vm_image="vm_disk.qcow2",
     kernel_cmdline="console=ttyS0 quiet",
-    memory_size_mb=256,
+    memory_mb=256,
     ncpus=2,
     enable_network=False,
     minimum_checkpoint_interval=60.5,
@@ -173,18 +173,18 @@ def test_wrong_root_is_refused() -> None:
 def test_merge_workunit_job_over_app_defaults() -> None:
     defaults = VmJob(
         vm_kernel="k",
-        memory_size_mb=256,
+        memory_mb=256,
         task=Task(exec_dir="/scratch/w", application="/bin/true"),
         output_files=(OutputFile("x", 1),),
     )
     wu = VmJob(
-        memory_size_mb=512,
+        memory_mb=512,
         task=Task(application="/opt/p", command_line="-n 3"),
         output_files=(OutputFile("out", 10),),
     )
     merged = defaults.merged(wu)
     assert merged.vm_kernel == "k"
-    assert merged.memory_size_mb == 512
+    assert merged.memory_mb == 512
     assert merged.task == Task(application="/opt/p", command_line="-n 3", exec_dir="/scratch/w")
     assert merged.output_files == (OutputFile("out", 10),)
     r = resolve(merged)

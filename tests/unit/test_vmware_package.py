@@ -45,7 +45,7 @@ def defaults_of(av: Path) -> VmJob:
 def test_collect_follows_every_reference(vm_dir: Path) -> None:
     vm = collect_vm(vm_dir / "base.vmx")
     assert {f.name: f.role for f in vm.files} == VM_FILES  # no vmware.log, no ISO
-    assert vm.vmx.name == "base.vmx" and vm.memsize_mb == 768 and vm.snapshot == "boincvm-base"
+    assert vm.vmx.name == "base.vmx" and vm.memory_mb == 768 and vm.snapshot == "boincvm-base"
     assert collect_vm(vm_dir).files == vm.files  # the directory names the same VM
 
 
@@ -83,7 +83,7 @@ def test_package_a_vm_directory(vm_dir: Path, tmp_path: Path) -> None:
         assert summary[f.physical_name]["md5"] == md5
     assert by_logical["vmware_base-s001.vmdk"].gzip  # mostly zeros: <gzip/> pays
     job = defaults_of(av)
-    assert job.backend == "vmware" and job.vm_image == "vmware_base.vmx" and job.memory_size_mb == 768
+    assert job.backend == "vmware" and job.vm_image == "vmware_base.vmx" and job.memory_mb == 768
     assert set(job.image_files) == {ImageFile(f"vmware_{n}", n) for n in VM_FILES}
     findings = check_app_version(av)
     assert not has_errors(findings), findings

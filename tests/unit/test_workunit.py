@@ -124,11 +124,7 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
         ({"resources": Resources(rsc_fpops_est=10, rsc_fpops_bound=1)}, "below"),
         ({"job": VmJob(task=Task(application="/x"), output_files=(OutputFile("out"),))}, "max_nbytes"),
         (
-            {
-                "job": VmJob(
-                    task=Task(application="/x"), memory_size_mb=4096, output_files=(OutputFile("o", 1),)
-                )
-            },
+            {"job": VmJob(task=Task(application="/x"), memory_mb=4096, output_files=(OutputFile("o", 1),))},
             "rsc_memory_bound",
         ),
         ({"job": VmJob(task=Task()), "inputs": ()}, "application"),

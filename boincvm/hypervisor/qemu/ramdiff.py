@@ -150,7 +150,6 @@ def _split_zero(data: bytes | memoryview, first: int) -> Iterator[tuple[int, int
         yield first + start, n - start, zero
 
 
-
 def _open_proc(pid: int, what: str, flags: int) -> int:
     try:
         return os.open(f"/proc/{pid}/{what}", flags | os.O_CLOEXEC)

@@ -133,7 +133,6 @@ def check_unpacked(root: Path, *, verify: bool = False) -> Runtime:
     return Runtime(root, str(data.get("qemu_version", "")))
 
 
-
 def _fsync_tree(root: Path) -> None:
     # A whole directory is renamed into place, so every file and directory in it is synced
     # first (boincvm.atomicdir.write_file_atomically covers one file, not a tree).

@@ -165,10 +165,10 @@ def job_settings(vmx: VmxFile, spec: VmSpec) -> dict[str, str | None]:
     ``enable_network`` every NIC is removed and disconnected; with it, ``ethernet0`` is present,
     connected at power-on and NATed unless the image chose a connection type.
     """
-    mem = (max(spec.memory_mb, 4) + 3) // 4 * 4
+    memsize = (max(spec.memory_mb, 4) + 3) // 4 * 4
     updates: dict[str, str | None] = {
         "displayName": spec.name,
-        "memsize": str(mem),
+        "memsize": str(memsize),
         "numvcpus": str(spec.ncpus),
         "msg.autoAnswer": "TRUE",
         "uuid.action": "create",

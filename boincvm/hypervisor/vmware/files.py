@@ -66,7 +66,7 @@ class VmDirectory:
     root: Path
     files: tuple[VmFile, ...]
     snapshot: str
-    memsize_mb: int | None
+    memory_mb: int | None
 
     @property
     def vmx(self) -> VmFile:
@@ -101,7 +101,7 @@ def collect_vm(path: Path, *, snapshot: str = BASE_SNAPSHOT, follow_links: bool 
         root=walk.root,
         files=tuple(walk.files.values()),
         snapshot=snapshot,
-        memsize_mb=int(memsize) if memsize and memsize.isdigit() else None,
+        memory_mb=int(memsize) if memsize and memsize.isdigit() else None,
     )
 
 

@@ -182,9 +182,9 @@ def _settings_findings(path: Path, settings: dict[str, str], place: Callable[[st
         if why and settings.get(key, "").upper() == bad:
             make = error if is_error else warning
             out.append(make(place(key), f"= {bad}: {why}", hint="remove this setting from the .vmx"))
-    mem = settings.get("memsize")
-    if mem is not None and (not mem.isdigit() or int(mem) % 4):
-        out.append(warning(place("memsize"), f"{mem!r} is not a multiple of 4 MB; VMware refuses it"))
+    memsize = settings.get("memsize")
+    if memsize is not None and (not memsize.isdigit() or int(memsize) % 4):
+        out.append(warning(place("memsize"), f"{memsize!r} is not a multiple of 4 MB; VMware refuses it"))
     if settings.get("ethernet0.present", "false").upper() == "TRUE":
         out.append(
             info(

@@ -148,49 +148,39 @@ def classify(output: str) -> tuple[Failure, str]:
     return Failure.OTHER, shown
 
 
+#: The error class of each failure that has one, with its hint (None: the class's own).
+_SPECIFIC: dict[Failure, tuple[type[BoincvmError], str | None]] = {
+    Failure.NOT_RUNNING: (VmNotRunning, None),
+    Failure.TOOLS: (GuestToolsMissing, "wait for the VMware Tools (checkToolsState 'running') first"),
+    Failure.AUTH: (
+        GuestCredentialsRejected,
+        "check the guest user and password; the account needs a non-empty password",
+    ),
+    Failure.FILE_NOT_FOUND: (GuestFileMissing, None),
+    Failure.SNAPSHOT_NOT_FOUND: (SnapshotNotFound, None),
+    Failure.NOT_SUPPORTED: (UnsupportedOperation, None),
+    Failure.PROVIDER: (WrongHostType, "choose host_type ws, fusion or player to match the product"),
+}
+#: Hints for failures that stay a :class:`VmrunError` (which keeps vmrun's output).
+_VMRUN_HINTS: dict[Failure, str] = {
+    Failure.ENCRYPTED: "the VM is encrypted: set vm_password_file, or ship an unencrypted VM",
+    Failure.VM_NOT_FOUND: "check the .vmx path",
+    Failure.DIALOG: 'a VMware dialog is waiting; set msg.autoAnswer = "TRUE"',
+}
+
+
 def error_for(command: str, output: str, returncode: int | None) -> BoincvmError:
     """Build the error a failed vmrun ``command`` should raise, from its output and exit code."""
     kind, shown = classify(output)
+    if kind is Failure.GUEST_EXIT:
+        m = _PATTERNS[0][1].search(output)
+        code = int(m.group(1)) if m else -1
+        return GuestExit(f"vmware: guest program exited with code {code}", code)
     msg = f"vmware: vmrun {command}: {shown}"
-    match kind:
-        case Failure.GUEST_EXIT:
-            m = _PATTERNS[0][1].search(output)
-            code = int(m.group(1)) if m else -1
-            return GuestExit(f"vmware: guest program exited with code {code}", code)
-        case Failure.NOT_RUNNING:
-            return VmNotRunning(msg)
-        case Failure.TOOLS:
-            return GuestToolsMissing(msg, hint="wait for the VMware Tools (checkToolsState 'running') first")
-        case Failure.AUTH:
-            return GuestCredentialsRejected(
-                msg, hint="check the guest user and password; the account needs a non-empty password"
-            )
-        case Failure.ENCRYPTED:
-            return VmrunError(
-                msg,
-                output=output,
-                returncode=returncode,
-                hint="the VM is encrypted: set vm_password_file, or ship an unencrypted VM",
-            )
-        case Failure.FILE_NOT_FOUND:
-            return GuestFileMissing(msg)
-        case Failure.VM_NOT_FOUND:
-            return VmrunError(msg, output=output, returncode=returncode, hint="check the .vmx path")
-        case Failure.SNAPSHOT_NOT_FOUND:
-            return SnapshotNotFound(msg)
-        case Failure.NOT_SUPPORTED:
-            return UnsupportedOperation(msg)
-        case Failure.PROVIDER:
-            return WrongHostType(msg, hint="choose host_type ws, fusion or player to match the product")
-        case Failure.DIALOG:
-            return VmrunError(
-                msg,
-                output=output,
-                returncode=returncode,
-                hint='a VMware dialog is waiting; set msg.autoAnswer = "TRUE"',
-            )
-        case _:
-            return VmrunError(msg, output=output, returncode=returncode)
+    if kind in _SPECIFIC:
+        cls, hint = _SPECIFIC[kind]
+        return cls(msg, hint=hint)
+    return VmrunError(msg, output=output, returncode=returncode, hint=_VMRUN_HINTS.get(kind))
 
 
 # -- discovery -----------------------------------------------------------------------------
