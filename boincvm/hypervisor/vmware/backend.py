@@ -495,6 +495,16 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
     def _snapshot_names(self) -> list[str]:
         return vr.parse_snapshots(self._call("listSnapshots", self.vmx).text)
 
+    def _snapshot_call(self, command: str, name: str) -> None:
+        """``vmrun COMMAND VMX NAME`` on a snapshot that must exist.
+
+        Raises:
+            SnapshotNotFound: no such snapshot.
+        """
+        if name not in self._snapshot_names():
+            raise vr.SnapshotNotFound(f"vmware: no snapshot named {name!r}")
+        self._call(command, self.vmx, [name], timeout=SNAPSHOT_TIMEOUT)
+
     def snapshot_list(self) -> list[SnapshotInfo]:
         """``vmrun listSnapshots`` (sizes are not reported)."""
         return [SnapshotInfo(n) for n in self._snapshot_names()]
@@ -505,9 +515,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         Raises:
             SnapshotNotFound: no such snapshot.
         """
-        if name not in self._snapshot_names():
-            raise vr.SnapshotNotFound(f"vmware: no snapshot named {name!r}")
-        self._call("revertToSnapshot", self.vmx, [name], timeout=SNAPSHOT_TIMEOUT)
+        self._snapshot_call("revertToSnapshot", name)
         self._after_revert()
         if self._tools_seen:
             self.wait_for_tools()
@@ -518,9 +526,7 @@ class VmwareBackend(Backend, kind=BackendKind.VMWARE):
         Raises:
             SnapshotNotFound: no such snapshot.
         """
-        if name not in self._snapshot_names():
-            raise vr.SnapshotNotFound(f"vmware: no snapshot named {name!r}")
-        self._call("deleteSnapshot", self.vmx, [name], timeout=SNAPSHOT_TIMEOUT)
+        self._snapshot_call("deleteSnapshot", name)
 
     # -- guestinfo and shared folders (the credential-free channel) ------------------------------
     def guestinfo_read(self, name: str) -> str | None:
