@@ -32,7 +32,7 @@ def complete(task: Task, status: ProcessStatus, record: CheckpointRecord | None,
         OutputMissing: a required output is missing.
         PathEscapeError: an output's slot name resolves outside the slot and project.
     """
-    out = output_tail(status.stdout_tail, status.stderr_tail)
+    out = output_tail(*task.output.final(status))  # the end of the output file the last survey read
     if out:
         log.info("guest program output (tail):\n%s", out)
     if status.exit_code != 0 or status.signal is not None:

@@ -139,6 +139,11 @@ def credit_report(data: bytes | None, bound: float | None, what: str = "credit r
     return Reading(value)
 
 
+def escape_controls(text: str) -> str:
+    """``text`` with every C0 and C1 control but tab and newline shown as ``?``."""
+    return _CONTROL.sub("?", text)
+
+
 def _lines(data: bytes) -> tuple[str, str]:
     text = data.decode("utf-8", "replace")
     lines = text.splitlines()
@@ -278,6 +283,11 @@ KIND_SCRIPT = _KIND_FUNCTION + 'for p do kind "$p"; echo "$k"; done\n'
 #: says what every contract file is and hands over the small ones, instead of a command
 #: for the kinds and three agent calls per file read. Without a working ``head -c`` no
 #: content is printed (the wrapper then reads through the agent).
+#:
+#: MAX below 0 is for the wrapper's own files outside the job's directory (the program's
+#: output): the kind comes from ``test`` alone (a symbolic link counts as ``outside``,
+#: anything else but a regular file as ``other``; no ``readlink`` is forked) and a regular
+#: file's last -MAX bytes are framed the same way, with ``tail``'s exit status.
 SURVEY_SCRIPT = (
     _KIND_FUNCTION
     + r"""
@@ -285,9 +295,17 @@ tok=$1; shift
 [ "$(printf abc | head -c 2 2>/dev/null)" = ab ] && havehead=1 || havehead=
 for a do
   m=${a%%:*}; p=${a#*:}
-  kind "$p"; echo "$k"
+  if [ "$m" -ge 0 ]; then kind "$p"
+  elif [ -L "$p" ]; then k=outside
+  elif [ -f "$p" ]; then k=file
+  elif [ -e "$p" ]; then k=other
+  else k=missing
+  fi
+  echo "$k"
   if [ "$k" = file ] && [ "$m" -gt 0 ] && [ -n "$havehead" ]; then
     echo "$tok"; head -c "$m" "$p" 2>/dev/null; s=$?; printf '\n%s %s\n' "$tok" "$s"
+  elif [ "$k" = file ] && [ "$m" -lt 0 ]; then
+    echo "$tok"; tail -c "${m#-}" "$p" 2>/dev/null; s=$?; printf '\n%s %s\n' "$tok" "$s"
   elif [ "$k" = directory ] && [ "$m" -gt 0 ]; then
     # A directory's first names, without forking: the trickle-up directory, mostly empty.
     echo "$tok"; n=0
@@ -316,8 +334,9 @@ class Survey:
 
 
 def survey_argv(root: str, token: str, entries: Sequence[tuple[str, int]]) -> list[str]:
-    """The guest command that surveys ``entries`` (path, bytes to read; 0: the kind only)."""
-    args = [f"{max(0, int(m))}:{p}" for p, m in entries]
+    """The guest command that surveys ``entries`` (path, bytes to read; 0: the kind only;
+    -N: the last N bytes of one of the wrapper's own files, see :data:`SURVEY_SCRIPT`)."""
+    args = [f"{int(m)}:{p}" for p, m in entries]
     return ["/bin/sh", "-c", SURVEY_SCRIPT, "boincvm-survey", root.rstrip("/") or "/", token, *args]
 
 
@@ -385,6 +404,7 @@ __all__ = [
     "Trigger",
     "completion_trigger",
     "credit_report",
+    "escape_controls",
     "fraction_done",
     "kind_problem",
     "kinds_argv",

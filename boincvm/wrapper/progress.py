@@ -1,5 +1,6 @@
-"""What the guest program hands the wrapper at a poll: its contract files, surveyed once,
-read and checked (:mod:`.guest_contract`), and forwarded to the client and the status file.
+"""What the guest program hands the wrapper at a poll: its contract files and the end of
+its output, surveyed once, read and checked (:mod:`.guest_contract`, :mod:`.guest_output`),
+and forwarded to the client and the status file.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def survey(task: Task, *, progress: bool, triggers: bool) -> Survey:
     if triggers:
         read += [job.completion_trigger_file, job.temporary_exit_trigger_file]
     entries = {n: SURVEY_READ_BYTES + 1 for n in read if n}
+    if progress:
+        entries |= task.output.survey_entries()  # the program's output: as often as its progress
     return task.files.survey(entries | task.api.survey_entries())
 
 
@@ -56,7 +59,13 @@ def _ops_limit(task: Task, cpu: float) -> float | None:
 
 def report(task: Task, status: ProcessStatus, survey: Survey) -> None:
     """Forward the fraction done, the operations and the CPU time to the client (the guest
-    API's ``status`` wins over the job's files), and the program's last output line."""
+    API's ``status`` wins over the job's files), and the program's latest output lines to
+    the status file (:mod:`.guest_output`).
+
+    Raises:
+        GuestError, HypervisorError: the guest could not run the command that trims the
+            program's output file (:meth:`~.guest_output.GuestOutput.take`).
+    """
     fraction: float | None = None
     ops: float | None = None
     job, read, note = task.job, task.files.read, task.files.note
@@ -81,9 +90,9 @@ def report(task: Task, status: ProcessStatus, survey: Survey) -> None:
     if fraction is not None:
         task.status.fraction_done = fraction
     task.status.cpu_time = task.app.last_status.current_cpu_time
-    tail = (status.stdout_tail or status.stderr_tail)[-200:].decode("utf-8", "replace").strip()
-    if tail:
-        task.status.last_output = tail.splitlines()[-1]
+    task.output.take(survey, running=status.running)
+    if shown := task.output.recent(status):
+        task.status.last_output = shown
     task.write_status()
 
 

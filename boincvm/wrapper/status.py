@@ -41,9 +41,9 @@ class StatusReport:
 
     On disk ``phase`` and the keys of ``timings`` (seconds spent in each phase) are the
     phases' values. ``last_output`` is the guest program's latest output, whole lines, newest
-    last (run-local's live view shows the last few); the wrapper has it only once the program
-    has ended, as long as the backend reports a program's output only at its exit (QEMU's
-    guest agent does). Between two phases ``phase`` is the one the wrapper was in before
+    last, control characters escaped (run-local's live view shows the last few); the wrapper
+    reads it from the program's output file at each progress report while the program runs
+    (:mod:`.guest_output`). Between two phases ``phase`` is the one the wrapper was in before
     them (``boot`` when it was in none yet), so a reader sees ``boot -> install -> boot ->
     run`` for one boot. ``steps`` is the path itself: every step this start of the wrapper
     entered, in order, excursions aside, so a reader that looked too late for a short step

@@ -256,8 +256,9 @@ class Wrapper:
         argv = self._program_argv()
         log.info("starting %s", shlex.join(argv))
         env = dict(self.job.setenv) | self.task.api.environment()
-        proc = self.vm.start_program(argv, env=env or None, cwd=self.job.exec_dir)
-        return proc
+        # Its output goes to a file the progress surveys read as it runs (:mod:`.guest_output`).
+        launch = self.task.output.launch_argv(argv)
+        return self.vm.start_program(launch, env=env or None, cwd=self.job.exec_dir)
 
     def _program_argv(self) -> list[str]:
         fixed = shlex.split(self.job.command_line) if self.job.command_line else []

@@ -1,7 +1,7 @@
 """One task in one slot: what the wrapper's steps share.
 
 The BOINC client's side (:class:`~boincvm.boinc.api.BoincApp`), the job, the VM behind
-its backend, the guest's files and API, the checkpoint record and the status file
+its backend, the guest's files, API and program output, the checkpoint record and the status file
 run-local reads; and the acts more than one step needs: a phase timed in the status
 file, the CPU time claimed, a checkpoint taken and committed, a failure that ends the task.
 """
@@ -23,6 +23,7 @@ from boincvm.wrapper import app_checkpoint, memory
 from boincvm.wrapper.checkpoint import CheckpointRecord, CheckpointStore
 from boincvm.wrapper.guest_api_link import GuestApiLink
 from boincvm.wrapper.guest_files import GuestFiles
+from boincvm.wrapper.guest_output import GuestOutput
 from boincvm.wrapper.status import Phase, StatusReport
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Task:
         self.status = StatusReport()
         self.files = GuestFiles(vm, job)
         self.api = GuestApiLink(self.files, app)  # the guest BOINC API (issue #15)
+        self.output = GuestOutput(vm, job.exec_dir, clock)  # the program's output, read as it runs
         self.last_checkpoint_at = clock()
         self.elapsed_before = 0.0
         self.started_at = clock()

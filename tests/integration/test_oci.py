@@ -6,6 +6,7 @@ result is byte for byte the uninterrupted one.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ id -u > whoami
 id -g >> whoami
 pwd >> whoami
 echo "$GREETING" >> whoami
+echo "running as $(id -u) in $(pwd)"
 exec /bin/sh /app/longjob "$@"
 """
 DEFAULT = LongJob(steps=3, step_seconds=0.2)
@@ -92,11 +94,20 @@ def _run(tmp_path: Path, wu: Path, app_version: Path, *faults: Fault) -> RunSumm
     )
 
 
+def _output_tail(summary: RunSummary) -> list[str]:
+    """The program's output the wrapper logged at the end: the launcher outside the container
+    root sent it to the wrapper's file (else its complaint would be there too)."""
+    _, header, after = task_log(summary).partition("guest program output (tail):\n")
+    assert header, task_log(summary)
+    return list(itertools.takewhile(lambda line: " boincvm: " not in line, after.splitlines()))
+
+
 def test_scratch_image_runs_cmd_as_its_user_in_its_workdir(scratch_app_version: Path, tmp_path: Path) -> None:
     summary = _run(tmp_path, _workunit(tmp_path, scratch_app_version, ""), scratch_app_version)
     assert summary.ok, summary.message + summary.stderr_tail
     assert (tmp_path / "results/out").read_text() == DEFAULT.expected_out
     assert (tmp_path / "results/whoami").read_text() == "1000\n1000\n/work\nhello from the image\n"
+    assert _output_tail(summary) == ["running as 1000 in /work"]
 
 
 @pytest.mark.parametrize("kind", [FaultKind.KILL, FaultKind.QUIT])
@@ -111,3 +122,5 @@ def test_scratch_image_interrupted_after_a_checkpoint_resumes_byte_identical(
     assert any(f"injected {kind.value}" in e for e in summary.events), summary.events
     assert "resuming from checkpoint" in task_log(summary)
     assert (tmp_path / "results/out").read_text() == FAULTED.expected_out
+    # The output file is in the VM: restored with it, and the program's line is still there.
+    assert _output_tail(summary) == ["running as 1000 in /work"]

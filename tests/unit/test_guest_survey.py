@@ -135,3 +135,28 @@ def test_a_directory_is_listed_without_dot_files_and_with_a_bound(tmp_path: Path
     assert survey.data[str(up)].split() == [b"t1", b"t2", b"t3"], "the first three names, sorted"
     assert survey.data[str(empty)].split() == []
     assert survey.kind(str(job / "gone")) is GuestFileKind.MISSING and str(job / "gone") not in survey.data
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_negative_size_hands_over_the_end_of_a_wrapper_file(tmp_path: Path, shell: list[str]) -> None:
+    job = _job_dir(tmp_path)
+    own = tmp_path / "job.wrapper"
+    own.mkdir()
+    (own / "output.log").write_bytes(b"".join(b"line %d\n" % i for i in range(1000)))
+    (own / "short.log").write_bytes(b"only\nthis")
+    (own / "link.log").symlink_to(own / "output.log")
+    os.mkfifo(own / "fifo.log")
+    names = ["output.log", "short.log", "link.log", "fifo.log", "gone.log"]
+    paths = [str(own / n) for n in names] + [str(job / "fraction")]
+    entries = [(p, -11) for p in paths[:-1]] + [(paths[-1], 4097)]
+    survey = parse_survey(_run(shell, survey_argv(str(job), TOKEN, entries)), TOKEN, paths)
+    assert survey is not None
+    assert [survey.kind(p) for p in paths] == [
+        GuestFileKind.FILE,
+        GuestFileKind.FILE,
+        GuestFileKind.OUTSIDE,  # a link is never followed
+        GuestFileKind.OTHER,  # a FIFO is never opened
+        GuestFileKind.MISSING,
+        GuestFileKind.FILE,
+    ]
+    assert survey.data == {paths[0]: b"8\nline 999\n", paths[1]: b"only\nthis", paths[-1]: b"0.25\n"}
