@@ -261,9 +261,19 @@ class _View:
             )
             self.last_phase = state.phase
         if state.last_output != self.output_shown:
-            for line in _output_lines(state.last_output)[-1:]:
+            lines = _new_lines(_output_lines(self.output_shown), _output_lines(state.last_output))
+            for line in lines:
                 console.info(f"{state.elapsed:6.1f}s  guest: {line}")
             self.output_shown = state.last_output
+
+
+def _new_lines(before: list[str], now: list[str]) -> list[str]:
+    """The lines of ``now`` that follow what ``before`` already showed: after the longest
+    end of ``before`` that ``now`` starts with (all of ``now`` when they share none)."""
+    for k in range(min(len(before), len(now)), 0, -1):
+        if before[-k:] == now[:k]:
+            return now[k:]
+    return now
 
 
 def _panel(state: LiveState) -> Table:

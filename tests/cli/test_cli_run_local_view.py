@@ -102,6 +102,14 @@ def test_plain_view_prints_each_phase_once_in_order_and_the_guests_new_lines(
     assert re.findall(r"guest: (.*)", err) == ["step 1 of 2", "step 2 of 2"]
 
 
+def test_plain_view_prints_every_new_line_once_even_several_per_look(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The status file carries the latest lines: two looks may each bring several new ones.
+    err = _plain_view_of([(R, "a\nb"), (R, "a\nb\nc\nd"), (R, "b\nc\nd\ne"), (R, "x")], capsys)
+    assert re.findall(r"guest: (.*)", err) == ["a", "b", "c", "d", "e", "x"]
+
+
 def test_live_panel_shows_the_latest_lines_whole_and_escaped() -> None:
     state = LiveState(
         phase="run", last_output="\n".join(f"line {n}" for n in range(6)) + "\n\x1b[2Jboom " + "x" * 200
