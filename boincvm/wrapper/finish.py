@@ -15,6 +15,7 @@ from boincvm.hypervisor.base import ProcessStatus
 from boincvm.wrapper.checkpoint import CheckpointRecord
 from boincvm.wrapper.guest_contract import GuestFileKind, kind_problem
 from boincvm.wrapper.guest_install import uninstall_script
+from boincvm.wrapper.guest_output import from_line_start
 from boincvm.wrapper.status import Phase
 from boincvm.wrapper.task import Task
 
@@ -58,13 +59,7 @@ def output_tail(stdout: bytes, stderr: bytes, limit: int = OUTPUT_TAIL_CHARS) ->
     unless it is the only one, whose end is then kept after ``...``."""
     parts = [p.decode("utf-8", "replace").strip("\n") for p in (stdout, stderr)]
     text = "\n".join(p for p in parts if p.strip()).rstrip()
-    if len(text) <= limit:
-        return text.lstrip("\n")
-    kept = text[-limit:]
-    if text[-limit - 1] == "\n":  # the cut fell at the start of a line
-        return kept
-    _, newline, whole_lines = kept.partition("\n")
-    return whole_lines if newline else "..." + kept[3:]
+    return text.lstrip("\n") if len(text) <= limit else from_line_start(text, limit)
 
 
 def _copy_out(task: Task) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Sequence
+from typing import AnyStr
 
 from boincvm.hypervisor.base import Backend, ProcessStatus
 from boincvm.wrapper.guest_contract import GuestFileKind, Survey, escape_controls
@@ -92,17 +93,18 @@ def launch_argv(output: str, argv: Sequence[str]) -> list[str]:
     return ["/bin/sh", "-c", LAUNCH_SCRIPT, "boincvm-launch", output, *argv]
 
 
-def from_line_start(data: bytes, limit: int) -> bytes:
-    """The end of ``data``, at most ``limit`` bytes, starting at the start of a line: the line
-    a cut would split is left out, unless it is the only one (its end is kept after ``...``).
-    A byte beyond ``limit`` tells whether a cut falls at the start of a line."""
+def from_line_start(data: AnyStr, limit: int) -> AnyStr:
+    """The end of ``data`` (bytes or text), at most ``limit`` long, starting at the start of a
+    line: the line a cut would split is left out, unless it is the only one (its end is kept
+    after ``...``). An item beyond ``limit`` tells whether a cut falls at the start of a line."""
     if len(data) <= limit:
         return data
+    newline, dots = ("\n", "...") if isinstance(data, str) else (b"\n", b"...")
     kept = data[-limit:]
-    if data[-limit - 1 : -limit] == b"\n":
+    if data[-limit - 1 : -limit] == newline:
         return kept
-    _, newline, whole = kept.partition(b"\n")
-    return whole if newline else b"..." + kept[3:]
+    _, found, whole = kept.partition(newline)
+    return whole if found else dots + kept[3:]
 
 
 def shown_line(line: str, limit: int = STATUS_LINE_CHARS) -> str:
