@@ -12,6 +12,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,10 @@ INSTALL_HINTS: dict[str, str] = {
 }
 
 STDERR_TAIL_LINES = 20
+
+#: The client's ``LD_LIBRARY_PATH`` as the frozen wrapper's launcher found it (empty: unset),
+#: kept for the programs the wrapper runs (:func:`child_env`).
+HOST_LIBRARY_PATH = "BOINCVM_HOST_LD_LIBRARY_PATH"
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,29 @@ def system_tool(name: str) -> str:
     return name
 
 
+def child_env(extra: Mapping[str, str] | None) -> dict[str, str] | None:
+    """The environment of a program boincvm runs: this one with ``extra`` (None: this one as it is).
+
+    A frozen boincvm runs with ``LD_LIBRARY_PATH`` pointing into its own bundle: PyInstaller
+    prepends its library directory, and the wrapper's launcher puts the runtime's glibc
+    first. The programs it runs get the host's path back (the launcher's record of it, else
+    PyInstaller's ``LD_LIBRARY_PATH_ORIG``), so none of them loads a library of the bundle.
+    """
+    frozen = getattr(sys, "frozen", False)
+    if not frozen and extra is None:
+        return None
+    env = dict(os.environ)
+    if frozen:
+        host = env.pop(HOST_LIBRARY_PATH, None)
+        before = env.pop("LD_LIBRARY_PATH_ORIG", None)
+        original = host if host is not None else before
+        if original:
+            env["LD_LIBRARY_PATH"] = original
+        else:
+            env.pop("LD_LIBRARY_PATH", None)
+    return {**env, **(extra or {})}
+
+
 def run(
     cmd: Sequence[Arg],
     *,
@@ -112,7 +140,7 @@ def run(
     argv = _argv(cmd)
     shown = _redact(argv, secrets)
     log.debug("+ %s", shlex.join(shown))
-    full_env = None if env is None else {**os.environ, **env}
+    full_env = child_env(env)
     try:
         proc = subprocess.run(
             argv,
@@ -166,7 +194,7 @@ def spawn(
     """
     argv = _argv(cmd)
     log.debug("& %s", shlex.join(argv))
-    full_env = None if env is None else {**os.environ, **env}
+    full_env = child_env(env)
     sink = None
     try:
         if log_file is not None:

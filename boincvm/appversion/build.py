@@ -8,8 +8,12 @@ staged in :mod:`boincvm.appversion.staging`.
 The directory made by :func:`package_image` is the platform directory of an app version
 (``apps/APP/VERSION/PLATFORM[__PLAN_CLASS]/`` in a project)::
 
-    APP_VERSION_<md5>_boincvm-wrapper  main program: the wrapper, an ELF executable (frozen), or
+    APP_VERSION_<md5>_boincvm-wrapper  main program: the frozen wrapper's /bin/sh launcher, or
                                        APP_VERSION_<md5>_wrapper.pyz, a Python zip application
+    APP_VERSION_<md5>_boincvm-wrapper-static, APP_VERSION_wrapper_runtime.tar.xz
+                                       (frozen) the static wrapper, and the wrapper's runtime
+                                       the launcher starts once it is unpacked
+                                       (:mod:`boincvm.appversion.wrapper_runtime`)
     APP_VERSION_vm_job_defaults.xml    logical name vm_job_defaults.xml: image, memory, guest dirs
     APP_VERSION_<md5>_vmlinux ...      the image files, logical names vm_kernel, vm_initrd, vm_disk.qcow2
     version.xml                        files, logical names, <is_wrapper/>, <dont_throttle/>, api_version
@@ -40,8 +44,10 @@ from boincvm.appversion.model import (
     API_VERSION,
     FROZEN_PLATFORM,
     RUNTIME_OPEN_NAME,
+    STATIC_WRAPPER_TAIL,
     SUMMARY_NAME,
     WRAPPER_FILE_NAMES,
+    WRAPPER_RUNTIME_OPEN_NAME,
     AppVersion,
     AppVersionRequest,
     Progress,
@@ -54,6 +60,7 @@ from boincvm.appversion.plan_class import KVM_CPU_FEATURES, PlanClassSpec
 from boincvm.appversion.runtime import cached_runtime_archive
 from boincvm.appversion.staging import StagedFiles, copy_hashed
 from boincvm.appversion.vmware import base_snapshot, vmware_parts
+from boincvm.appversion.wrapper_runtime import launcher_script, wrapper_runtime_archive
 from boincvm.appversion.wsl import EXE_TAIL, MAIN_OPEN_NAME, check_wsl_request
 from boincvm.appversion.wsl import PLATFORM as WSL_PLATFORM
 from boincvm.appversion.zipapp import build_wrapper_zipapp
@@ -78,6 +85,7 @@ from boincvm.names import check_identifier
 from boincvm.paths import check_regular, refuse_output_overlapping
 from boincvm.render import render
 from boincvm.signing import load_private_key
+from boincvm.unpacked import WRAPPER
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -162,7 +170,10 @@ def package_image(req: AppVersionRequest, progress: Progress | None = None) -> A
         # The wrapper is built while qemu-img converts the disk (another process).
         build_wrapper = build_frozen_wrapper if req.wrapper is WrapperKind.FROZEN else build_wrapper_zipapp
         wrapper = pool.submit(build_wrapper, tmp / ".wrapper.part")
-        return _package_into(req, tmp, vnum, progress, wrapper, key)
+        runtime = None
+        if req.wrapper is WrapperKind.FROZEN and req.wsl_wrapper is None:
+            runtime = pool.submit(wrapper_runtime_archive)
+        return _package_into(req, tmp, vnum, progress, (wrapper, runtime), key)
 
 
 def _check_request(req: AppVersionRequest) -> None:
@@ -203,7 +214,7 @@ def _package_into(
     tmp: Path,
     vnum: int,
     progress: Progress | None,
-    wrapper: Future[Path],
+    wrapper: tuple[Future[Path], Future[Path] | None],
     key: rsa.RSAPrivateKey | None,
 ) -> AppVersion:
     staged = StagedFiles(
@@ -222,9 +233,11 @@ def _package_into(
     job = _job_defaults(req, parts, _add_runtime(req, parts, staged))
     staged.add_bytes(render_job(job).encode("utf-8"), DEFAULTS_OPEN_NAME, "vm_job_defaults.xml")
     staged.note("adding the wrapper")
-    wrapper.result()
-    if req.wsl_wrapper is None:
-        staged.add_main_program(tmp / ".wrapper.part", WRAPPER_FILE_NAMES[req.wrapper])
+    built, runtime = wrapper[0].result(), wrapper[1]
+    if runtime is not None:
+        _add_launcher(staged, built, runtime.result())
+    elif req.wsl_wrapper is None:
+        staged.add_main_program(built, WRAPPER_FILE_NAMES[req.wrapper])
     else:
         staged.add_copied_program(tmp / ".wrapper.part", WRAPPER_FILE_NAMES[req.wrapper], MAIN_OPEN_NAME)
         staged.note("adding wsl_wrapper.exe")
@@ -232,6 +245,25 @@ def _package_into(
     if key is not None:
         staged.sign(key)
     return _write_descriptions(req, tmp, vnum, job, staged)
+
+
+def _add_launcher(staged: StagedFiles, static: Path, runtime: Path) -> None:
+    """The frozen wrapper of a Linux app version: the static executable, the wrapper's runtime
+    and, as the main program, the launcher that starts one or the other."""
+    static_name = staged.add_program(static, STATIC_WRAPPER_TAIL)
+    staged.note("adding the wrapper's runtime")
+    staged.add(ShippedFile.copy(runtime, WRAPPER_RUNTIME_OPEN_NAME, gzip_ok=False))
+    archive = staged.files[-1]
+    launcher = staged.directory / ".launcher.part"
+    launcher.write_bytes(
+        launcher_script(
+            static=static_name,
+            archive=archive.physical_name,
+            unpacked=WRAPPER.directory_name(staged.directory / archive.physical_name),
+        )
+    )
+    launcher.chmod(0o755)
+    staged.add_main_program(launcher, WRAPPER_FILE_NAMES[WrapperKind.FROZEN])
 
 
 def _stage_exe(exe: Path, tmp: Path) -> Path:

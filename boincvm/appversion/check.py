@@ -23,6 +23,7 @@ from boincvm.appversion.plan_class import ENTRY_NAME as PLAN_CLASS_ENTRY
 from boincvm.appversion.plan_class import FILE_NAME as PLAN_CLASS_FILE
 from boincvm.appversion.plan_class import check_plan_class_spec
 from boincvm.appversion.vmware import check_vmware_app_version
+from boincvm.appversion.wrapper_runtime import launcher_problem
 from boincvm.appversion.wsl import check_wsl_app_version, is_wsl_app_version
 from boincvm.errors import BoincvmError
 from boincvm.findings import Finding, error, has_errors, info, warning
@@ -64,6 +65,9 @@ def check_app_version(path: Path) -> list[Finding]:
     if wsl:
         out += check_wsl_app_version(directory, vx.files, summary, _plan_class_of(directory))
     out += _check_plan_class(directory, logical, wsl=wsl)
+    problem = launcher_problem(directory, vx.files)
+    if problem:
+        out.append(error("version.file.main_program", problem, hint="package the app version again"))
     out += _check_strays(directory, vx.files)
     if not has_errors(out):
         out += _check_recorded_files(directory)

@@ -41,6 +41,10 @@ class RuntimeKind(StrEnum):
 
 #: The runtime archive's logical name in the slot (and the QEMU backend option's value).
 RUNTIME_OPEN_NAME = "qemu_runtime.tar.xz"
+#: The logical name of the wrapper's runtime (:mod:`boincvm.appversion.wrapper_runtime`).
+WRAPPER_RUNTIME_OPEN_NAME = "wrapper_runtime.tar.xz"
+#: The tail of the static frozen wrapper's physical name, beside the launcher.
+STATIC_WRAPPER_TAIL = "boincvm-wrapper-static"
 
 
 class WrapperKind(StrEnum):

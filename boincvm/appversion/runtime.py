@@ -178,20 +178,20 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_runtime_archive(files: RuntimeFiles, dest: Path, *, preset: int = 6) -> Path:
-    """Pack ``files`` into the reproducible ``tar.xz`` at ``dest`` (written whole, then renamed).
+def write_archive(
+    members: list[tuple[str, Path, int]], manifest: dict[str, object], dest: Path, *, preset: int = 6
+) -> Path:
+    """Pack ``members`` (name in the archive, file, mode) into the reproducible ``tar.xz`` at
+    ``dest`` (written whole, then renamed), after the :data:`MANIFEST` ``manifest`` completed with
+    every member's name and sha256, as :mod:`boincvm.unpacked` reads it back.
 
-    The same files give the same bytes: members sorted, owner root, mtime 0, modes 0755
-    for programs, the loader, libraries and modules, 0644 for firmware. ``preset`` is xz's
-    level (6, its default, for app versions; tests use 0, which packs in a tenth of the time).
+    The same files give the same bytes: members sorted, owner root, mtime 0. ``preset`` is
+    xz's level (6, its default, for app versions; tests use 0, which packs in a tenth of the time).
     """
-    manifest = {
-        "format": RUNTIME_FORMAT,
-        "qemu_version": files.qemu_version,
-        "loader": files.loader[0],
-        "programs": {Path(n).name: n for n, _ in files.programs},
-        "files": [n for n, _ in files.members()],
-        "sha256": {n: _sha256(p) for n, p in files.members()},
+    members = sorted(members)
+    manifest = manifest | {
+        "files": [n for n, _, _ in members],
+        "sha256": {n: _sha256(p) for n, p, _ in members},
     }
     raw = json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n"
     tmp = dest.with_name(f".{dest.name}.part")
@@ -200,12 +200,27 @@ def write_runtime_archive(files: RuntimeFiles, dest: Path, *, preset: int = 6) -
         tarfile.open(fileobj=xz, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
         tar.addfile(_info(MANIFEST, len(raw), 0o644), io.BytesIO(raw))
-        for name, path in files.members():
-            mode = 0o644 if name.startswith(f"{FIRMWARE_DIR}/") else 0o755
+        for name, path, mode in members:
             with path.open("rb") as f:
                 tar.addfile(_info(name, path.stat().st_size, mode), f)
     tmp.rename(dest)
     return dest
+
+
+def write_runtime_archive(files: RuntimeFiles, dest: Path, *, preset: int = 6) -> Path:
+    """Pack ``files`` into the reproducible QEMU runtime archive at ``dest`` (:func:`write_archive`):
+    modes 0755 for programs, the loader, libraries and modules, 0644 for firmware."""
+    manifest: dict[str, object] = {
+        "format": RUNTIME_FORMAT,
+        "qemu_version": files.qemu_version,
+        "loader": files.loader[0],
+        "programs": {Path(n).name: n for n, _ in files.programs},
+    }
+    members = [
+        (name, path, 0o644 if name.startswith(f"{FIRMWARE_DIR}/") else 0o755)
+        for name, path in files.members()
+    ]
+    return write_archive(members, manifest, dest, preset=preset)
 
 
 def cached_runtime_archive() -> Path:

@@ -131,6 +131,13 @@ class StagedFiles:
         physical, md5, size = self._name_built(staging, tail)
         self.files.insert(0, AppVersionFile(physical, None, md5, size, main_program=True))
 
+    def add_program(self, staging: Path, tail: str) -> str:
+        """Name a program the main program runs from the project directory (built at
+        ``staging``, executable); return its physical name."""
+        physical, md5, size = self._name_built(staging, tail)
+        self.files.append(AppVersionFile(physical, None, md5, size))
+        return physical
+
     def add_copied_program(self, staging: Path, tail: str, logical_name: str) -> None:
         """Name a program the main program runs (built at ``staging``): a ``<copy_file/>``,
         so the slot holds the program itself rather than a BOINC link file."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import re
 import threading
 import time
@@ -171,6 +172,10 @@ class LoopbackProject:
         parts += self._result_xml()
         return "\n".join(parts)
 
+    def _executable(self, physical_name: str) -> bool:
+        """update_versions marks a file ``<executable/>`` from its mode, and so does this."""
+        return os.access(self.av / physical_name, os.X_OK)
+
     def _app_version_xml(self) -> list[str]:
         """The app files' ``<file_info>``s (signed, gzipped where asked) and the ``<app_version>``."""
         parts, refs = [], []
@@ -186,7 +191,7 @@ class LoopbackProject:
                     if f.gzip
                     else ""
                 )
-                + ("    <executable/>\n" if f.main_program else "")
+                + ("    <executable/>\n" if f.main_program or self._executable(f.physical_name) else "")
                 + f"    <file_signature>\n{sig}</file_signature>\n"
                 f"    <nbytes>{(self.av / f.physical_name).stat().st_size}</nbytes>\n"
                 "</file_info>"

@@ -3,6 +3,7 @@ into the :class:`~boincvm.boinc.slot.LocalTask` the client (emulated or real) is
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from boincvm.appversion.model import app_version_defaults, check_app_matches, parse_version_xml, read_summary
@@ -79,10 +80,10 @@ def _app_files(av: Path) -> list[TaskFile]:
         src = av / f.physical_name
         if not src.is_file():
             raise InputError(f"app version file {src} is missing")
+        # update_versions marks a file <executable/> from its mode, and so does this.
+        executable = f.main_program or os.access(src, os.X_OK)
         app_files.append(
-            TaskFile(
-                src, f.physical_name, f.logical_name, main_program=f.main_program, executable=f.main_program
-            )
+            TaskFile(src, f.physical_name, f.logical_name, main_program=f.main_program, executable=executable)
         )
     if not any(f.main_program for f in app_files):
         raise InputError(f"{av}/version.xml names no main program")

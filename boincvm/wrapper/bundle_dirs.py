@@ -56,11 +56,19 @@ def remove_abandoned(bundle: Path) -> list[Path]:
 
     Errors are logged, never raised: a directory left behind costs disk space, not the task.
     """
+    return remove_abandoned_in(bundle.parent, keep=bundle)
+
+
+def remove_abandoned_in(parent: Path, keep: Path | None = None) -> list[Path]:
+    """Remove the marked ``staticx-*`` directories in ``parent`` (but ``keep``) no live wrapper
+    holds; return them. The wrapper's runtime, which staticx does not start, calls this on
+    staticx's directory (``$TMPDIR``, else ``/tmp``): the static wrapper killed before it left them.
+    """
     removed: list[Path] = []
     try:
-        siblings = [p for p in bundle.parent.iterdir() if p.name.startswith(PREFIX) and p != bundle]
+        siblings = [p for p in parent.iterdir() if p.name.startswith(PREFIX) and p != keep]
     except OSError as exc:
-        log.debug("cannot list %s: %s", bundle.parent, exc)
+        log.debug("cannot list %s: %s", parent, exc)
         return removed
     for other in siblings:
         if _remove_if_abandoned(other):

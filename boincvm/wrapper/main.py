@@ -19,18 +19,20 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from boincvm import __version__
 from boincvm.boinc.api import BoincApp, slot_locked_exit
 from boincvm.boinc.errors import SlotLocked
 from boincvm.boinc.files import ExitCode, read_temporary_exit, write_finish_file
-from boincvm.bounds import parse_number
 from boincvm.errors import BoincvmError, InputError
-from boincvm.findings import errors_in, has_errors
-from boincvm.hypervisor.base import backend_class
-from boincvm.job import DEFAULTS_OPEN_NAME, JOB_OPEN_NAME, VmJob, load_job, resolve
-from boincvm.wrapper import bundle_dirs, memory, wsl_mode
-from boincvm.wrapper.steps import Wrapper, WrapperInputs
+from boincvm.wrapper import bundle_dirs, memory, self_unpack, wsl_mode
+
+if TYPE_CHECKING:
+    from boincvm.wrapper.steps import WrapperInputs
+
+# The job, the backends and the steps are imported once the BOINC API ticks (in _run and
+# load_inputs): the client's first heartbeat is read about 60 ms earlier that way.
 
 log = logging.getLogger("boincvm.wrapper")
 #: Seconds between ticks of the BOINC API by its own thread (status and heartbeats are
@@ -65,6 +67,10 @@ def load_inputs(app: BoincApp, wu_args: tuple[str, ...], own: dict[str, str]) ->
     Raises:
         InputError, XmlError: a job file is missing or invalid, or a file it names is missing.
     """
+    from boincvm.bounds import parse_number
+    from boincvm.job import DEFAULTS_OPEN_NAME, JOB_OPEN_NAME, VmJob, load_job, resolve
+    from boincvm.wrapper.steps import WrapperInputs
+
     job = VmJob()
     defaults = app.resolve(DEFAULTS_OPEN_NAME)
     if defaults.exists():
@@ -118,6 +124,7 @@ def _check_package(path: Path) -> None:
         from boincvm.package import check_package
     except ImportError:
         return
+    from boincvm.findings import errors_in, has_errors
 
     findings = list(check_package(path))
     if has_errors(findings):
@@ -213,6 +220,15 @@ def _follow_staticx(bootloader: int) -> None:
     threading.Thread(target=watch, name="follow-staticx", daemon=True).start()
 
 
+def running_form() -> str:
+    """How this wrapper runs, for its first log line (the frozen forms start at different speeds)."""
+    if not getattr(sys, "frozen", False):
+        return "on the host's Python"
+    if "STATICX_BUNDLE_DIR" in os.environ:
+        return "static executable (unpacks itself at every start)"
+    return "from the wrapper's runtime (unpacked once per host)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the wrapper in the current directory (a BOINC slot); return the exit code.
 
@@ -229,9 +245,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stderr, format=wsl_mode.LOG_FORMAT, datefmt=wsl_mode.LOG_DATE_FORMAT
     )
     signal.signal(signal.SIGTERM, _sigterm)
+    log.info("%s, %s", VERSION_LINE, running_form())
     bundle = os.environ.get("STATICX_BUNDLE_DIR")
     if bundle and getattr(sys, "frozen", False):
         bundle_dirs.tidy(Path(bundle))  # what staticx left behind for killed wrappers
+    elif getattr(sys, "frozen", False):  # the wrapper's runtime: no staticx of its own
+        bundle_dirs.remove_abandoned_in(Path(os.environ.get("TMPDIR") or "/tmp"))
+    unpacking = self_unpack.start_unpacking()  # the launcher started the static wrapper
+    code = _run_task(args)
+    if unpacking is not None:
+        self_unpack.finish(unpacking)  # not after a SIGTERM or a crash: those end at once
+    return code
+
+
+def _run_task(args: list[str]) -> int:
+    """Run the task in the current directory (again and again behind wsl_wrapper, where a
+    temporary exit is waited out in place); return the exit code."""
     own, wu_args = split_args(args)
     slot = Path.cwd()
     while True:
@@ -262,6 +291,9 @@ def run_once(slot: Path, own: dict[str, str], wu_args: tuple[str, ...]) -> tuple
 
 
 def _run(app: BoincApp, own: dict[str, str], wu_args: tuple[str, ...]) -> int:
+    from boincvm.hypervisor.base import backend_class
+    from boincvm.wrapper.steps import Wrapper
+
     try:
         inputs = load_inputs(app, wu_args, own)
         if inputs.package is not None:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from boincvm import __version__
-from boincvm.appversion.frozen import NAME, freeze, frozen_wrapper
-from boincvm.appversion.model import parse_version_xml
+from boincvm import __version__, unpacked
+from boincvm.appversion.frozen import NAME, ONEDIR, freeze, frozen_wrapper
+from boincvm.appversion.model import STATIC_WRAPPER_TAIL, WRAPPER_RUNTIME_OPEN_NAME, parse_version_xml
 from boincvm.wrapper.main import main
 from tests.cli.conftest import RunFn
 
@@ -43,16 +44,12 @@ def _version(program: Path, cwd: Path, env: dict[str, str] | None) -> subprocess
     )
 
 
-def test_package_image_ships_a_frozen_elf_that_needs_no_python(tmp_path: Path, run: RunFn) -> None:
-    av, program = _package(tmp_path, run)
-    assert program.name.startswith("hello_1.00_") and program.name.endswith("_boincvm-wrapper")
-    assert program.read_bytes()[:4] == b"\x7fELF"
-    assert program.stat().st_mode & 0o111
-    slot = tmp_path / "slot"
-    slot.mkdir()
+def _versions_without_python(program: Path, slot: Path, tmp_path: Path) -> None:
+    """``program --version`` prints the version line with a PATH without python, and with none."""
     no_python = tmp_path / "bin"  # a PATH with programs, none of them python
-    no_python.mkdir()
-    (no_python / "true").symlink_to("/bin/true")
+    no_python.mkdir(exist_ok=True)
+    if not (no_python / "true").exists():
+        (no_python / "true").symlink_to("/bin/true")
     for env in ({"PATH": str(no_python)}, {}):
         done = _version(program, slot, env)
         assert (done.returncode, done.stdout) == (0, VERSION_LINE), done.stderr
@@ -62,6 +59,42 @@ def test_package_image_ships_a_frozen_elf_that_needs_no_python(tmp_path: Path, r
     )
     assert (done.returncode, done.stdout) == (0, VERSION_LINE), done.stderr
     assert list(slot.iterdir()) == []  # --version leaves the slot as it was
+
+
+def test_package_image_ships_a_launcher_the_static_elf_and_the_wrappers_runtime(
+    tmp_path: Path, run: RunFn
+) -> None:
+    av, program = _package(tmp_path, run)
+    assert program.name.startswith("hello_1.00_") and program.name.endswith("_boincvm-wrapper")
+    assert program.read_bytes().startswith(b"#!/bin/sh\n")
+    assert program.stat().st_mode & 0o111
+    vx, _ = parse_version_xml((av / "version.xml").read_bytes())
+    (static,) = [f.physical_name for f in vx.files if f.physical_name.endswith(f"_{STATIC_WRAPPER_TAIL}")]
+    (archive,) = [f.physical_name for f in vx.files if f.logical_name == WRAPPER_RUNTIME_OPEN_NAME]
+    assert (av / static).read_bytes()[:4] == b"\x7fELF" and (av / static).stat().st_mode & 0o111
+    assert unpacked.archive_problem(av / archive, unpacked.WRAPPER) is None
+    # As the client lays it out: the app version's files in the project directory, the
+    # main program run by its path from a slot beside it.
+    project, slot = tmp_path / "projects" / "p", tmp_path / "slots" / "0"
+    shutil.copytree(av, project)
+    slot.mkdir(parents=True)
+    launcher = Path("../../projects/p") / program.name
+    # Before the runtime is unpacked: the static wrapper answers.
+    _versions_without_python(launcher, slot, tmp_path)
+    root, _ = unpacked.unpack_once(project / archive, unpacked.WRAPPER)
+    assert root.parent == project
+    # Then the runtime does, through its own loader: without the static wrapper, nothing else could.
+    (project / static).unlink()
+    _versions_without_python(launcher, slot, tmp_path)
+    # validate knows the launcher of these files from any other main program.
+    program.write_bytes(program.read_bytes().replace(b"--library-path", b"--library-path /x:"))
+    code, _, err = run(["validate", str(av)])
+    assert code != 0 and f"the main program {program.name} is not the launcher of {static}" in err, err
+    shipped = {p.name for p in av.iterdir()}
+    assert sorted(p.name for p in project.iterdir() if p.name not in shipped) == [
+        f".{root.name}.lock",
+        root.name,
+    ]
 
 
 def test_package_image_wrapper_pyz_keeps_the_zip_application(tmp_path: Path, run: RunFn) -> None:
@@ -108,6 +141,11 @@ def test_two_builds_are_byte_identical(tmp_path: Path) -> None:
     for name in ("a", "b"):
         static = freeze(tmp_path / name)
         assert static.read_bytes()[:4] == b"\x7fELF"
-        digests.append(hashlib.sha256((tmp_path / name / "dist" / NAME).read_bytes()).hexdigest())
+        dist = tmp_path / name / "dist"
+        one_folder = sorted(p for p in (dist / ONEDIR).rglob("*") if p.is_file())
+        digests.append(
+            [hashlib.sha256(p.read_bytes()).hexdigest() for p in [dist / NAME, *one_folder]]
+            + [p.relative_to(dist).as_posix() for p in one_folder]
+        )
     assert digests[0] == digests[1]
     assert frozen_wrapper().path.read_bytes()[:4] == b"\x7fELF"

@@ -28,6 +28,7 @@ from boincvm.runlocal.loopback import LoopbackProject
 from boincvm.runlocal.real_client import Client
 from boincvm.runlocal.request import RunLocalRequest
 from boincvm.signing import write_key_pair
+from boincvm.unpacked import MANIFEST, WRAPPER
 from boincvm.wrapper.status import Phase, StatusReport
 from tests.bare_host import DATA_DIRS, BareHost, build_root, foreign_tools
 from tests.integration.jobs import SCALE, LongJob
@@ -216,6 +217,10 @@ def test_the_app_version_runs_on_the_bare_host_as_under_run_local(
         assert exe.is_relative_to(client.dir), f"QEMU ran from {exe}, outside the app version"
     # ... and nothing was installed on the host outside the client's data directories.
     assert foreign_tools(bare.root, skip=(bare.root / DATA_DIRS,)) == []
+    # The first task of the app version on this host ran the static wrapper, which left the
+    # wrapper's runtime unpacked in the project directory for the tasks after it.
+    assert "static executable" in report and "unpacked the wrapper's runtime" in report, report[-3000:]
+    assert list(client.dir.glob(f"projects/*/{WRAPPER.prefix}*/{MANIFEST}")), "the runtime was not unpacked"
 
     t1 = time.monotonic()
     local = run_local(
@@ -280,6 +285,8 @@ def test_a_client_restart_on_the_bare_host_resumes_from_the_checkpoint(
     assert data.decode() == LONGER_JOB.expected_out
     _wait("the report", client, lambda: bool(project.seen.reports), 60)
     assert "resuming from checkpoint" in project.seen.reports[-1]
+    # The first start unpacked the wrapper's runtime (its quit waits for that); the restart ran it.
+    assert "from the wrapper's runtime" in project.seen.reports[-1], project.seen.reports[-1][-3000:]
 
 
 @pytest.fixture

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from boincvm import __version__
+from boincvm import __version__, unpacked
 from boincvm.appversion.frozen import frozen_wrapper
 from boincvm.appversion.runtime import cached_runtime_archive
+from boincvm.appversion.wrapper_runtime import launcher_script, wrapper_runtime_archive
 from boincvm.hypervisor.qemu.runtime import unpack_once
 from tests.bare_host import MOUNT_POINT, build_root, glibc_version, run_in_root
 
@@ -60,3 +61,26 @@ def test_bundled_qemu_runs_on_debian_11(tmp_path: Path, guest_image: Path) -> No
     done = run_in_root(root, shared, "sh", "-c", script, timeout=120)
     assert done.text.startswith("qemu-img version "), done.stderr
     assert "Linux version " in done.text, done.stderr
+
+
+def test_the_launcher_runs_the_static_wrapper_then_the_runtime_on_debian_11(tmp_path: Path) -> None:
+    """The Linux app version's main program on glibc 2.31: the static wrapper until the
+    wrapper's runtime is unpacked beside it, then the runtime, through its own loader."""
+    root = build_root()
+    frozen = frozen_wrapper()
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copyfile(frozen.path, project / "static")
+    (project / "static").chmod(0o755)
+    archive = shutil.copyfile(wrapper_runtime_archive(frozen), project / "runtime.tar.xz")
+    name = unpacked.WRAPPER.directory_name(archive)
+    (project / "main").write_bytes(launcher_script(static="static", archive=archive.name, unpacked=name))
+    (project / "main").chmod(0o755)
+    # Run by its path from a slot, as the client runs it.
+    script = f"set -e; mkdir -p /tmp/slot; cd /tmp/slot; ../..{MOUNT_POINT}/main --version"
+    done = run_in_root(root, project, "sh", "-c", script)
+    assert done.text == f"boincvm-wrapper {__version__}\n", done.stderr
+    unpacked.unpack_once(archive, unpacked.WRAPPER)
+    (project / "static").unlink()  # only the runtime can answer now
+    done = run_in_root(root, project, "sh", "-c", f"cd /tmp && {MOUNT_POINT}/main --version")
+    assert done.text == f"boincvm-wrapper {__version__}\n", done.stderr

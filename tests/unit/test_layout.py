@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2] / "boincvm"
 
 #: Modules that import nothing above them.
 GROUND = {
+    "unpacked",
     "errors",
     "proc",
     "xmlio",
@@ -201,6 +202,22 @@ def test_nothing_imports_the_cli() -> None:
 #: boincvm.job does not import; the wrapper test below guards that.)
 LAZY: dict[tuple[str, str], str] = {}
 
+#: Function-local imports the wrapper makes later, once the BOINC API ticks: the client's first
+#: heartbeat is read before they load (about 60 ms sooner), with the reason. The wrapper
+#: still loads them, so the wrapper test below follows them.
+_AFTER_TICK = "the job, the backends and the steps load once the API ticks"
+DEFERRED: dict[tuple[str, str], str] = {
+    ("boincvm.wrapper.main", "boincvm.bounds"): _AFTER_TICK,
+    ("boincvm.wrapper.main", "boincvm.job"): _AFTER_TICK,
+    ("boincvm.wrapper.main", "boincvm.wrapper.steps"): _AFTER_TICK,
+    ("boincvm.wrapper.main", "boincvm.findings"): _AFTER_TICK,
+    ("boincvm.wrapper.main", "boincvm.hypervisor.base"): _AFTER_TICK,
+    (
+        "boincvm.wrapper.self_unpack",
+        "boincvm.unpacked",
+    ): "tarfile and lzma, for the first start on a host only",
+}
+
 
 def test_function_local_imports_only_where_they_say_why() -> None:
     """Outside cli/ (where commands import their core lazily so ``boincvm --help`` is instant),
@@ -222,6 +239,7 @@ def test_function_local_imports_only_where_they_say_why() -> None:
         and part(i.source) != "cli"
         and (i.source, i.line) not in guarded
         and (i.source, i.target) not in LAZY
+        and (i.source, i.target) not in DEFERRED
     ]
     assert bad == []
 
@@ -235,7 +253,12 @@ def test_the_wrapper_never_loads_the_template_engine() -> None:
         if module in seen:
             continue
         seen.add(module)
-        todo += [i.target for i in IMPORTS if i.source == module and not i.local]
+        todo += [
+            i.target
+            for i in IMPORTS
+            if i.source == module and (not i.local or (i.source, i.target) in DEFERRED)
+        ]
+    assert "boincvm.wrapper.steps" in seen and "boincvm.unpacked" in seen  # the deferred ones are followed
     assert "boincvm.render" not in seen, sorted(seen)
     assert "boincvm.job.render" not in seen, sorted(seen)
 
