@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_GIVEUP_SECS = 30.0
 #: How often the API checks that the client process still exists.
 CLIENT_PID_CHECK_PERIOD = 10.0
-#: How long ``boinc_finish`` lets the final status message reach the client.
+#: How long ``boinc_finish`` waits at most for the client to read the status message before
+#: the final one (the client reads one a second).
 FINISH_WAIT = 2.0
 
 
@@ -76,7 +77,7 @@ class AppOptions:
         status_period: seconds between status messages.
         lock_timeout: how long to wait for a busy ``boinc_lockfile``.
         finish_wait: at most this long, ``finish`` waits for the client to read the
-            final status message.
+            status message before the final one (the final one it reads after the exit).
         min_checkpoint_period: checkpoint no more often than this even when the client
             asks for more (``boinc_set_min_checkpoint_period``).
     """
@@ -510,8 +511,8 @@ class BoincApp:
     # ending
 
     def finish(self, status: int = 0, message: str | None = None, *, is_notice: bool = False) -> int:
-        """End the task (``boinc_finish_message``): report fraction done 1, let the client
-        read the final status, write ``boinc_finish_called`` and release the slot.
+        """End the task (``boinc_finish_message``): report fraction done 1, leave the final
+        status for the client, write ``boinc_finish_called`` and release the slot.
 
         Returns:
             The exit code the process must exit with: ``status`` as the 8 bits Unix keeps,
@@ -553,6 +554,10 @@ class BoincApp:
         return int(ExitCode.ABORTED_BY_CLIENT)
 
     def _flush_final_status(self) -> None:
+        """Put the final status (and a trickle queued just before the end) in the channel, waiting
+        only while the client has not read the one before. The client reads what is left there
+        once the process has exited (``handle_exited_app`` calls ``get_app_status_msg`` and
+        ``get_trickle_up_msg``), so nothing waits for that read: BOINC's own API sleeps 2 s here."""
         if self._channels is None:
             return
         deadline = self._clock() + self.options.finish_wait
@@ -562,12 +567,11 @@ class BoincApp:
                 if self._closed:
                     return
                 if self._trickle_pending and self._channels.send_trickle_up():
-                    self._trickle_pending = False  # a trickle queued just before the end
-                pending = self._channels.status_pending()
-                if not sent and not pending:
+                    self._trickle_pending = False
+                if not sent and not self._channels.status_pending():
                     sent = self._channels.send_status(self._current_status())
-                elif sent and not pending:
-                    return  # the client has read it
+                if sent and not self._trickle_pending:
+                    return
             time.sleep(0.05)
 
     def close(self) -> None:

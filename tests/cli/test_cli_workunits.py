@@ -261,7 +261,8 @@ def test_keys_and_signed_app_version(tmp_path: Path, run: RunFn) -> None:
     assert code == 0, err
     av = tmp_path / "av"
     signed = sorted(p.name for p in av.glob("*.sig"))
-    assert len(signed) == 4  # wrapper, disk, QEMU runtime, job defaults
+    # The launcher, the static wrapper, the wrapper's runtime, disk, QEMU runtime, job defaults.
+    assert len(signed) == 6
     assert [n for n in signed if n.endswith("_qemu_runtime.tar.xz.sig")]
     assert not list(av.glob("code_sign*"))
     for sig in av.glob("*.sig"):

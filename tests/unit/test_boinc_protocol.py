@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from boincvm.boinc.api import AppOptions, BoincApp
 from boincvm.boinc.files import (
+    LOCKFILE,
     FinishFile,
     SlotLock,
     TemporaryExit,
@@ -24,6 +26,7 @@ from boincvm.boinc.files import (
 )
 from boincvm.boinc.init_data import HostInfo, InitData, ProxyInfo, parse_init_data, render_init_data
 from boincvm.boinc.shm import (
+    MMAP_FILE_NAME,
     SHARED_MEM_SIZE,
     AppChannels,
     AppStatus,
@@ -244,3 +247,37 @@ def test_command_line_empty_quotes_split_as_the_real_client_does() -> None:
     assert parse_command_line('x "" end ') == ["x", '" end ']
     assert parse_command_line("x '' y 'z' ") == ["x", "' y ", "z'"]
     assert parse_command_line('"a" "b"') == ["a", "b"]
+
+
+def _app_with_channel(tmp_path: Path, finish_wait: float) -> tuple[BoincApp, ClientChannels]:
+    shm = SharedMemory.create(tmp_path / MMAP_FILE_NAME)
+    app_side = AppChannels(SharedMemory.attach(tmp_path / MMAP_FILE_NAME))
+    init = InitData(slot=0, wu_name="wu", result_name="wu_0")
+    app = BoincApp(
+        tmp_path, init, app_side, SlotLock(tmp_path / LOCKFILE), AppOptions(finish_wait=finish_wait)
+    )
+    return app, ClientChannels(shm)
+
+
+def test_finish_leaves_the_final_status_for_the_client_to_read_after_the_exit(tmp_path: Path) -> None:
+    """The client reads what is left in the channel once the process has exited
+    (``handle_exited_app``), so finish puts the final status there and returns: an hour's
+    wait allowed, no read, and it returns all the same."""
+    app, client = _app_with_channel(tmp_path, finish_wait=3600.0)
+    app.report(0.5, cpu_time=2.0)
+    assert app.finish(0) == 0
+    final = client.receive_status()
+    assert final is not None and final.fraction_done == 1.0 and final.current_cpu_time == 2.0
+    assert read_finish_file(tmp_path) == FinishFile(0, None, False)
+
+
+def test_finish_does_not_overwrite_a_status_the_client_has_not_read(tmp_path: Path) -> None:
+    """A status still unread holds the channel: finish waits for the client to take it, up to
+    finish_wait, and never overwrites it (a reader could see half of each)."""
+    app, client = _app_with_channel(tmp_path, finish_wait=0.0)
+    app.report(0.25, cpu_time=1.0)
+    app.tick()  # sends the status message the client will not read
+    assert app.finish(0) == 0
+    unread = client.receive_status()
+    assert unread is not None and unread.fraction_done == 0.25
+    assert client.receive_status() is None
