@@ -56,40 +56,7 @@ def main() -> None:
         print(f"  qemu-img convert -c + md5sum: {t_ref:6.2f} s  {ref_size / 1e6:8.1f} MB")
         print(f"  boincvm package-image:        {t_ours:6.2f} s  {ours / 1e6:8.1f} MB (+ wrapper, startup)")
         print(f"  time ratio ours/reference: {t_ours / t_ref:.2f}   size ratio: {ours / ref_size:.2f}")
-    download_size()
-
-
-def download_size() -> None:
-    """The example app version (the bundled minimal guest) as the client downloads it: each
-    file's bytes, gzip-compressed where version.xml says <gzip/> (update_versions then serves
-    NAME.gz and the client inflates it; compressed here at gzip's default level, as BOINC's
-    server does)."""
-    import gzip
-
-    from boincvm.appversion.build import package_image
-    from boincvm.appversion.model import AppVersionRequest, parse_version_xml
-    from boincvm.image.guest import build_guest_image
-
-    print("== the example app version as the client downloads it (minimal guest, frozen wrapper)")
-    with tempfile.TemporaryDirectory() as d:
-        av = Path(d) / "av"
-        package_image(
-            AppVersionRequest(
-                image=build_guest_image("minimal"), app_name="hello", output_dir=av, version="1.00"
-            )
-        )
-        vx, _ = parse_version_xml((av / "version.xml").read_bytes())
-        total = raw_total = 0
-        for f in vx.files:
-            data = (av / f.physical_name).read_bytes()
-            sent = len(gzip.compress(data, 6)) if f.gzip else len(data)
-            total, raw_total = total + sent, raw_total + len(data)
-            what = f.logical_name or "main program"
-            how = " (gzip)" if f.gzip else ""
-            print(f"  {what:24} {len(data) / 1e6:8.2f} MB  downloaded {sent / 1e6:8.2f} MB{how}")
-        print(f"  total                    {raw_total / 1e6:8.2f} MB  downloaded {total / 1e6:8.2f} MB")
 
 
 if __name__ == "__main__":
     main()
-    download_size()

@@ -24,12 +24,15 @@ BENCHES = (
     "bench_wrapper",
     "bench_oci",
     "bench_peers",
+    "bench_hello",
     "bench_host_full",
     "bench_checkpoint_scaling",
     "bench_runtime",
+    "bench_first_task",
     "bench_bare_host",
     "bench_guest_api",
     "bench_server",
+    "bench_download",
 )
 
 

@@ -62,7 +62,7 @@ NAME = "boincvm-wrapper"
 #: The one-folder build's directory (in ``dist``, and the cached copy's suffix).
 ONEDIR = "onedir"
 #: Bump when the build recipe changes, so cached executables are rebuilt.
-RECIPE = "3"
+RECIPE = "4"
 #: Any fixed value: PyInstaller stamps archive members with it.
 SOURCE_DATE_EPOCH = "315532800"
 #: A build seldom takes a minute; the lock wait covers another build in progress.
@@ -126,8 +126,42 @@ def _builder_versions() -> tuple[str, str]:
     )
 
 
+#: Standard-library modules no bundled module the wrapper can import needs: every bundled
+#: module (:data:`UNUSED_BUNDLED` aside) imports with these blocked
+#: (``tests/unit/test_frozen_excludes.py``). ``readline`` (with libreadline and libtinfo)
+#: serves only ``qmp_shell``; ``decimal`` (``_decimal``, ``_pydecimal``), ``xmlrpc`` and
+#: ``pydoc`` only ``defusedxml.xmlrpc``; ``multiprocessing`` nothing (its PyInstaller
+#: runtime hook ran at every start). Kept though unimported at load time: ``unicodedata``
+#: (``socket.getaddrinfo`` encodes host names with the idna codec, which loads it), the
+#: CJK codecs (a host's legacy locale may name one for the standard streams) and
+#: ``_hashlib`` (``ssl``, which ``qemu.qmp`` imports, loads libcrypto anyway).
+UNUSED_STDLIB = (
+    "_decimal",
+    "_multiprocessing",
+    "_posixshmem",
+    "_pydecimal",
+    "decimal",
+    "multiprocessing",
+    "pydoc",
+    "pydoc_data",
+    "readline",
+    "xmlrpc",
+)
+#: Bundled modules the wrapper never imports: the CLI, qemu.qmp's interactive tools and
+#: defusedxml's wrappers of lxml (not bundled) and xmlrpc.
+UNUSED_BUNDLED = (
+    "boincvm.cli",
+    "defusedxml.lxml",
+    "defusedxml.xmlrpc",
+    "qemu.qmp.qmp_shell",
+    "qemu.qmp.qmp_tui",
+)
+
+
 def _excluded_modules() -> list[str]:
-    """Installed third-party top-level modules the zip application does not bundle either.
+    """Modules PyInstaller leaves out: installed third-party top-level modules the zip
+    application does not bundle either, and what :data:`UNUSED_STDLIB` and
+    :data:`UNUSED_BUNDLED` name.
 
     PyInstaller follows every import it sees; a module that imports jinja2 or rich for
     something the wrapper never does would otherwise drag them in. Excluded, they fail to
@@ -138,7 +172,7 @@ def _excluded_modules() -> list[str]:
         for name in importlib.metadata.packages_distributions()
         if name.isidentifier() and name not in sys.stdlib_module_names and name not in BUNDLED
     }
-    return sorted(names | {"boincvm.cli"})
+    return sorted(names | set(UNUSED_STDLIB) | set(UNUSED_BUNDLED))
 
 
 def source_key() -> str:
