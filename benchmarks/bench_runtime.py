@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from boincvm.appversion.runtime import cached_runtime_archive, collect_runtime, 
 from boincvm.hypervisor.qemu.runtime import unpack_once
 from boincvm.image.guest import build_guest_image
 
-REPEATS = 3
+REPEATS = 5
 
 
 def _downloaded_mb(av: Path) -> float:
@@ -29,7 +30,8 @@ def _downloaded_mb(av: Path) -> float:
 
 
 def _span(xs: list[float], unit: str, scale: float = 1.0) -> str:
-    return f"min {min(xs) * scale:.2f} / max {max(xs) * scale:.2f} {unit}"
+    lo, med, hi = (x * scale for x in (min(xs), statistics.median(xs), max(xs)))
+    return f"{lo:.2f} / {med:.2f} / {hi:.2f} {unit} (min / median / max of {len(xs)}, TCG host)"
 
 
 def main() -> None:
@@ -65,7 +67,7 @@ def main() -> None:
         t0 = time.perf_counter()
         write_runtime_archive(collect_runtime(), root / "again.tar.xz")
         took = time.perf_counter() - t0
-        print(f"  packing the archive (xz -6, once per QEMU version, then cached): {took:.1f} s")
+        print(f"  packing the archive (xz -6, 8 MiB streams, once per QEMU version): {took:.1f} s")
 
 
 if __name__ == "__main__":

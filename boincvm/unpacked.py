@@ -8,9 +8,11 @@ of the same app version finds it there):
 
 - an exclusive ``flock`` on ``.<name>.lock`` makes a second task that starts at the same
   moment wait, then find the directory done;
-- the archive is extracted with :mod:`tarfile`'s ``data`` filter (no absolute paths, no
-  links out, no devices) into ``.<name>.tmp-*`` in the same parent, checked against its
-  manifest, fsynced, then renamed into place: the name appears complete or not at all;
+- the archive is extracted in one streaming pass (decompressed once; its xz streams, the
+  writer's chunks, decoded on every CPU at once for a :attr:`Kind.parallel` runtime) with
+  :mod:`tarfile`'s ``data`` filter (no absolute paths, no links out, no devices) into
+  ``.<name>.tmp-*`` in the same parent, every file checked against the manifest's sha256,
+  fsynced, then renamed into place: the name appears complete or not at all;
 - a task killed mid-unpack leaves only a ``.<name>.tmp-*`` directory, which the next
   unpack removes (under the lock, so never one another task is still writing).
 
@@ -23,6 +25,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import lzma
 import os
@@ -33,10 +36,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 from boincvm.atomicdir import fsync_path
 from boincvm.errors import InputError, ToolError
 from boincvm.hashing import sha256_file
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 #: The manifest's name, the archive's first member.
 MANIFEST = "runtime.json"
@@ -62,6 +69,8 @@ class Kind:
         format: the manifest's format number this code reads.
         required: files every such runtime has.
         error: the error raised for a damaged archive or tree.
+        parallel: decode the archive's xz streams on every CPU at once (a task waits for
+            this unpack); else one after another (an unpack beside a running task).
     """
 
     label: str
@@ -69,6 +78,7 @@ class Kind:
     format: int
     required: frozenset[str]
     error: type[InputError] = ArchiveError
+    parallel: bool = False
 
     def directory_name(self, archive: Path) -> str:
         """The unpacked directory's name: the prefix and the archive's sha256 (32 hex digits)."""
@@ -154,15 +164,126 @@ def _locked(path: Path, timeout: float, kind: Kind) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+#: xz's stream header magic, and its footer's.
+_XZ_MAGIC, _XZ_FOOTER_MAGIC = b"\xfd7zXZ\x00", b"YZ"
+#: Above this many bytes unpacked the streams are decoded one after another (bounded memory).
+PARALLEL_MAX_BYTES = 512 << 20
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """xz's multibyte integer at ``at``: its value and the offset after it."""
+    value = shift = 0
+    while True:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if not byte & 0x80 or shift > 63:
+            return value, at
+
+
+def xz_streams(data: bytes) -> list[tuple[int, int, int]] | None:
+    """``(start, end, unpacked size)`` of each stream of the concatenated xz streams ``data``,
+    read from the streams' footers and indexes; None when they do not add up (then the file
+    is read as one, which reports what is wrong). Checksums are left to the decoder."""
+    streams: list[tuple[int, int, int]] = []
+    end = len(data)
+    try:
+        while end > 0:
+            while end >= 4 and data[end - 4 : end] == bytes(4):  # stream padding
+                end -= 4
+            footer = data[end - 12 : end]
+            if len(footer) != 12 or footer[10:] != _XZ_FOOTER_MAGIC:
+                return None
+            index_end = end - 12
+            index_start = index_end - (int.from_bytes(footer[4:8], "little") + 1) * 4
+            if index_start < 12 or data[index_start] != 0:
+                return None
+            count, at = _varint(data, index_start + 1)
+            blocks = unpacked = 0
+            for _ in range(count):
+                size, at = _varint(data, at)
+                plain, at = _varint(data, at)
+                blocks, unpacked = blocks + (size + 3) // 4 * 4, unpacked + plain
+            start = index_start - blocks - 12
+            if at > index_end or start < 0 or data[start : start + 6] != _XZ_MAGIC:
+                return None
+            streams.append((start, end, unpacked))
+            end = start
+    except IndexError:
+        return None
+    return streams[::-1]
+
+
+class _Decoded(io.RawIOBase):
+    """The concatenation of ``parts`` (decoded chunks, in order) as a readable file."""
+
+    def __init__(self, parts: Iterator[bytes]) -> None:
+        self._parts, self._buf, self._at = parts, b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: WriteableBuffer) -> int:
+        view = memoryview(b).cast("B")
+        while self._at == len(self._buf):
+            part = next(self._parts, None)
+            if part is None:
+                return 0
+            self._buf, self._at = part, 0
+        n = min(len(view), len(self._buf) - self._at)
+        view[:n] = self._buf[self._at : self._at + n]
+        self._at += n
+        return n
+
+
+def _decode_stream(data: bytes, size: int) -> bytes:
+    """One xz stream of ``data``, decoded to no more than the ``size`` its index gives.
+
+    Raises:
+        lzma.LZMAError: it is damaged, or its content is not ``size`` bytes.
+    """
+    decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+    out = decoder.decompress(data, max_length=size)
+    more = b"" if decoder.eof else decoder.decompress(b"", max_length=1)  # the index, the footer
+    if more or not decoder.eof or len(out) != size or decoder.unused_data:
+        raise lzma.LZMAError("an xz stream does not match its index")
+    return out
+
+
+@contextlib.contextmanager
+def _decoded(archive: Path, parallel: bool) -> Iterator[IO[bytes]]:
+    """The archive's tar stream: with ``parallel``, its xz streams (the writer's chunks)
+    decoded on every CPU at once, else one LZMAFile. Either fails on damage (checksums) and
+    on a truncated file (no end marker)."""
+    from concurrent.futures import ThreadPoolExecutor  # only here: a light import otherwise
+
+    data = archive.read_bytes() if parallel else b""
+    streams = xz_streams(data) if parallel else None
+    workers = min(len(streams or ()), os.cpu_count() or 1)
+    if streams is None or workers < 2 or sum(u for _, _, u in streams) > PARALLEL_MAX_BYTES:
+        with lzma.open(io.BytesIO(data) if data else archive) as xz:
+            yield xz
+        return
+    with ThreadPoolExecutor(workers) as pool:  # lzma releases the GIL while it decodes
+        futures = [pool.submit(_decode_stream, data[a:b], size) for a, b, size in streams]
+        try:
+            yield io.BufferedReader(_Decoded(f.result() for f in futures), 1 << 20)
+        finally:
+            for f in futures:  # after a failure: what has not started never does
+                f.cancel()
+
+
 def _extract(archive: Path, into: Path, kind: Kind) -> None:
     try:
-        # The whole xz stream first: its checksums catch a damaged file before any member
-        # is written (tarfile may stop quietly at damage that looks like the end).
-        with lzma.open(archive) as xz:
-            while xz.read(1 << 20):
+        # One pass, decoded once: tarfile reads the stream front to back ("r|"). Damage
+        # tarfile takes for the archive's end stops it quietly, so the rest of the stream is
+        # read to its end too (past a sound end: only the tar padding). What is written is
+        # checked against the manifest's digests afterwards.
+        with _decoded(archive, kind.parallel) as stream:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                tar.extractall(into, filter="data")
+            while stream.read(1 << 20):
                 pass
-        with tarfile.open(archive, mode="r:xz") as tar:
-            tar.extractall(into, filter="data")
     except (tarfile.TarError, lzma.LZMAError, EOFError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise ToolError(

@@ -21,6 +21,7 @@ import json
 import lzma
 import os
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,10 @@ LIBRARY_DIRS = (
 )
 #: The loader's file name (its soname, which the programs' PT_INTERP names).
 LOADER_NAME = "ld-linux-x86-64.so.2"
+#: The tar is compressed in pieces of this many bytes, one xz stream each, which the unpack
+#: decodes in parallel: on 2 cores the 53 MB runtime unpacks in about half the time, and
+#: the archive grows by about 1 %.
+XZ_CHUNK = 8 << 20
 #: QEMU modules the backend needs: TCG, when the host has no usable KVM.
 MODULES = ("accel-tcg-x86_64.so",)
 #: Where distributions keep QEMU's modules.
@@ -185,8 +190,10 @@ def write_archive(
     ``dest`` (written whole, then renamed), after the :data:`MANIFEST` ``manifest`` completed with
     every member's name and sha256, as :mod:`boincvm.unpacked` reads it back.
 
-    The same files give the same bytes: members sorted, owner root, mtime 0. ``preset`` is
-    xz's level (6, its default, for app versions; tests use 0, which packs in a tenth of the time).
+    The same files give the same bytes: members sorted, owner root, mtime 0. The tar is
+    compressed in :data:`XZ_CHUNK` pieces, one xz stream each, concatenated (still one valid
+    ``.xz``): the unpack decodes them on every CPU at once. ``preset`` is xz's level (6, its
+    default, for app versions; tests use 0, which packs in a tenth of the time).
     """
     members = sorted(members)
     manifest = manifest | {
@@ -194,15 +201,18 @@ def write_archive(
         "sha256": {n: _sha256(p) for n, p, _ in members},
     }
     raw = json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n"
-    tmp = dest.with_name(f".{dest.name}.part")
-    with (
-        lzma.open(tmp, "wb", preset=preset) as xz,
-        tarfile.open(fileobj=xz, mode="w", format=tarfile.PAX_FORMAT) as tar,
-    ):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         tar.addfile(_info(MANIFEST, len(raw), 0o644), io.BytesIO(raw))
         for name, path, mode in members:
             with path.open("rb") as f:
                 tar.addfile(_info(name, path.stat().st_size, mode), f)
+    plain = buf.getvalue()
+    chunks = [plain[i : i + XZ_CHUNK] for i in range(0, len(plain), XZ_CHUNK)]
+    with ThreadPoolExecutor(min(len(chunks), os.cpu_count() or 1)) as pool:
+        streams = list(pool.map(lambda c: lzma.compress(c, lzma.FORMAT_XZ, preset=preset), chunks))
+    tmp = dest.with_name(f".{dest.name}.part")
+    tmp.write_bytes(b"".join(streams))
     tmp.rename(dest)
     return dest
 
@@ -224,16 +234,16 @@ def write_runtime_archive(files: RuntimeFiles, dest: Path, *, preset: int = 6) -
 
 
 def cached_runtime_archive() -> Path:
-    """This machine's runtime archive, from the cache or packed once (xz takes about 45 s).
+    """This machine's runtime archive, from the cache or packed once (xz takes 10-16 s on 2 cores).
 
-    The cache key is the manifest's content: every member's name and sha256, so a QEMU
-    upgrade packs anew.
+    The cache key is the manifest's content (every member's name and sha256, so a QEMU
+    upgrade packs anew) and the packing (:data:`XZ_CHUNK`).
 
     Raises:
         ToolError: as :func:`collect_runtime`.
     """
     files = collect_runtime()
-    h = hashlib.sha256(f"format {RUNTIME_FORMAT}\0{files.qemu_version}\0".encode())
+    h = hashlib.sha256(f"format {RUNTIME_FORMAT}\0xz {XZ_CHUNK}\0{files.qemu_version}\0".encode())
     for name, path in files.members():
         h.update(f"{name}\0{_sha256(path)}\0".encode())
     target = cache_root() / "runtime" / f"qemu-runtime-{h.hexdigest()[:24]}.tar.xz"

@@ -267,8 +267,9 @@ class QemuLaunch(QemuSnapshots):
             log.warning("no golden checkpoint for %s (%s); booting cold", self.spec.name, exc)
             return None
 
-    def _save_golden(self, boot: VmSpec, state: Path) -> None:
-        """Boot ``boot``, wait for its agent, stop it and migrate its state into ``state``.
+    def _save_golden(self, boot: VmSpec, state: Path, ram: Path, scratch: bool) -> None:
+        """Boot ``boot`` with its RAM mapped shared from ``ram`` (unlinked once QEMU has it
+        open when ``scratch``), wait for its agent, stop it and migrate its state into ``state``.
 
         The state goes out through a descriptor handed to QEMU over QMP (``getfd``), the way
         :meth:`_start_from_golden` reads it back through an inherited one: no shell, no
@@ -280,8 +281,10 @@ class QemuLaunch(QemuSnapshots):
             VmTimeout: the migration did not finish within 120 s.
         """
         with type(self)(boot) as vm:
-            vm.golden_ram_out = state.with_name(qemu_golden.GOLDEN_RAM)
+            vm.golden_ram_out = ram
             vm.power_on()
+            if scratch:  # QEMU has it mapped, the builder has a descriptor: the name can go
+                ram.unlink(missing_ok=True)
             vm.wait_for_tools()
             vm.qmp("stop")
             # The RAM is in golden.ram already (mapped shared): the stream carries the devices.

@@ -53,6 +53,7 @@ KIND = unpacked.Kind(
     format=RUNTIME_FORMAT,
     required=frozenset({f"{LIB_DIR}/{LOADER}", *(f"bin/{p}" for p in PROGRAMS)}),
     error=RuntimeArchiveError,
+    parallel=True,  # the first task waits for the unpack
 )
 
 
