@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from boincvm.appversion.model import STATIC_WRAPPER_TAIL
 from boincvm.boinc.init_data import HostInfo, InitData, write_init_data
 from boincvm.boinc.slot import (
     LocalTask,
@@ -178,7 +179,7 @@ class WslWrapper:
 
     # -- the slot, as the Windows client lays it out ------------------------------------
     def prepare(self) -> Path:
-        """Lay the slot out; return it. The Linux program becomes ``main``, executable."""
+        """Lay the slot out; return it. The static wrapper becomes ``main``, executable."""
         task = build_task(
             RunLocalRequest(
                 workunit_dir=self.workunit_dir,
@@ -190,8 +191,11 @@ class WslWrapper:
         layout = SlotLayout(self.data_dir, escape_project_url(task.project_url), 0)
         install_project_files(task, layout)
         link_slot_files(task, layout)
+        # The Windows app version's `main` is the static wrapper, which a Linux app version
+        # ships beside its launcher (a zip application's main program is itself).
+        static = [f for f in task.app_files if f.name.endswith(f"_{STATIC_WRAPPER_TAIL}")]
         main = layout.slot_dir / "main"
-        shutil.copyfile(layout.project_dir / task.main_program.name, main)
+        shutil.copyfile(layout.project_dir / (static[0] if static else task.main_program).name, main)
         main.chmod(0o755)
         (layout.slot_dir / "boinc_mmap_file").unlink(missing_ok=True)
         windows_init_data(layout, task.result_name, task.wu_name, self.checkpoint_period)
