@@ -29,7 +29,7 @@ from pathlib import Path
 
 from boincvm.appversion.frozen import FrozenWrapper, cache_dir, frozen_wrapper
 from boincvm.appversion.model import STATIC_WRAPPER_TAIL, WRAPPER_RUNTIME_OPEN_NAME, AppVersionFile
-from boincvm.appversion.runtime import LIBRARY_DIRS, LOADER_NAME, write_archive
+from boincvm.appversion.runtime import LIBRARY_DIRS, LOADER_NAME, XZ_CHUNK, write_archive
 from boincvm.errors import ToolError
 from boincvm.image.elf import library_closure
 from boincvm.proc import HOST_LIBRARY_PATH
@@ -102,7 +102,7 @@ def wrapper_runtime_archive(frozen: FrozenWrapper | None = None) -> Path:
     """
     frozen = frozen or frozen_wrapper()
     members = runtime_members(frozen.onedir)
-    h = hashlib.sha256(f"format {WRAPPER.format}\0".encode())
+    h = hashlib.sha256(f"format {WRAPPER.format}\0xz {XZ_CHUNK}\0".encode())
     for name, path, mode in members:
         h.update(f"{name}\0{mode:o}\0".encode() + hashlib.sha256(path.read_bytes()).digest())
     target = cache_dir() / f"{WRAPPER.prefix}{h.hexdigest()[:24]}.tar.xz"

@@ -245,12 +245,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stderr, format=wsl_mode.LOG_FORMAT, datefmt=wsl_mode.LOG_DATE_FORMAT
     )
     signal.signal(signal.SIGTERM, _sigterm)
-    log.info("%s, %s", VERSION_LINE, running_form())
-    bundle = os.environ.get("STATICX_BUNDLE_DIR")
-    if bundle and getattr(sys, "frozen", False):
-        bundle_dirs.tidy(Path(bundle))  # what staticx left behind for killed wrappers
-    elif getattr(sys, "frozen", False):  # the wrapper's runtime: no staticx of its own
-        bundle_dirs.remove_abandoned_in(Path(os.environ.get("TMPDIR") or "/tmp"))
     unpacking = self_unpack.start_unpacking()  # the launcher started the static wrapper
     code = _run_task(args)
     if unpacking is not None:
@@ -273,6 +267,24 @@ def _run_task(args: list[str]) -> int:
         wsl_mode.wait_out(slot, later)
 
 
+#: Whether :func:`_first_run_started` ran (behind wsl_wrapper a process runs the task again and again).
+_started: list[bool] = []
+
+
+def _first_run_started() -> None:
+    """Once per process, where the log goes is known: name the form that runs, and remove
+    what staticx left behind for killed wrappers."""
+    if _started:
+        return
+    _started.append(True)
+    log.info("%s, %s", VERSION_LINE, running_form())
+    bundle = os.environ.get("STATICX_BUNDLE_DIR")
+    if bundle and getattr(sys, "frozen", False):
+        bundle_dirs.tidy(Path(bundle))
+    elif getattr(sys, "frozen", False):  # the wrapper's runtime: no staticx of its own
+        bundle_dirs.remove_abandoned_in(Path(os.environ.get("TMPDIR") or "/tmp"))
+
+
 def run_once(slot: Path, own: dict[str, str], wu_args: tuple[str, ...]) -> tuple[int, bool]:
     """One run of the task in ``slot``: (the exit code, whether wsl_wrapper started us)."""
     try:
@@ -285,6 +297,7 @@ def run_once(slot: Path, own: dict[str, str], wu_args: tuple[str, ...]) -> tuple
         return int(ExitCode.INIT_FAILURE), False
     if app.behind_wsl_wrapper:
         wsl_mode.log_to_slot(slot)
+    _first_run_started()
     # The main loop ticks at each turn; this thread covers the long steps (snapshots, copies).
     with app.ticking(TICK_PERIOD):
         return _run(app, own, wu_args), app.behind_wsl_wrapper
