@@ -144,7 +144,9 @@ class BoincApp:
         self._started = now
         self._last_heartbeat_at = now
         self._next_client_check = now + options.client_check_period
-        self._next_status = now
+        # The first status one period after the start, as BOINC's API sends it: a task that ends
+        # sooner finds the channel free for its final status and exits at once.
+        self._next_status = now + options.status_period
         self._last_checkpoint_at = now
         self._suspended = False
         self._quit = False

@@ -249,12 +249,18 @@ def test_command_line_empty_quotes_split_as_the_real_client_does() -> None:
     assert parse_command_line('"a" "b"') == ["a", "b"]
 
 
-def _app_with_channel(tmp_path: Path, finish_wait: float) -> tuple[BoincApp, ClientChannels]:
+def _app_with_channel(
+    tmp_path: Path, finish_wait: float, status_period: float = 1.0
+) -> tuple[BoincApp, ClientChannels]:
     shm = SharedMemory.create(tmp_path / MMAP_FILE_NAME)
     app_side = AppChannels(SharedMemory.attach(tmp_path / MMAP_FILE_NAME))
     init = InitData(slot=0, wu_name="wu", result_name="wu_0")
     app = BoincApp(
-        tmp_path, init, app_side, SlotLock(tmp_path / LOCKFILE), AppOptions(finish_wait=finish_wait)
+        tmp_path,
+        init,
+        app_side,
+        SlotLock(tmp_path / LOCKFILE),
+        AppOptions(finish_wait=finish_wait, status_period=status_period),
     )
     return app, ClientChannels(shm)
 
@@ -274,10 +280,27 @@ def test_finish_leaves_the_final_status_for_the_client_to_read_after_the_exit(tm
 def test_finish_does_not_overwrite_a_status_the_client_has_not_read(tmp_path: Path) -> None:
     """A status still unread holds the channel: finish waits for the client to take it, up to
     finish_wait, and never overwrites it (a reader could see half of each)."""
-    app, client = _app_with_channel(tmp_path, finish_wait=0.0)
+    app, client = _app_with_channel(tmp_path, finish_wait=0.0, status_period=0.0)
     app.report(0.25, cpu_time=1.0)
     app.tick()  # sends the status message the client will not read
     assert app.finish(0) == 0
     unread = client.receive_status()
     assert unread is not None and unread.fraction_done == 0.25
     assert client.receive_status() is None
+
+
+def test_the_first_status_goes_one_period_after_the_start(tmp_path: Path) -> None:
+    """As BOINC's API: no status at the first tick, so a task shorter than a period finds the
+    channel free for its final status."""
+    clock = [100.0]
+    shm = SharedMemory.create(tmp_path / MMAP_FILE_NAME)
+    app_side = AppChannels(SharedMemory.attach(tmp_path / MMAP_FILE_NAME))
+    init = InitData(slot=0, wu_name="wu", result_name="wu_0")
+    app = BoincApp(tmp_path, init, app_side, SlotLock(tmp_path / LOCKFILE), AppOptions(), lambda: clock[0])
+    client = ClientChannels(shm)
+    app.tick()
+    assert client.receive_status() is None
+    clock[0] += 1.0
+    app.tick()
+    first = client.receive_status()
+    assert first is not None and not first.fraction_done  # nothing reported yet
