@@ -34,6 +34,20 @@ def test_copy_nonzero_keeps_the_bytes_and_leaves_zeros_as_holes(tmp_path: Path) 
     assert dst.stat().st_blocks * 512 <= 8 * 4096  # only the four data blocks are stored
 
 
+def test_dig_holes_makes_zero_blocks_holes_in_place(tmp_path: Path) -> None:
+    """The path when no tmpfs had room: the file the VM wrote, its zero blocks punched out."""
+    ram = tmp_path / "ram"
+    data = os.urandom(3 * 4096)
+    with ram.open("wb") as f:
+        f.write(bytes(2 * MIB))  # written zeros: stored blocks before
+        f.write(data)
+        f.truncate(4 * MIB)  # and a hole
+    before = ram.read_bytes()
+    qemu_golden.dig_holes(ram)
+    assert ram.read_bytes() == before
+    assert ram.stat().st_blocks * 512 <= 4 * 4096  # the data blocks, no more
+
+
 def test_scratch_ram_needs_room(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(qemu_golden, "SCRATCH_DIRS", (tmp_path / "missing", tmp_path))
     found = qemu_golden._scratch_ram(1)

@@ -219,22 +219,28 @@ def dig_holes(path: Path) -> None:
     fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
-        size, at = os.fstat(fd).st_size, 0
-        while at < size:
-            try:
-                at = os.lseek(fd, at, os.SEEK_DATA)  # skip what is a hole already
-            except OSError:
-                break  # ENXIO: only holes after ``at``
-            data = os.pread(fd, _BLOCK, at)
-            if not data:
-                break
+        for at, data in _data_blocks(fd):
             for offset, length in _zero_runs(data, at):
                 if fallocate(fd, _PUNCH_HOLE, offset, length) != 0:
                     err = ctypes.get_errno()
                     raise OSError(err, os.strerror(err), str(path))
-            at += len(data)
     finally:
         os.close(fd)
+
+
+def _data_blocks(fd: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) of the file open at ``fd``, :data:`_BLOCK` at a time, its holes skipped."""
+    size, at = os.fstat(fd).st_size, 0
+    while at < size:
+        try:
+            at = os.lseek(fd, at, os.SEEK_DATA)  # skip what is a hole already
+        except OSError:
+            return  # ENXIO: only holes after ``at``
+        data = os.pread(fd, _BLOCK, at)
+        if not data:
+            return
+        yield at, data
+        at += len(data)
 
 
 def _copy_sparse(src: Path, dst: Path) -> None:
@@ -262,22 +268,13 @@ def copy_nonzero(src_fd: int, dst: Path) -> None:
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.ftruncate(fd, size)
-        at = 0
-        while at < size:
-            try:
-                at = os.lseek(src_fd, at, os.SEEK_DATA)  # skip what is a hole already
-            except OSError:
-                break  # ENXIO: only holes after ``at``
-            data = os.pread(src_fd, _BLOCK, at)
-            if not data:
-                break
+        for at, data in _data_blocks(src_fd):
             if data != zero[: len(data)]:
                 view, done = memoryview(data), 0
                 for offset, length in [*_zero_runs(data, 0), (len(data), 0)]:
                     if offset > done:
                         os.pwrite(fd, view[done:offset], at + done)
                     done = offset + length
-            at += len(data)
         os.fsync(fd)
     finally:
         os.close(fd)
