@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 import re
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -173,8 +173,8 @@ class LoopbackProject:
         return "\n".join(parts)
 
     def _executable(self, physical_name: str) -> bool:
-        """update_versions marks a file ``<executable/>`` from its mode, and so does this."""
-        return os.access(self.av / physical_name, os.X_OK)
+        """update_versions marks a file ``<executable/>`` from its owner's execute bit; so does this."""
+        return bool((self.av / physical_name).stat().st_mode & stat.S_IXUSR)
 
     def _app_version_xml(self) -> list[str]:
         """The app files' ``<file_info>``s (signed, gzipped where asked) and the ``<app_version>``."""

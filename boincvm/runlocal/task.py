@@ -3,7 +3,7 @@ into the :class:`~boincvm.boinc.slot.LocalTask` the client (emulated or real) is
 
 from __future__ import annotations
 
-import os
+import stat
 from pathlib import Path
 
 from boincvm.appversion.model import app_version_defaults, check_app_matches, parse_version_xml, read_summary
@@ -80,8 +80,8 @@ def _app_files(av: Path) -> list[TaskFile]:
         src = av / f.physical_name
         if not src.is_file():
             raise InputError(f"app version file {src} is missing")
-        # update_versions marks a file <executable/> from its mode, and so does this.
-        executable = f.main_program or os.access(src, os.X_OK)
+        # update_versions marks a file <executable/> from its owner's execute bit; so does this.
+        executable = f.main_program or bool(src.stat().st_mode & stat.S_IXUSR)
         app_files.append(
             TaskFile(src, f.physical_name, f.logical_name, main_program=f.main_program, executable=executable)
         )

@@ -297,9 +297,9 @@ def run_once(slot: Path, own: dict[str, str], wu_args: tuple[str, ...]) -> tuple
         return int(ExitCode.INIT_FAILURE), False
     if app.behind_wsl_wrapper:
         wsl_mode.log_to_slot(slot)
-    _first_run_started()
     # The main loop ticks at each turn; this thread covers the long steps (snapshots, copies).
     with app.ticking(TICK_PERIOD):
+        _first_run_started()
         return _run(app, own, wu_args), app.behind_wsl_wrapper
 
 
