@@ -84,7 +84,8 @@ def test_a_packaged_vm_runs_a_workunit_and_its_files_stay_untouched(tmp_path: Pa
     assert md5s(av) == shipped
     (project,) = (data_dir / "projects").iterdir()
     installed = {name: value for name, value in shipped.items() if name.startswith("vmapp_1.00_")}
-    assert len(installed) == len(VM_FILES) + 2  # the VM, the wrapper, the job defaults
+    # The VM, the wrapper (its launcher, the static wrapper and the wrapper's runtime), the job defaults.
+    assert len(installed) == len(VM_FILES) + 4
     assert {name: md5_file(project / name) for name in installed} == installed
 
     # The slot holds the rebuilt VM directory: small files copied, the large ones linked to the project's.
