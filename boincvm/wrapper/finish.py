@@ -13,7 +13,7 @@ from boincvm.boinc.files import ExitCode
 from boincvm.errors import BoincvmError, OutputError, OutputMissing, PathEscapeError
 from boincvm.hypervisor.base import ProcessStatus
 from boincvm.wrapper.checkpoint import CheckpointRecord
-from boincvm.wrapper.guest_contract import GuestFileKind, kind_problem
+from boincvm.wrapper.guest_contract import GuestFileKind, Survey, kind_problem
 from boincvm.wrapper.guest_install import uninstall_script
 from boincvm.wrapper.guest_output import from_line_start
 from boincvm.wrapper.status import Phase
@@ -25,8 +25,16 @@ log = logging.getLogger(__name__)
 OUTPUT_TAIL_CHARS = 2000
 
 
-def complete(task: Task, status: ProcessStatus, record: CheckpointRecord | None, message: str = "") -> int:
-    """End the task as the program's ``status`` says; the process exit code.
+def complete(
+    task: Task,
+    status: ProcessStatus,
+    record: CheckpointRecord | None,
+    message: str = "",
+    *,
+    survey: Survey | None = None,
+) -> int:
+    """End the task as the program's ``status`` says; the process exit code. ``survey``: the
+    last survey, made after the program ended, with the outputs' kinds in it.
 
     Raises:
         OutputError: an output is not a regular file in the job's directory, or too large.
@@ -40,7 +48,7 @@ def complete(task: Task, status: ProcessStatus, record: CheckpointRecord | None,
         what = f"signal {status.signal}" if status.signal is not None else f"code {status.exit_code}"
         return task.fail(ExitCode.CHILD_FAILED, message or f"the guest program exited with {what}")
     with task.phase(Phase.COPY_OUT):
-        _copy_out(task)
+        _copy_out(task, survey)
     with task.phase(Phase.CLEANUP):
         _cleanup(task, record)
     cpu = task.run_cpu()
@@ -62,11 +70,16 @@ def output_tail(stdout: bytes, stderr: bytes, limit: int = OUTPUT_TAIL_CHARS) ->
     return text.lstrip("\n") if len(text) <= limit else from_line_start(text, limit)
 
 
-def _copy_out(task: Task) -> None:
+def _copy_out(task: Task, survey: Survey | None) -> None:
     app, job, files = task.app, task.job, task.files
     # One look at every output first: copying a FIFO, a device or a symlink out of the
-    # job's directory would hang the guest agent or read what the job does not own.
-    kinds = files.kinds(sorted({files.path(o.guest_path) for o in job.output_files}))
+    # job's directory would hang the guest agent or read what the job does not own. The
+    # last survey, made after the program ended, looked already when it was asked to.
+    paths = sorted({files.path(o.guest_path) for o in job.output_files})
+    if survey is not None and all(p in survey.kinds for p in paths):
+        kinds = {p: survey.kind(p) for p in paths}
+    else:
+        kinds = files.kinds(paths)
     for out in job.output_files:
         target = app.resolve(out.open_name)
         _check_inside(target, (task.slot, app.project_dir))

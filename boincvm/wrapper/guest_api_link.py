@@ -52,19 +52,19 @@ class GuestApiLink:
         """What the program's environment needs to find the API's directory."""
         return {guest_api.API_DIR_ENV: self.dir}
 
-    def make_dir(self) -> None:
-        """The guest API's directory (mode 0700) with its ``resolve`` file, before the program starts."""
+    def dir_script(self) -> str:
+        """The guest shell command that makes the guest API's directory (mode 0700) with its
+        ``resolve`` file, before the program starts (part of the install's first command)."""
         job, path = self.files.job, self.files.path
         names = [(i.open_name, path(i.guest_path)) for i in job.input_files]
         names += [(o.open_name, path(o.guest_path)) for o in job.output_files]
         text = guest_api.resolve_text(names)
         api = shlex.quote(self.dir)
         resolve = shlex.quote(self.file(guest_api.RESOLVE))
-        self.files.sh(
-            f"rm -rf {api} && mkdir -p -m 0700 {api} && cd {api} && "
-            f"mkdir -m 0700 {guest_api.TRICKLE_UP_DIR} {guest_api.TRICKLE_DOWN_DIR} && "
-            f"printf %s {shlex.quote(text)} > {resolve}.tmp && mv {resolve}.tmp {resolve}",
-            what="making the guest API directory",
+        up, down = (shlex.quote(self.file(d)) for d in (guest_api.TRICKLE_UP_DIR, guest_api.TRICKLE_DOWN_DIR))
+        return (
+            f"rm -rf {api} && mkdir -p -m 0700 {api} && mkdir -m 0700 {up} {down} && "
+            f"printf %s {shlex.quote(text)} > {resolve}.tmp && mv {resolve}.tmp {resolve}"
         )
 
     def survey_entries(self) -> dict[str, int]:

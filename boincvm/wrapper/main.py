@@ -9,6 +9,8 @@ wrapper zip application that ``package-image`` ships, and ``boincvm wrapper`` ru
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import logging
 import os
 import select
@@ -220,13 +222,19 @@ def _follow_staticx(bootloader: int) -> None:
     threading.Thread(target=watch, name="follow-staticx", daemon=True).start()
 
 
-def running_form() -> str:
-    """How this wrapper runs, for its first log line (the frozen forms start at different speeds)."""
-    if not getattr(sys, "frozen", False):
-        return "on the host's Python"
-    if "STATICX_BUNDLE_DIR" in os.environ:
-        return "static executable (unpacks itself at every start)"
-    return "from the wrapper's runtime (unpacked once per host)"
+class Form(enum.Enum):
+    """How this wrapper runs (the frozen forms start at different speeds), as its first log
+    line names it."""
+
+    HOST_PYTHON = "on the host's Python"
+    STATIC = "static executable (unpacks itself at every start)"
+    RUNTIME = "from the wrapper's runtime (unpacked once per host)"
+
+    @classmethod
+    def current(cls) -> Form:
+        if not getattr(sys, "frozen", False):
+            return cls.HOST_PYTHON
+        return cls.STATIC if "STATICX_BUNDLE_DIR" in os.environ else cls.RUNTIME
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -267,21 +275,15 @@ def _run_task(args: list[str]) -> int:
         wsl_mode.wait_out(slot, later)
 
 
-#: Whether :func:`_first_run_started` ran (behind wsl_wrapper a process runs the task again and again).
-_started: list[bool] = []
-
-
+@functools.cache  # once per process: behind wsl_wrapper a process runs the task again and again
 def _first_run_started() -> None:
-    """Once per process, where the log goes is known: name the form that runs, and remove
-    what staticx left behind for killed wrappers."""
-    if _started:
-        return
-    _started.append(True)
-    log.info("%s, %s", VERSION_LINE, running_form())
-    bundle = os.environ.get("STATICX_BUNDLE_DIR")
-    if bundle and getattr(sys, "frozen", False):
-        bundle_dirs.tidy(Path(bundle))
-    elif getattr(sys, "frozen", False):  # the wrapper's runtime: no staticx of its own
+    """Once where the log goes is known: name the form that runs, and remove what staticx
+    left behind for killed wrappers."""
+    form = Form.current()
+    log.info("%s, %s", VERSION_LINE, form.value)
+    if form is Form.STATIC:
+        bundle_dirs.tidy(Path(os.environ["STATICX_BUNDLE_DIR"]))
+    elif form is Form.RUNTIME:  # no staticx of its own: tidy what killed static starts left
         bundle_dirs.remove_abandoned_in(Path(os.environ.get("TMPDIR") or "/tmp"))
 
 

@@ -28,14 +28,17 @@ log = logging.getLogger(__name__)
 PROGRESS_MAX_BYTES = 4096
 
 
-def survey(task: Task, *, progress: bool, triggers: bool) -> Survey:
+def survey(task: Task, *, progress: bool, triggers: bool, outputs: bool = False) -> Survey:
     """The contract files due for reading now, surveyed in one guest command: each
     one's kind and, for the small regular ones, their contents (:data:`~.guest_contract.SURVEY_SCRIPT`).
+    With ``outputs`` (the program has ended), the kind of each output file too, which the
+    copy-out then needs to ask no more (:func:`.finish.complete`).
 
     Raises:
         GuestError: the guest's shell did not answer as the script prints.
     """
     job = task.job
+    kinds_only = {o.guest_path: 0 for o in job.output_files} if outputs else {}
     read = []
     if progress:
         read += [job.fraction_done_filename, job.credit_report_filename]
@@ -44,7 +47,7 @@ def survey(task: Task, *, progress: bool, triggers: bool) -> Survey:
     entries = {n: SURVEY_READ_BYTES + 1 for n in read if n}
     if progress:
         entries |= task.output.survey_entries()  # the program's output: as often as its progress
-    return task.files.survey(entries | task.api.survey_entries())
+    return task.files.survey(kinds_only | entries | task.api.survey_entries())
 
 
 def _ops_limit(task: Task, cpu: float) -> float | None:

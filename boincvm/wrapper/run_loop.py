@@ -32,6 +32,9 @@ LOOP_SLEEP = 0.25
 #: survey of its files (every PROGRESS_PERIOD) instead of every poll period: fewer agent
 #: calls and wake-ups for the long jobs the wrapper mostly runs.
 STEADY_AFTER = 10.0
+#: The program's state is asked this often in its first 0.3 s (then every 0.1 s until 2 s):
+#: a short program's end is seen within this, and a poll costs the guest no process.
+FIRST_POLLS = 0.025
 #: Seconds between reads of the guest's fraction-done and credit files.
 PROGRESS_PERIOD = 2.0
 #: Seconds a program that wrote ``finish`` or ``temporary_exit`` may take to exit.
@@ -69,7 +72,11 @@ class MainLoop:
     def run(self, proc: GuestProcess, record: CheckpointRecord | None) -> int:
         """Turn until the task ends: heed the client, then poll the program when it is due."""
         task = self.task
-        run = _Run(proc, record, task.clock())
+        t0 = task.clock()
+        # The first survey of the contract files is one period after the start (the
+        # program has written nothing yet); a program that ends sooner is surveyed once,
+        # at its end.
+        run = _Run(proc, record, t0, next_progress=t0 + PROGRESS_PERIOD)
         memory.trim()  # what copying the package and the inputs in left on the heap
         task.enter(Phase.RUN)
         while True:
@@ -91,7 +98,7 @@ class MainLoop:
         """How long to sleep before the next turn: short at first and while a poll is
         soon due (a checkpoint handshake), else one loop period."""
         if now - run.t0 < 2.0:
-            return 0.05
+            return min(0.05, max(run.next_poll - self.task.clock(), 0.005))
         until_poll = max(run.next_poll - self.task.clock(), 0.02)
         return min(LOOP_SLEEP, self.poll_period, until_poll)
 
@@ -143,7 +150,7 @@ class MainLoop:
         # After the first seconds the program's state is due with the survey.
         ran = now - run.t0
         period = self.poll_period if ran < STEADY_AFTER else PROGRESS_PERIOD
-        run.next_poll = now + (0.1 if ran < 2.0 else period)
+        run.next_poll = now + (FIRST_POLLS if ran < 0.3 else 0.1 if ran < 2.0 else period)
         status = self.vm.poll_program(run.proc)
         progress_due = now >= run.next_progress or not status.running
         checkpoint_wanted = not self.job.disable_automatic_checkpoints and (
@@ -153,7 +160,8 @@ class MainLoop:
         if progress_due or checkpoint_wanted:
             # The contract files are looked at every PROGRESS_PERIOD (and at each poll
             # of a checkpoint handshake); between surveys only the program's state.
-            survey = progress.survey(self.task, progress=progress_due, triggers=status.running)
+            ended = not status.running
+            survey = progress.survey(self.task, progress=progress_due, triggers=not ended, outputs=ended)
             if progress_due:
                 run.next_progress = now + PROGRESS_PERIOD
                 progress.report(self.task, status, survey)
@@ -178,7 +186,7 @@ class MainLoop:
             return self._api_ended(run, ended)
         if not status.running:
             task.status.timings[Phase.RUN] = task.clock() - run.t0
-            return finish.complete(task, status, run.record)
+            return finish.complete(task, status, run.record, survey=survey)
         trigger = progress.trigger(task, survey)
         if trigger is None:
             return None
@@ -203,7 +211,7 @@ class MainLoop:
             time.sleep(0.1)
             status = self.vm.poll_program(run.proc)
         task.status.timings[Phase.RUN] = task.clock() - run.t0
-        survey = progress.survey(task, progress=True, triggers=False)
+        survey = progress.survey(task, progress=True, triggers=False, outputs=True)
         progress.report(task, status, survey)  # the final fraction done and operations
         self.api.pass_trickles(survey)
         if trigger.kind == "temporary_exit":
@@ -216,7 +224,7 @@ class MainLoop:
         done = ProcessStatus(
             running=False, exit_code=0, stdout_tail=status.stdout_tail, stderr_tail=status.stderr_tail
         )
-        return finish.complete(task, done, run.record, trigger.message)
+        return finish.complete(task, done, run.record, trigger.message, survey=survey)
 
     def _time_limit_reached(self, now: float, run_t0: float) -> bool:
         limit = self.job.time_limit

@@ -270,9 +270,10 @@ class Wrapper:
         for name in (self.job.fraction_done_filename, self.job.credit_report_filename):
             if name:
                 dirs.add(os.path.dirname(self.task.files.path(name)))  # noqa: PTH120
-        self.task.files.sh(
-            "mkdir -p " + " ".join(shlex.quote(d) for d in sorted(dirs) if d), what="making the job directory"
-        )
+        # One guest command before the inputs: the job's directories and the guest API's
+        # (under TCG each guest command costs 30-100 ms just after a restore).
+        mkdir = "mkdir -p " + " ".join(shlex.quote(d) for d in sorted(dirs) if d)
+        self.task.files.sh(f"{mkdir} && {self.task.api.dir_script()}", what="making the job directory")
         for host, guest in self.inputs.inputs:
             self.vm.copy_to_guest(host, self.task.files.path(guest))
         if self.inputs.package is not None and self.job.package is not None:
@@ -283,7 +284,6 @@ class Wrapper:
             self.task.files.sh(
                 install_script(kind, guest_pkg), timeout=INSTALL_TIMEOUT, what="installing the package"
             )
-        self.task.api.make_dir()
 
 
 __all__ = [
