@@ -7,7 +7,10 @@ task. Measured from the main program's start to the emulated client noticing its
 
 - with the client polling every 5 ms: what the wrapper and the VM cost;
 - with the client's own one poll a second: what a volunteer's client sees (its poll
-  rounds the task up to the next second).
+  rounds the task up to the next second);
+- the same task with 100 MB in and 100 MB out that the guest only moves (``mv in out``),
+  alternating with hello: less hello, round by round, what the copies into and out of the
+  guest cost (Podman bind-mounts its files: it copies nothing, see ``bench_peers``).
 
 Then one run of the same task with the zip application under :mod:`cProfile`: every
 function of boincvm (and the agent's and QMP's calls) that takes 10 ms or more, with its
@@ -17,6 +20,8 @@ QEMU runs under TCG (nested KVM fails), which slows the guest's side of every st
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pstats
 import statistics
 import sys
@@ -35,6 +40,8 @@ from boincvm.workunit.make import InputSpec, WorkunitRequest, make_workunits
 from boincvm.workunit.templates import Resources
 
 ROUNDS = 7
+#: The bulk task's input and output: 100 MB each way.
+BULK_BYTES = 100_000_000
 #: The profiled wrapper's own start (python -c): writes its profile where the bench reads it.
 _PROFILED = (
     "import cProfile, runpy, sys; target = sys.argv[1]; sys.argv = sys.argv[1:]; sys.path.insert(0, target); "
@@ -45,29 +52,50 @@ _PROFILED = (
 )
 
 
-def _workunit(root: Path) -> Path:
-    (root / "job.sh").write_text("tr a-z A-Z < in > out\n")
-    (root / "in").write_text("world\n")
-    wu = root / "wu"
+def _workunit(root: Path, name: str = "hello", script: str = "tr a-z A-Z < in > out\n") -> Path:
+    """A workunit running ``script`` on ``root/in`` (written before, else ``world``)."""
+    d = root / name
+    d.mkdir()
+    (d / "job.sh").write_text(script)
+    if not (root / "in").exists():
+        (root / "in").write_text("world\n")
+    wu = root / f"wu-{name}"
     make_workunits(
         WorkunitRequest(
             app_name="hello",
             job=VmJob(
                 task=Task(application="/bin/sh"),
-                output_files=(OutputFile("out", 1_000_000),),
+                output_files=(OutputFile("out", 2 * BULK_BYTES),),
                 disable_automatic_checkpoints=True,
             ),
             output_dir=wu,
-            inputs=(InputSpec("job.sh", str(root / "job.sh")), InputSpec("in", str(root / "in"))),
+            inputs=(InputSpec("job.sh", str(d / "job.sh")), InputSpec("in", str(root / "in"))),
             command_line="job.sh",
-            resources=Resources(rsc_memory_bound=1e9),
+            resources=Resources(rsc_memory_bound=1e9, rsc_disk_bound=4 * BULK_BYTES),
         )
     )
     return wu
 
 
-def _run(root: Path, wu: Path, av: Path, slot: int, options: ClientOptions) -> float:
-    """Seconds from the main program's start to the client noticing its exit."""
+def _bulk_workunit(root: Path) -> tuple[Path, str]:
+    """100 MB (random) in, moved to ``out`` in the guest (``mv``: no work on the data), and
+    the input's sha256, which the output must have."""
+    bulk = root / "bulk"
+    bulk.mkdir()
+    digest = hashlib.sha256()
+    with (bulk / "in").open("wb") as f:
+        for _ in range(BULK_BYTES // 1_000_000):
+            chunk = os.urandom(1_000_000)
+            digest.update(chunk)
+            f.write(chunk)
+    return _workunit(bulk, "move", "mv in out\n"), digest.hexdigest()
+
+
+def _run(
+    root: Path, wu: Path, av: Path, slot: int, options: ClientOptions, sha256: str | None = None
+) -> float:
+    """Seconds from the main program's start to the client noticing its exit; the output is
+    hello's ``WORLD`` or, with ``sha256``, a file of that digest."""
     data = root / f"client-{av.name}"
     task = build_task(RunLocalRequest(workunit_dir=wu, app_version_dir=av, results_dir=root, data_dir=data))
     with LocalClient(data, task, slot=slot, options=options) as client:
@@ -78,7 +106,10 @@ def _run(root: Path, wu: Path, av: Path, slot: int, options: ClientOptions) -> f
     if outcome is None or not outcome.ok:
         raise RuntimeError(f"hello failed: {outcome}")
     (out,) = outcome.outputs
-    if out.path.read_bytes() != b"WORLD\n":
+    if sha256 is not None:
+        if hashlib.sha256(out.path.read_bytes()).hexdigest() != sha256:
+            raise RuntimeError("the 100 MB output is not the input")
+    elif out.path.read_bytes() != b"WORLD\n":
         raise RuntimeError("hello's output is not WORLD")
     return took
 
@@ -121,17 +152,24 @@ def main(quick: bool = False) -> None:
                 )
             )
         wu = _workunit(root)
+        bulk, digest = _bulk_workunit(root)
         fast, client = ClientOptions(poll_period=0.005), ClientOptions()
-        _run(root, wu, avs[WrapperKind.FROZEN], 0, fast)  # golden checkpoint, runtimes: not counted
+        frozen = avs[WrapperKind.FROZEN]
+        _run(root, wu, frozen, 0, fast)  # golden checkpoint, runtimes: not counted
         _run(root, wu, avs[WrapperKind.PYZ], 0, ClientOptions(launcher=(sys.executable,)))
         polled: list[float] = []
         second: list[float] = []
+        moved: list[float] = []
         for i in range(rounds):
-            polled.append(_run(root, wu, avs[WrapperKind.FROZEN], 1 + 2 * i, fast))
-            second.append(_run(root, wu, avs[WrapperKind.FROZEN], 2 + 2 * i, client))
+            polled.append(_run(root, wu, frozen, 1 + 3 * i, fast))
+            second.append(_run(root, wu, frozen, 2 + 3 * i, client))
+            moved.append(_run(root, bulk, frozen, 3 + 3 * i, fast, digest))
+        copies = [m - h for m, h in zip(moved, polled, strict=True)]
         print("                                              min    median max (s)")
         print(f"  frozen wrapper, client polling every 5 ms: {_fmt(polled)}")
         print(f"  frozen wrapper, client polling every 1 s:  {_fmt(second)}")
+        print(f"  100 MB in, mv in out, 100 MB out (5 ms):   {_fmt(moved)}")
+        print(f"  ... less hello, round by round: the copies {_fmt(copies)}")
         _profile(root, wu, avs[WrapperKind.PYZ])
 
 

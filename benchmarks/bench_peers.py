@@ -1,7 +1,8 @@
 """The same program on the same inputs as a plain host process, under boincvm and under Podman.
 
 Per program (hello; the long job, paced by time; a compute-bound job of fixed work; a job
-with a 100 MB input and output) the three runtimes run in turn, pair after pair
+with a 100 MB input and output, copied by ``cat``; the same files moved by ``mv``, which
+leaves only the copies into and out of the guest) the three runtimes run in turn, pair after pair
 (native, boincvm, podman, native, ...), so a busy host slows all alike. Every runtime runs
 the same static busybox (the host's, the guest's own busybox for boincvm: the same
 applets) on the same script. Measured per run: end-to-end seconds, host CPU seconds of
@@ -95,6 +96,8 @@ def _programs(work: Path, quick: bool) -> list[Program]:
             " > out\n",
         ),
         Program("bulk100MB", "cat in > out\n", inputs=(("in", bulk_in),), out_bytes=2 * BULK_BYTES),
+        # The same data in and out with no work on it: what the copies alone cost.
+        Program("move100MB", "mv in out\n", inputs=(("in", bulk_in),), out_bytes=2 * BULK_BYTES),
     ]
 
 
@@ -274,6 +277,14 @@ def main(quick: bool = False) -> None:
                     shutil.rmtree(root / f"{k[0]}-{p.name}-{i}", ignore_errors=True)
             _report(p.name, runs, loads)
             every[p.name] = runs
+        # The copies of 100 MB in and out alone: move100MB's end-to-end time less hello's,
+        # pair by pair (podman bind-mounts the directory: it copies nothing).
+        moved, hellos = every["move100MB"]["boincvm"], every["hello"]["boincvm"]
+        copies = [m.wall - h.wall for m, h in zip(moved, hellos, strict=True)]
+        print(
+            f"  100 MB in + 100 MB out, the copies alone (boincvm's move100MB less its hello, per pair):"
+            f" {spread(copies)} s"
+        )
         # The compute job's time in the guest: its end-to-end time less hello's (boot, copies).
         hello = statistics.median(s.wall for s in every["hello"]["boincvm"])
         comp = every["compute"]

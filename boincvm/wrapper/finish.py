@@ -56,7 +56,9 @@ def complete(
     task.status.cpu_time = task.app.last_status.current_cpu_time
     task.status.fraction_done = 1.0
     task.enter(Phase.DONE)
-    task.vm.power_off(soft_timeout=2.0)
+    # Nothing of the VM is kept: no quit, whose flush of the throw-away overlay only costs
+    # time (0.1 s after 100 MB of outputs).
+    task.vm.power_off(soft_timeout=0)
     task.store.clear()
     return task.app.finish(0, message or None)
 

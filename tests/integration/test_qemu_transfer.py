@@ -126,3 +126,21 @@ def test_q35_plugs_into_its_root_port(guest_image: Path, tmp_path: Path) -> None
         vm.wait_for_tools()
         round_trip(vm, tmp_path, 4 * MiB + 5, "/tmp/q35.bin")
         round_trip(vm, tmp_path, 511, "/tmp/q35-small.bin")
+
+
+def test_a_refused_disk_leaves_no_node_and_no_copy_waiting(vm: QemuBackend, tmp_path: Path) -> None:
+    """The guest's side of a copy starts before the disk is plugged; when QEMU refuses the
+    disk (here its file is gone), the copy fails with QEMU's reason, and neither a block
+    node nor the guest's script, which would wait 30 s for the disk, is left behind."""
+    from boincvm.errors import HypervisorError
+
+    with pytest.raises(HypervisorError, match="gone.bin"):
+        vm._transfer.push(tmp_path / "gone.bin", "/tmp/refused.bin", MiB)
+    nodes = vm.qmp("query-named-block-nodes", {"flat": True})
+    assert not [n for n in nodes if str(n.get("node-name", "")).startswith(qemu_xfer.PREFIX)]
+    # Every process's command line (the pattern does not match its own text).
+    look = 'for f in /proc/[0-9]*/cmdline; do tr "\\0" " " < "$f"; echo; done | grep -c "boincvm-[x]fer"'
+    left = vm.run_program(["/bin/sh", "-c", look], timeout=30)
+    assert left.stdout_tail.strip() == b"0", left
+    assert vm.run_program(["test", "-e", "/tmp/refused.bin"], timeout=30).exit_code == 1
+    round_trip(vm, tmp_path, MiB + 1, "/tmp/after-refused.bin")  # the next copy takes the disk

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from boincvm.errors import GuestError, HypervisorError, OutputError, VmTimeout
+from boincvm.errors import BoincvmError, GuestError, HypervisorError, OutputError, VmTimeout
 from boincvm.hypervisor.base import GuestProcess, ProcessStatus, VmSpec, polls
 from boincvm.hypervisor.qemu import cmdline as cl
 from boincvm.hypervisor.qemu.options import DEFAULT_TRANSFER_MIN_BYTES, QemuOptions
@@ -80,6 +80,8 @@ SLOWEST = 1_000_000
 PLUG_TIMEOUT = 30.0
 UNPLUG_TIMEOUT = 30.0
 POLL = 0.05
+#: The guest script's end is polled at least this often.
+DONE_POLL = 0.02
 # Exit codes of the guest script that mean "this guest cannot use a transfer disk":
 # the agent path still works there.
 NO_DEVICE, NO_TOOLS = 3, 4
@@ -204,24 +206,17 @@ class TransferDisk:
         vm = self.vm
         release_leftovers(vm)
         name = f"{PREFIX}{uuid.uuid4().hex[:12]}"
-        node: dict[str, object] = {"driver": "file", "filename": str(host_file)}
-        if writable:
-            # A temporary file renamed into place: a host fsync would only cost time.
-            node["cache"] = {"no-flush": True}
-        vm.qmp("blockdev-add", {"driver": "raw", "node-name": name, "read-only": not writable,
-                                "file": {**node, "read-only": not writable}})  # fmt: skip
+        # The guest's side starts first and waits for the disk: its shell starts while
+        # the disk is plugged (each takes 30-100 ms under TCG).
+        started = self._start_guest(name, direction, guest_path, size)
         try:
-            device: dict[str, object] = {
-                "driver": "virtio-blk-pci",
-                "id": name,
-                "drive": name,
-                "serial": name,
-            }
-            if vm.machine == "q35":
-                device["bus"] = cl.HOTPLUG_PORT
-            vm.qmp("device_add", device)
+            self._plug(name, host_file, writable=writable)
+        except BoincvmError:
+            self._kill_guest(started)
+            raise
+        try:
             try:
-                result = self._run_guest(name, direction, guest_path, size)
+                result = self._wait_guest(started, guest_path, size)
             finally:
                 _unplug(vm, name)
         finally:
@@ -243,8 +238,25 @@ class TransferDisk:
         except (ValueError, IndexError):
             raise GuestError(f"guest: the transfer disk copy of {guest_path} said {stdout!r}") from None
 
-    def _run_guest(self, serial: str, direction: str, guest_path: str, size: int) -> tuple[int, str, str]:
+    def _plug(self, name: str, host_file: Path, *, writable: bool) -> None:
+        """Add ``host_file`` as raw block node ``name`` and hot-plug a disk on it (serial ``name``)."""
         vm = self.vm
+        node: dict[str, object] = {"driver": "file", "filename": str(host_file)}
+        if writable:
+            # A temporary file renamed into place: a host fsync would only cost time.
+            node["cache"] = {"no-flush": True}
+        vm.qmp("blockdev-add", {"driver": "raw", "node-name": name, "read-only": not writable,
+                                "file": {**node, "read-only": not writable}})  # fmt: skip
+        device: dict[str, object] = {"driver": "virtio-blk-pci", "id": name, "drive": name, "serial": name}
+        if vm.machine == "q35":
+            device["bus"] = cl.HOTPLUG_PORT
+        try:
+            vm.qmp("device_add", device)
+        except BoincvmError:
+            _blockdev_del(vm, name)
+            raise
+
+    def _start_guest(self, serial: str, direction: str, guest_path: str, size: int) -> GuestProcess:
         tries = int(PLUG_TIMEOUT / POLL)
         argv = [
             "/bin/sh",
@@ -257,10 +269,14 @@ class TransferDisk:
             str(size),
             str(tries),
         ]
-        started = vm.start_program(argv)
+        return self.vm.start_program(argv)
+
+    def _wait_guest(self, started: GuestProcess, guest_path: str, size: int) -> tuple[int, str, str]:
+        """The guest script's exit code, stdout and stderr; polled finely (an agent call costs
+        the guest no process), so its end is seen within :data:`DONE_POLL`."""
         timeout = PLUG_TIMEOUT + 30.0 + size / SLOWEST
-        for _ in polls(timeout, 0.01, max_interval=0.1):
-            st = vm.poll_program(started)
+        for _ in polls(timeout, 0.005, max_interval=DONE_POLL):
+            st = self.vm.poll_program(started)
             if not st.running:
                 return (
                     st.exit_code if st.exit_code is not None else -(st.signal or 1),
@@ -268,11 +284,14 @@ class TransferDisk:
                     st.stderr_tail.decode(errors="replace"),
                 )
         # Stop the copy so the guest lets go of the device before it is unplugged.
-        try:
-            vm.run_program(["kill", "-9", str(started.pid)], timeout=10)
-        except (GuestError, VmTimeout) as exc:
-            log.debug("killing the stuck copy: %s", exc)
+        self._kill_guest(started)
         raise VmTimeout(f"qemu: copying {guest_path} through the transfer disk took over {timeout:g} s")
+
+    def _kill_guest(self, started: GuestProcess) -> None:
+        try:
+            self.vm.run_program(["kill", "-9", str(started.pid)], timeout=10)
+        except (GuestError, VmTimeout) as exc:
+            log.debug("killing the guest's side of a copy: %s", exc)
 
 
 def _peripherals(vm: QemuVm) -> list[str]:
