@@ -39,6 +39,10 @@ STDERR_TAIL_LINES = 20
 #: The client's ``LD_LIBRARY_PATH`` as the frozen wrapper's launcher found it (empty: unset),
 #: kept for the programs the wrapper runs (:func:`child_env`).
 HOST_LIBRARY_PATH = "BOINCVM_HOST_LD_LIBRARY_PATH"
+#: What the launcher sets when it falls back to the static wrapper: the wrapper's runtime
+#: archive, for the static wrapper to unpack for the starts after this one (it is removed
+#: from the environment before any child starts: ``boincvm.wrapper.self_unpack``).
+WRAPPER_RUNTIME_ENV = "BOINCVM_WRAPPER_RUNTIME"
 
 
 @dataclass(frozen=True)

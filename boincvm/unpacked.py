@@ -371,9 +371,6 @@ WRAPPER_LOADER = "ld-linux-x86-64.so.2"
 WRAPPER_APP_DIR = "app"
 #: The program's name in :data:`WRAPPER_APP_DIR`.
 WRAPPER_PROGRAM = "boincvm-wrapper"
-#: The environment variable the launcher sets when it falls back to the static wrapper:
-#: the runtime archive to unpack for the starts after this one.
-WRAPPER_RUNTIME_ENV = "BOINCVM_WRAPPER_RUNTIME"
 
 #: The wrapper's runtime (``boincvm.appversion.wrapper_runtime``) as :func:`unpack_once` handles it.
 WRAPPER = Kind(

@@ -32,7 +32,7 @@ from boincvm.appversion.model import STATIC_WRAPPER_TAIL, WRAPPER_RUNTIME_OPEN_N
 from boincvm.appversion.runtime import LIBRARY_DIRS, LOADER_NAME, XZ_CHUNK, write_archive
 from boincvm.errors import ToolError
 from boincvm.image.elf import library_closure
-from boincvm.proc import HOST_LIBRARY_PATH
+from boincvm.proc import HOST_LIBRARY_PATH, WRAPPER_RUNTIME_ENV
 from boincvm.render import render
 from boincvm.unpacked import (
     MANIFEST,
@@ -41,7 +41,6 @@ from boincvm.unpacked import (
     WRAPPER_LIB_DIR,
     WRAPPER_LOADER,
     WRAPPER_PROGRAM,
-    WRAPPER_RUNTIME_ENV,
     archive_problem,
 )
 

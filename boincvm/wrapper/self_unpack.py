@@ -17,10 +17,7 @@ import time
 from pathlib import Path
 
 from boincvm.errors import BoincvmError
-
-#: The variable the launcher sets (``boincvm.unpacked.WRAPPER_RUNTIME_ENV``, which is imported
-#: only when it is set: it brings tarfile and lzma, which a start without it does not need).
-ENV = "BOINCVM_WRAPPER_RUNTIME"
+from boincvm.proc import WRAPPER_RUNTIME_ENV
 
 #: At its end, the task waits this long at most for an unpack still running.
 FINISH_WAIT = 120.0
@@ -29,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def _unpack(archive: Path) -> None:
-    from boincvm import unpacked
+    from boincvm import unpacked  # tarfile and lzma: only when there is something to unpack
 
     started = time.monotonic()
     try:
@@ -47,7 +44,7 @@ def start_unpacking() -> threading.Thread | None:
 
     A task that ends first leaves a ``.tmp-*`` directory behind, which the next unpack removes.
     """
-    named = os.environ.pop(ENV, None)
+    named = os.environ.pop(WRAPPER_RUNTIME_ENV, None)
     if not named:
         return None
     thread = threading.Thread(target=_unpack, args=(Path(named),), name="unpack-wrapper-runtime", daemon=True)

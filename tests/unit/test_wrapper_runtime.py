@@ -92,7 +92,7 @@ def test_the_launcher_runs_the_runtime_through_its_loader_and_keeps_the_clients_
     seen = dict(line.split("=", 1) for line in _launch(shell, slot, env=env).splitlines())
     assert seen["LD_LIBRARY_PATH"] == f"../../projects/p/{RUNTIME}/lib"
     assert seen[proc.HOST_LIBRARY_PATH] == (client_path or "")
-    assert unpacked.WRAPPER_RUNTIME_ENV not in seen  # only the static wrapper unpacks
+    assert proc.WRAPPER_RUNTIME_ENV not in seen  # only the static wrapper unpacks
 
 
 @pytest.mark.parametrize(
@@ -140,16 +140,15 @@ def _archive(tmp_path: Path) -> Path:
 def test_the_static_wrapper_unpacks_the_runtime_the_launcher_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert self_unpack.ENV == unpacked.WRAPPER_RUNTIME_ENV
-    monkeypatch.delenv(self_unpack.ENV, raising=False)
+    monkeypatch.delenv(proc.WRAPPER_RUNTIME_ENV, raising=False)
     assert self_unpack.start_unpacking() is None  # not named: nothing to do
     archive = _archive(tmp_path)
-    monkeypatch.setenv(self_unpack.ENV, str(archive))
+    monkeypatch.setenv(proc.WRAPPER_RUNTIME_ENV, str(archive))
     caplog.set_level(logging.INFO)
     thread = self_unpack.start_unpacking()
     assert thread is not None
     thread.join(60)
-    assert self_unpack.ENV not in os.environ  # no child of the wrapper sees it
+    assert proc.WRAPPER_RUNTIME_ENV not in os.environ  # no child of the wrapper sees it
     root = archive.parent / unpacked.WRAPPER.directory_name(archive)
     assert (root / unpacked.MANIFEST).is_file()
     program = f"{unpacked.WRAPPER_APP_DIR}/{unpacked.WRAPPER_PROGRAM}"
@@ -162,7 +161,7 @@ def test_a_damaged_runtime_costs_only_speed(
 ) -> None:
     archive = _archive(tmp_path)
     archive.write_bytes(archive.read_bytes()[:-40])
-    monkeypatch.setenv(self_unpack.ENV, str(archive))
+    monkeypatch.setenv(proc.WRAPPER_RUNTIME_ENV, str(archive))
     thread = self_unpack.start_unpacking()
     assert thread is not None
     thread.join(60)
