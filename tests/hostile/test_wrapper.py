@@ -197,6 +197,7 @@ class LocalBackend(Backend):
         self.reads: list[tuple[str, int]] = []
         self.snapshots: list[str] = []
         self.starts = 0
+        self.started: list[tuple[str, ...]] = []  # every guest command, in order
         LocalBackend.instances.append(self)
 
     @classmethod
@@ -221,6 +222,7 @@ class LocalBackend(Backend):
     def start_program(
         self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None
     ) -> GuestProcess:
+        self.started.append(tuple(argv))
         p = subprocess.Popen(
             list(argv),
             cwd=cwd,
@@ -360,6 +362,22 @@ def test_a_regular_output_through_a_symlink_inside_is_copied(tmp_path: Path) -> 
     code, _app_, _vm = run_wrapper(tmp_path, "echo hi > real; ln -s real out")
     assert code == 0
     assert (tmp_path / "slot" / "out").read_bytes() == b"hi\n"
+
+
+def test_a_short_program_costs_one_survey_and_no_kinds_command(tmp_path: Path) -> None:
+    """Guest commands are what a short task pays for (30-100 ms each under TCG): the job's
+    and the guest API's directories are made in one, nothing is surveyed at the program's
+    start, and the one survey at its end also gives the outputs' kinds, so the copy-out
+    asks for none."""
+    code, _app_, vm = run_wrapper(tmp_path, "echo hi > out")
+    assert code == 0
+    assert (tmp_path / "slot" / "out").read_bytes() == b"hi\n"
+    shells = [a for a in vm.started if a[:2] == ("/bin/sh", "-c")]
+    names = [a[3] for a in shells if len(a) > 3]
+    assert names.count("boincvm-survey") == 1, names
+    assert "boincvm-kind" not in names
+    made = [a[2] for a in shells if "resolve" in a[2]]  # the API's directory, with the job's
+    assert len(made) == 1 and made[0].startswith("mkdir -p "), made
 
 
 TRIGGER_RUNS = [
