@@ -59,7 +59,7 @@ def py_app_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
         capture_output=True,
         timeout=600,
     )
-    image = build_container_image(layout)
+    image = build_container_image(layout, output=work / "image")  # umoci's layout is new each run
     out = work / "av"
     package_image(AppVersionRequest(image=image, app_name="pyupper", version="1.00", output_dir=out))
     return out

@@ -54,7 +54,7 @@ def scratch_app_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--config.env=PATH=/bin",
         "--config.env=GREETING=hello from the image",
     )
-    image = build_container_image(layout)  # cached by content under the boincvm cache
+    image = build_container_image(layout, output=work / "image")  # umoci's layout is new each run
     out = work / "av"
     package_image(AppVersionRequest(image=image, app_name="ocitest", version="1.00", output_dir=out))
     return out
