@@ -52,13 +52,11 @@ _PROFILED = (
 )
 
 
-def _workunit(root: Path, name: str = "hello", script: str = "tr a-z A-Z < in > out\n") -> Path:
-    """A workunit running ``script`` on ``root/in`` (written before, else ``world``)."""
+def _workunit(root: Path, name: str, script: str, given: Path) -> Path:
+    """A workunit running ``script`` on the input ``given`` (named ``in`` in the guest)."""
     d = root / name
     d.mkdir()
     (d / "job.sh").write_text(script)
-    if not (root / "in").exists():
-        (root / "in").write_text("world\n")
     wu = root / f"wu-{name}"
     make_workunits(
         WorkunitRequest(
@@ -69,7 +67,7 @@ def _workunit(root: Path, name: str = "hello", script: str = "tr a-z A-Z < in > 
                 disable_automatic_checkpoints=True,
             ),
             output_dir=wu,
-            inputs=(InputSpec("job.sh", str(d / "job.sh")), InputSpec("in", str(root / "in"))),
+            inputs=(InputSpec("job.sh", str(d / "job.sh")), InputSpec("in", str(given))),
             command_line="job.sh",
             resources=Resources(rsc_memory_bound=1e9, rsc_disk_bound=4 * BULK_BYTES),
         )
@@ -88,7 +86,14 @@ def _bulk_workunit(root: Path) -> tuple[Path, str]:
             chunk = os.urandom(1_000_000)
             digest.update(chunk)
             f.write(chunk)
-    return _workunit(bulk, "move", "mv in out\n"), digest.hexdigest()
+    return _workunit(bulk, "move", "mv in out\n", bulk / "in"), digest.hexdigest()
+
+
+def _hello_workunit(root: Path) -> Path:
+    """hello: ``world`` in, upper-cased to ``out``."""
+    given = root / "world"
+    given.write_text("world\n")
+    return _workunit(root, "hello", "tr a-z A-Z < in > out\n", given)
 
 
 def _run(
@@ -151,7 +156,7 @@ def main(quick: bool = False) -> None:
                     image=image, app_name="hello", version="1", output_dir=avs[kind], wrapper=kind
                 )
             )
-        wu = _workunit(root)
+        wu = _hello_workunit(root)
         bulk, digest = _bulk_workunit(root)
         fast, client = ClientOptions(poll_period=0.005), ClientOptions()
         frozen = avs[WrapperKind.FROZEN]

@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
-_STARTED = time.time()
-#: Goldens another run on this machine began using just before this one started are kept.
-_GOLDEN_GRACE_S = 600.0
+#: The golden cache a run leaves at most (beyond what the last hour used): the stable
+#: images' goldens of a whole run take about 2 GiB.
+GOLDEN_KEEP_BYTES = 4 << 30
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Remove the golden checkpoints no VM used during this run.
+    """Trim the golden cache to :data:`GOLDEN_KEEP_BYTES`, least recently used first.
 
     Many tests build images of their own (new content each run, so new cache keys); their
-    goldens would otherwise pile up in the cache run after run. One the next run needs
-    again is rebuilt in seconds.
+    goldens would otherwise pile up run after run. One a later run needs is rebuilt in
+    seconds.
     """
     from boincvm.hypervisor.qemu import golden
 
-    golden.prune(max_idle=time.time() - _STARTED + _GOLDEN_GRACE_S)
+    golden.prune(keep_bytes=GOLDEN_KEEP_BYTES)
 
 
 @pytest.fixture(scope="session")

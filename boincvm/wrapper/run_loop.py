@@ -32,9 +32,11 @@ LOOP_SLEEP = 0.25
 #: survey of its files (every PROGRESS_PERIOD) instead of every poll period: fewer agent
 #: calls and wake-ups for the long jobs the wrapper mostly runs.
 STEADY_AFTER = 10.0
-#: The program's state is asked this often in its first 0.3 s (then every 0.1 s until 2 s):
-#: a short program's end is seen within this, and a poll costs the guest no process.
-FIRST_POLLS = 0.025
+#: The program's state is asked every FIRST_POLLS seconds in its first FIRST_SPAN, then
+#: every EARLY_POLLS until EARLY_SPAN: a short program's end is seen within this, and a
+#: poll costs the guest no process.
+FIRST_POLLS, FIRST_SPAN = 0.025, 0.3
+EARLY_POLLS, EARLY_SPAN = 0.1, 2.0
 #: Seconds between reads of the guest's fraction-done and credit files.
 PROGRESS_PERIOD = 2.0
 #: Seconds a program that wrote ``finish`` or ``temporary_exit`` may take to exit.
@@ -44,6 +46,11 @@ PROGRAM_EXIT_WAIT = 30.0
 #: until the snapshot is taken. The handshake lasts until it answers, one step of the
 #: program, so the quicker polls cost little beside the checkpoints they serve.
 HANDSHAKE_POLL = 0.1
+
+
+def _early_poll(ran: float) -> float | None:
+    """The poll interval while the program is young (``ran`` seconds); None after."""
+    return FIRST_POLLS if ran < FIRST_SPAN else EARLY_POLLS if ran < EARLY_SPAN else None
 
 
 @dataclass
@@ -97,7 +104,7 @@ class MainLoop:
     def _pause(self, run: _Run, now: float) -> float:
         """How long to sleep before the next turn: short at first and while a poll is
         soon due (a checkpoint handshake), else one loop period."""
-        if now - run.t0 < 2.0:
+        if _early_poll(now - run.t0) is not None:
             return min(0.05, max(run.next_poll - self.task.clock(), 0.005))
         until_poll = max(run.next_poll - self.task.clock(), 0.02)
         return min(LOOP_SLEEP, self.poll_period, until_poll)
@@ -150,7 +157,8 @@ class MainLoop:
         # After the first seconds the program's state is due with the survey.
         ran = now - run.t0
         period = self.poll_period if ran < STEADY_AFTER else PROGRESS_PERIOD
-        run.next_poll = now + (FIRST_POLLS if ran < 0.3 else 0.1 if ran < 2.0 else period)
+        early = _early_poll(ran)
+        run.next_poll = now + (period if early is None else early)
         status = self.vm.poll_program(run.proc)
         progress_due = now >= run.next_progress or not status.running
         checkpoint_wanted = not self.job.disable_automatic_checkpoints and (

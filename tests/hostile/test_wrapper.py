@@ -51,6 +51,7 @@ from boincvm.hypervisor.base import (
 )
 from boincvm.job import OutputFile, Task, VmJob, resolve
 from boincvm.job.render import render_job
+from boincvm.wrapper import guest_contract
 from boincvm.wrapper.guest_contract import (
     MAX_TEMPORARY_EXIT_DELAY,
     completion_trigger,
@@ -373,9 +374,9 @@ def test_a_short_program_costs_one_survey_and_no_kinds_command(tmp_path: Path) -
     assert code == 0
     assert (tmp_path / "slot" / "out").read_bytes() == b"hi\n"
     shells = [a for a in vm.started if a[:2] == ("/bin/sh", "-c")]
-    names = [a[3] for a in shells if len(a) > 3]
-    assert names.count("boincvm-survey") == 1, names
-    assert "boincvm-kind" not in names
+    scripts = [a[2] for a in shells]
+    assert scripts.count(guest_contract.SURVEY_SCRIPT) == 1, scripts
+    assert guest_contract.KIND_SCRIPT not in scripts
     made = [a[2] for a in shells if "resolve" in a[2]]  # the API's directory, with the job's
     assert len(made) == 1 and made[0].startswith("mkdir -p "), made
 

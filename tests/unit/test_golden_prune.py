@@ -61,6 +61,21 @@ def test_prune_removes_killed_builds_but_not_running_ones(root: Path) -> None:
     assert [p.name for p in root.iterdir()] == [running.name]
 
 
+def test_prune_to_a_size_removes_the_least_recently_used_but_not_the_recent(root: Path) -> None:
+    """A test run's one-off images leave goldens that no later run uses: trimmed by size."""
+    for name, used in (("a", 5.0), ("b", 3.0), ("c", 2.0), ("d", 0.01), ("e", 0.001)):
+        d = _entry(root, name, built_days_ago=10, used_days_ago=used)
+        (d / qemu_golden.GOLDEN_RAM).write_bytes(b"r" * (1 << 20))
+    one = sum(f.stat().st_blocks * 512 for f in (root / "a").iterdir())
+    assert qemu_golden.prune(keep_bytes=5 * one) == []  # nothing idle for a month, all fits
+    _entry(root, "old", built_days_ago=40)
+    assert sorted(qemu_golden.prune(keep_bytes=2 * one)) == ["a", "b", "c", "old"]
+    assert sorted(p.name for p in root.iterdir()) == ["d", "e"]
+    # used within the last hour: kept even beyond the size
+    assert qemu_golden.prune(keep_bytes=0) == []
+    assert sorted(p.name for p in root.iterdir()) == ["d", "e"]
+
+
 def test_mark_used_touches_only_golden_entries(root: Path, tmp_path: Path) -> None:
     d = _entry(root, "k", built_days_ago=60)
     qemu_golden.mark_used(d / qemu_golden.GOLDEN_RAM)

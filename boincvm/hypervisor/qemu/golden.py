@@ -118,12 +118,15 @@ def mark_used(ram: Path) -> None:
         log.debug("cannot mark %s used: %s", d, exc)
 
 
-def prune(now: float | None = None, max_idle: float = MAX_IDLE_S) -> list[str]:
+def prune(now: float | None = None, max_idle: float = MAX_IDLE_S, keep_bytes: int | None = None) -> list[str]:
     """Remove the golden checkpoints no VM has used for ``max_idle`` seconds, and build
     directories of killed builds; the names removed.
 
-    An entry is renamed aside first (one atomic step that a VM starting from it would see
-    as "not built"), then deleted; a failure leaves it for the next prune.
+    With ``keep_bytes``, the least recently used of the rest go too, until the cache holds
+    at most that many bytes; one used within the last :data:`RECENT_S` is always kept (a
+    VM may be starting from it). An entry is renamed aside first (one atomic step that a
+    VM starting from it would see as "not built"), then deleted; a failure leaves it for
+    the next prune.
     """
     root = _root()
     now = time.time() if now is None else now
@@ -132,6 +135,7 @@ def prune(now: float | None = None, max_idle: float = MAX_IDLE_S) -> list[str]:
         entries = list(root.iterdir())
     except OSError:
         return removed
+    kept: list[tuple[float, int, Path]] = []  # last use, bytes, entry
     for d in entries:
         if not d.is_dir() or d.is_symlink():
             continue
@@ -146,15 +150,54 @@ def prune(now: float | None = None, max_idle: float = MAX_IDLE_S) -> list[str]:
             used = d / USED
             last = (used if used.exists() else d).stat().st_mtime
             if now - last <= max_idle:
+                kept.append((last, _allocated(d), d))
                 continue
-            aside = root / f".{d.name}{_PRUNED_TAG}{os.getpid()}"
-            d.rename(aside)
-            shutil.rmtree(aside)
+            _remove(d)
             removed.append(d.name)
-            days = max_idle / 86400
-            log.info("removed the golden checkpoint %s: no VM used it for %.0f days", d.name, days)
+            log.info(
+                "removed the golden checkpoint %s: no VM used it for %.0f days", d.name, max_idle / 86400
+            )
         except OSError as exc:
             log.info("cannot prune the golden checkpoint %s: %s", d.name, exc)
+    if keep_bytes is not None:
+        removed += _evict(kept, now, keep_bytes)
+    return removed
+
+
+#: :func:`prune` never evicts by size a golden checkpoint used this recently.
+RECENT_S = 3600.0
+
+
+def _allocated(d: Path) -> int:
+    """The bytes a golden checkpoint's files take on disk (its RAM file is sparse)."""
+    return sum(f.stat().st_blocks * 512 for f in d.iterdir() if f.is_file() and not f.is_symlink())
+
+
+def _remove(d: Path) -> None:
+    aside = d.parent / f".{d.name}{_PRUNED_TAG}{os.getpid()}"
+    d.rename(aside)
+    shutil.rmtree(aside)
+
+
+def _evict(kept: list[tuple[float, int, Path]], now: float, keep_bytes: int) -> list[str]:
+    """Remove the least recently used of ``kept`` until the rest fit in ``keep_bytes``."""
+    removed: list[str] = []
+    total = sum(size for _, size, _ in kept)
+    for last, size, d in sorted(kept, key=lambda e: e[0]):
+        if total <= keep_bytes or now - last <= RECENT_S:
+            break
+        try:
+            _remove(d)
+        except OSError as exc:
+            log.info("cannot prune the golden checkpoint %s: %s", d.name, exc)
+            continue
+        total -= size
+        removed.append(d.name)
+        log.info(
+            "removed the golden checkpoint %s: the least recently used beyond %d MiB",
+            d.name,
+            keep_bytes >> 20,
+        )
     return removed
 
 
