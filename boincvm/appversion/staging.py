@@ -8,6 +8,7 @@ qcow2 by ``qemu-img`` instead, which keeps holes and compresses clusters.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import zlib
 from pathlib import Path
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 _BLOCK = 1 << 20
 _ZEROS = bytes(_BLOCK)
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def copy_hashed(src: Path, dst: Path, *, what: str, estimate_gzip: bool) -> tuple[str, int, int | None]:
@@ -39,16 +41,21 @@ def copy_hashed(src: Path, dst: Path, *, what: str, estimate_gzip: bool) -> tupl
     comp = zlib.compressobj(6, zlib.DEFLATED, 31) if estimate_gzip else None
     size = packed = 0
     with open_regular(src, f"{what} {src}") as fi, dst.open("wb") as fo:
-        while block := fi.read(_BLOCK):
-            md5.update(block)
-            size += len(block)
-            if comp is not None:
-                packed += len(comp.compress(block))
-            if block == _ZEROS[: len(block)]:
-                fo.seek(len(block), 1)
-            else:
-                fo.write(block)
-        fo.truncate(size)
+        try:
+            while block := fi.read(_BLOCK):
+                md5.update(block)
+                size += len(block)
+                if comp is not None:
+                    packed += len(comp.compress(block))
+                if block == _ZEROS[: len(block)]:
+                    fo.seek(len(block), 1)
+                else:
+                    fo.write(block)
+            fo.truncate(size)
+        except OSError as exc:  # a full disk says nothing of the file it was writing
+            if exc.filename is not None or exc.errno not in _FULL:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(dst)) from exc
     if comp is not None:
         packed += len(comp.flush())
     return md5.hexdigest(), size, packed if comp is not None else None

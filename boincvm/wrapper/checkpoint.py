@@ -37,6 +37,9 @@ class CheckpointRecord:
     elapsed: float
     checkpoints: int = 1
     mode: CheckpointMode = CheckpointMode.VM
+    #: The program's fraction done (0..1) when the checkpoint was taken: reported again
+    #: at once when the task resumes from it (records older than the field: 0).
+    fraction_done: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """The record as ``boincvm_checkpoint.json`` holds it."""

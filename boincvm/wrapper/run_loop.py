@@ -80,10 +80,11 @@ class MainLoop:
         """Turn until the task ends: heed the client, then poll the program when it is due."""
         task = self.task
         t0 = task.clock()
-        # The first survey of the contract files is one period after the start (the
-        # program has written nothing yet); a program that ends sooner is surveyed once,
-        # at its end.
-        run = _Run(proc, record, t0, next_progress=t0 + PROGRESS_PERIOD)
+        # A fresh program has written nothing yet: the first survey of the contract files
+        # is one period after its start (one that ends sooner is surveyed once, at its
+        # end). A resumed one is surveyed at once: its files say where it is now.
+        first = t0 if record is not None else t0 + PROGRESS_PERIOD
+        run = _Run(proc, record, t0, next_progress=first)
         memory.trim()  # what copying the package and the inputs in left on the heap
         task.enter(Phase.RUN)
         while True:

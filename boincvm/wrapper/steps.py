@@ -163,6 +163,7 @@ class Wrapper:
                         self.task.store.clear()
                         record = None
                         self.task.status = StatusReport()
+                        self.app.report(0.0)  # the checkpoint's fraction no longer holds
                 if proc is None:
                     proc = self._fresh_start()
                 return MainLoop(self.task, self.poll_period).run(proc, record)
@@ -209,9 +210,7 @@ class Wrapper:
 
     def _restore(self, record: CheckpointRecord) -> GuestProcess:
         log.info("resuming from checkpoint %s", record.snapshot)
-        self.task.status.restored_from = record.snapshot
-        self.task.status.checkpoints = record.checkpoints
-        self.task.elapsed_before = record.elapsed
+        self.task.resume_from(record)
         with self.task.phase(Phase.RESTORE):
             self.vm.power_on(snapshot=record.snapshot)
             self.vm.wait_for_tools()
@@ -226,9 +225,7 @@ class Wrapper:
         saved = self.slot / record.snapshot
         if not saved.is_dir():
             raise GuestError(f"app-level checkpoint {record.snapshot} is missing from the slot")
-        self.task.status.restored_from = record.snapshot
-        self.task.status.checkpoints = record.checkpoints
-        self.task.elapsed_before = record.elapsed
+        self.task.resume_from(record)
         with self.task.phase(Phase.RESTORE):
             self.vm.power_on()
             self.vm.wait_for_tools()

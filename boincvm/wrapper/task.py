@@ -148,6 +148,7 @@ class Task:
                 elapsed=elapsed,
                 checkpoints=(record.checkpoints if record else 0) + 1,
                 mode=mode,
+                fraction_done=self.status.fraction_done,
             )
             self.store.commit(new)
             if record is not None:
@@ -163,6 +164,15 @@ class Task:
         if mode is CheckpointMode.APP:
             memory.trim()  # the program's files came out through the agent
         return new
+
+    def resume_from(self, record: CheckpointRecord) -> None:
+        """Take up the counts ``record`` kept, and tell the client its fraction done at once
+        (until the program's files are next read it would see 0, progress going back)."""
+        self.status.restored_from = record.snapshot
+        self.status.checkpoints = record.checkpoints
+        self.status.fraction_done = record.fraction_done
+        self.elapsed_before = record.elapsed
+        self.app.report(record.fraction_done)
 
     def drop_checkpoint(self, record: CheckpointRecord) -> None:
         """Delete the snapshot (or the saved files) ``record`` names.

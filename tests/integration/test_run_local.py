@@ -219,9 +219,11 @@ def test_long_job_survives_faults(
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))
     unpacked: set[str] = set()
+    progress: list[tuple[int, float]] = []  # (start, fraction done) as the status file said
 
-    def watch(_state: LiveState) -> None:
+    def watch(state: LiveState) -> None:
         unpacked.update(p.name for p in tmp.glob("staticx-*"))
+        progress.append((state.starts, state.fraction_done))
 
     job = LongJob(steps=FAULTED.steps, bulk_kib=2048) if when == "copy-out" else FAULTED
     fault = Fault.parse(kind, when)
@@ -244,6 +246,12 @@ def test_long_job_survives_faults(
     if when.startswith(("progress:", "checkpoint:")):
         # Mid-run, whatever the host's speed: the program was running (or being snapshotted).
         assert re.search(r"\(phase (run|checkpoint), \d+% done", injected[0]), injected
+    if kind is FaultKind.KILL and when == "progress:0.5":
+        # Checkpoints every sixth of the job: one past 0 % was committed before half-way,
+        # and the resumed task says its fraction at once, never 0 % (progress going back).
+        assert "resuming from checkpoint" in task_log(summary), summary.stderr_tail
+        resumed = [f for start, f in progress if start == 2]
+        assert resumed and min(resumed) > 0, progress
     if when == "checkpoint:1":
         # A checkpoint was committed before the kill, and the second start went on from it.
         assert "resuming from checkpoint" in task_log(summary), summary.stderr_tail
