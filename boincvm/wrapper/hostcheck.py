@@ -22,6 +22,7 @@ is unit-tested; :func:`gather` reads the facts of this host.
 from __future__ import annotations
 
 import enum
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,29 @@ def check_memory(need_mb: int, facts: HostFacts) -> Decision:
 def check_disk(need_mb: int, facts: HostFacts) -> Decision:
     """Refuse a job larger than the slot's file system; postpone one larger than its free space."""
     return _check_room(need_mb, facts.disk_total_mb, facts.disk_free_mb, _DISK)
+
+
+#: The errors of a write that a full disk (or a full quota) refused.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def check_disk_after_failure(slot: Path, memory_mb: int, cause: str, *, full: bool = False) -> Decision:
+    """After a step failed (``cause``): postpone when the slot's disk is too full for a
+    checkpoint of all of the VM's ``memory_mb`` (or ``full``: the error said so), else GO.
+
+    QEMU says only "Input/output error" when a snapshot meets a full disk; the volunteer
+    should read that the disk is full, and the task waits as long as for any shortage.
+    """
+    free = gather(slot).disk_free_mb
+    if not full and (free is None or free >= memory_mb):
+        return GO
+    left = "" if free is None else f" ({free} MiB free)"
+    return Decision(
+        Verdict.POSTPONE,
+        f"the slot's disk is full{left}: {cause}; going on from the last checkpoint in "
+        f"{SHORTAGE_DELAY:g} s ({_DISK.to_free})",
+        delay=SHORTAGE_DELAY,
+    )
 
 
 def check_accel(accel: Availability, *, required: bool) -> Decision:

@@ -171,14 +171,26 @@ class Wrapper:
                 failure = next(f for f in FAILURES if isinstance(exc, f.errors))
                 return self.task.fail(failure.exit_code, failure.reason(exc))
             except (HypervisorError, GuestError) as exc:
-                # The VM died or misbehaved: come back later and resume from the last checkpoint.
-                log.error("%s", exc.message)
-                self.vm.power_off(soft_timeout=0)
-                self.task.status.message = exc.message
-                self.task.write_status()
-                return self.app.temporary_exit(VM_DIED_RETRY, f"VM problem: {exc.message}")
+                return self._come_back_later(exc.message)
+            except OSError as exc:  # a write of the wrapper's own in the slot
+                if exc.errno not in hostcheck.DISK_FULL_ERRNOS:
+                    raise
+                return self._come_back_later(f"{exc.filename or 'a file'}: {exc.strerror}", disk_full=True)
         finally:
             self.vm.power_off(soft_timeout=2.0)
+
+    def _come_back_later(self, message: str, *, disk_full: bool = False) -> int:
+        """The VM died or misbehaved, or the disk is full: stop the VM and exit for a while;
+        the next start resumes from the last checkpoint."""
+        log.error("%s", message)
+        self.vm.power_off(soft_timeout=0)
+        full = hostcheck.check_disk_after_failure(self.slot, self.job.memory_mb, message, full=disk_full)
+        line, delay = (full.line, full.delay) if full.delay else (f"VM problem: {message}", VM_DIED_RETRY)
+        if full.delay:
+            log.error("%s", line)
+        self.task.status.message = line
+        self.task.write_status()
+        return self.app.temporary_exit(delay, line)
 
     def _check_host(self) -> int | None:
         """Memory, disk, then KVM (see :mod:`.hostcheck`); the exit code when the task must not start."""
