@@ -160,3 +160,43 @@ def test_a_negative_size_hands_over_the_end_of_a_wrapper_file(tmp_path: Path, sh
         GuestFileKind.FILE,
     ]
     assert survey.data == {paths[0]: b"8\nline 999\n", paths[1]: b"only\nthis", paths[-1]: b"0.25\n"}
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_link_on_the_way_is_followed_and_judged(tmp_path: Path, shell: list[str]) -> None:
+    """Paths through no link are judged by test(1) alone; one with a link (or ``..``) on
+    its way is resolved by readlink, and must stay inside the job's directory."""
+    job = _job_dir(tmp_path)
+    (job / "dir" / "sub").mkdir()
+    (job / "dir" / "sub" / "x").write_bytes(b"nested\n")
+    (job / "away").symlink_to("/etc")  # a directory link out of the job's directory
+    (job / "near").symlink_to("dir")  # a directory link inside it
+    (tmp_path / "secret").write_bytes(b"not the job's\n")
+    cases = {
+        "dir/sub/x": GuestFileKind.FILE,
+        "near/sub/x": GuestFileKind.FILE,
+        "away/hostname": GuestFileKind.OUTSIDE,
+        "dir/../fraction": GuestFileKind.FILE,
+        "dir/../../secret": GuestFileKind.OUTSIDE,
+        "dir//sub/x": GuestFileKind.FILE,
+        "dir/sub": GuestFileKind.DIRECTORY,
+    }
+    paths = [f"{job}/{rel}" for rel in cases]
+    survey = parse_survey(_run(shell, survey_argv(str(job), TOKEN, [(p, 100) for p in paths])), TOKEN, paths)
+    kinds = parse_kinds(_run(shell, kinds_argv(str(job), paths)), paths)
+    assert survey is not None and kinds is not None
+    assert {p[len(str(job)) + 1 :]: k for p, k in survey.kinds.items()} == cases
+    assert dict(survey.kinds) == kinds
+    assert survey.data[f"{job}/near/sub/x"] == b"nested\n"
+    assert f"{job}/dir/../../secret" not in survey.data and f"{job}/away/hostname" not in survey.data
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_root_as_the_job_directory_takes_every_absolute_path_as_inside(
+    tmp_path: Path, shell: list[str]
+) -> None:
+    job = _job_dir(tmp_path)
+    paths = [str(job / "fraction"), str(job / "out"), str(job / "missing")]
+    kinds = parse_kinds(_run(shell, kinds_argv("/", paths)), paths)
+    file, missing = GuestFileKind.FILE, GuestFileKind.MISSING
+    assert kinds == {paths[0]: file, paths[1]: file, paths[2]: missing}
