@@ -62,9 +62,11 @@ class GuestApiLink:
         api = shlex.quote(self.dir)
         resolve = shlex.quote(self.file(guest_api.RESOLVE))
         up, down = (shlex.quote(self.file(d)) for d in (guest_api.TRICKLE_UP_DIR, guest_api.TRICKLE_DOWN_DIR))
+        # One fork (mkdir) on a fresh guest: rm only when something is in the way, and the
+        # resolve file written in place (the program has not started yet).
         return (
-            f"rm -rf {api} && mkdir -p -m 0700 {api} && mkdir -m 0700 {up} {down} && "
-            f"printf %s {shlex.quote(text)} > {resolve}.tmp && mv {resolve}.tmp {resolve}"
+            f"{{ {{ [ ! -e {api} ] && [ ! -L {api} ]; }} || rm -rf {api}; }} && "
+            f"mkdir -p -m 0700 {api} {up} {down} && printf %s {shlex.quote(text)} > {resolve}"
         )
 
     def survey_entries(self) -> dict[str, int]:
