@@ -57,7 +57,7 @@ TRIM_PERIOD = 300.0
 #: Run by ``/bin/sh -c``: ``$1`` the output file, then the program's argv. The output goes
 #: to the file when it can be created (``true``, not the special built-in ``:``, tries it:
 #: a failed redirection of a special built-in would end the shell), else where it went.
-LAUNCH_SCRIPT = r"""mkdir -p "${1%/*}" 2>/dev/null
+LAUNCH_SCRIPT = r"""[ -d "${1%/*}" ] || mkdir -p "${1%/*}" 2>/dev/null
 if true >>"$1"; then exec >>"$1" 2>&1; fi
 shift
 exec "$@"

@@ -276,6 +276,7 @@ class Wrapper:
     def _install(self) -> None:
         exec_dir = self.job.exec_dir
         dirs = {exec_dir} | {os.path.dirname(self.task.files.path(g)) for _, g in self.inputs.inputs}  # noqa: PTH120
+        dirs.add(os.path.dirname(self.task.output.path))  # noqa: PTH120 - the launcher then forks no mkdir
         for name in (self.job.fraction_done_filename, self.job.credit_report_filename):
             if name:
                 dirs.add(os.path.dirname(self.task.files.path(name)))  # noqa: PTH120
