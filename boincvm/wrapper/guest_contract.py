@@ -303,7 +303,9 @@ KIND_SCRIPT = _KIND_FUNCTION + 'for p do kind "$p"; echo "$k"; done\n'
 #: for the kinds and three agent calls per file read. Where ``head -c`` fails its exit
 #: status says so, and the wrapper reads that file through the agent instead. A survey of
 #: files directly in the job's directory (or below it through no link) forks nothing but
-#: one ``head`` per file read: ``readlink`` runs only for a path with a link on its way.
+#: one ``head`` per file read (none for an empty one): ``readlink`` runs only for a path
+#: with a link on its way. Under TCG every program a guest runs for the first time since
+#: its restore costs tens of milliseconds of translation, whatever it does.
 #:
 #: MAX below 0 is for the wrapper's own files outside the job's directory (the program's
 #: output): the kind comes from ``test`` alone (a symbolic link counts as ``outside``,
@@ -323,9 +325,13 @@ for a do
   fi
   echo "$k"
   if [ "$k" = file ] && [ "$m" -gt 0 ]; then
-    echo "$tok"; head -c "$m" "$p" 2>/dev/null; s=$?; printf '\n%s %s\n' "$tok" "$s"
+    echo "$tok"; s=0
+    [ -s "$p" ] && { head -c "$m" "$p" 2>/dev/null; s=$?; }
+    printf '\n%s %s\n' "$tok" "$s"
   elif [ "$k" = file ] && [ "$m" -lt 0 ]; then
-    echo "$tok"; tail -c "${m#-}" "$p" 2>/dev/null; s=$?; printf '\n%s %s\n' "$tok" "$s"
+    echo "$tok"; s=0
+    [ -s "$p" ] && { tail -c "${m#-}" "$p" 2>/dev/null; s=$?; }
+    printf '\n%s %s\n' "$tok" "$s"
   elif [ "$k" = directory ] && [ "$m" -gt 0 ]; then
     # A directory's first names, without forking: the trickle-up directory, mostly empty.
     echo "$tok"; n=0

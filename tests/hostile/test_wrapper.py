@@ -17,6 +17,7 @@ A few cases run end to end through ``run-local`` with a real QEMU guest (marked
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -296,6 +297,7 @@ def run_wrapper(
     *,
     outputs: tuple[OutputFile, ...] = (OutputFile("out", 1000),),
     init: InitData | None = None,
+    backend: type[LocalBackend] | None = None,
     **task: Any,
 ) -> tuple[int, BoincApp, LocalBackend]:
     """Run ``/bin/sh -c script`` as the guest program under the real Wrapper; return its exit code."""
@@ -316,7 +318,7 @@ def run_wrapper(
     app = _app(slot, init or InitData(project_dir=str(tmp_path / "project")))
     (tmp_path / "project").mkdir(exist_ok=True)
     LocalBackend.instances.clear()
-    code = Wrapper(app, inputs, LocalBackend, poll_period=0.1).run()
+    code = Wrapper(app, inputs, backend or LocalBackend, poll_period=0.1).run()
     return code, app, LocalBackend.instances[-1]
 
 
@@ -379,6 +381,28 @@ def test_a_short_program_costs_one_survey_and_no_kinds_command(tmp_path: Path) -
     assert guest_contract.KIND_SCRIPT not in scripts
     made = [a[2] for a in shells if "resolve" in a[2]]  # the API's directory, with the job's
     assert len(made) == 1 and made[0].startswith("mkdir -p "), made
+
+
+class FullDiskBackend(LocalBackend):
+    """The slot's disk is full when the results are copied out."""
+
+    def copy_from_guest(self, guest_path: str, host_path: Path, *, max_bytes: int | None = None) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", str(host_path))
+
+
+def test_a_full_disk_at_the_copy_out_is_a_temporary_exit_not_a_crash(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write of the wrapper's own that meets ENOSPC: the task waits for room and resumes
+    from its last checkpoint; an uncaught OSError would have ended it as a computation error."""
+    code, _app_, _vm = run_wrapper(tmp_path, "echo hi > out", backend=FullDiskBackend)
+    slot = tmp_path / "slot"
+    later = read_temporary_exit(slot)
+    assert code == 0 and later is not None
+    assert later.reason.startswith("the slot's disk is full"), later.reason
+    assert "no space left on device" in later.reason.lower() and later.delay == 600
+    assert read_finish_file(slot) is None
+    _no_traceback(caplog)
 
 
 TRIGGER_RUNS = [
